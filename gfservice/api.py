@@ -1,0 +1,210 @@
+"""What a detector plugin imports: :class:`Detector`, its :class:`DetectorConfig`, :class:`StepStats`
+(the merged statistics of one training step) and :class:`Finding`.
+
+A detector is a small class. It sees one merged step at a time, works on whole per-layer numpy
+arrays, and returns findings; ``state_dict``/``load_state_dict`` let a restarted service resume.
+
+>>> class TooQuiet(Detector):
+...     "Global gradient norm below a floor."
+...     name = "too_quiet"
+...     class Config(DetectorConfig):
+...         floor: float = 1e-6
+...     def update(self, step):
+...         norm = step.global_norm
+...         if norm < self.config.floor:
+...             return [self.finding(step, "warning", f"global gradient norm {norm:.1e} is below the floor",
+...                                  value=norm, threshold=self.config.floor)]
+...         return []
+>>> from gfservice.testing import make_step
+>>> [f.message for f in TooQuiet(floor=1.0).update(make_step(sum_sq=[0.01]))]
+['global gradient norm 1.0e-01 is below the floor']
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from gfservice.stats import GradStats
+
+__all__ = [
+    "Detector",
+    "DetectorConfig",
+    "Finding",
+    "GradStats",
+    "Severity",
+    "StepStats",
+    "describe_layers",
+]
+
+
+class Severity(str, Enum):
+    """How urgent a finding is: ``critical`` pages, ``warning`` makes a ticket, ``info`` is shown only."""
+
+    info = "info"
+    warning = "warning"
+    critical = "critical"
+
+    @property
+    def rank(self) -> int:
+        return ("info", "warning", "critical").index(self.value)
+
+
+class Finding(BaseModel):
+    """One thing a detector noticed about one run, at one step, that a person can act on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detector: str
+    severity: Severity
+    run: str
+    step: int
+    message: str
+    layers: list[str] = Field(default_factory=list)
+    ranks: list[int] = Field(default_factory=list)
+    value: float | None = None
+    threshold: float | None = None
+    #: Distinguishes several concurrent findings of one detector (e.g. "cap" and "spike").
+    key: str = ""
+    # Lifecycle, maintained by the aggregator.
+    first_step: int | None = None
+    last_step: int | None = None
+    active: bool = True
+    time: float = Field(default_factory=time.time)
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        return (self.detector, self.key)
+
+    def __str__(self) -> str:
+        return f"[{self.severity.value}] {self.detector} @ step {self.step}: {self.message}"
+
+
+@dataclass(eq=False)
+class StepStats:
+    """The merged statistics of one training step of one run, as detectors see them.
+
+    Per-layer arrays are in the model's parameter order (input to output). Rank-level arrays have
+    one entry per rank, NaN (or False) where a rank did not report.
+    """
+
+    run: str
+    step: int
+    grads: GradStats
+    time: float = field(default_factory=time.time)
+    loss: float | None = None
+    lr: float | None = None
+    loss_scale: float | None = None
+    #: True when a GradScaler skipped the optimizer step (non-finite gradients at this scale).
+    skipped: bool = False
+    weight_norm: np.ndarray | None = None
+    update_ratio: np.ndarray | None = None
+    #: Local (pre-allreduce) global gradient norm of each rank, where known.
+    rank_norm: np.ndarray | None = None
+    #: Whether each rank's local gradients held NaN/Inf before they were reduced.
+    rank_nonfinite: np.ndarray | None = None
+    #: Seconds each rank spent on the step, where known.
+    step_time: np.ndarray | None = None
+    #: Ranks whose report had not arrived when the step was merged.
+    missing_ranks: tuple[int, ...] = ()
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.grads.layers
+
+    @property
+    def global_norm(self) -> float:
+        return self.grads.global_norm
+
+
+class DetectorConfig(BaseModel):
+    """Fields every detector has; subclass it as ``Config`` inside the detector to add its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    #: When a finding of at least this detector's severity fires, ask the training job to stop.
+    stop_run: bool = False
+
+
+class Detector:
+    """Base class of detector plugins. Subclasses set ``name``, a docstring, ``Config``, ``update``.
+
+    One instance watches one run; the service makes a fresh one per run.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+
+    def __init__(self, config: DetectorConfig | Mapping[str, Any] | None = None, **overrides: Any):
+        if isinstance(config, DetectorConfig):
+            config = config.model_dump()
+        self.config = self.Config(**{**(config or {}), **overrides})
+
+    @classmethod
+    def summary(cls) -> str:
+        """One line on what the detector detects: the first line of its docstring."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def update(self, step: StepStats) -> list[Finding]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: plain Python and numpy values only."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def finding(
+        self,
+        step: StepStats,
+        severity: Severity | str,
+        message: str,
+        *,
+        layers: Sequence[str] = (),
+        ranks: Sequence[int] = (),
+        value: float | None = None,
+        threshold: float | None = None,
+        key: str = "",
+    ) -> Finding:
+        """Build a :class:`Finding` for ``step`` with this detector's name."""
+        return Finding(
+            detector=self.name,
+            severity=Severity(severity),
+            run=step.run,
+            step=step.step,
+            message=message,
+            layers=list(layers),
+            ranks=[int(r) for r in ranks],
+            value=None if value is None else float(value),
+            threshold=None if threshold is None else float(threshold),
+            key=key,
+        )
+
+
+def describe_layers(names: Sequence[str], limit: int = 3) -> str:
+    """A short human description of a set of layers, as a range when they are many.
+
+    >>> describe_layers(["0.weight"])
+    'layer 0.weight'
+    >>> describe_layers(["0.weight", "0.bias"])
+    'layers 0.weight, 0.bias'
+    >>> describe_layers([f"{i}.weight" for i in range(9)])
+    'layers 0.weight to 8.weight (9 layers)'
+    """
+    names = list(names)
+    if not names:
+        return "no layers"
+    if len(names) == 1:
+        return f"layer {names[0]}"
+    if len(names) <= limit:
+        return "layers " + ", ".join(names)
+    return f"layers {names[0]} to {names[-1]} ({len(names)} layers)"

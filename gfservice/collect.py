@@ -1,0 +1,308 @@
+"""Gradient statistics on the gradients' device: the only torch code in gfservice.
+
+Per collected step, every reduction runs as fused multi-tensor kernels on the device and all results
+are packed into one float64 vector, copied to the host once. Nothing syncs per parameter. On CUDA the
+copy is asynchronous (pinned memory and an event), so the training thread does not wait for it.
+
+>>> import torch
+>>> model = torch.nn.Linear(3, 2)
+>>> model(torch.ones(4, 3)).sum().backward()
+>>> s = grad_stats(model.named_parameters(), deep=True)
+>>> s.layers, s.count.tolist(), s.nonfinite.tolist()
+(('weight', 'bias'), [6, 2], [0, 0])
+>>> [round(float(v), 4) for v in s.norm]
+[9.798, 5.6569]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gfservice.stats import EXP_BINS, GradStats
+
+try:  # DTensor (FSDP2 parameters and gradients)
+    from torch.distributed.tensor import DTensor, Shard
+except Exception:  # pragma: no cover - very old torch or no distributed build
+    DTensor = None
+    Shard = None
+
+#: Prefixes that wrappers put in front of parameter names: DDP, torch.compile, FSDP1, checkpointing.
+_WRAPPER_PREFIX = re.compile(r"(?:^|(?<=\.))(?:module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the prefixes that wrappers add.
+
+    >>> clean_name("module._orig_mod.encoder.0.weight")
+    'encoder.0.weight'
+    >>> clean_name("encoder.module_list.0.bias")
+    'encoder.module_list.0.bias'
+    """
+    return _WRAPPER_PREFIX.sub("", name)
+
+
+def select_parameters(
+    named: Iterable[tuple[str, torch.nn.Parameter]],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable parameters whose cleaned name matches an ``include`` glob (all when empty) and no ``exclude``.
+
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> [n for n, _ in select_parameters(m.named_parameters(), exclude=["*.bias"])]
+    ['0.weight', '1.weight']
+    """
+    out = []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        n = clean_name(name)
+        if include and not any(fnmatch.fnmatchcase(n, pat) for pat in include):
+            continue
+        if any(fnmatch.fnmatchcase(n, pat) for pat in exclude):
+            continue
+        out.append((n, p))
+    return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this process holds (a DTensor's local shard)."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.to_local()
+    return t
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DTensor split across ranks (any ``Shard`` placement)."""
+    return DTensor is not None and isinstance(p, DTensor) and any(isinstance(pl, Shard) for pl in p.placements)
+
+
+@dataclass
+class Collected:
+    """What one collected step produced on the host."""
+
+    grads: GradStats
+    extras: np.ndarray
+    weight_norm: np.ndarray | None = None
+    update_norm: np.ndarray | None = None
+
+    @property
+    def local_norm(self) -> float:
+        return self.grads.global_norm
+
+    @property
+    def any_nonfinite(self) -> bool:
+        return bool(self.grads.nonfinite.any())
+
+
+class Pending:
+    """A device-to-host copy in flight; :meth:`resolve` waits for it (on CPU it is already done)."""
+
+    def __init__(self, host: torch.Tensor, event, unpack):
+        self._host = host
+        self._event = event
+        self._unpack = unpack
+        self._result: Collected | None = None
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def resolve(self) -> Collected:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._result = self._unpack(self._host.numpy())
+        return self._result
+
+
+class GradCollector:
+    """Computes the statistics of a fixed list of parameters' gradients, step after step.
+
+    Layers are the selected trainable parameters in the model's order. A parameter whose gradient is
+    ``None`` at a step reports a count of 0 at that step.
+    """
+
+    def __init__(self, named: Iterable[tuple[str, torch.nn.Parameter]], include=(), exclude=()):
+        selected = select_parameters(named, include, exclude)
+        if not selected:
+            raise ValueError("no trainable parameters selected: check the include/exclude patterns")
+        self.layers: tuple[str, ...] = tuple(n for n, _ in selected)
+        self.params: list[torch.nn.Parameter] = [p for _, p in selected]
+        self.numel: list[int] = [int(p.numel()) for p in self.params]
+        self.sharded: list[bool] = [is_sharded(p) for p in self.params]
+        self._before: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    # ---- the optimizer-step hook for update norms -------------------------------------------------
+    def snapshot_weights(self) -> None:
+        """Keep a copy of the weights (call just before the optimizer step of a deep step)."""
+        with torch.no_grad():
+            self._before = [_local(p.detach()).clone() for p in self.params]
+
+    # ---- collection -----------------------------------------------------------------------------
+    def launch(self, deep: bool = False, extras: Sequence[torch.Tensor | float | None] = ()) -> Pending:
+        """Start the reductions of this step's gradients and their copy to the host.
+
+        ``extras`` (loss, loss scale, ...) ride along in the same copy; ``None`` comes back as NaN.
+        """
+        with torch.no_grad():
+            grads, have = [], []
+            counts = np.zeros(len(self.params), np.int64)
+            for i, p in enumerate(self.params):
+                g = p.grad
+                if g is not None:
+                    g = _local(g.detach())
+                    if g.numel():
+                        grads.append(g)
+                        have.append(i)
+                        counts[i] = g.numel()
+            device = grads[0].device if grads else torch.device("cpu")
+            pieces = [_core(grads, device)]
+            weights = before = None
+            if deep:
+                pieces.append(_deep(grads, device))
+                if self._before is not None:
+                    weights = [_local(p.detach()) for p in self.params]
+                    before = self._before
+                    pieces.append(_weight_norms(weights, before, device))
+            self._before = None
+            pieces.append(_extras(extras, device))
+            packed = torch.cat([p.reshape(-1) for p in pieces])
+            host, event = _to_host(packed)
+        n_have = len(have)
+        return Pending(host, event, lambda a: self._unpack(a, have, n_have, counts, deep, weights is not None,
+                                                             len(extras)))
+
+    def _unpack(self, a: np.ndarray, have, n, counts, deep, with_weights, n_extras) -> Collected:
+        L = len(self.params)
+
+        def scatter(v, dtype=np.float64):
+            out = np.zeros(L, dtype)
+            out[have] = v
+            return out
+
+        pos = 0
+
+        def take(k):
+            nonlocal pos
+            v = a[pos: pos + k]
+            pos += k
+            return v
+
+        norm = take(n)
+        max_abs = take(n)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sum_sq = scatter(np.square(norm))
+        flagged = ~(np.isfinite(norm) & np.isfinite(max_abs))
+        stats = GradStats(
+            layers=self.layers,
+            count=counts,
+            sum_sq=sum_sq,
+            max_abs=scatter(max_abs),
+            nonfinite=scatter(flagged.astype(np.int64), np.int64),
+        )
+        weight_norm = update_norm = None
+        if deep:
+            stats.sum_abs = scatter(take(n))
+            stats.zeros = scatter(counts[have] - take(n).astype(np.int64), np.int64)
+            hist = np.zeros((L, EXP_BINS), np.int64)
+            hist[have] = take(n * EXP_BINS).reshape(n, EXP_BINS).astype(np.int64)
+            stats.exp_hist = hist
+            if with_weights:
+                weight_norm = take(L)
+                update_norm = take(L)
+        extras = take(n_extras)
+        return Collected(stats, extras, weight_norm, update_norm)
+
+    def count_nonfinite(self, stats: GradStats) -> None:
+        """Replace the per-layer non-finite flags of ``stats`` by exact counts.
+
+        Runs only for flagged layers (a rare event) and only while this step's gradients are still there.
+        """
+        with torch.no_grad():
+            for i in np.flatnonzero(stats.nonfinite):
+                g = self.params[i].grad
+                if g is not None:
+                    stats.nonfinite[i] = int((~torch.isfinite(_local(g))).sum())
+
+
+def _core(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Per-layer L2 norm and max |g|, float64, shape (2, n)."""
+    if not grads:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    if device.type == "cpu":
+        # On CPU one aminmax pass per tensor is several times faster than _foreach_norm(inf)
+        # or _foreach_max(_foreach_abs(...)) (benchmarks/overhead.py measures the choices).
+        maxes = torch.stack([torch.stack(torch.aminmax(g)).abs().max().float() for g in grads])
+    else:
+        maxes = torch.stack(torch._foreach_norm(grads, float("inf"))).float()
+    return torch.stack([norms, maxes]).double()
+
+
+def _deep(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Per-layer sum |g|, non-zero count and exponent histogram, float64, packed."""
+    if not grads:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    sum_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float32)).double()
+    nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).double()
+    hists = torch.stack([_exp_hist(g) for g in grads]).double()
+    return torch.cat([sum_abs, nonzero, hists.reshape(-1)])
+
+
+def _exp_hist(g: torch.Tensor) -> torch.Tensor:
+    """Histogram of the biased fp32 exponent of |g| (widening to fp32 is exact for fp16/bf16/fp8)."""
+    e = ((g.float().reshape(-1).view(torch.int32) >> 23) & 0xFF).long()
+    if g.device.type == "cpu":
+        return torch.bincount(e, minlength=EXP_BINS)
+    # bincount sizes its output from the data (a host sync on CUDA); a fixed-size index_add does not.
+    out = torch.zeros(EXP_BINS, dtype=torch.int64, device=g.device)
+    return out.index_add_(0, e, torch.ones((), dtype=torch.int64, device=g.device).expand(e.numel()))
+
+
+def _weight_norms(weights: list[torch.Tensor], before: list[torch.Tensor], device) -> torch.Tensor:
+    w = torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32)).double()
+    u = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, before), 2, dtype=torch.float32)).double()
+    return torch.cat([w.to(device), u.to(device)])
+
+
+def _extras(values: Sequence[torch.Tensor | float | None], device) -> torch.Tensor:
+    items = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            items.append(_local(v.detach()).reshape(-1)[:1].double().to(device))
+        else:
+            items.append(torch.tensor([float("nan") if v is None else float(v)], dtype=torch.float64,
+                                      device=device))
+    return torch.cat(items) if items else torch.zeros(0, dtype=torch.float64, device=device)
+
+
+def _to_host(packed: torch.Tensor):
+    if packed.device.type == "cpu":
+        return packed, None
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def grad_stats(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], deep: bool = False,
+               include: Sequence[str] = (), exclude: Sequence[str] = ()) -> GradStats:
+    """Statistics of the current gradients of ``named_parameters`` (library use, no service).
+
+    ``nonfinite`` holds exact counts here.
+    """
+    collector = GradCollector(named_parameters, include, exclude)
+    stats = collector.launch(deep=deep).resolve().grads
+    if stats.nonfinite.any():
+        collector.count_nonfinite(stats)
+    return stats

@@ -1,0 +1,276 @@
+"""The two lines in a training loop: ``monitor = gfservice.monitor(model, optimizer)`` and ``monitor.step()``.
+
+>>> import torch, gfservice
+>>> model = torch.nn.Linear(4, 1)
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> mon = gfservice.monitor(model, opt, run="doc", service=None)
+>>> for _ in range(3):
+...     loss = model(torch.randn(8, 4)).pow(2).mean()
+...     loss.backward(); opt.step(); mon.step(loss=loss); opt.zero_grad()
+>>> mon.latest().step, mon.findings, mon.should_stop
+(2, [], False)
+>>> mon.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from gfservice.aggregator import Aggregator, AggregatorConfig
+from gfservice.api import Finding, StepStats
+from gfservice.collect import Collected, GradCollector, Pending
+from gfservice.config import load_settings
+from gfservice.transport import InProcessTransport, Transport
+from gfservice.wire import Layout, StepReport
+
+log = logging.getLogger(__name__)
+
+
+def default_run_name() -> str:
+    """``$GFSERVICE_RUN`` or a name from the start time, e.g. ``run-20261129-081500``."""
+    return os.environ.get("GFSERVICE_RUN") or time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: Ray Train's context, else torch.distributed, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class Monitor:
+    """Collects gradient statistics every ``every`` steps (deep ones every ``deep_every``) and ships them.
+
+    Use :func:`gfservice.monitor` to make one. ``step()`` is the only call in the training loop; it
+    never raises because of monitoring (errors are logged and counted in ``errors``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        transport: Transport,
+        run: str,
+        *,
+        every: int = 1,
+        deep_every: int = 50,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        scaler: Any = None,
+        rank: int = 0,
+        world_size: int = 1,
+        reports_layers: bool = True,
+    ):
+        if every < 1:
+            raise ValueError("every must be at least 1")
+        if deep_every < 0:
+            raise ValueError("deep_every must be 0 (never) or positive")
+        self.run = run
+        self.every = every
+        self.deep_every = deep_every
+        self.rank = rank
+        self.world_size = world_size
+        self.transport = transport
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.reports_layers = reports_layers
+        self.collector = GradCollector(model.named_parameters(), include, exclude)
+        self.steps = 0  # monitor.step() calls so far == index of the next step
+        self.errors = 0
+        self.overhead_s = 0.0  # time spent inside the monitor's own calls and hooks
+        self._last_scale: float | None = None
+        self._last_time: float | None = None
+        self._in_flight: tuple[int, Pending, dict[str, Any]] | None = None
+        self._hook = None
+        if optimizer is not None and deep_every:
+            self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self.layout = Layout(
+            run=run,
+            rank=rank,
+            world_size=world_size,
+            layers=list(self.collector.layers) if reports_layers else [],
+            numel=self.collector.numel if reports_layers else [],
+            sharded=self.collector.sharded if reports_layers else [],
+            reports_layers=reports_layers,
+        )
+        self.transport.send(self.layout)
+
+    # ---- the training loop's calls --------------------------------------------------------------
+    def is_collected(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def is_deep(self, step: int) -> bool:
+        return bool(self.deep_every) and self.is_collected(step) and step % self.deep_every == 0
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.is_deep(self.steps) and self.reports_layers:
+                self.collector.snapshot_weights()
+        except Exception:
+            self._error("weight snapshot")
+        self.overhead_s += time.perf_counter() - t0
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Record the step that just ran (call after ``optimizer.step()``, before ``zero_grad()``)."""
+        t0 = time.perf_counter()
+        step = self.steps
+        self.steps += 1
+        try:
+            self._finish_in_flight()
+            if self.is_collected(step):
+                self._collect(step, loss)
+                if self.collector.params[0].device.type == "cpu":
+                    self._finish_in_flight(exact=True)
+        except Exception:
+            self._error(f"step {step}")
+        self.overhead_s += time.perf_counter() - t0
+
+    def _collect(self, step: int, loss) -> None:
+        now = time.time()
+        scale = None
+        if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: False)():
+            scale = getattr(self.scaler, "_scale", None)
+        lr = None
+        if self.optimizer is not None and self.optimizer.param_groups:
+            lr_v = self.optimizer.param_groups[0].get("lr")
+            lr = float(lr_v) if lr_v is not None else None
+        deep = self.is_deep(step) and self.reports_layers
+        pending = self.collector.launch(deep=deep, extras=[loss, scale])
+        meta = {
+            "time": now,
+            "lr": lr,
+            "has_loss": loss is not None,
+            "step_time": None if self._last_time is None else now - self._last_time,
+        }
+        self._last_time = now
+        self._in_flight = (step, pending, meta)
+
+    def _finish_in_flight(self, exact: bool = False) -> None:
+        if self._in_flight is None:
+            return
+        step, pending, meta = self._in_flight
+        self._in_flight = None
+        got: Collected = pending.resolve()
+        if exact and got.any_nonfinite:
+            self.collector.count_nonfinite(got.grads)
+        self.transport.send(self._report(step, got, meta))
+
+    def _report(self, step: int, got: Collected, meta: dict[str, Any]) -> StepReport:
+        loss, scale = (float(v) for v in got.extras[:2])
+        skipped = False
+        if not np.isnan(scale):
+            skipped = self._last_scale is not None and scale < self._last_scale
+            self._last_scale = scale
+        g = got.grads
+        layers = self.reports_layers
+        empty_f, empty_i = np.zeros(0), np.zeros(0, np.int64)
+        return StepReport(
+            run=self.run,
+            rank=self.rank,
+            step=step,
+            time=meta["time"],
+            count=g.count if layers else empty_i,
+            sum_sq=g.sum_sq if layers else empty_f,
+            max_abs=g.max_abs if layers else empty_f,
+            nonfinite=g.nonfinite if layers else empty_i,
+            sum_abs=g.sum_abs if layers else None,
+            zeros=g.zeros if layers else None,
+            exp_hist=g.exp_hist if layers else None,
+            weight_norm=got.weight_norm if layers else None,
+            update_norm=got.update_norm if layers else None,
+            loss=loss if meta["has_loss"] else None,
+            lr=meta["lr"],
+            loss_scale=None if np.isnan(scale) else scale,
+            skipped=skipped,
+            local_norm=got.local_norm if np.isfinite(got.local_norm) else None,
+            local_nonfinite=got.any_nonfinite,
+            step_time=meta["step_time"],
+        )
+
+    def _error(self, where: str) -> None:
+        self.errors += 1
+        if self.errors <= 3 or self.errors % 1000 == 0:
+            log.exception("gfservice monitor: %s failed (%d errors so far); training continues", where,
+                          self.errors)
+
+    # ---- what the loop can ask ------------------------------------------------------------------
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings of this run so far (from the service or the in-process aggregator)."""
+        return self.transport.findings(self.run)
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why a detector configured with ``stop_run`` asks this run to stop, or ``None``."""
+        return self.transport.stop_reason(self.run)
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a detector configured to stop the run has fired; never blocks."""
+        return self.stop_reason is not None
+
+    def latest(self) -> StepStats | None:
+        """The last merged step of this run, where the transport can tell."""
+        return self.transport.latest(self.run)
+
+    def close(self) -> None:
+        """Ship what is still in flight and release hooks; the monitor records nothing afterwards."""
+        try:
+            self._finish_in_flight()
+        except Exception:
+            self._error("close")
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.transport.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def monitor(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    run: str | None = None,
+    *,
+    every: int = 1,
+    deep_every: int = 50,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    scaler: Any = None,
+    config: str | os.PathLike | None = None,
+    detectors: dict[str, dict[str, Any]] | None = None,
+    service: str | None = "auto",
+) -> Monitor:
+    """Watch ``model``'s gradients during training.
+
+    ``service="auto"`` ships statistics to a running gfservice service when one is reachable; with
+    ``service=None``, or when none is found, an in-process aggregator runs the detectors (chosen by
+    ``config``, a TOML/YAML file, and ``detectors``, name -> field overrides).
+    """
+    run = run or default_run_name()
+    rank, world = distributed_rank()
+    transport: Transport | None = None
+    if service is not None:
+        from gfservice.transport import connect_service
+
+        transport = connect_service(service, run=run)
+    if transport is None:
+        settings = load_settings(config) if config else load_settings(data={})
+        det = {**settings.detectors, **(detectors or {})}
+        agg = Aggregator(AggregatorConfig.model_validate(settings.aggregator.model_dump()), det)
+        transport = InProcessTransport(agg)
+        rank, world = 0, 1  # an in-process aggregator sees only this process
+    return Monitor(model, optimizer, transport, run, every=every, deep_every=deep_every, include=include,
+                   exclude=exclude, scaler=scaler, rank=rank, world_size=world)

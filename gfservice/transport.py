@@ -1,0 +1,69 @@
+"""How a monitor's messages reach an aggregator: in this process, or (later) a service.
+
+A transport takes :class:`~gfservice.wire.Layout` and :class:`~gfservice.wire.StepReport` messages and
+answers the monitor's questions (findings, stop verdict, latest step). It never raises into the
+training loop for a lost message: it counts it in ``dropped``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from gfservice.aggregator import Aggregator
+from gfservice.api import Finding, StepStats
+from gfservice.wire import Layout, StepReport
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    dropped: int
+
+    def send(self, message: Layout | StepReport) -> None: ...
+
+    def findings(self, run: str) -> list[Finding]: ...
+
+    def stop_reason(self, run: str) -> str | None: ...
+
+    def latest(self, run: str) -> StepStats | None: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessTransport:
+    """Hands messages straight to an :class:`Aggregator` living in this process."""
+
+    def __init__(self, aggregator: Aggregator):
+        self.aggregator = aggregator
+        self.dropped = 0
+        self.rejected = 0
+
+    def send(self, message: Layout | StepReport) -> None:
+        ack = self.aggregator.submit(message)
+        if not ack.accepted:
+            self.rejected += 1
+            log.warning("gfservice: aggregator rejected a message: %s", ack.reason)
+
+    def findings(self, run: str) -> list[Finding]:
+        try:
+            return self.aggregator.findings(run)
+        except KeyError:
+            return []
+
+    def stop_reason(self, run: str) -> str | None:
+        return self.aggregator.should_stop(run)
+
+    def latest(self, run: str) -> StepStats | None:
+        try:
+            return self.aggregator.latest(run)
+        except KeyError:
+            return None
+
+    def close(self) -> None:
+        self.aggregator.flush()
+
+
+def connect_service(address: str, run: str) -> Transport | None:
+    """A transport to a running gfservice service, or ``None`` when none is reachable."""
+    return None
