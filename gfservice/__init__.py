@@ -7,12 +7,13 @@ Quick start::
     monitor.step(loss=loss)
 """
 
+__version__ = "0.1.0"
+
 from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats
+from gfservice.client import connect
 from gfservice.collect import grad_stats
 from gfservice.monitor import Monitor, monitor
 from gfservice.stats import GradStats
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Detector",
@@ -23,6 +24,7 @@ __all__ = [
     "Severity",
     "StepStats",
     "__version__",
+    "connect",
     "grad_stats",
     "monitor",
 ]

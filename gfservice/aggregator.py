@@ -1,7 +1,7 @@
 """The aggregator core (plain Python, no Ray): validate messages, merge ranks into steps, run detectors,
 keep findings with their lifecycle and a bounded history per run.
 
->>> from gfservice.wire import Layout, StepReport
+>>> from gfservice.wire import Layout, RunEnd, StepReport
 >>> agg = Aggregator()
 >>> agg.submit(Layout(run="r", rank=0, world_size=1, layers=["w"], numel=[4], sharded=[False]))
 Ack(accepted=True, reason='', new_findings=())
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gfservice import registry
 from gfservice.api import Detector, Finding, Severity, StepStats
 from gfservice.stats import merge_shards
-from gfservice.wire import Layout, StepReport
+from gfservice.wire import Layout, RunEnd, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class RunState:
     sender_dropped: int = 0
     #: Set when the training job closed its monitors: the run is over, not stalled.
     finished: bool = False
+    ended: set[int] = field(default_factory=set)
     #: Ranks that stopped reporting (see the ``stalled_rank`` finding).
     stalled_ranks: tuple[int, ...] = ()
 
@@ -130,15 +131,17 @@ class Aggregator:
         self.ingest_count = 0
 
     # ---- ingest ---------------------------------------------------------------------------------
-    def submit(self, message: Layout | StepReport | Mapping[str, Any]) -> Ack:
+    def submit(self, message: Layout | StepReport | RunEnd | Mapping[str, Any]) -> Ack:
         """Validate and take one message (a model or a plain dict); never raises for bad input."""
         t0 = time.perf_counter()
         try:
             msg = self._parse(message)
             with self._lock:
+                new: list[Finding] = []
                 if isinstance(msg, Layout):
                     self._register(msg)
-                    new: list[Finding] = []
+                elif isinstance(msg, RunEnd):
+                    new = self._end(msg)
                 else:
                     new = self._ingest(msg)
                 self.accepted += 1
@@ -153,12 +156,17 @@ class Aggregator:
             self.ingest_count += 1
 
     @staticmethod
-    def _parse(message: Any) -> Layout | StepReport:
-        if isinstance(message, Layout | StepReport):
+    def _parse(message: Any) -> Layout | StepReport | RunEnd:
+        if isinstance(message, Layout | StepReport | RunEnd):
             return message
         if not isinstance(message, Mapping):
             raise Rejected("invalid", f"expected a mapping, got {type(message).__name__}")
-        cls = Layout if "layers" in message or "world_size" in message else StepReport
+        if "layers" in message or "world_size" in message:
+            cls = Layout
+        elif "end" in message:
+            cls = RunEnd
+        else:
+            cls = StepReport
         try:
             return cls.model_validate(message)
         except ValidationError as exc:
@@ -181,6 +189,8 @@ class Aggregator:
             run.layers = tuple(lay.layers)
             run.sharded = np.asarray(lay.sharded, dtype=bool)
         run.layouts[lay.rank] = lay
+        run.ended.discard(lay.rank)
+        run.finished = False
 
     def _new_run(self, name: str, world_size: int) -> RunState:
         if name not in self._runs and len(self._runs) >= self.config.max_runs:
@@ -196,6 +206,23 @@ class Aggregator:
         )
         self._runs[name] = run
         return run
+
+    def _end(self, msg: RunEnd) -> list[Finding]:
+        run = self._runs.get(msg.run)
+        if run is None:
+            raise Rejected("unknown_run", f"no layout for run {msg.run!r}")
+        run.ended.add(msg.rank)
+        if len(run.ended) >= run.world_size:
+            run.finished = True
+            return self._merge_ready(run, force=True)
+        return []
+
+    def note_dropped(self, run: str, dropped: int) -> None:
+        """Add reports that ``run``'s senders dropped before they reached the aggregator."""
+        with self._lock:
+            r = self._runs.get(run)
+            if r is not None and dropped > 0:
+                r.sender_dropped += int(dropped)
 
     def _ingest(self, rep: StepReport) -> list[Finding]:
         run = self._runs.get(rep.run)
@@ -339,6 +366,8 @@ class Aggregator:
                     "last_time": r.last_time,
                     "active_findings": len(r.active),
                     "stop_reason": r.stop_reason,
+                    "finished": r.finished,
+                    "sender_dropped": r.sender_dropped,
                 }
                 for r in self._runs.values()
             ]
@@ -400,6 +429,8 @@ class Aggregator:
                         "last_time": r.last_time,
                         "findings_total": dict(r.findings_total),
                         "stop_reason": r.stop_reason,
+                        "sender_dropped": r.sender_dropped,
+                        "finished": r.finished,
                     }
                     for r in self._runs.values()
                 },
@@ -427,6 +458,8 @@ class Aggregator:
                 run.findings_total = {tuple(k) if not isinstance(k, tuple) else k: v
                                       for k, v in s["findings_total"].items()}
                 run.stop_reason = s["stop_reason"]
+                run.sender_dropped = s.get("sender_dropped", 0)
+                run.finished = s.get("finished", False)
             self.accepted = state.get("accepted", 0)
             self.rejected = dict(state.get("rejected", {}))
 

@@ -148,15 +148,17 @@ class GradCollector:
             self._before = [_local(p.detach()).clone() for p in self.params]
 
     # ---- collection -----------------------------------------------------------------------------
-    def launch(self, deep: bool = False, extras: Sequence[torch.Tensor | float | None] = ()) -> Pending:
+    def launch(self, deep: bool = False, extras: Sequence[torch.Tensor | float | None] = (),
+               layers: bool = True) -> Pending:
         """Start the reductions of this step's gradients and their copy to the host.
 
         ``extras`` (loss, loss scale, ...) ride along in the same copy; ``None`` comes back as NaN.
+        With ``layers=False`` only the extras travel (a heartbeat).
         """
         with torch.no_grad():
             grads, have = [], []
             counts = np.zeros(len(self.params), np.int64)
-            for i, p in enumerate(self.params):
+            for i, p in enumerate(self.params if layers else ()):
                 g = p.grad
                 if g is not None:
                     g = _local(g.detach())
@@ -164,7 +166,7 @@ class GradCollector:
                         grads.append(g)
                         have.append(i)
                         counts[i] = g.numel()
-            device = grads[0].device if grads else torch.device("cpu")
+            device = grads[0].device if grads else self.params[0].device
             pieces = [_core(grads, device)]
             weights = before = None
             if deep:
@@ -293,6 +295,53 @@ def _to_host(packed: torch.Tensor):
     event = torch.cuda.Event()
     event.record()
     return host, event
+
+
+class LocalNormHook:
+    """A DDP communication hook that notes this rank's squared gradient norm *before* the allreduce.
+
+    Chained with DDP's default allreduce, so training is unchanged. The sum stays on the device; the
+    monitor ships it with the step's other statistics (it tells which rank produced a NaN).
+    """
+
+    def __init__(self, process_group=None):
+        self.process_group = process_group
+        self._sq: torch.Tensor | None = None
+
+    def add(self, buf: torch.Tensor) -> None:
+        sq = torch.linalg.vector_norm(buf, dtype=torch.float32).square()
+        self._sq = sq if self._sq is None else self._sq + sq
+
+    def take(self) -> torch.Tensor | None:
+        """The squared local norm accumulated since the last call (None when no bucket ran)."""
+        sq, self._sq = self._sq, None
+        return sq
+
+    @classmethod
+    def install(cls, ddp_model) -> LocalNormHook | None:
+        """Register on a DistributedDataParallel model; None when it already has a hook of its own."""
+        hook = cls()
+        try:
+            ddp_model.register_comm_hook(hook, _local_norm_then_allreduce)
+        except Exception:
+            return None
+        return hook
+
+
+def _local_norm_then_allreduce(state: LocalNormHook, bucket):
+    """DDP comm hook: note the bucket's local squared norm, then DDP's default allreduce."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    state.add(bucket.buffer())
+    return allreduce_hook(state.process_group, bucket)
+
+
+def is_ddp(model) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def has_sharded_parameters(model) -> bool:
+    return any(is_sharded(p) for p in model.parameters())
 
 
 def grad_stats(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], deep: bool = False,

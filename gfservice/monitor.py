@@ -25,10 +25,10 @@ import torch
 
 from gfservice.aggregator import Aggregator, AggregatorConfig
 from gfservice.api import Finding, StepStats
-from gfservice.collect import Collected, GradCollector, Pending
+from gfservice.collect import Collected, GradCollector, LocalNormHook, Pending, has_sharded_parameters, is_ddp
 from gfservice.config import load_settings
 from gfservice.transport import InProcessTransport, Transport
-from gfservice.wire import Layout, StepReport
+from gfservice.wire import Layout, RunEnd, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,16 @@ def default_run_name() -> str:
 
 
 def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of this process: Ray Train's context, else torch.distributed, else (0, 1)."""
+    """(rank, world size) of this process: torch.distributed, else Ray Train's context, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+    except Exception:
+        return 0, 1
 
 
 class Monitor:
@@ -67,6 +73,7 @@ class Monitor:
         rank: int = 0,
         world_size: int = 1,
         reports_layers: bool = True,
+        local_norm_hook: LocalNormHook | None = None,
     ):
         if every < 1:
             raise ValueError("every must be at least 1")
@@ -81,6 +88,7 @@ class Monitor:
         self.optimizer = optimizer
         self.scaler = scaler
         self.reports_layers = reports_layers
+        self.local_norm_hook = local_norm_hook
         self.collector = GradCollector(model.named_parameters(), include, exclude)
         self.steps = 0  # monitor.step() calls so far == index of the next step
         self.errors = 0
@@ -143,7 +151,10 @@ class Monitor:
             lr_v = self.optimizer.param_groups[0].get("lr")
             lr = float(lr_v) if lr_v is not None else None
         deep = self.is_deep(step) and self.reports_layers
-        pending = self.collector.launch(deep=deep, extras=[loss, scale])
+        local_sq = self.local_norm_hook.take() if self.local_norm_hook is not None else None
+        if local_sq is None:
+            local_sq = -1.0  # unknown (NaN would mean non-finite gradients)
+        pending = self.collector.launch(deep=deep, extras=[loss, scale, local_sq], layers=self.reports_layers)
         meta = {
             "time": now,
             "lr": lr,
@@ -164,7 +175,12 @@ class Monitor:
         self.transport.send(self._report(step, got, meta))
 
     def _report(self, step: int, got: Collected, meta: dict[str, Any]) -> StepReport:
-        loss, scale = (float(v) for v in got.extras[:2])
+        loss, scale, local_sq = (float(v) for v in got.extras[:3])
+        if local_sq == -1.0:  # no allreduce hook ran: this rank's gradients are its local ones
+            local_norm, local_bad = (got.local_norm, got.any_nonfinite) if self.reports_layers else (None, False)
+        else:
+            local_bad = not np.isfinite(local_sq)
+            local_norm = None if local_bad else float(np.sqrt(local_sq))
         skipped = False
         if not np.isnan(scale):
             skipped = self._last_scale is not None and scale < self._last_scale
@@ -190,8 +206,8 @@ class Monitor:
             lr=meta["lr"],
             loss_scale=None if np.isnan(scale) else scale,
             skipped=skipped,
-            local_norm=got.local_norm if np.isfinite(got.local_norm) else None,
-            local_nonfinite=got.any_nonfinite,
+            local_norm=local_norm if local_norm is not None and np.isfinite(local_norm) else None,
+            local_nonfinite=bool(local_bad),
             step_time=meta["step_time"],
         )
 
@@ -225,6 +241,7 @@ class Monitor:
         """Ship what is still in flight and release hooks; the monitor records nothing afterwards."""
         try:
             self._finish_in_flight()
+            self.transport.send(RunEnd(run=self.run, rank=self.rank))
         except Exception:
             self._error("close")
         if self._hook is not None:
@@ -272,5 +289,15 @@ def monitor(
         agg = Aggregator(AggregatorConfig.model_validate(settings.aggregator.model_dump()), det)
         transport = InProcessTransport(agg)
         rank, world = 0, 1  # an in-process aggregator sees only this process
+    # DDP ranks hold identical reduced gradients: one rank reports the layers, every rank a heartbeat with
+    # its own pre-allreduce norm. Sharded (FSDP2) ranks each report their shard.
+    reports_layers = True
+    hook = None
+    if world > 1 and is_ddp(model):
+        reports_layers = rank == 0
+        hook = LocalNormHook.install(model)
+    elif world > 1 and not has_sharded_parameters(model):
+        reports_layers = rank == 0
     return Monitor(model, optimizer, transport, run, every=every, deep_every=deep_every, include=include,
-                   exclude=exclude, scaler=scaler, rank=rank, world_size=world)
+                   exclude=exclude, scaler=scaler, rank=rank, world_size=world, reports_layers=reports_layers,
+                   local_norm_hook=hook)

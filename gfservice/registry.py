@@ -3,14 +3,14 @@
 Built-in and third-party detectors are found the same way. A plugin that fails to import is skipped
 with a warning; an unknown detector name or configuration field is an error that names it.
 
->>> sorted(available())[:3]
-['exploding', 'nonfinite', 'vanishing']
+>>> {"exploding", "nonfinite", "vanishing", "stalled_rank"} <= set(available())
+True
 >>> build({"exploding": {"z_threshold": 8}})["exploding"].config.z_threshold
 8.0
 >>> build({"explodin": {}})
 Traceback (most recent call last):
 ...
-gfservice.registry.ConfigError: unknown detector 'explodin'; installed: exploding, nonfinite, vanishing...
+gfservice.registry.ConfigError: unknown detector 'explodin'; installed: exploding, nonfinite, ...
 """
 
 from __future__ import annotations

@@ -64,6 +64,36 @@ class InProcessTransport:
         self.aggregator.flush()
 
 
-def connect_service(address: str, run: str) -> Transport | None:
-    """A transport to a running gfservice service, or ``None`` when none is reachable."""
-    return None
+def connect_service(service: str, run: str) -> Transport | None:
+    """A transport to a running gfservice service, or ``None`` when none is reachable.
+
+    ``service`` is ``"auto"`` (the default service name, only when this process is attached to a Ray
+    cluster or ``RAY_ADDRESS`` is set), or ``"NAME"`` / ``"NAMESPACE/NAME"`` of a service actor.
+    """
+    import os
+
+    try:
+        import ray
+    except ImportError:
+        return None
+    from gfservice import service as svc
+
+    name, namespace = svc.DEFAULT_NAME, svc.DEFAULT_NAMESPACE
+    if service != "auto":
+        namespace, _, name = service.rpartition("/")
+        namespace = namespace or svc.DEFAULT_NAMESPACE
+    if not ray.is_initialized():
+        if service == "auto" and not os.environ.get("RAY_ADDRESS"):
+            return None
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        except Exception as exc:
+            log.info("gfservice: no Ray cluster to attach to (%s); using an in-process aggregator", exc)
+            return None
+    handle = svc.find(name, namespace)
+    if handle is None:
+        log.info("gfservice: no service %s/%s; using an in-process aggregator", namespace, name)
+        return None
+    from gfservice.ray_transport import RaySender
+
+    return RaySender(handle, run)

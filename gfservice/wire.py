@@ -90,6 +90,16 @@ class Layout(BaseModel):
         return self
 
 
+class RunEnd(BaseModel):
+    """Sent by a rank when its monitor closes: the run is over for that rank (not stalled)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: RunName
+    rank: int = Field(ge=0)
+    end: bool = True
+
+
 class StepReport(BaseModel):
     """One rank's statistics for one collected step, in its layout's layer order."""
 

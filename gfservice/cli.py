@@ -1,0 +1,78 @@
+"""The ``gfservice`` command line. Each subcommand lives in the module that does its job; this file only
+parses arguments and dispatches (heavy imports happen inside the subcommand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from gfservice import __version__
+
+
+def _detectors(args: argparse.Namespace) -> int:
+    from gfservice import registry
+
+    rows = registry.describe()
+    if not rows:
+        print("no detector plugins installed (entry-point group gfservice.detectors)")
+        return 1
+    for row in rows:
+        print(f"{row['name']}  ({row['module']})")
+        print(f"    {row['summary']}")
+        for field, (default, annotation) in row["fields"].items():
+            type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            print(f"    {field:<24} {type_name:<16} default {default!r}")
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gfservice",
+        description="Training health for PyTorch: gradient statistics, detectors, Prometheus and Grafana.",
+    )
+    parser.add_argument("--version", action="version", version=f"gfservice {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("detectors", help="list installed detector plugins, their fields and defaults")
+    p.set_defaults(func=_detectors)
+
+    from gfservice import demo
+
+    demo.add_parser(sub)
+    try:
+        from gfservice import service_cli
+    except ImportError:  # the Ray extra is not installed
+        service_cli = None
+    if service_cli is not None:
+        service_cli.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear message, not a traceback, for expected failures
+        from gfservice.registry import ConfigError
+
+        if isinstance(exc, ConfigError | FileNotFoundError | ConnectionError):
+            print(f"gfservice: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""``gfservice.connect()``: ask the running service about runs, findings and merged steps.
+
+>>> import gfservice
+>>> gfservice.connect(address="127.0.0.1:1")   # doctest: +SKIP
+Traceback (most recent call last):
+ConnectionError: ...
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gfservice.api import Finding, StepStats
+from gfservice.service import DEFAULT_NAME, DEFAULT_NAMESPACE, find
+
+
+class Client:
+    """A handle on the service; every call is a Ray actor call with a timeout."""
+
+    def __init__(self, handle, timeout_s: float = 30.0):
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def _call(self, method: str, *args):
+        import ray
+
+        return ray.get(getattr(self.handle, method).remote(*args), timeout=self.timeout_s)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """One row per run: last step, world size, active findings, whether it finished."""
+        return self._call("runs")
+
+    def findings(self, run: str, since_step: int = 0, active_only: bool = False) -> list[Finding]:
+        return self._call("findings", run, since_step, active_only)
+
+    def latest(self, run: str) -> StepStats | None:
+        """The last merged step of ``run`` (per-layer statistics in ``.grads``)."""
+        return self._call("latest", run)
+
+    def history(self, run: str) -> list[StepStats]:
+        return self._call("history", run)
+
+    def status(self) -> dict[str, Any]:
+        return self._call("status")
+
+    def submit(self, messages: list[Any]) -> dict[str, Any]:
+        """Send raw messages (tests and tools); training jobs use ``gfservice.monitor``."""
+        return self._call("submit", messages)
+
+
+def attach(address: str | None = None) -> None:
+    """Attach this process to a Ray cluster (``address``, ``$RAY_ADDRESS`` or a local one) if not yet."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except ConnectionError as exc:
+        raise ConnectionError(
+            f"no Ray cluster at {address!r} ({exc}); start the service with `gfservice serve`"
+        ) from None
+
+
+def connect(address: str | None = None, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE,
+            timeout_s: float = 30.0) -> Client:
+    """A :class:`Client` for the service on the Ray cluster at ``address`` (default: the one running here)."""
+    attach(address)
+    handle = find(name, namespace)
+    if handle is None:
+        raise ConnectionError(
+            f"no gfservice service named {namespace}/{name} on this Ray cluster; start one with `gfservice serve`"
+        )
+    return Client(handle, timeout_s)
