@@ -105,19 +105,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _fit(workload, workers: int, tmp: Path, result: dict[str, Any]) -> None:
     try:
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from gfservice.workload import fit
 
-        from gfservice.workload import train
-
-        trainer = TorchTrainer(
-            train,
-            train_loop_config=workload.model_dump(),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-            torch_config=TorchConfig(backend="gloo"),
-            run_config=RunConfig(name=workload.run, storage_path=str(tmp / "ray_results")),
-        )
-        result["result"] = trainer.fit()
+        result["result"] = fit(workload, workers, tmp / "ray_results")
     except Exception as exc:  # shown to the user by the main thread
         result["error"] = f"{type(exc).__name__}: {exc}"
 

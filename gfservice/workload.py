@@ -13,6 +13,7 @@ is not installed, trained by a Ray Train worker with DDP or FSDP2 (gloo on CPU) 
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Literal
 
@@ -152,3 +153,18 @@ def train(config: dict[str, Any] | WorkloadConfig) -> dict[str, Any]:
     monitor.close()
     return {"rank": rank, "steps": len(losses), "last_loss": losses[-1] if losses else None,
             "dropped": monitor.transport.dropped, "errors": monitor.errors}
+
+
+def fit(cfg: WorkloadConfig, workers: int, storage_path: str | os.PathLike):
+    """Run :func:`train` under a Ray Train ``TorchTrainer`` with ``workers`` CPU workers (gloo)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train,
+        train_loop_config=cfg.model_dump(),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name=cfg.run, storage_path=str(storage_path)),
+    )
+    return trainer.fit()

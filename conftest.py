@@ -1,0 +1,51 @@
+"""Session-wide test infrastructure: one local Ray cluster and one gfservice service for the whole session.
+
+Tests that need them take the ``service`` (a :class:`gfservice.client.Client`) or ``ray_cluster`` fixture;
+the cluster starts on first use and stops at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Four logical CPUs on two cores: the trainer's controller and two workers fit without deadlock.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             namespace="gfservice-tests")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def service_settings(tmp_path_factory):
+    from gfservice.aggregator import AggregatorConfig
+    from gfservice.service import ServiceConfig, ServiceSettings
+
+    tmp = tmp_path_factory.mktemp("service")
+    return ServiceSettings(
+        aggregator=AggregatorConfig(merge_timeout_s=2.0),
+        service=ServiceConfig(
+            snapshot_path=str(tmp / "snapshot.pkl"),
+            snapshot_interval_s=0.5,
+            metrics_port=0,
+            sd_file=str(tmp / "prometheus-sd.json"),
+            exporter={"finding_linger_s": 5},
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, service_settings):
+    from gfservice import service as svc
+    from gfservice.client import Client
+
+    handle, _ = svc.start(service_settings)
+    yield Client(handle)
+    svc.stop(service_settings.service.name, service_settings.service.namespace)
