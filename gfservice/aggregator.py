@@ -53,6 +53,9 @@ class AggregatorConfig(BaseModel):
     merge_timeout_s: float = Field(30.0, gt=0)
     #: A step is merged without its missing ranks once this many newer steps are waiting.
     max_pending_steps: int = Field(16, ge=1)
+    #: A run with no new step for this long is taken as over (its job died without closing its monitor),
+    #: which ends its "training stalled" alert.
+    idle_finish_s: float = Field(6 * 3600.0, gt=0)
 
 
 class Rejected(ValueError):
@@ -340,6 +343,11 @@ class Aggregator:
         for ident in [i for i in run.active if i not in raised and i[0] not in silent]:
             cleared = run.active.pop(ident)
             cleared.active = False
+            for f in reversed(run.log):  # the logged copy is the one queries return
+                if f.identity == ident and f.first_step == cleared.first_step:
+                    f.active = False
+                    f.last_step = cleared.last_step
+                    break
         return new
 
     def flush(self, run: str | None = None) -> list[Finding]:
@@ -349,8 +357,13 @@ class Aggregator:
             return [f for r in runs for f in self._merge_ready(r, force=True)]
 
     def tick(self) -> list[Finding]:
-        """Merge the steps whose ranks are overdue; call it periodically."""
+        """Merge the steps whose ranks are overdue and retire long-idle runs; call it periodically."""
         with self._lock:
+            now = time.time()
+            for r in self._runs.values():
+                if not r.finished and r.last_time and now - r.last_time > self.config.idle_finish_s:
+                    log.warning("run %s sent nothing for %.0f s: taking it as over", r.name, now - r.last_time)
+                    r.finished = True
             return [f for r in list(self._runs.values()) for f in self._merge_ready(r)]
 
     # ---- queries --------------------------------------------------------------------------------

@@ -200,12 +200,17 @@ class ServiceCore:
             write_sd_file(cfg.sd_file, f"{_advertised_host(cfg.metrics_addr)}:{self.metrics_port}")
 
     def shutdown(self) -> None:
-        """Stop background work and save a last snapshot."""
+        """Stop background work, save a last snapshot, withdraw the discovery entry (a deliberate stop)."""
         self._stop.set()
         self.aggregator.flush()
         self.snapshot()
         if self._metrics_server is not None:
+            from gfservice.discovery import remove_sd_file
+
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            if self.settings.service.sd_file:
+                remove_sd_file(self.settings.service.sd_file)
 
 
 def _advertised_host(addr: str) -> str:

@@ -138,5 +138,5 @@ def test_unreachable_names_give_a_clear_error():
 
 
 def test_stop_and_start_again_reports_the_running_one(service_settings):
-    handle, created = svc.start(service_settings)
+    _handle, created = svc.start(service_settings)
     assert not created, "start() finds the running service instead of making a second one"

@@ -1,0 +1,74 @@
+"""Prometheus file-based service discovery: the service writes where it can be scraped.
+
+``deploy/prometheus/prometheus.yml`` reads the file through ``file_sd_configs``; Prometheus watches it
+and follows the service when it restarts on another port or node. The file is replaced atomically
+(a temporary file in the same directory, then a rename), so Prometheus never reads half a file.
+
+>>> import json, pathlib, tempfile
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "sd" / "prometheus-sd.json"
+>>> write_sd_file(path, "127.0.0.1:9464")
+PosixPath('...prometheus-sd.json')
+>>> json.loads(path.read_text())
+[{'targets': ['127.0.0.1:9464'], 'labels': {'service': 'gfservice'}}]
+>>> remove_sd_file(path), path.exists()
+(True, False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["DEFAULT_SD_FILE", "remove_sd_file", "sd_entries", "write_sd_file"]
+
+#: Where the service writes its discovery file unless told otherwise; deploy/prometheus/prometheus.yml reads it.
+DEFAULT_SD_FILE = str(Path(tempfile.gettempdir()) / "gfservice" / "prometheus-sd.json")
+
+
+def sd_entries(address: str, labels: Mapping[str, str] | None = None) -> list[dict]:
+    """The file_sd content for one target ``host:port``.
+
+    >>> sd_entries("127.0.0.1:1", {"cluster": "a"})
+    [{'targets': ['127.0.0.1:1'], 'labels': {'service': 'gfservice', 'cluster': 'a'}}]
+    >>> sd_entries("nohost")
+    Traceback (most recent call last):
+    ...
+    ValueError: address must be host:port, got 'nohost'
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address must be host:port, got {address!r}")
+    return [{"targets": [address], "labels": {"service": "gfservice", **dict(labels or {})}}]
+
+
+def write_sd_file(path: str | os.PathLike, address: str, labels: Mapping[str, str] | None = None) -> Path:
+    """Write (atomically replace) the discovery file at ``path`` for the target ``address`` ("host:port")."""
+    path = Path(path)
+    text = json.dumps(sd_entries(address, labels), indent=2) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # Prometheus often runs as another user
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def remove_sd_file(path: str | os.PathLike) -> bool:
+    """Remove the discovery file (the service is going away for good); ``True`` if there was one."""
+    try:
+        Path(path).unlink()
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,466 @@
+"""Prometheus export: a custom Collector that reads the aggregator's state at scrape time.
+
+No metric objects are updated on the ingest path: every scrape takes a consistent snapshot of the
+aggregator under its lock and builds the ``gradflow_*`` families from it. Cardinality is bounded
+whatever the model size: gradient flow across depth goes out as ``depth_buckets`` contiguous buckets,
+per-layer series only for at most ``max_layer_series`` layers, and rank-level detail only inside the
+``ranks`` label of findings.
+
+>>> from prometheus_client import CollectorRegistry, generate_latest
+>>> from gfservice.aggregator import Aggregator
+>>> from gfservice.wire import Layout
+>>> agg = Aggregator()
+>>> _ = agg.submit(Layout(run="r1", rank=0, world_size=1, layers=["w", "b"], numel=[4, 1], sharded=[False] * 2))
+>>> _ = agg.submit({"run": "r1", "rank": 0, "step": 0, "count": [4, 1], "sum_sq": [4.0, 0.0],
+...                 "max_abs": [1.0, 0.0], "nonfinite": [0, 0]})
+>>> reg = CollectorRegistry(auto_describe=False)
+>>> reg.register(GradflowCollector(agg))
+>>> text = generate_latest(reg).decode()
+>>> [ln for ln in text.splitlines() if ln.startswith(("gradflow_grad_norm", "gradflow_last_step{"))]
+['gradflow_grad_norm{run="r1"} 2.0', 'gradflow_last_step{run="r1"} 0.0']
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gfservice.aggregator import Aggregator, RunState
+from gfservice.api import Finding, StepStats, describe_layers
+
+__all__ = ["ExporterConfig", "GradflowCollector", "depth_buckets", "format_ranks", "layer_selection", "serve_metrics"]
+
+#: Rejection reasons the aggregator knows; exported at 0 from the start so that ``increase()`` sees the first one.
+KNOWN_REJECTIONS = ("invalid", "oversized", "unknown_run", "unknown_rank", "shape_mismatch", "stale_step",
+                    "duplicate", "layout_mismatch")
+#: Longest ``layers``/``ranks`` label value.
+LABEL_LIMIT = 200
+
+
+class ExporterConfig(BaseModel):
+    """Options of the ``/metrics`` endpoint and of what it exports."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Contiguous depth buckets of ``gradflow_depth_grad_rms`` (input to output), whatever the model size.
+    depth_buckets: int = Field(16, ge=1, le=100)
+    #: Most layers with their own ``gradflow_layer_grad_norm`` series per run.
+    max_layer_series: int = Field(32, ge=2, le=1000)
+    #: Seconds a cleared finding stays exposed, so that a finding shorter than a scrape interval is seen.
+    finding_linger_s: float = Field(300.0, ge=0)
+    #: Address to bind; the default keeps the endpoint on this machine. Use "0.0.0.0" to expose it.
+    address: str = "127.0.0.1"
+    #: Port to bind; 0 picks a free one (Prometheus finds it through the discovery file).
+    port: int = Field(0, ge=0, le=65535)
+    #: Serve HTTPS with this certificate and key (PEM files); both or neither.
+    certfile: str | None = None
+    keyfile: str | None = None
+    #: With TLS: require client certificates signed by this CA (mutual TLS).
+    client_cafile: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ExporterConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together: set both for TLS, or neither")
+        if self.client_cafile and not self.certfile:
+            raise ValueError("client_cafile needs certfile and keyfile (it is for mutual TLS)")
+        return self
+
+
+def depth_buckets(sum_sq: np.ndarray, count: np.ndarray, buckets: int) -> list[float | None]:
+    """RMS gradient of ``buckets`` contiguous depth buckets: ``sqrt(sum sum_sq / sum count)`` per bucket.
+
+    Bucket ``b`` covers layers ``[b*n//B, (b+1)*n//B)``; with fewer layers than buckets each bucket holds
+    the one layer at its depth, so the picture keeps its shape. A bucket holding NaN/Inf gradients is NaN or
+    Inf; one without elements (no gradients at all) is ``None``.
+
+    >>> depth_buckets(np.array([4.0, 0.0, 9.0, 16.0]), np.array([1, 1, 1, 1]), 2)
+    [1.4142135623730951, 3.5355339059327378]
+    >>> depth_buckets(np.array([4.0, 9.0]), np.array([1, 1]), 4)
+    [2.0, 2.0, 3.0, 3.0]
+    >>> depth_buckets(np.array([np.nan, 1.0, 0.0]), np.array([1, 1, 0]), 3)
+    [nan, 1.0, None]
+    """
+    n = len(sum_sq)
+    if n == 0:
+        return [None] * buckets
+    lo = np.arange(buckets) * n // buckets
+    hi = np.maximum((np.arange(buckets) + 1) * n // buckets, lo + 1)
+    csq = np.concatenate([[0.0], np.cumsum(sum_sq, dtype=np.float64)])
+    ccount = np.concatenate([[0], np.cumsum(count, dtype=np.int64)])
+    sq = csq[hi] - csq[lo]
+    cnt = ccount[hi] - ccount[lo]
+    # Non-finite sums poison the cumulative sums past them: recompute those buckets directly.
+    if not np.all(np.isfinite(sum_sq)):
+        sq = np.array([np.sum(sum_sq[a:b]) for a, b in zip(lo, hi, strict=True)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rms = np.sqrt(sq / np.maximum(cnt, 1))
+    return [float(v) if c > 0 else None for v, c in zip(rms, cnt, strict=True)]
+
+
+def layer_selection(n_layers: int, cap: int, wanted: Sequence[int] = ()) -> list[int]:
+    """Indices of the layers that get their own series: ``wanted`` ones first, then evenly spaced
+    across depth (always the first and the last), at most ``cap`` in all, in depth order.
+
+    >>> layer_selection(10, 4)
+    [0, 3, 6, 9]
+    >>> layer_selection(100, 4, wanted=[50])
+    [0, 33, 50, 99]
+    >>> len(layer_selection(10_000, 32, wanted=range(5000)))
+    32
+    """
+    if n_layers <= cap:
+        return list(range(n_layers))
+    ends = {0, n_layers - 1}
+    picked = set(ends)
+    for i in wanted:
+        if len(picked) >= cap:
+            break
+        if 0 <= i < n_layers:
+            picked.add(int(i))
+    points = cap
+    while len(picked) < cap:  # evenly spaced; a denser grid where rounding or `wanted` took some points
+        for i in np.round(np.linspace(0, n_layers - 1, points)).astype(int):
+            if len(picked) >= cap:
+                break
+            picked.add(int(i))
+        points *= 2
+    return sorted(picked)
+
+
+def format_ranks(ranks: Sequence[int], limit: int = LABEL_LIMIT) -> str:
+    """The ``ranks`` label: ``"1,3"``; runs of consecutive ranks as ranges when the list would be long.
+
+    >>> format_ranks([1, 3]), format_ranks([])
+    ('1,3', '')
+    >>> format_ranks(range(1000))
+    '0-999'
+    >>> format_ranks(range(0, 2000, 2))[-24:]
+    '114,116,... (1000 ranks)'
+    """
+    ranks = sorted(set(int(r) for r in ranks))
+    plain = ",".join(map(str, ranks))
+    if len(plain) <= limit:
+        return plain
+    parts: list[str] = []
+    start = prev = ranks[0]
+    for r in [*ranks[1:], None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    text = ",".join(parts)
+    if len(text) <= limit:
+        return text
+    suffix = f",... ({len(ranks)} ranks)"
+    return text[: limit - len(suffix)].rsplit(",", 1)[0] + suffix
+
+
+@dataclass
+class _Shown:
+    """A finding the exporter exposes: its labels, its value, and until when it lingers once cleared."""
+
+    labels: tuple[str, str, str, str, str, str]
+    value: float
+    seen_active: float
+
+
+@dataclass
+class _RunSnapshot:
+    name: str
+    world_size: int
+    last_step: int
+    last_time: float
+    finished: bool
+    latest: StepStats | None
+    findings_total: dict[tuple[str, str], int]
+    active: list[Finding]
+    #: Recent findings (see ``_run_snapshot``), newest first.
+    log: list[Finding]
+    stalled_ranks: int
+    sender_dropped: int
+    detector_seconds: dict[str, float]
+    detector_errors: dict[str, int]
+
+
+@dataclass
+class _Snapshot:
+    runs: list[_RunSnapshot]
+    accepted: int
+    rejected: dict[str, int]
+    ingest_seconds: float
+    ingest_count: int
+    taken: float = field(default_factory=time.time)
+
+
+class GradflowCollector:
+    """Builds the ``gradflow_*`` metrics from an :class:`~gfservice.aggregator.Aggregator` at scrape time.
+
+    ``clock`` (seconds, like :func:`time.time`) drives the finding linger; tests pass their own.
+    A finding is one series labelled as it was first raised (its ``layers`` and ``ranks`` stay put while it
+    is active, so the alert it drives keeps its identity), with the severity it has now.
+    """
+
+    def __init__(self, aggregator: Aggregator, config: ExporterConfig | None = None,
+                 clock: Callable[[], float] = time.time, version: str | None = None):
+        self.aggregator = aggregator
+        self.config = config or ExporterConfig()
+        self.clock = clock
+        if version is None:
+            from gfservice import __version__ as version
+        self.version = version
+        self._lock = threading.Lock()
+        #: (run, detector, key, first_step) -> what is shown for that finding.
+        self._shown: dict[tuple[str, str, str, int], _Shown] = {}
+        #: Detector time and errors of runs the aggregator has forgotten, so the totals never go down.
+        self._retired_seconds: dict[str, float] = {}
+        self._retired_errors: dict[str, int] = {}
+        self._last_runs: dict[str, tuple[dict[str, float], dict[str, int]]] = {}
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to check at registration: the families depend on the runs at scrape time
+
+    # ---- snapshot (under the aggregator's lock, kept short) -------------------------------------
+    def _snapshot(self) -> _Snapshot:
+        agg = self.aggregator
+        with agg._lock:  # RLock: the public accessors below take it again
+            now = self.clock()
+            since = now - self.config.finding_linger_s
+            runs = [self._run_snapshot(agg.run_state(r["run"]), since) for r in agg.runs()]
+            return _Snapshot(
+                runs=runs,
+                accepted=agg.accepted,
+                rejected=dict(agg.rejected),
+                ingest_seconds=agg.ingest_seconds,
+                ingest_count=agg.ingest_count,
+                taken=now,
+            )
+
+    @staticmethod
+    def _run_snapshot(r: RunState, since: float) -> _RunSnapshot:
+        # The findings log, newest first, down to the older of: the findings raised before ``since`` (cleared
+        # before the linger window: the exporter's memory has the ones it still shows) and the first raise
+        # of every active finding. Cost per scrape: recent and active findings, not the whole history.
+        waiting = {(f.detector, f.key, f.first_step) for f in r.active.values()}
+        recent: list[Finding] = []
+        for f in reversed(r.log):
+            if not waiting and f.time < since:
+                break
+            waiting.discard((f.detector, f.key, f.first_step))
+            recent.append(f)
+        return _RunSnapshot(
+            name=r.name,
+            world_size=r.world_size,
+            last_step=r.last_step,
+            last_time=r.last_time,
+            finished=r.finished,
+            latest=r.history[-1] if r.history else None,
+            findings_total=dict(r.findings_total),
+            active=list(r.active.values()),
+            log=recent,
+            stalled_ranks=len(set(r.stalled_ranks) | set(r.history[-1].missing_ranks if r.history else ())),
+            sender_dropped=r.sender_dropped,
+            detector_seconds=dict(r.detector_seconds),
+            detector_errors=dict(r.detector_errors),
+        )
+
+    # ---- collect ----------------------------------------------------------------------------------
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield from self._run_metrics(snap)
+        yield from self._health_metrics(snap)
+
+    def _run_metrics(self, snap: _Snapshot) -> Iterator[Metric]:
+        g = {
+            name: GaugeMetricFamily(f"gradflow_{name}", doc, labels=["run"])
+            for name, doc in (
+                ("grad_norm", "Global L2 gradient norm of the last merged step."),
+                ("loss", "Loss of the last merged step."),
+                ("learning_rate", "Learning rate of the first parameter group at the last merged step."),
+                ("loss_scale", "GradScaler loss scale at the last merged step."),
+                ("last_step", "Last merged step."),
+                ("last_step_timestamp_seconds", "Unix time at which the service merged the last step."),
+                ("run_finished", "1 once the training job closed its monitors, else 0."),
+                ("run_world_size", "Ranks (processes) of the run."),
+                ("nonfinite_layers", "Layers with NaN/Inf gradient values in the last merged step."),
+                ("stalled_ranks", "Ranks missing from the last merged step (no report within the merge timeout)."),
+            )
+        }
+        depth = GaugeMetricFamily("gradflow_depth_grad_rms",
+                                  "RMS gradient of contiguous depth buckets, 00 = input side.",
+                                  labels=["run", "bucket"])
+        layer = GaugeMetricFamily("gradflow_layer_grad_norm",
+                                  "L2 gradient norm of a capped, evenly spaced set of layers and of the layers "
+                                  "named in active findings.", labels=["run", "layer"])
+        findings_total = CounterMetricFamily("gradflow_findings", "Findings raised.",
+                                             labels=["run", "detector", "severity"])
+        active = GaugeMetricFamily("gradflow_active_findings", "Findings active now.",
+                                   labels=["run", "detector", "severity"])
+        finding = GaugeMetricFamily(
+            "gradflow_finding",
+            "One series per active finding (and per finding cleared less than finding_linger_s ago); "
+            "the value is the step at which it was first raised.",
+            labels=["run", "detector", "severity", "key", "layers", "ranks"],
+        )
+        dropped = CounterMetricFamily("gradflow_reports_dropped",
+                                      "Reports the run's senders dropped before they reached the service.",
+                                      labels=["run"])
+        buckets = self.config.depth_buckets
+        width = max(2, len(str(buckets - 1)))
+        with self._lock:
+            shown_now = self._update_findings(snap)
+        for run in snap.runs:
+            name = run.name
+            st = run.latest
+            if st is not None:
+                grads = st.grads
+                g["grad_norm"].add_metric([name], st.global_norm)
+                for key, v in (("loss", st.loss), ("learning_rate", st.lr), ("loss_scale", st.loss_scale)):
+                    if v is not None:
+                        g[key].add_metric([name], v)
+                bad = (grads.nonfinite > 0) | ~np.isfinite(grads.sum_sq)
+                g["nonfinite_layers"].add_metric([name], float(np.count_nonzero(bad)))
+                for b, v in enumerate(depth_buckets(grads.sum_sq, grads.count, buckets)):
+                    if v is not None:
+                        depth.add_metric([name, f"{b:0{width}d}"], v)
+                index = {n: i for i, n in enumerate(grads.layers)} if run.active else {}
+                wanted = [index[n] for f in run.active for n in f.layers if n in index]
+                norms = grads.norm
+                for i in layer_selection(len(grads.layers), self.config.max_layer_series, wanted):
+                    layer.add_metric([name, grads.layers[i]], float(norms[i]))
+            if run.last_step >= 0:
+                g["last_step"].add_metric([name], run.last_step)
+                g["last_step_timestamp_seconds"].add_metric([name], run.last_time)
+            g["run_finished"].add_metric([name], 1.0 if run.finished else 0.0)
+            g["run_world_size"].add_metric([name], run.world_size)
+            g["stalled_ranks"].add_metric([name], run.stalled_ranks)
+            dropped.add_metric([name], run.sender_dropped)
+            counts: dict[tuple[str, str], int] = dict.fromkeys(run.findings_total, 0)
+            for f in run.active:
+                k = (f.detector, f.severity.value)
+                counts[k] = counts.get(k, 0) + 1
+            for (det, sev), n in sorted(run.findings_total.items()):
+                findings_total.add_metric([name, det, sev], n)
+            for (det, sev), n in sorted(counts.items()):
+                active.add_metric([name, det, sev], n)
+        for shown in shown_now:
+            finding.add_metric(list(shown.labels), shown.value)
+        yield from g.values()
+        yield from (depth, layer, findings_total, active, finding, dropped)
+
+    def _update_findings(self, snap: _Snapshot) -> list[_Shown]:
+        """Remember what is active now; return what to show: active findings and recently cleared ones."""
+        now = snap.taken
+        linger = self.config.finding_linger_s
+        for run in snap.runs:
+            active = {(f.detector, f.key): f for f in run.active}
+            first_raised = {(f.detector, f.key, f.first_step): f for f in run.log}
+            for f in run.active:  # labelled as first raised (the log entry), with the severity it has now
+                first = first_raised.get((f.detector, f.key, f.first_step), f)
+                self._show(run.name, first, f.severity.value, now)
+            for f in run.log:
+                cur = active.get((f.detector, f.key))
+                if cur is not None and cur.first_step == f.first_step:
+                    continue
+                ident = (run.name, f.detector, f.key, _first_step(f))
+                if ident not in self._shown:
+                    # Raised and cleared between two scrapes (or before the first): it was active at f.time.
+                    self._show(run.name, f, f.severity.value, min(f.time, now))
+        runs = {r.name for r in snap.runs}
+        for ident in [i for i, s in self._shown.items() if i[0] not in runs or now - s.seen_active > linger]:
+            del self._shown[ident]
+        return list(self._shown.values())
+
+    def _show(self, run: str, f: Finding, severity: str, seen_active: float) -> None:
+        first = _first_step(f)
+        labels = (run, f.detector, severity, f.key, _describe(f.layers), format_ranks(f.ranks))
+        self._shown[(run, f.detector, f.key, first)] = _Shown(labels, float(first), seen_active)
+
+    def _health_metrics(self, snap: _Snapshot) -> Iterator[Metric]:
+        accepted = CounterMetricFamily("gradflow_messages_accepted", "Messages the aggregator took.")
+        accepted.add_metric([], snap.accepted)
+        rejected = CounterMetricFamily("gradflow_messages_rejected", "Messages the aggregator refused, by reason.",
+                                       labels=["reason"])
+        for reason in sorted({*KNOWN_REJECTIONS, *snap.rejected}):
+            rejected.add_metric([reason], snap.rejected.get(reason, 0))
+        latency = SummaryMetricFamily("gradflow_ingest_latency_seconds", "Time the aggregator spent on a message.",
+                                      count_value=snap.ingest_count, sum_value=snap.ingest_seconds)
+        seconds, errors = self._detector_totals(snap)
+        det_s = CounterMetricFamily("gradflow_detector_seconds", "Time spent in each detector, all runs.",
+                                    labels=["detector"])
+        det_e = CounterMetricFamily("gradflow_detector_errors", "Exceptions raised by each detector, all runs.",
+                                    labels=["detector"])
+        for det in sorted(set(seconds) | set(errors)):
+            det_s.add_metric([det], seconds.get(det, 0.0))
+            det_e.add_metric([det], errors.get(det, 0))
+        runs = GaugeMetricFamily("gradflow_runs", "Runs the service tracks.")
+        runs.add_metric([], len(snap.runs))
+        build = GaugeMetricFamily("gradflow_build_info", "gfservice version (always 1).", labels=["version"])
+        build.add_metric([self.version], 1)
+        yield from (accepted, rejected, latency, det_s, det_e, runs, build)
+
+    def _detector_totals(self, snap: _Snapshot) -> tuple[dict[str, float], dict[str, int]]:
+        with self._lock:
+            current = {r.name: (r.detector_seconds, r.detector_errors) for r in snap.runs}
+            for name, (sec, err) in self._last_runs.items():
+                if name not in current:  # forgotten run: keep what it counted
+                    for d, v in sec.items():
+                        self._retired_seconds[d] = self._retired_seconds.get(d, 0.0) + v
+                    for d, v in err.items():
+                        self._retired_errors[d] = self._retired_errors.get(d, 0) + v
+            self._last_runs = current
+            seconds = dict(self._retired_seconds)
+            errors = dict(self._retired_errors)
+        for sec, err in current.values():
+            for d, v in sec.items():
+                seconds[d] = seconds.get(d, 0.0) + v
+            for d, v in err.items():
+                errors[d] = errors.get(d, 0) + v
+        return seconds, errors
+
+
+def _first_step(f: Finding) -> int:
+    return f.first_step if f.first_step is not None else f.step
+
+
+def _describe(layers: Sequence[str]) -> str:
+    if not layers:
+        return ""
+    text = describe_layers(layers)
+    return text if len(text) <= LABEL_LIMIT else text[: LABEL_LIMIT - 3] + "..."
+
+
+def serve_metrics(aggregator: Aggregator, config: ExporterConfig | None = None,
+                  **collector_options: Any) -> tuple[Any, threading.Thread, int]:
+    """Serve ``/metrics`` for ``aggregator`` on its own registry; returns ``(server, thread, port)``.
+
+    Bound to 127.0.0.1 unless ``config.address`` says otherwise; HTTPS when ``config.certfile`` is set.
+    Stop it with ``server.shutdown(); server.server_close()``.
+
+    >>> import urllib.request
+    >>> server, thread, port = serve_metrics(Aggregator())
+    >>> body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    >>> "gradflow_build_info" in body
+    True
+    >>> server.shutdown(); server.server_close()
+    """
+    config = config or ExporterConfig()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GradflowCollector(aggregator, config, **collector_options))
+    tls: dict[str, Any] = {}
+    if config.certfile:
+        tls = {"certfile": config.certfile, "keyfile": config.keyfile}
+        if config.client_cafile:
+            tls.update(client_cafile=config.client_cafile, client_auth_required=True)
+    server, thread = start_http_server(config.port, addr=config.address, registry=registry, **tls)
+    return server, thread, int(server.server_port)

@@ -1,0 +1,129 @@
+"""The alert definitions: committed files match the code, the real promtool and amtool accept them, the
+unit tests pin when each alert fires and resolves, and the Grafana rules say what the Prometheus rules say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from gfservice import alerts
+from tests.promtools import amtool_bin, promtool_bin, run_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+PROM_RULES = ROOT / alerts.PROMETHEUS_RULES
+GRAFANA_RULES = ROOT / alerts.GRAFANA_RULES
+
+
+def test_committed_rule_files_match_the_code():
+    stale = alerts.drifted(ROOT)
+    assert not stale, (f"{', '.join(map(str, stale))} drifted from gfservice/alerts.py: "
+                       "run python -m gfservice.alerts render")
+
+
+def test_render_all_writes_both_files(tmp_path):
+    written = alerts.render_all(tmp_path, runbook_base="https://runbooks.example/")
+    assert sorted(p.relative_to(tmp_path) for p in written) == sorted([alerts.PROMETHEUS_RULES, alerts.GRAFANA_RULES])
+    assert "https://runbooks.example/GradflowServiceDown.md" in (tmp_path / alerts.PROMETHEUS_RULES).read_text()
+    args = ["render", "--root", str(tmp_path), "--check"]
+    assert alerts.main([*args, "--runbook-base", "https://runbooks.example/"]) == 0
+    assert alerts.main(args) == 1
+
+
+def test_promtool_checks_the_rules():
+    res = run_tool([promtool_bin(), "check", "rules", str(PROM_RULES)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"SUCCESS: {len(alerts.ALERTS)} rules found" in res.stdout
+
+
+def test_promtool_unit_tests_pin_firing_and_resolution():
+    res = run_tool([promtool_bin(), "test", "rules", str(ROOT / "deploy/prometheus/tests/gfservice.test.yml")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    # Every alert is exercised, and each one both fires and resolves in the tests.
+    tests = yaml.safe_load((ROOT / "deploy/prometheus/tests/gfservice.test.yml").read_text())["tests"]
+    checks = [c for t in tests for c in t["alert_rule_test"]]
+    for a in alerts.ALERTS:
+        mine = [c for c in checks if c["alertname"] == a.name]
+        assert any(c["exp_alerts"] for c in mine), f"no test sees {a.name} firing"
+        assert any(not c["exp_alerts"] for c in mine), f"no test sees {a.name} quiet"
+
+
+def test_promtool_checks_the_prometheus_config():
+    res = run_tool([promtool_bin(), "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    cfg = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "gfservice"]
+    from gfservice.discovery import DEFAULT_SD_FILE
+
+    assert job["file_sd_configs"][0]["files"] == [DEFAULT_SD_FILE]
+    assert cfg["rule_files"] == ["rules/gfservice.rules.yml"]
+
+
+def test_amtool_checks_the_alertmanager_config():
+    path = ROOT / "deploy/alertmanager/alertmanager.yml"
+    res = run_tool([amtool_bin(), "check-config", str(path)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["route"]["group_by"] == ["alertname", "run"]
+    # Routing: critical pages, warning tickets.
+    for labels, receiver in (({"severity": "critical"}, "page"), ({"severity": "warning"}, "ticket")):
+        args = [f"{k}={v}" for k, v in {"alertname": "GradflowNonFiniteGradients", "run": "r", **labels}.items()]
+        res = run_tool([amtool_bin(), "config", "routes", "test", f"--config.file={path}", *args])
+        assert res.returncode == 0 and res.stdout.strip() == receiver, res.stdout + res.stderr
+    (inhibit,) = cfg["inhibit_rules"]
+    assert inhibit["source_matchers"] == ['alertname="GradflowServiceDown"']
+
+
+def test_grafana_rules_say_what_the_prometheus_rules_say():
+    prom = yaml.safe_load(PROM_RULES.read_text())["groups"][0]["rules"]
+    graf = yaml.safe_load(GRAFANA_RULES.read_text())
+    assert graf["apiVersion"] == 1
+    (group,) = graf["groups"]
+    assert {"orgId", "name", "folder", "interval", "rules"} <= set(group)
+    rules = {r["title"]: r for r in group["rules"]}
+    assert list(rules) == [r["alert"] for r in prom] == [a.name for a in alerts.ALERTS]
+    uids = [r["uid"] for r in group["rules"]]
+    assert len(set(uids)) == len(uids) and all(len(u) <= 40 for u in uids)
+    for p in prom:
+        g = rules[p["alert"]]
+        assert {"uid", "title", "condition", "data", "for", "labels", "annotations", "noDataState",
+                "execErrState"} <= set(g)
+        assert g["labels"] == p["labels"] and p["labels"]["severity"] in ("critical", "warning")
+        assert g["for"] == p["for"]
+        assert g["annotations"] == {k: alerts.grafana_template(v) for k, v in p["annotations"].items()}
+        assert p["annotations"]["runbook_url"].endswith(f"docs/runbooks/{p['alert']}.md")
+        refs = {d["refId"]: d for d in g["data"]}
+        assert refs["A"]["model"]["expr"] == p["expr"]
+        assert refs["A"]["datasourceUid"] == alerts.DATASOURCE_UID
+        assert g["condition"] in refs and refs["B"]["model"]["type"] == "reduce"
+        assert all(refs[r]["datasourceUid"] == "__expr__" for r in ("B", "C"))
+
+
+def test_grafana_rules_use_grafana_s_field_names():
+    """Field names and expression models as Grafana's own schema (grafana-foundation-sdk) has them."""
+    from grafana_foundation_sdk.models import alerting, expr
+
+    rule_keys = set(alerting.Rule(annotations={}, labels={}, is_paused=False, uid="x").to_json())
+    query_keys = set(alerting.Query(datasource_uid="x", model={}, query_type="", ref_id="A",
+                                    relative_time_range=alerting.RelativeTimeRange()).to_json())
+    for rule in yaml.safe_load(GRAFANA_RULES.read_text())["groups"][0]["rules"]:
+        assert set(rule) <= rule_keys, set(rule) - rule_keys
+        for q in rule["data"]:
+            assert set(q) <= query_keys, set(q) - query_keys
+        refs = {q["refId"]: q["model"] for q in rule["data"]}
+        reduce, math = expr.TypeReduce.from_json(refs["B"]), expr.TypeMath.from_json(refs["C"])
+        assert (reduce.type_val, reduce.expression, reduce.reducer, reduce.ref_id) == ("reduce", "A", "last", "B")
+        assert (math.type_val, math.ref_id) == (refs["C"]["type"], "C") and "$B" in math.expression
+
+
+def test_every_alert_has_a_runbook_and_names_its_subject():
+    for a in alerts.ALERTS:
+        book = ROOT / "docs/runbooks" / f"{a.name}.md"
+        assert book.exists(), f"missing runbook {book}"
+        text = book.read_text()
+        for section in ("## What it means", "## First checks", "## Likely causes", "## Fixes", "## Silence it"):
+            assert section in text, f"{book.name} lacks {section!r}"
+        if a.name != "GradflowServiceDown":
+            assert "$labels.run" in a.summary
+        if "finding" in a.expr and a.name != "GradflowStalledRank":
+            assert "$labels.layers" in a.summary
