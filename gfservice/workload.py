@@ -44,7 +44,10 @@ class WorkloadConfig(BaseModel):
     deep_every: int = 25
     #: Seconds to sleep per step (to make a run last, e.g. to restart the service under it).
     step_delay_s: float = 0.0
-    #: Configuration handed to ``gfservice.monitor`` (service name, detectors ...).
+    #: Skip the optimizer step when the gradients are not finite (what a GradScaler does): a NaN fault
+    #: then stays one bad step instead of corrupting the weights for good.
+    skip_nonfinite: bool = False
+    #: Service handed to ``gfservice.monitor``: "auto", a name, or None for the in-process aggregator.
     service: str | None = "auto"
 
     def fault_kind(self) -> tuple[str, int]:
@@ -142,7 +145,8 @@ def train(config: dict[str, Any] | WorkloadConfig) -> dict[str, Any]:
                 g["lr"] = cfg.lr * 1000
         loss = torch.nn.functional.cross_entropy(model(xb), yb)
         loss.backward()
-        opt.step()
+        if not cfg.skip_nonfinite or torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)):
+            opt.step()
         monitor.step(loss=loss)
         opt.zero_grad()
         losses.append(float(loss.detach()))
