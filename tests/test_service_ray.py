@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from gfservice.stats import GradStats
 from gfservice.workload import WorkloadConfig, batch, build_model, dataset, fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_grads(cfg: WorkloadConfig, step: int, world: int) -> GradStats:
@@ -61,6 +63,60 @@ def test_fsdp2_merged_norms_equal_unsharded_reference(service: Client, tmp_path)
     assert rel.max() < 1e-5, rel
     np.testing.assert_allclose(first.grads.max_abs, ref.max_abs, rtol=1e-5)
     np.testing.assert_array_equal(first.grads.exp_hist.sum(axis=1), ref.count)
+
+
+def _alerts(payload: dict, status: str, run: str) -> list[dict]:
+    return [a for a in payload.get("alerts", []) if a["status"] == status
+            and a["labels"].get("alertname") == "GradflowNonFiniteGradients" and a["labels"].get("run") == run]
+
+
+def test_ray_run_pages_through_prometheus_and_every_panel_has_data(service: Client, service_settings, tmp_path):
+    """The real service scraped by the real Prometheus (found through the file the service writes) during a
+    real Ray Train run with a NaN injected into rank 1's batch: Alertmanager's webhook gets the page naming the
+    run, layers and rank, then the resolution; afterwards every dashboard panel's query returns data."""
+    from gfservice import alerts
+    from gfservice.dashboards_check import expected_empty, panel_queries
+    from tests.promtools import WebhookReceiver, http_get, query, start_alertmanager, start_prometheus, wait_until
+
+    run, fault_step = "t-e2e", 25
+    sd_file = service_settings.service.sd_file
+    with WebhookReceiver() as hook, start_alertmanager(tmp_path / "am", hook.url) as am, \
+            start_prometheus(tmp_path / "prom", sd_file=sd_file, rule_files=[ROOT / alerts.PROMETHEUS_RULES],
+                             alertmanager_url=am.url) as prom:
+        wait_until(lambda: query(prom.url, 'up{job="gfservice"} == 1'), 30, what="Prometheus to scrape the service")
+        wait_until(lambda: b'"activeAlertmanagers":[{' in http_get(prom.url + "/api/v1/alertmanagers"), 30,
+                   what="Prometheus to find the Alertmanager")
+        cfg = WorkloadConfig(run=run, steps=70, depth=3, width=32, fault=f"nan@{fault_step}", skip_nonfinite=True,
+                             step_delay_s=0.15, deep_every=10)
+        trainer = threading.Thread(target=fit, args=(cfg, 2, tmp_path / "ray"), daemon=True)
+        trainer.start()
+        firing = hook.wait_for(lambda p: bool(_alerts(p, "firing", run)), timeout=120)
+        (alert,) = _alerts(firing.payload, "firing", run)
+        assert alert["labels"]["severity"] == "critical"
+        assert alert["labels"]["ranks"] == "1", alert["labels"]
+        assert alert["labels"]["layers"] == "layers 0.weight to 4.bias (6 layers)"
+        assert alert["annotations"]["runbook_url"].endswith("GradflowNonFiniteGradients.md")
+        assert f"first at step {fault_step}" in alert["annotations"]["description"]
+        faulty = next(s for s in service.history(run) if s.step == fault_step)
+        latency = firing.received - faulty.time
+        # While the alert fires: every panel of every dashboard has data (template variables filled in).
+        allowed_empty = {"Loss scale", "Stale runs"}  # no GradScaler in this run; no run is stale
+        for board in ("run-health", "fleet", "service"):
+            path = ROOT / "dashboards" / f"{board}.json"
+            may_be_empty = set(expected_empty(path))
+            has_data: dict[str, bool] = {}
+            for title, expr in panel_queries(path, {"run": run, "__rate_interval": "1m"}, annotations=True):
+                # as Grafana draws it: data now (instant panels) or within the panel's time range (graphs)
+                has_data[title] = (has_data.get(title, False) or bool(query(prom.url, expr))
+                                   or bool(query(prom.url, f"count_over_time(({expr})[5m:1s])")))
+            empty = {t for t, ok in has_data.items() if not ok}
+            assert empty <= (allowed_empty & may_be_empty), f"{board}: panels without data: {sorted(empty)}"
+        resolved = hook.wait_for(lambda p: bool(_alerts(p, "resolved", run)), timeout=60)
+        trainer.join(120)
+        print(f"\nRay run: fault-to-webhook {latency:.2f} s, resolved {resolved.received - firing.received:.1f} s "
+              "after firing")
+        assert latency < 10, f"fault to webhook took {latency:.1f} s (target under 5 s)"
+
 
 
 def test_service_killed_mid_run_loses_and_repeats_no_findings(service: Client, tmp_path):
