@@ -5,15 +5,33 @@ Quick start::
     monitor = gfservice.monitor(model, optimizer, run="exp-42")
     ...   # loss.backward(); optimizer.step()
     monitor.step(loss=loss)
+
+torch is imported only when ``monitor``, ``Monitor`` or ``grad_stats`` is first used, so the command line
+and the service start fast.
 """
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats
 from gfservice.client import connect
-from gfservice.collect import grad_stats
-from gfservice.monitor import Monitor, monitor
 from gfservice.stats import GradStats
+
+if TYPE_CHECKING:
+    from gfservice.collect import grad_stats
+    from gfservice.monitor import Monitor, monitor
+
+_LAZY = {"grad_stats": "gfservice.collect", "monitor": "gfservice.monitor", "Monitor": "gfservice.monitor"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gfservice' has no attribute {name!r}")
+
 
 __all__ = [
     "Detector",

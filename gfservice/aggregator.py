@@ -326,10 +326,11 @@ class Aggregator:
         new: list[Finding] = []
         for ident, f in raised.items():
             prev = run.active.get(ident)
-            if prev is not None:
-                f.first_step = prev.first_step
-                f.last_step = stats.step
-                run.active[ident] = f
+            if prev is not None:  # still active: the finding as first raised, seen again at this step
+                prev.last_step = stats.step
+                prev.value = f.value
+                if Severity(f.severity).rank > Severity(prev.severity).rank:
+                    prev.severity = f.severity
                 continue
             f.first_step = f.last_step = stats.step
             run.active[ident] = f

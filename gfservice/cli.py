@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 
 from gfservice import __version__
@@ -23,7 +24,8 @@ def _detectors(args: argparse.Namespace) -> int:
         print(f"{row['name']}  ({row['module']})")
         print(f"    {row['summary']}")
         for field, (default, annotation) in row["fields"].items():
-            type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            plain = typing.get_origin(annotation) is None and hasattr(annotation, "__name__")
+            type_name = annotation.__name__ if plain else str(annotation).replace("typing.", "")
             print(f"    {field:<24} {type_name:<16} default {default!r}")
         print()
     return 0
@@ -67,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except Exception as exc:  # a clear message, not a traceback, for expected failures
         from gfservice.registry import ConfigError
 

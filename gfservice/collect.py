@@ -236,17 +236,22 @@ class GradCollector:
                     stats.nonfinite[i] = int((~torch.isfinite(_local(g))).sum())
 
 
+def _acc(tensors: list[torch.Tensor]) -> torch.dtype:
+    """Accumulation dtype of the norms: float32, or float64 when a tensor is float64 (no narrowing)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _core(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Per-layer L2 norm and max |g|, float64, shape (2, n)."""
     if not grads:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=_acc(grads))).double()
     if device.type == "cpu":
         # On CPU one aminmax pass per tensor is several times faster than _foreach_norm(inf)
         # or _foreach_max(_foreach_abs(...)) (benchmarks/overhead.py measures the choices).
-        maxes = torch.stack([torch.stack(torch.aminmax(g)).abs().max().float() for g in grads])
+        maxes = torch.stack([torch.stack(torch.aminmax(g)).abs().max().double() for g in grads])
     else:
-        maxes = torch.stack(torch._foreach_norm(grads, float("inf"))).float()
+        maxes = torch.stack(torch._foreach_norm(grads, float("inf"))).double()
     return torch.stack([norms, maxes]).double()
 
 
@@ -254,7 +259,7 @@ def _deep(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Per-layer sum |g|, non-zero count and exponent histogram, float64, packed."""
     if not grads:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    sum_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float32)).double()
+    sum_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=_acc(grads))).double()
     nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).double()
     hists = torch.stack([_exp_hist(g) for g in grads]).double()
     return torch.cat([sum_abs, nonzero, hists.reshape(-1)])
@@ -271,8 +276,8 @@ def _exp_hist(g: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_norms(weights: list[torch.Tensor], before: list[torch.Tensor], device) -> torch.Tensor:
-    w = torch.stack(torch._foreach_norm(weights, 2, dtype=torch.float32)).double()
-    u = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, before), 2, dtype=torch.float32)).double()
+    w = torch.stack(torch._foreach_norm(weights, 2, dtype=_acc(weights))).double()
+    u = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, before), 2, dtype=_acc(weights))).double()
     return torch.cat([w.to(device), u.to(device)])
 
 

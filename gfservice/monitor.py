@@ -285,7 +285,8 @@ def monitor(
         transport = connect_service(service, run=run)
     if transport is None:
         settings = load_settings(config) if config else load_settings(data={})
-        det = {**settings.detectors, **(detectors or {})}
+        det = {name: {**settings.detectors.get(name, {}), **(fields or {})}
+               for name, fields in {**settings.detectors, **(detectors or {})}.items()}
         agg = Aggregator(AggregatorConfig.model_validate(settings.aggregator.model_dump()), det)
         transport = InProcessTransport(agg)
         rank, world = 0, 1  # an in-process aggregator sees only this process

@@ -126,7 +126,9 @@ class GradStats:
         if fmt not in FORMAT_LIMITS:
             raise ValueError(f"unknown format {fmt!r}; choose one of {sorted(FORMAT_LIMITS)}")
         limit = FORMAT_LIMITS[fmt][1 if subnormal else 0]
-        below = self.exp_hist[:, : limit + FP32_BIAS].sum(axis=1) - self.zeros
+        # fp32 subnormals all sit in bin 0, so limits below 2**-126 (bf16 subnormals) count that whole bin:
+        # an upper bound there.
+        below = self.exp_hist[:, : max(limit + FP32_BIAS, 1)].sum(axis=1) - self.zeros
         finite_nonzero = self.exp_hist[:, :255].sum(axis=1) - self.zeros
         return _safe_div(below, finite_nonzero)
 

@@ -56,10 +56,27 @@ def make_step(
 
 
 def replay(detector: Detector, steps: Iterable[StepStats]) -> list[Finding]:
-    """Feed ``steps`` to ``detector`` in order and return every finding it produced."""
+    """Feed ``steps`` to ``detector`` in order and return every finding it produced.
+
+    A step the detector does not judge (``update`` returns ``None``) adds nothing, as in the aggregator.
+    """
     out: list[Finding] = []
     for s in steps:
-        out.extend(detector.update(s))
+        out.extend(detector.update(s) or ())
+    return out
+
+
+def _checked_replay(detector: Detector, steps: Sequence[StepStats]) -> list[Finding]:
+    out: list[Finding] = []
+    name = type(detector).name
+    for s in steps:
+        found = detector.update(s)
+        assert found is None or isinstance(found, list), (
+            f"{name}: update returned {type(found).__name__}; return a list of findings (None: step not judged)"
+        )
+        for f in found or ():
+            assert isinstance(f, Finding) and f.detector == name and f.run == s.run, f"{name}: bad finding {f!r}"
+        out.extend(found or ())
     return out
 
 
@@ -77,12 +94,10 @@ def check_detector(cls: type[Detector], steps: Sequence[StepStats]) -> None:
     cls.Config()  # every field needs a default
     half = len(steps) // 2
     original = cls()
-    first = replay(original, steps[:half])
-    for f in first:
-        assert isinstance(f, Finding) and f.detector == cls.name, f"{cls.name}: bad finding {f!r}"
+    _checked_replay(original, steps[:half])
     state = pickle.loads(pickle.dumps(original.state_dict()))
     resumed = cls()
     resumed.load_state_dict(state)
-    rest_a = [f.model_dump(exclude={"time"}) for f in replay(original, steps[half:])]
-    rest_b = [f.model_dump(exclude={"time"}) for f in replay(resumed, steps[half:])]
+    rest_a = [f.model_dump(exclude={"time"}) for f in _checked_replay(original, steps[half:])]
+    rest_b = [f.model_dump(exclude={"time"}) for f in _checked_replay(resumed, steps[half:])]
     assert rest_a == rest_b, f"{cls.name}: a detector restored from state_dict() behaves differently"
