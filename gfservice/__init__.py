@@ -20,9 +20,9 @@ from gfservice.stats import GradStats
 
 if TYPE_CHECKING:
     from gfservice.collect import grad_stats
-    from gfservice.monitor import Monitor, monitor
+    from gfservice.monitoring import Monitor, monitor
 
-_LAZY = {"grad_stats": "gfservice.collect", "monitor": "gfservice.monitor", "Monitor": "gfservice.monitor"}
+_LAZY = {"grad_stats": "gfservice.collect", "monitor": "gfservice.monitoring", "Monitor": "gfservice.monitoring"}
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,7 @@ from gfservice import alerts
 from gfservice.aggregator import Aggregator
 from gfservice.discovery import write_sd_file
 from gfservice.exporter import ExporterConfig, serve_metrics
-from gfservice.monitor import Monitor
+from gfservice.monitoring import Monitor
 from gfservice.transport import InProcessTransport
 from tests.promtools import WebhookReceiver, http_get, query, start_alertmanager, start_prometheus, wait_until
 

@@ -23,7 +23,7 @@ import gfservice
 from gfservice.aggregator import Aggregator
 from gfservice.api import Detector, describe_layers
 from gfservice.exporter import ExporterConfig, GradflowCollector, serve_metrics
-from gfservice.monitor import Monitor
+from gfservice.monitoring import Monitor
 from gfservice.transport import InProcessTransport
 from gfservice.wire import Layout, StepReport
 from tests.promtools import promtool_bin, run_tool
