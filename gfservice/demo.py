@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         trainer_thread.join(1.0)
         last_line = _progress(client, run_name, args.steps, seen, last_line)
     _progress(client, run_name, args.steps, seen, last_line)
+    row = next((r for r in client.runs() if r["run"] == run_name), None)
+    if row is not None:
+        print(f"\n  trained {args.steps} steps; last merged step {row['last_step']}, "
+              f"{'finished' if row['finished'] else 'not finished'}, {row['sender_dropped']} reports dropped")
     if "error" in result:
         print(f"\ntraining failed: {result['error']}", file=sys.stderr)
         return 1
