@@ -51,8 +51,9 @@ class AggregatorConfig(BaseModel):
     max_runs: int = Field(1000, ge=1)
     #: A step waits this long for its missing ranks before it is merged without them.
     merge_timeout_s: float = Field(30.0, gt=0)
-    #: A step is merged without its missing ranks once this many newer steps are waiting.
-    max_pending_steps: int = Field(16, ge=1)
+    #: Hard cap on steps waiting for ranks: beyond it the oldest is merged without its missing ranks.
+    #: (A step is merged as soon as every missing rank has reported a later step: their report is lost.)
+    max_pending_steps: int = Field(256, ge=1)
     #: A run with no new step for this long is taken as over (its job died without closing its monitor),
     #: which ends its "training stalled" alert.
     idle_finish_s: float = Field(6 * 3600.0, gt=0)
@@ -104,6 +105,8 @@ class RunState:
     #: Set when the training job closed its monitors: the run is over, not stalled.
     finished: bool = False
     ended: set[int] = field(default_factory=set)
+    #: The newest step each rank has reported.
+    rank_last_step: dict[int, int] = field(default_factory=dict)
     #: Ranks that stopped reporting (see the ``stalled_rank`` finding).
     stalled_ranks: tuple[int, ...] = ()
 
@@ -243,6 +246,7 @@ class Aggregator:
         if rep.rank in slot:
             raise Rejected("duplicate", f"rank {rep.rank} already reported step {rep.step}")
         slot[rep.rank] = rep
+        run.rank_last_step[rep.rank] = max(run.rank_last_step.get(rep.rank, -1), rep.step)
         run.pending_since.setdefault(rep.step, time.time())
         return self._merge_ready(run)
 
@@ -252,10 +256,13 @@ class Aggregator:
         now = time.time()
         while run.pending:
             step = min(run.pending)
-            complete = len(run.pending[step]) >= run.world_size
+            got = run.pending[step]
+            complete = len(got) >= run.world_size
+            # each rank's reports arrive in order, so a rank already past this step will not send it any more
+            overtaken = all(run.rank_last_step.get(r, -1) > step for r in range(run.world_size) if r not in got)
             overdue = now - run.pending_since[step] > self.config.merge_timeout_s
             crowded = len(run.pending) > self.config.max_pending_steps
-            if not (complete or overdue or crowded or force):
+            if not (complete or overtaken or overdue or crowded or force):
                 break
             reports = run.pending.pop(step)
             run.pending_since.pop(step, None)

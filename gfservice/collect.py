@@ -236,6 +236,10 @@ class GradCollector:
                     stats.nonfinite[i] = int((~torch.isfinite(_local(g))).sum())
 
 
+#: Tensors up to this many elements take the fused max path on CPU.
+_SMALL = 1 << 16
+
+
 def _acc(tensors: list[torch.Tensor]) -> torch.dtype:
     """Accumulation dtype of the norms: float32, or float64 when a tensor is float64 (no narrowing)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -247,9 +251,17 @@ def _core(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.float64, device=device)
     norms = torch.stack(torch._foreach_norm(grads, 2, dtype=_acc(grads))).double()
     if device.type == "cpu":
-        # On CPU one aminmax pass per tensor is several times faster than _foreach_norm(inf)
-        # or _foreach_max(_foreach_abs(...)) (benchmarks/overhead.py measures the choices).
-        maxes = torch.stack([torch.stack(torch.aminmax(g)).abs().max().double() for g in grads])
+        # On CPU one aminmax pass per large tensor is several times faster than _foreach_norm(inf) or
+        # _foreach_max(_foreach_abs(...)); for small tensors the fused call wins on per-call overhead
+        # (benchmarks/overhead.py and transport.py measure both).
+        maxes = torch.empty(len(grads), dtype=torch.float64, device=device)
+        small = [i for i, g in enumerate(grads) if g.numel() <= _SMALL]
+        large = [i for i, g in enumerate(grads) if g.numel() > _SMALL]
+        if small:
+            sm = torch._foreach_max(torch._foreach_abs([grads[i] for i in small]))
+            maxes[small] = torch.stack(sm).double()
+        if large:
+            maxes[large] = torch.stack([torch.stack(torch.aminmax(grads[i])).abs().max().double() for i in large])
     else:
         maxes = torch.stack(torch._foreach_norm(grads, float("inf"))).double()
     return torch.stack([norms, maxes]).double()
@@ -282,6 +294,11 @@ def _weight_norms(weights: list[torch.Tensor], before: list[torch.Tensor], devic
 
 
 def _extras(values: Sequence[torch.Tensor | float | None], device) -> torch.Tensor:
+    """Loss, scale ... as one float64 vector on ``device``; ``None`` becomes NaN. Host values cost no kernel."""
+    if device.type == "cpu" or not any(isinstance(v, torch.Tensor) for v in values):
+        plain = [float("nan") if v is None else float(_local(v.detach()).reshape(-1)[0]) if isinstance(v, torch.Tensor)
+                 else float(v) for v in values]
+        return torch.tensor(plain, dtype=torch.float64, device=device)
     items = []
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -289,7 +306,7 @@ def _extras(values: Sequence[torch.Tensor | float | None], device) -> torch.Tens
         else:
             items.append(torch.tensor([float("nan") if v is None else float(v)], dtype=torch.float64,
                                       device=device))
-    return torch.cat(items) if items else torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.cat(items)
 
 
 def _to_host(packed: torch.Tensor):

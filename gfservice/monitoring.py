@@ -188,7 +188,9 @@ class Monitor:
         g = got.grads
         layers = self.reports_layers
         empty_f, empty_i = np.zeros(0), np.zeros(0, np.int64)
-        return StepReport(
+        # Built without validation: these values come from our own collection; whoever receives the report
+        # (the service, or the aggregator in this process) validates it at its boundary.
+        return StepReport.model_construct(
             run=self.run,
             rank=self.rank,
             step=step,

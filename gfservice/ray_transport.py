@@ -25,13 +25,14 @@ _RESEND_LAYOUT = {"unknown_run", "unknown_rank"}
 class RaySender:
     """A :class:`~gfservice.transport.Transport` to the service actor ``handle``."""
 
-    def __init__(self, handle, run: str, queue_size: int = 256, max_in_flight: int = 4, batch_max: int = 32,
-                 query_timeout_s: float = 10.0):
+    def __init__(self, handle, run: str, queue_size: int = 256, max_in_flight: int = 1, batch_max: int = 32,
+                 linger_s: float = 0.2, query_timeout_s: float = 10.0):
         self.handle = handle
         self.run = run
         self.queue_size = queue_size
         self.max_in_flight = max_in_flight
         self.batch_max = batch_max
+        self.linger_s = linger_s
         self.query_timeout_s = query_timeout_s
         self.dropped = 0  # all drops so far
         self.sent = 0
@@ -57,7 +58,10 @@ class RaySender:
                 self.dropped += 1
                 self._unreported_drops += 1
             self._queue.append(item)
-            self._cond.notify()
+            # Waking the sender costs the training thread more than the append: do it only when a batch is
+            # full or the message must not wait; otherwise the sender picks it up within linger_s.
+            if len(self._queue) >= self.batch_max or not isinstance(message, StepReport):
+                self._cond.notify()
 
     # ---- the sender thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -65,10 +69,8 @@ class RaySender:
 
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait(0.5)
-                    if self._in_flight:
-                        break
+                if len(self._queue) < self.batch_max and not self._closing:
+                    self._cond.wait(self.linger_s)
                 if self._closing and not self._queue:
                     break
             self._harvest(ray, block=len(self._in_flight) >= self.max_in_flight)
@@ -119,9 +121,15 @@ class RaySender:
         if stop:
             self._stop_reason = stop
         resend = False
+        lost = 0
         for _i, reason in answer.get("rejected", []):
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
             resend |= reason in _RESEND_LAYOUT
+            lost += 1
+        if lost:  # a rejected report is a lost one: count it with the drops the service reports
+            with self._cond:
+                self.dropped += lost
+                self._unreported_drops += lost
         if resend:
             with self._cond:
                 for lay in self._layouts:
