@@ -136,6 +136,7 @@ class GradCollector:
         self.params: list[torch.nn.Parameter] = [p for _, p in selected]
         self.numel: list[int] = [int(p.numel()) for p in self.params]
         self.sharded: list[bool] = [is_sharded(p) for p in self.params]
+        self._any_dtensor = DTensor is not None and any(isinstance(p, DTensor) for p in self.params)
         self._before: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -158,14 +159,17 @@ class GradCollector:
         with torch.no_grad():
             grads, have = [], []
             counts = np.zeros(len(self.params), np.int64)
+            local = _local if self._any_dtensor else None
             for i, p in enumerate(self.params if layers else ()):
-                g = p.grad
+                g = p.grad  # no detach needed: nothing below records autograd history (no_grad)
                 if g is not None:
-                    g = _local(g.detach())
-                    if g.numel():
+                    if local is not None:
+                        g = local(g)
+                    n = g.numel()
+                    if n:
                         grads.append(g)
                         have.append(i)
-                        counts[i] = g.numel()
+                        counts[i] = n
             device = grads[0].device if grads else self.params[0].device
             pieces = [_core(grads, device)]
             weights = before = None
@@ -261,7 +265,8 @@ def _core(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
             sm = torch._foreach_max(torch._foreach_abs([grads[i] for i in small]))
             maxes[small] = torch.stack(sm).double()
         if large:
-            maxes[large] = torch.stack([torch.stack(torch.aminmax(grads[i])).abs().max().double() for i in large])
+            lo, hi = zip(*(torch.aminmax(grads[i]) for i in large), strict=True)
+            maxes[large] = torch.maximum(torch.stack(hi), torch.stack(lo).neg()).double()
     else:
         maxes = torch.stack(torch._foreach_norm(grads, float("inf"))).double()
     return torch.stack([norms, maxes]).double()
@@ -279,9 +284,11 @@ def _deep(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 def _exp_hist(g: torch.Tensor) -> torch.Tensor:
     """Histogram of the biased fp32 exponent of |g| (widening to fp32 is exact for fp16/bf16/fp8)."""
-    e = ((g.float().reshape(-1).view(torch.int32) >> 23) & 0xFF).long()
+    # |g| clears the sign bit, so the shifted int32 is the biased exponent 0..255 with no mask and no int64 copy.
+    e = g.float().reshape(-1).abs().view(torch.int32) >> 23
     if g.device.type == "cpu":
         return torch.bincount(e, minlength=EXP_BINS)
+    e = e.long()
     # bincount sizes its output from the data (a host sync on CUDA); a fixed-size index_add does not.
     out = torch.zeros(EXP_BINS, dtype=torch.int64, device=g.device)
     return out.index_add_(0, e, torch.ones((), dtype=torch.int64, device=g.device).expand(e.numel()))
@@ -289,7 +296,8 @@ def _exp_hist(g: torch.Tensor) -> torch.Tensor:
 
 def _weight_norms(weights: list[torch.Tensor], before: list[torch.Tensor], device) -> torch.Tensor:
     w = torch.stack(torch._foreach_norm(weights, 2, dtype=_acc(weights))).double()
-    u = torch.stack(torch._foreach_norm(torch._foreach_sub(weights, before), 2, dtype=_acc(weights))).double()
+    torch._foreach_sub_(before, weights)  # the snapshot is not needed afterwards: reuse it for the update
+    u = torch.stack(torch._foreach_norm(before, 2, dtype=_acc(weights))).double()
     return torch.cat([w.to(device), u.to(device)])
 
 
