@@ -180,17 +180,23 @@ class GradCollector:
                     before = self._before
                     pieces.append(_weight_norms(weights, before, device))
             self._before = None
-            pieces.append(_extras(extras, device))
-            packed = torch.cat([p.reshape(-1) for p in pieces])
+            host_extras = None
+            if device.type == "cpu":  # the values are here already: no tensor, no copy
+                host_extras = _host_floats(extras)
+            else:
+                pieces.append(_extras(extras, device))
+            packed = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0].reshape(-1)
             host, event = _to_host(packed)
         n_have = len(have)
         return Pending(host, event, lambda a: self._unpack(a, have, n_have, counts, deep, weights is not None,
-                                                             len(extras)))
+                                                             len(extras), host_extras))
 
-    def _unpack(self, a: np.ndarray, have, n, counts, deep, with_weights, n_extras) -> Collected:
+    def _unpack(self, a: np.ndarray, have, n, counts, deep, with_weights, n_extras, host_extras) -> Collected:
         L = len(self.params)
 
         def scatter(v, dtype=np.float64):
+            if n == L:  # every layer has a gradient (the usual case)
+                return v.astype(dtype)
             out = np.zeros(L, dtype)
             out[have] = v
             return out
@@ -225,7 +231,7 @@ class GradCollector:
             if with_weights:
                 weight_norm = take(L)
                 update_norm = take(L)
-        extras = take(n_extras)
+        extras = np.asarray(host_extras, np.float64) if host_extras is not None else take(n_extras)
         return Collected(stats, extras, weight_norm, update_norm)
 
     def count_nonfinite(self, stats: GradStats) -> None:
@@ -250,7 +256,7 @@ def _acc(tensors: list[torch.Tensor]) -> torch.dtype:
 
 
 def _core(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Per-layer L2 norm and max |g|, float64, shape (2, n)."""
+    """Per-layer L2 norms then max |g|, float64, flat (2n,)."""
     if not grads:
         return torch.zeros(0, dtype=torch.float64, device=device)
     norms = torch.stack(torch._foreach_norm(grads, 2, dtype=_acc(grads))).double()
@@ -258,18 +264,20 @@ def _core(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         # On CPU one aminmax pass per large tensor is several times faster than _foreach_norm(inf) or
         # _foreach_max(_foreach_abs(...)); for small tensors the fused call wins on per-call overhead
         # (benchmarks/overhead.py and transport.py measure both).
-        maxes = torch.empty(len(grads), dtype=torch.float64, device=device)
         small = [i for i, g in enumerate(grads) if g.numel() <= _SMALL]
-        large = [i for i, g in enumerate(grads) if g.numel() > _SMALL]
-        if small:
-            sm = torch._foreach_max(torch._foreach_abs([grads[i] for i in small]))
-            maxes[small] = torch.stack(sm).double()
-        if large:
+        if len(small) == len(grads):
+            maxes = torch.stack(torch._foreach_max(torch._foreach_abs(grads))).double()
+        else:
+            maxes = torch.empty(len(grads), dtype=torch.float64, device=device)
+            large = [i for i, g in enumerate(grads) if g.numel() > _SMALL]
+            if small:
+                sm = torch._foreach_max(torch._foreach_abs([grads[i] for i in small]))
+                maxes[small] = torch.stack(sm).double()
             lo, hi = zip(*(torch.aminmax(grads[i]) for i in large), strict=True)
             maxes[large] = torch.maximum(torch.stack(hi), torch.stack(lo).neg()).double()
     else:
         maxes = torch.stack(torch._foreach_norm(grads, float("inf"))).double()
-    return torch.stack([norms, maxes]).double()
+    return torch.cat([norms, maxes])
 
 
 def _deep(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -301,12 +309,14 @@ def _weight_norms(weights: list[torch.Tensor], before: list[torch.Tensor], devic
     return torch.cat([w.to(device), u.to(device)])
 
 
+def _host_floats(values: Sequence[torch.Tensor | float | None]) -> list[float]:
+    """Loss, scale ... of CPU tensors or numbers as floats; ``None`` becomes NaN."""
+    return [float("nan") if v is None else float(_local(v.detach()).reshape(-1)[0]) if isinstance(v, torch.Tensor)
+            else float(v) for v in values]
+
+
 def _extras(values: Sequence[torch.Tensor | float | None], device) -> torch.Tensor:
-    """Loss, scale ... as one float64 vector on ``device``; ``None`` becomes NaN. Host values cost no kernel."""
-    if device.type == "cpu" or not any(isinstance(v, torch.Tensor) for v in values):
-        plain = [float("nan") if v is None else float(_local(v.detach()).reshape(-1)[0]) if isinstance(v, torch.Tensor)
-                 else float(v) for v in values]
-        return torch.tensor(plain, dtype=torch.float64, device=device)
+    """Loss, scale ... as one float64 vector on ``device`` (one copy with the rest); ``None`` becomes NaN."""
     items = []
     for v in values:
         if isinstance(v, torch.Tensor):

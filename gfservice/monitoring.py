@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -179,10 +180,10 @@ class Monitor:
         if local_sq == -1.0:  # no allreduce hook ran: this rank's gradients are its local ones
             local_norm, local_bad = (got.local_norm, got.any_nonfinite) if self.reports_layers else (None, False)
         else:
-            local_bad = not np.isfinite(local_sq)
-            local_norm = None if local_bad else float(np.sqrt(local_sq))
+            local_bad = not math.isfinite(local_sq)
+            local_norm = None if local_bad else math.sqrt(local_sq)
         skipped = False
-        if not np.isnan(scale):
+        if not math.isnan(scale):
             skipped = self._last_scale is not None and scale < self._last_scale
             self._last_scale = scale
         g = got.grads
@@ -206,9 +207,9 @@ class Monitor:
             update_norm=got.update_norm if layers else None,
             loss=loss if meta["has_loss"] else None,
             lr=meta["lr"],
-            loss_scale=None if np.isnan(scale) else scale,
+            loss_scale=None if math.isnan(scale) else scale,
             skipped=skipped,
-            local_norm=local_norm if local_norm is not None and np.isfinite(local_norm) else None,
+            local_norm=local_norm if local_norm is not None and math.isfinite(local_norm) else None,
             local_nonfinite=bool(local_bad),
             step_time=meta["step_time"],
         )
