@@ -98,8 +98,6 @@ class RunState:
     detector_errors: dict[str, int] = field(default_factory=dict)
     detector_seconds: dict[str, float] = field(default_factory=dict)
     stop_reason: str | None = None
-    #: Steps merged with heartbeats only (no rank sent layer statistics).
-    dropped: int = 0
     #: Reports the run's senders dropped before they reached the service (queue full, service away).
     sender_dropped: int = 0
     #: Set when the training job closed its monitors: the run is over, not stalled.
@@ -107,8 +105,6 @@ class RunState:
     ended: set[int] = field(default_factory=set)
     #: The newest step each rank has reported.
     rank_last_step: dict[int, int] = field(default_factory=dict)
-    #: Ranks that stopped reporting (see the ``stalled_rank`` finding).
-    stalled_ranks: tuple[int, ...] = ()
 
 
 class Aggregator:
@@ -271,8 +267,7 @@ class Aggregator:
 
     def _merge_step(self, run: RunState, step: int, reports: dict[int, StepReport]) -> list[Finding]:
         layer_reports = [r for rank, r in sorted(reports.items()) if run.layouts[rank].reports_layers]
-        if not layer_reports:
-            run.dropped += 1  # heartbeats only: nothing to judge
+        if not layer_reports:  # heartbeats only: nothing to judge
             return []
         parts = [r.grad_stats(run.layers) for r in layer_reports]
         grads = merge_shards(parts, run.sharded)
@@ -349,13 +344,7 @@ class Aggregator:
             if det is not None and det.config.stop_run and run.stop_reason is None:
                 run.stop_reason = f"{f.detector}: {f.message}"
         for ident in [i for i in run.active if i not in raised and i[0] not in silent]:
-            cleared = run.active.pop(ident)
-            cleared.active = False
-            for f in reversed(run.log):  # the logged copy is the one queries return
-                if f.identity == ident and f.first_step == cleared.first_step:
-                    f.active = False
-                    f.last_step = cleared.last_step
-                    break
+            run.active.pop(ident).active = False  # the same object as in the log
         return new
 
     def flush(self, run: str | None = None) -> list[Finding]:

@@ -172,13 +172,12 @@ class GradCollector:
                         counts[i] = n
             device = grads[0].device if grads else self.params[0].device
             pieces = [_core(grads, device)]
-            weights = before = None
+            with_weights = deep and self._before is not None
             if deep:
                 pieces.append(_deep(grads, device))
-                if self._before is not None:
+                if with_weights:
                     weights = [_local(p.detach()) for p in self.params]
-                    before = self._before
-                    pieces.append(_weight_norms(weights, before, device))
+                    pieces.append(_weight_norms(weights, self._before, device))
             self._before = None
             host_extras = None
             if device.type == "cpu":  # the values are here already: no tensor, no copy
@@ -187,12 +186,11 @@ class GradCollector:
                 pieces.append(_extras(extras, device))
             packed = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0].reshape(-1)
             host, event = _to_host(packed)
-        n_have = len(have)
-        return Pending(host, event, lambda a: self._unpack(a, have, n_have, counts, deep, weights is not None,
-                                                             len(extras), host_extras))
+        return Pending(host, event, lambda a: self._unpack(a, have, counts, deep, with_weights, len(extras),
+                                                             host_extras))
 
-    def _unpack(self, a: np.ndarray, have, n, counts, deep, with_weights, n_extras, host_extras) -> Collected:
-        L = len(self.params)
+    def _unpack(self, a: np.ndarray, have, counts, deep, with_weights, n_extras, host_extras) -> Collected:
+        L, n = len(self.params), len(have)
 
         def scatter(v, dtype=np.float64):
             if n == L:  # every layer has a gradient (the usual case)

@@ -268,7 +268,7 @@ class GradflowCollector:
             findings_total=dict(r.findings_total),
             active=list(r.active.values()),
             log=recent,
-            stalled_ranks=len(set(r.stalled_ranks) | set(r.history[-1].missing_ranks if r.history else ())),
+            stalled_ranks=len(r.history[-1].missing_ranks) if r.history else 0,
             sender_dropped=r.sender_dropped,
             detector_seconds=dict(r.detector_seconds),
             detector_errors=dict(r.detector_errors),

@@ -91,6 +91,7 @@ class Monitor:
         self.reports_layers = reports_layers
         self.local_norm_hook = local_norm_hook
         self.collector = GradCollector(model.named_parameters(), include, exclude)
+        self._synchronous = self.collector.params[0].device.type == "cpu"
         self.steps = 0  # monitor.step() calls so far == index of the next step
         self.errors = 0
         self.overhead_s = 0.0  # time spent inside the monitor's own calls and hooks
@@ -136,7 +137,7 @@ class Monitor:
             self._finish_in_flight()
             if self.is_collected(step):
                 self._collect(step, loss)
-                if self.collector.params[0].device.type == "cpu":
+                if self._synchronous:  # on CPU the copy is done: ship now, with exact NaN counts
                     self._finish_in_flight(exact=True)
         except Exception:
             self._error(f"step {step}")

@@ -55,8 +55,7 @@ class RaySender:
                 self._layouts.append(item)
             if len(self._queue) >= self.queue_size:
                 self._queue.popleft()
-                self.dropped += 1
-                self._unreported_drops += 1
+                self._count_lost(1)
             self._queue.append(item)
             # Waking the sender costs the training thread more than the append: do it only when a batch is
             # full or the message must not wait; otherwise the sender picks it up within linger_s.
@@ -87,8 +86,8 @@ class RaySender:
                 self.sent += len(batch)
             except Exception:
                 with self._cond:
-                    self.dropped += len(batch)
-                    self._unreported_drops += len(batch) + drops
+                    self._count_lost(len(batch))
+                    self._unreported_drops += drops  # not delivered either: report them next time
                 log.debug("gfservice: submit failed", exc_info=True)
                 time.sleep(0.2)
         self._harvest(ray, block=True, timeout=self.query_timeout_s)
@@ -97,9 +96,8 @@ class RaySender:
         if not self._in_flight:
             return
         refs = [r for r, _ in self._in_flight]
-        ready, _ = ray.wait(refs, num_returns=len(refs) if not block else 1, timeout=timeout if block else 0)
-        if block and self._closing:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        every = not block or self._closing  # closing waits for all; otherwise for one, or for none at all
+        ready, _ = ray.wait(refs, num_returns=len(refs) if every else 1, timeout=timeout if block else 0)
         done = set(ready)
         keep = []
         for ref, n in self._in_flight:
@@ -110,11 +108,15 @@ class RaySender:
                 answer = ray.get(ref)
             except Exception:  # the service died with the call in flight: those reports are lost
                 with self._cond:
-                    self.dropped += n
-                    self._unreported_drops += n
+                    self._count_lost(n)
                 continue
             self._on_answer(answer)
         self._in_flight = keep
+
+    def _count_lost(self, n: int) -> None:
+        """Count ``n`` reports that will not reach the service (caller holds ``_cond``)."""
+        self.dropped += n
+        self._unreported_drops += n
 
     def _on_answer(self, answer: dict[str, Any]) -> None:
         stop = answer.get("stop", {}).get(self.run)
@@ -128,8 +130,7 @@ class RaySender:
             lost += 1
         if lost:  # a rejected report is a lost one: count it with the drops the service reports
             with self._cond:
-                self.dropped += lost
-                self._unreported_drops += lost
+                self._count_lost(lost)
         if resend:
             with self._cond:
                 for lay in self._layouts:

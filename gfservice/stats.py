@@ -204,15 +204,3 @@ def merge_shards(parts: Sequence[GradStats], sharded: np.ndarray) -> GradStats:
         exp_hist=combine("exp_hist", np.sum),
     )
 
-
-def depth_buckets(values: np.ndarray, buckets: int) -> np.ndarray:
-    """Split per-layer ``values`` (in depth order) into ``buckets`` contiguous groups, return group bounds.
-
-    Returns an int array of ``buckets + 1`` boundaries; with fewer layers than buckets some groups
-    are empty (equal consecutive bounds).
-
-    >>> depth_buckets(np.arange(10), 4).tolist()
-    [0, 2, 5, 7, 10]
-    """
-    n = len(values)
-    return np.floor(np.linspace(0, n, buckets + 1)).astype(np.int64)
