@@ -1,6 +1,6 @@
 """Session-wide test infrastructure: one local Ray cluster and one gfservice service for the whole session.
 
-Tests that need them take the ``service`` (a :class:`gfservice.client.Client`) or ``ray_cluster`` fixture;
+Tests that need them take the ``service`` (a :class:`gfservice.service.client.Client`) or ``ray_cluster`` fixture;
 the cluster starts on first use and stops at the end of the session.
 """
 
@@ -25,8 +25,8 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def service_settings(tmp_path_factory):
-    from gfservice.aggregator import AggregatorConfig
-    from gfservice.service import ServiceConfig, ServiceSettings
+    from gfservice.service.actor import ServiceConfig, ServiceSettings
+    from gfservice.service.aggregator import AggregatorConfig
 
     tmp = tmp_path_factory.mktemp("service")
     return ServiceSettings(
@@ -43,8 +43,8 @@ def service_settings(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def service(ray_cluster, service_settings):
-    from gfservice import service as svc
-    from gfservice.client import Client
+    from gfservice.service import actor as svc
+    from gfservice.service.client import Client
 
     handle, _ = svc.start(service_settings)
     yield Client(handle)

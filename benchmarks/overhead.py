@@ -15,7 +15,7 @@ and amortized: the other steps plus the deep steps' extra time inside the monito
 Beside the step ratio stands the time spent inside the monitor's own calls and hooks
 (``Monitor.overhead_s``, per step), which noise disturbs far less.
 
-Then the micro-choices of ``gfservice.collect`` are timed on the model's real gradients, as are the
+Then the micro-choices of ``gfservice.training.collect`` are timed on the model's real gradients, as are the
 pieces of ``Monitor.step`` (collection, host unpacking, ``StepReport``, aggregator and detectors).
 
 Run ``python benchmarks/overhead.py`` (about 5 minutes) or ``--quick`` (about 1 minute);
@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import gfservice
-from gfservice import Monitor, collect
+from gfservice import Monitor
 from gfservice import monitor as gf_monitor  # the public entry point, as a training script calls it
+from gfservice.training import collect
 
 TARGETS = {"core": 1.03, "deep": 1.05}
 VARIANTS = ("baseline", "core", "deep", "floor")
@@ -311,7 +312,7 @@ def compiled_core() -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
 
 
 def collection_choices(model: nn.Module, reps: int, candidates: bool = False) -> dict[str, dict[str, Any]]:
-    """The reductions ``gfservice.collect`` chose between, and the deep ones, on ``model``'s gradients."""
+    """The reductions ``gfservice.training.collect`` chose between, and the deep ones, on ``model``'s gradients."""
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     dev = grads[0].device

@@ -7,7 +7,7 @@ Measured in one run, on a private local Ray cluster (``num_cpus=4``, own temp di
 1. **Training-thread cost** of ``Monitor.step`` for a real small torch model (an MLP, CPU,
    ``torch.set_num_threads(1)``) stepping at ``--rate`` steps/s (10 by default, paced by sleeping) in this
    process, attached to the cluster: ``gfservice.monitor(model, opt, run=..., service="auto")`` finds the
-   service and ships through :class:`gfservice.ray_transport.RaySender`. Each ``monitor.step`` call is timed
+   service and ships through :class:`gfservice.training.ray_sender.RaySender`. Each ``monitor.step`` call is timed
    with ``time.perf_counter``; ``Monitor.overhead_s`` (which also counts the optimizer pre-hook) is read per
    step too. The same loop with ``service=None`` (in-process aggregator and detectors on the training
    thread) is the baseline, and the loop without a monitor gives the whole-iteration reference (the sender
@@ -231,7 +231,7 @@ def monitor_phase(handle, opts: Options) -> dict[str, Any]:
     svc = out["service"]
     svc["service_sender_dropped"] = sum(rows.get(run, {}).get("sender_dropped", 0) for run in runs)
     held = {run: {s.step for s in ray.get(handle.history.remote(run), timeout=60)} for run in runs if run in rows}
-    from gfservice.aggregator import AggregatorConfig
+    from gfservice.service.aggregator import AggregatorConfig
 
     kept = min(opts.steps, AggregatorConfig().history)  # the service keeps this many merged steps per run
     svc["service_missing_steps"] = sum(kept - len(held.get(run, ())) for run in runs)
@@ -417,8 +417,8 @@ def ingest_phase(handle, name: str, namespace: str, opts: Options) -> dict[str, 
 
 def local_phase(opts: Options) -> dict[str, Any]:
     """The bare ``Aggregator.submit`` loop on the same messages, ranks in lock step, no Ray."""
-    from gfservice.aggregator import Aggregator
-    from gfservice.service import ServiceSettings
+    from gfservice.service.actor import ServiceSettings
+    from gfservice.service.aggregator import Aggregator
 
     settings = bench_settings("", opts)
     agg = Aggregator(settings.aggregator, settings.detectors)
@@ -446,8 +446,8 @@ def local_phase(opts: Options) -> dict[str, Any]:
 
 # ---- the service ----------------------------------------------------------------------------------
 def bench_settings(snapshot_dir: str, opts: Options):
-    from gfservice.aggregator import AggregatorConfig
-    from gfservice.service import ServiceConfig, ServiceSettings
+    from gfservice.service.actor import ServiceConfig, ServiceSettings
+    from gfservice.service.aggregator import AggregatorConfig
 
     # max_pending_steps (default 16, as shipped) must be at least --batch: one rank's batch of more steps
     # than that makes the service merge steps without the other ranks and reject their reports as stale.
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                        "torch": torch.__version__, "ray": ray.__version__}}
     tmp = tempfile.mkdtemp(prefix="gfb-")
-    from gfservice import service as svc
+    from gfservice.service import actor as svc
 
     def phase(name: str, fn, *args) -> None:
         t = time.time()

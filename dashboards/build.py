@@ -15,7 +15,8 @@ Regenerate the committed JSON after a change (``tests/test_dashboards.py`` fails
 
 Every query uses only the metric names of the exporter's contract (prefix ``gradflow_``, label ``run``) plus
 Prometheus' own ``ALERTS``, ``up`` and ``scrape_*`` series. A panel whose query may rightly return nothing
-(no alert firing, no GradScaler) says so in its ``noValue`` text; :mod:`gfservice.dashboards_check` reads it.
+(no alert firing, no GradScaler) says so in its ``noValue`` text; its checker
+(:mod:`gfservice.observability.dashboards_check`) reads it.
 """
 
 from __future__ import annotations

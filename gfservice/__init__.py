@@ -15,14 +15,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats
-from gfservice.client import connect
 from gfservice.stats import GradStats
 
 if TYPE_CHECKING:
-    from gfservice.collect import grad_stats
-    from gfservice.monitoring import Monitor, monitor
+    from gfservice.service.client import connect
+    from gfservice.training.collect import grad_stats
+    from gfservice.training.monitoring import Monitor, monitor
 
-_LAZY = {"grad_stats": "gfservice.collect", "monitor": "gfservice.monitoring", "Monitor": "gfservice.monitoring"}
+_LAZY = {
+    "grad_stats": "gfservice.training.collect",
+    "monitor": "gfservice.training.monitoring",
+    "Monitor": "gfservice.training.monitoring",
+    "connect": "gfservice.service.client",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -31,8 +31,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gfservice import registry
-from gfservice.aggregator import AggregatorConfig
 from gfservice.registry import ConfigError
+from gfservice.service.aggregator import AggregatorConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from gfservice_detectors.nonfinite import NonFinite
 
-from gfservice.aggregator import Aggregator, AggregatorConfig
 from gfservice.api import Detector, DetectorConfig, StepStats
+from gfservice.service.aggregator import Aggregator, AggregatorConfig
 from gfservice.stats import EXP_BINS, GradStats
 from gfservice.wire import MAX_LAYERS
 
@@ -106,7 +106,7 @@ def test_bad_input_is_rejected_with_a_reason_and_counted(two_runs, case, caplog)
     msg, reason, detail = BAD_MESSAGES[case]
     before = dict(agg.rejected)
     accepted = agg.accepted
-    with caplog.at_level(logging.DEBUG, logger="gfservice.aggregator"):
+    with caplog.at_level(logging.DEBUG, logger="gfservice.service.aggregator"):
         ack = agg.submit(msg)
     assert (ack.accepted, ack.reason, ack.new_findings) == (False, reason, ())
     assert agg.rejected[reason] == before.get(reason, 0) + 1
@@ -289,7 +289,7 @@ def test_a_detector_that_does_not_judge_a_step_keeps_its_findings():
 
 def test_a_detector_that_raises_is_isolated_and_counted(caplog):
     factory = lambda: {"broken": Broken(), "nonfinite": NonFinite(), "flag": Flag()}  # noqa: E731
-    with caplog.at_level(logging.ERROR, logger="gfservice.aggregator"):
+    with caplog.at_level(logging.ERROR, logger="gfservice.service.aggregator"):
         agg, news = _flag_run([0.0, 2.0, 2.0, 0.0], factory=factory)
         (nan,) = accept(agg, report(run="r", step=4, sum_sq=(1.0, NAN, 1.0), loss=0.0))
     assert [[f.detector for f in n] for n in news] == [["broken"], ["flag"], [], []]

@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from gfservice import alerts
-from gfservice.aggregator import Aggregator
-from gfservice.discovery import write_sd_file
-from gfservice.exporter import ExporterConfig, serve_metrics
-from gfservice.monitoring import Monitor
-from gfservice.transport import InProcessTransport
+from gfservice.observability import alerts
+from gfservice.observability.discovery import write_sd_file
+from gfservice.observability.exporter import ExporterConfig, serve_metrics
+from gfservice.service.aggregator import Aggregator
+from gfservice.training.monitoring import Monitor
+from gfservice.training.transport import InProcessTransport
 from tests.promtools import WebhookReceiver, http_get, query, start_alertmanager, start_prometheus, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

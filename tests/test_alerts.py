@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from gfservice import alerts
+from gfservice.observability import alerts
 from tests.promtools import amtool_bin, promtool_bin, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ GRAFANA_RULES = ROOT / alerts.GRAFANA_RULES
 def test_committed_rule_files_match_the_code():
     stale = alerts.drifted(ROOT)
     assert not stale, (f"{', '.join(map(str, stale))} drifted from gfservice/alerts.py: "
-                       "run python -m gfservice.alerts render")
+                       "run python -m gfservice.observability.alerts render")
 
 
 def test_render_all_writes_both_files(tmp_path):
@@ -53,7 +53,7 @@ def test_promtool_checks_the_prometheus_config():
     assert res.returncode == 0, res.stdout + res.stderr
     cfg = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "gfservice"]
-    from gfservice.discovery import DEFAULT_SD_FILE
+    from gfservice.observability.discovery import DEFAULT_SD_FILE
 
     assert job["file_sd_configs"][0]["files"] == [DEFAULT_SD_FILE]
     assert cfg["rule_files"] == ["rules/gfservice.rules.yml"]

@@ -4,7 +4,7 @@ No Grafana server can be installed on these machines. The dashboards are checked
 their JSON and their panels, checking every query's metric names against the exporter's contract, parsing every
 query with the real ``promtool``, and evaluating the run-state expression with ``promtool test rules``. Running
 every panel's query against a live Prometheus during a training run is the end-to-end test's job
-(:func:`gfservice.dashboards_check.panel_queries` lists the queries).
+(:func:`gfservice.observability.dashboards_check.panel_queries` lists the queries).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-from gfservice.dashboards_check import expected_empty, panel_queries, substitute
+from gfservice.observability.dashboards_check import expected_empty, panel_queries, substitute
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"

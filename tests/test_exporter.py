@@ -20,11 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import gfservice
-from gfservice.aggregator import Aggregator
 from gfservice.api import Detector, describe_layers
-from gfservice.exporter import ExporterConfig, GradflowCollector, serve_metrics
-from gfservice.monitoring import Monitor
-from gfservice.transport import InProcessTransport
+from gfservice.observability.exporter import ExporterConfig, GradflowCollector, serve_metrics
+from gfservice.service.aggregator import Aggregator
+from gfservice.training.monitoring import Monitor
+from gfservice.training.transport import InProcessTransport
 from gfservice.wire import Layout, StepReport
 from tests.promtools import promtool_bin, run_tool
 

@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gfservice import grafana
-from gfservice.grafana import GrafanaAuthError, GrafanaRequestError, GrafanaUnreachable, push, push_main
+from gfservice.observability import grafana
+from gfservice.observability.grafana import GrafanaAuthError, GrafanaRequestError, GrafanaUnreachable, push, push_main
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gfservice import registry
-from gfservice.aggregator import Aggregator
+from gfservice.service.aggregator import Aggregator
 from gfservice.stats import GradStats
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gfservice-plugin-underflow"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gfservice.service import ServiceSettings
+from gfservice.service.actor import ServiceSettings
 from gfservice.testing import check_detector, make_step, replay
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()

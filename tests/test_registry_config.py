@@ -14,10 +14,10 @@ import torch
 from models import mlp, train
 
 import gfservice
-from gfservice.aggregator import Aggregator
 from gfservice.api import Detector, DetectorConfig, StepStats
 from gfservice.config import load_settings
 from gfservice.registry import ConfigError, available
+from gfservice.service.aggregator import Aggregator
 from gfservice.testing import check_detector, make_step, replay
 
 BUILTINS = sorted(n for n, c in available().items() if c.__module__.startswith("gfservice_detectors."))

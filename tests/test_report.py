@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import gfservice
-from gfservice import history as hist
-from gfservice import report
 from gfservice.api import StepStats
+from gfservice.observability import history as hist
+from gfservice.observability import report
 
 RUN = "report-test"
 SPIKE, NAN = 30, 45

@@ -14,10 +14,10 @@ import pytest
 import ray
 import torch
 
-from gfservice import service as svc
-from gfservice.client import Client
+from gfservice.cli.workload import WorkloadConfig, batch, build_model, dataset, fit
+from gfservice.service import actor as svc
+from gfservice.service.client import Client
 from gfservice.stats import GradStats
-from gfservice.workload import WorkloadConfig, batch, build_model, dataset, fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +74,8 @@ def test_ray_run_pages_through_prometheus_and_every_panel_has_data(service: Clie
     """The real service scraped by the real Prometheus (found through the file the service writes) during a
     real Ray Train run with a NaN injected into rank 1's batch: Alertmanager's webhook gets the page naming the
     run, layers and rank, then the resolution; afterwards every dashboard panel's query returns data."""
-    from gfservice import alerts
-    from gfservice.dashboards_check import expected_empty, panel_queries
+    from gfservice.observability import alerts
+    from gfservice.observability.dashboards_check import expected_empty, panel_queries
     from tests.promtools import WebhookReceiver, http_get, query, start_alertmanager, start_prometheus, wait_until
 
     run, fault_step = "t-e2e", 25
@@ -188,7 +188,7 @@ def test_hostile_messages_are_rejected_counted_and_survived(service: Client):
 
 def test_unreachable_names_give_a_clear_error():
     with pytest.raises(ConnectionError, match="gfservice serve"):
-        from gfservice.client import connect
+        from gfservice.service.client import connect
 
         connect(name="no-such-service")
 

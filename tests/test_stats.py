@@ -9,8 +9,8 @@ import torch
 from models import mlp
 
 import gfservice
-from gfservice.collect import clean_name
 from gfservice.stats import FORMAT_LIMITS, GradStats, merge_shards
+from gfservice.training.collect import clean_name
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

@@ -19,9 +19,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from gfservice import __version__
-from gfservice.aggregator import Aggregator, AggregatorConfig
 from gfservice.api import Finding, StepStats
 from gfservice.config import Settings, load_settings
+from gfservice.service.aggregator import Aggregator, AggregatorConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ServiceConfig(BaseModel):
     metrics_addr: str = "127.0.0.1"
     #: Prometheus file-based service discovery file, rewritten whenever the endpoint moves ("" disables).
     sd_file: str = Field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "gfservice" / "prometheus-sd.json"))
-    #: Options of the Prometheus exporter (see gfservice.exporter.ExporterConfig).
+    #: Options of the Prometheus exporter (see gfservice.observability.exporter.ExporterConfig).
     exporter: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -190,8 +190,8 @@ class ServiceCore:
             return 0
 
     def _start_metrics(self, port: int) -> None:
-        from gfservice.discovery import write_sd_file
-        from gfservice.exporter import ExporterConfig, serve_metrics
+        from gfservice.observability.discovery import write_sd_file
+        from gfservice.observability.exporter import ExporterConfig, serve_metrics
 
         cfg = self.settings.service
         exp = ExporterConfig(**{**cfg.exporter, "address": cfg.metrics_addr, "port": port})
@@ -205,7 +205,7 @@ class ServiceCore:
         self.aggregator.flush()
         self.snapshot()
         if self._metrics_server is not None:
-            from gfservice.discovery import remove_sd_file
+            from gfservice.observability.discovery import remove_sd_file
 
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gfservice.aggregator import Aggregator, AggregatorConfig
 from gfservice.api import Finding, StepStats
-from gfservice.collect import Collected, GradCollector, LocalNormHook, Pending, has_sharded_parameters, is_ddp
 from gfservice.config import load_settings
-from gfservice.transport import InProcessTransport, Transport
+from gfservice.service.aggregator import Aggregator, AggregatorConfig
+from gfservice.training.collect import Collected, GradCollector, LocalNormHook, Pending, has_sharded_parameters, is_ddp
+from gfservice.training.transport import InProcessTransport, Transport
 from gfservice.wire import Layout, RunEnd, StepReport
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def monitor(
     rank, world = distributed_rank()
     transport: Transport | None = None
     if service is not None:
-        from gfservice.transport import connect_service
+        from gfservice.training.transport import connect_service
 
         transport = connect_service(service, run=run)
     if transport is None:

@@ -23,7 +23,7 @@ _RESEND_LAYOUT = {"unknown_run", "unknown_rank"}
 
 
 class RaySender:
-    """A :class:`~gfservice.transport.Transport` to the service actor ``handle``."""
+    """A :class:`~gfservice.training.transport.Transport` to the service actor ``handle``."""
 
     def __init__(self, handle, run: str, queue_size: int = 256, max_in_flight: int = 1, batch_max: int = 32,
                  linger_s: float = 0.2, query_timeout_s: float = 10.0):

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from gfservice.api import Finding, StepStats
-from gfservice.service import DEFAULT_NAME, DEFAULT_NAMESPACE, find
+from gfservice.service.actor import DEFAULT_NAME, DEFAULT_NAMESPACE, find
 
 
 class Client:

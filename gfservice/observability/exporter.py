@@ -7,7 +7,7 @@ per-layer series only for at most ``max_layer_series`` layers, and rank-level de
 ``ranks`` label of findings.
 
 >>> from prometheus_client import CollectorRegistry, generate_latest
->>> from gfservice.aggregator import Aggregator
+>>> from gfservice.service.aggregator import Aggregator
 >>> from gfservice.wire import Layout
 >>> agg = Aggregator()
 >>> _ = agg.submit(Layout(run="r1", rank=0, world_size=1, layers=["w", "b"], numel=[4, 1], sharded=[False] * 2))
@@ -33,8 +33,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gfservice.aggregator import Aggregator, RunState
 from gfservice.api import Finding, StepStats, describe_layers
+from gfservice.service.aggregator import Aggregator, RunState
 
 __all__ = ["ExporterConfig", "GradflowCollector", "depth_buckets", "format_ranks", "layer_selection", "serve_metrics"]
 
@@ -204,7 +204,7 @@ class _Snapshot:
 
 
 class GradflowCollector:
-    """Builds the ``gradflow_*`` metrics from an :class:`~gfservice.aggregator.Aggregator` at scrape time.
+    """Builds the ``gradflow_*`` metrics from an :class:`~gfservice.service.aggregator.Aggregator` at scrape time.
 
     ``clock`` (seconds, like :func:`time.time`) drives the finding linger; tests pass their own.
     A finding is one series labelled as it was first raised (its ``layers`` and ``ranks`` stay put while it

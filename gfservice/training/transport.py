@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from gfservice.aggregator import Aggregator
 from gfservice.api import Finding, StepStats
+from gfservice.service.aggregator import Aggregator
 from gfservice.wire import Layout, StepReport
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def connect_service(service: str, run: str) -> Transport | None:
         import ray
     except ImportError:
         return None
-    from gfservice import service as svc
+    from gfservice.service import actor as svc
 
     name, namespace = svc.DEFAULT_NAME, svc.DEFAULT_NAMESPACE
     if service != "auto":
@@ -94,6 +94,6 @@ def connect_service(service: str, run: str) -> Transport | None:
     if handle is None:
         log.info("gfservice: no service %s/%s; using an in-process aggregator", namespace, name)
         return None
-    from gfservice.ray_transport import RaySender
+    from gfservice.training.ray_sender import RaySender
 
     return RaySender(handle, run)

@@ -12,7 +12,7 @@ The HTML page embeds the PNG (base64) and lists the findings in a table. matplot
 (``pip install 'gfservice[report]'``), imported only when a picture is drawn.
 
 Command line: ``gfservice report RUN --out report.png`` (the service's history of RUN) or
-``gfservice report --history run.npz --out report.html`` (a file :mod:`gfservice.history` wrote).
+``gfservice report --history run.npz --out report.html`` (a file :mod:`gfservice.observability.history` wrote).
 
 >>> from gfservice.testing import make_step
 >>> steps = [make_step(step=i, sum_sq=[1.0, 0.5 * 0.9**i]) for i in range(5)]
@@ -360,7 +360,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("run", nargs="?", help="the run (omit with --history to take the file's run)")
     p.add_argument("--out", required=True, help="output file: .png or .html")
-    p.add_argument("--history", metavar="FILE", help="read a history file (gfservice.history) instead of the service")
+    p.add_argument("--history", metavar="FILE", help="read a history file (see --save-history) instead of the service")
     p.add_argument("--save-history", metavar="FILE", help="also save the history fetched from the service to FILE")
     p.add_argument("--address", default=None, help="Ray address of the service's cluster (default: the local one)")
     p.add_argument("--steps", help="comma-separated steps for the per-layer profile, e.g. 0,500,1000")
@@ -370,7 +370,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _from_service(run_name: str, address: str | None) -> tuple[list[StepStats], list[Finding]]:
-    from gfservice.client import connect
+    from gfservice.service.client import connect
 
     client = connect(address)  # ConnectionError, with a message, when no service runs
     return list(client.history(run_name)), list(client.findings(run_name))
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gfservice import history as hist
+    from gfservice.observability import history as hist
 
     if args.history:
         steps, findings = hist.load(args.history)

@@ -41,9 +41,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from gfservice import service as svc
-    from gfservice.client import Client
-    from gfservice.workload import WorkloadConfig
+    from gfservice.cli.workload import WorkloadConfig
+    from gfservice.service import actor as svc
+    from gfservice.service.client import Client
 
     run_name = args.run or f"demo-{args.fault.replace('@', '-')}-{time.strftime('%H%M%S')}"
     workload = WorkloadConfig(run=run_name, steps=args.steps, fault=args.fault, parallel=args.parallel,
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     _summary(findings)
     print(f"done in {time.time() - t0:.0f}s")
     if args.report:
-        from gfservice.report import render
+        from gfservice.observability.report import render
 
         render(client.history(run_name), findings, args.report)
         print(f"report written to {args.report}")
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _fit(workload, workers: int, tmp: Path, result: dict[str, Any]) -> None:
     try:
-        from gfservice.workload import fit
+        from gfservice.cli.workload import fit
 
         result["result"] = fit(workload, workers, tmp / "ray_results")
     except Exception as exc:  # shown to the user by the main thread

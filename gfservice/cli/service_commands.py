@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from gfservice import service as svc
+from gfservice.service import actor as svc
 
 
 def add_parsers(sub) -> None:
@@ -47,7 +47,7 @@ def add_parsers(sub) -> None:
 def _attach_or_start_ray(address: str | None) -> None:
     import ray
 
-    from gfservice.client import attach
+    from gfservice.service.client import attach
 
     try:
         attach(address)
@@ -89,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _connect(args):
-    from gfservice.client import connect
+    from gfservice.service.client import connect
 
     return connect(args.address, args.name, args.namespace)
 
@@ -134,7 +134,7 @@ def format_status(status: dict) -> str:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from gfservice.client import attach
+    from gfservice.service.client import attach
 
     try:
         attach(args.address)

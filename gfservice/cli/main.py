@@ -43,13 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detectors", help="list installed detector plugins, their fields and defaults")
     p.set_defaults(func=_detectors)
 
-    from gfservice import demo, grafana, report
+    from gfservice.cli import demo
+    from gfservice.observability import grafana, report
 
     demo.add_parser(sub)
     report.add_parser(sub)  # gfservice report RUN --out report.png [--history FILE]
     grafana.add_parser(sub)  # gfservice grafana push --url URL --token TOKEN
     try:
-        from gfservice import service_cli
+        from gfservice.cli import service_commands as service_cli
     except ImportError:  # the Ray extra is not installed
         service_cli = None
     if service_cli is not None:

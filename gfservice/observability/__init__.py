@@ -1,0 +1,1 @@
+"""What people look at: the Prometheus exporter and discovery, alert definitions, Grafana, reports, history files."""
