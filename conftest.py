@@ -25,11 +25,10 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def service_settings(tmp_path_factory):
-    from gfservice.service.actor import ServiceConfig, ServiceSettings
-    from gfservice.service.aggregator import AggregatorConfig
+    from gfservice.config import AggregatorConfig, ServiceConfig, Settings
 
     tmp = tmp_path_factory.mktemp("service")
-    return ServiceSettings(
+    return Settings(
         aggregator=AggregatorConfig(merge_timeout_s=2.0),
         service=ServiceConfig(
             snapshot_path=str(tmp / "snapshot.pkl"),

@@ -1,16 +1,10 @@
 """The detector evaluation zoo: small training runs, healthy or with a fault injected at a known step.
 
-Each :class:`Scenario` builds a :class:`Run` (model, optimizer, batches, loss, optional scheduler, clipping,
-autocast, GradScaler and :class:`Fault`) for a seed. ``benchmarks/detection.py`` trains every scenario with
-``gfservice.monitor`` attached and scores the findings against the scenario's onset, expected detector and
-expected layers. This module only defines the runs; run the zoo with::
-
-    .venv/bin/python benchmarks/detection.py            # everything, 3 seeds (about 4 minutes on 2 cores)
-    .venv/bin/python benchmarks/detection.py --quick    # one seed of a handful of scenarios (under a minute)
-    .venv/bin/python benchmarks/detection.py --list     # the scenarios with their onset and expected detector
-
-Everything is CPU-sized: digits from scikit-learn (no download) or generated sequences, tiny models, a step of
-a few milliseconds. Layer names are the parameter names of ``model.named_parameters()``.
+Each :class:`Scenario` builds a :class:`Run` (model, optimizer, batches, loss; optionally a scheduler, clipping,
+autocast, a GradScaler and a :class:`Fault` with a known onset) for a seed: digits from scikit-learn (no
+download) or generated sequences, tiny models, a step of a few milliseconds on a CPU. ``detection.py`` trains
+them with ``gfservice.monitor`` attached and scores the findings. Run the zoo with
+``.venv/bin/python benchmarks/detection.py [--quick] [--only NAME,...] [--seeds N] [--list]``.
 
 TODO (multi-rank scenarios, need several processes, e.g. ``torch.multiprocessing`` with the gloo backend and
 DDP, or Ray Train against a local service):
@@ -25,6 +19,7 @@ DDP, or Ray Train against a local service):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,11 +38,10 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 # ---- faults and runs ------------------------------------------------------------------------------------
 @dataclass
 class Fault:
-    """What goes wrong, from step ``at``: once (``persistent=False``) or at every later step as well.
+    """What goes wrong at step ``at`` (and every later step if ``persistent``).
 
-    ``start`` runs once before step ``at`` (change weights, learning rate, hooks). ``batch``, ``loss`` and
-    ``grads`` corrupt the step's batch, its loss (before backward) and its gradients (after backward, before
-    the optimizer).
+    ``start`` runs once before step ``at`` (weights, learning rate, hooks); ``batch``, ``loss`` and ``grads``
+    corrupt the batch, the loss before backward and the gradients before the optimizer step.
     """
 
     at: int
@@ -56,9 +50,6 @@ class Fault:
     loss: Callable[[Tensor], Tensor] | None = None
     grads: Callable[[nn.Module], None] | None = None
     persistent: bool = False
-
-    def active(self, step: int) -> bool:
-        return step == self.at or (self.persistent and step > self.at)
 
 
 @dataclass
@@ -78,14 +69,13 @@ class Run:
     def step(self, i: int) -> Tensor:
         """Train step ``i`` up to ``optimizer.step()`` (and ``scaler.update()``); returns the loss."""
         f = self.fault
-        hit = f is not None and f.active(i)
+        hit = f is not None and (i == f.at or (f.persistent and i > f.at))
         if f is not None and i == f.at and f.start is not None:
             f.start(self)
         x, y = next(self.batches)
         if hit and f.batch is not None:
             x, y = f.batch(x, y)
-        ctx = torch.autocast("cpu", dtype=self.autocast) if self.autocast else contextlib.nullcontext()
-        with ctx:
+        with torch.autocast("cpu", dtype=self.autocast) if self.autocast else contextlib.nullcontext():
             loss = self.loss_fn(self.model, x, y)
         if hit and f.loss is not None:
             loss = f.loss(loss)
@@ -93,15 +83,14 @@ class Run:
         if hit and f.grads is not None:
             with torch.no_grad():
                 f.grads(self.model)
-        if self.scaler is not None:
-            if self.clip:
+        if self.clip:
+            if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            if self.clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
             self.optimizer.step()
         return loss.detach().float()
 
@@ -129,12 +118,8 @@ class Layers:
         return must <= set(named) and set(named) <= allowed | must
 
 
-def _prefixed(*prefixes: str) -> Callable[[Sequence[str]], set[str]]:
+def prefixed(*prefixes: str) -> Callable[[Sequence[str]], set[str]]:
     return lambda layers: {n for n in layers if n.startswith(prefixes)}
-
-
-def _weights(layers: Sequence[str]) -> set[str]:
-    return {n for n in layers if n.endswith("weight")}
 
 
 @dataclass(frozen=True)
@@ -146,6 +131,8 @@ class Scenario:
     build: Callable[[int], Run]
     steps: int
     description: str
+    #: The fault injected into the run (built once the run exists, so it can name its layers).
+    fault: Callable[[Run], Fault] | None = None
     onset: int | None = None
     expected: str | None = None
     layers: Layers | None = None
@@ -155,6 +142,13 @@ class Scenario:
     detectors: dict[str, dict[str, object]] = field(default_factory=dict)
     #: Part of the ``--quick`` smoke run.
     quick: bool = False
+
+    def make(self, seed: int) -> Run:
+        """Seed torch, build the run and arm its fault."""
+        torch.manual_seed(seed)
+        run = self.build(seed)
+        run.fault = self.fault(run) if self.fault else None
+        return run
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -182,36 +176,22 @@ def digits_batches(seed: int, batch: int = 64, image: bool = False) -> Iterator[
     return sample(x.view(-1, 1, 8, 8) if image else x, y, batch, seed)
 
 
-def majority_batches(seed: int, batch: int = 32, length: int = 16, vocab: int = 4) -> Iterator[Batch]:
-    """One-hot token sequences; the label is the most frequent token (counting over time)."""
+def token_batches(seed: int, task: Literal["majority", "reverse"], length: int, vocab: int) -> Iterator[Batch]:
+    """Random tokens, 32 sequences a batch. ``majority``: one-hot inputs, the label is the most frequent token
+    (counting over time). ``reverse``: token ids, the target at position i is the token at length-1-i."""
     g = torch.Generator().manual_seed(seed)
     while True:
-        tok = torch.randint(0, vocab, (batch, length), generator=g)
-        counts = F.one_hot(tok, vocab).sum(1).float() + torch.arange(vocab) * 1e-3  # ties: the higher token
-        yield F.one_hot(tok, vocab).float(), counts.argmax(1)
-
-
-def reverse_batches(seed: int, batch: int = 32, length: int = 10, vocab: int = 16) -> Iterator[Batch]:
-    """Token sequences; the target at position i is the token at position length-1-i."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        tok = torch.randint(0, vocab, (batch, length), generator=g)
-        yield tok, tok.flip(1)
-
-
-def teacher_batches(seed: int, batch: int = 64, dim: int = 16) -> Iterator[Batch]:
-    """Digits inputs, targets from a fixed random teacher network followed by LayerNorm (unit RMS)."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    w1, w2 = torch.randn(64, 32, generator=g) / 8, torch.randn(32, dim, generator=g) / math.sqrt(32)
-    x, _ = digits()
-    y = F.layer_norm(torch.tanh(x @ w1) @ w2, (dim,))
-    return sample(x, y, batch, seed)
+        tok = torch.randint(0, vocab, (32, length), generator=g)
+        if task == "reverse":
+            yield tok, tok.flip(1)
+        else:  # ties go to the higher token
+            yield F.one_hot(tok, vocab).float(), (F.one_hot(tok, vocab).sum(1) + torch.arange(vocab) / 8).argmax(1)
 
 
 # ---- losses and models -------------------------------------------------------------------------------------
 def ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    out = model(x)
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+    out = model(x).float()
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
 def naive_nll(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -220,33 +200,41 @@ def naive_nll(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return -p.gather(1, y[:, None]).log().mean()
 
 
-def mse(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return F.mse_loss(model(x), y)
-
-
 def mlp(*sizes: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     """Linear layers with ``act`` between them; layer names 0.weight, 0.bias, 2.weight, ..."""
     mods: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         mods.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             mods.append(act())
     return nn.Sequential(*mods)
 
 
-class ConvBN(nn.Module):
-    """conv -> BatchNorm -> ReLU twice, average pool, linear head. The conv biases sit in front of BN."""
+def conv_bn() -> nn.Sequential:
+    """conv -> BatchNorm -> ReLU twice, average pool, linear head. The conv biases (0.bias, 3.bias) sit in
+    front of BatchNorm, which removes whatever they add: their gradient is ~0 by design."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
-    def __init__(self) -> None:
+
+class Add(nn.Module):
+    """``main(x) + side(x)``; with ``detach_side`` the side branch's output is detached (by mistake)."""
+
+    def __init__(self, main: nn.Module, side: nn.Module, detach_side: bool = False) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        )
-        self.head = nn.Linear(32, 10)
+        self.main, self.side, self.detach_side = main, side, detach_side
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).mean((2, 3)))
+        side = self.side(x)
+        return self.main(x) + (side.detach() if self.detach_side else side)
+
+
+def resmlp(d: int = 64, blocks: int = 6) -> nn.Sequential:
+    """x + Linear(ReLU(Linear(LayerNorm(x)))) blocks between an input and an output projection."""
+    block = [Add(nn.Identity(), nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)))
+             for _ in range(blocks)]
+    return nn.Sequential(nn.Linear(64, d), *block, nn.Linear(d, 10))
 
 
 class Recurrent(nn.Module):
@@ -268,7 +256,7 @@ class TinyTransformer(nn.Module):
     def __init__(self, vocab: int = 16, length: int = 10, d: int = 32, layers: int = 2, pre_ln: bool = True):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.randn(length, d) * 0.02)
+        self.pos = nn.Parameter(torch.randn(length, d))
         layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True, norm_first=pre_ln)
         self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d) if pre_ln else nn.Identity()
@@ -278,41 +266,216 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(self.enc(self.tok(x) + self.pos)))
 
 
-class ResMLP(nn.Module):
-    """x + Linear(ReLU(Linear(LN(x)))) blocks between an input and an output projection."""
-
-    def __init__(self, d: int = 64, blocks: int = 6) -> None:
-        super().__init__()
-        self.inp = nn.Linear(64, d)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)) for _ in range(blocks)
-        )
-        self.out = nn.Linear(d, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.inp(x)
-        for b in self.blocks:
-            h = h + b(h)
-        return self.out(h)
-
-
-class TwoBranch(nn.Module):
-    """An MLP trunk plus an auxiliary feature branch whose output is detached by mistake: no gradient."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(64, 64)
-        self.aux = nn.Linear(64, 64)
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.relu(self.trunk(x) + self.aux(x).detach()))
-
-
 def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        t = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+        return (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * t))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+# ---- builders ------------------------------------------------------------------------------------------------
+def _sgd(model: nn.Module, lr: float = 0.05, **kw: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, **kw)
+
+
+def _adam(model: nn.Module, lr: float = 1e-3, wd: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+
+
+def digits_mlp(seed: int, opt: str = "sgd", lr: float | None = None, loss: LossFn = ce,
+               autocast: torch.dtype | None = None, scaler: bool = False) -> Run:
+    """The workhorse: a 64-128-128-10 ReLU MLP on digits; SGD with momentum, Adam or AdamW."""
+    m = mlp(64, 128, 128, 10)
+    o = _sgd(m, lr or 0.05) if opt == "sgd" else _adam(m, lr or 1e-3, 0.01 if opt == "adamw" else 0.0)
+    return Run(m, o, digits_batches(seed), loss, autocast=autocast,
+               scaler=torch.amp.GradScaler("cpu") if scaler else None)
+
+
+def cnn_bn(seed: int) -> Run:
+    m = conv_bn()
+    return Run(m, _sgd(m, 0.05, weight_decay=5e-4), digits_batches(seed, image=True), ce)
+
+
+def recurrent(seed: int, cell: Literal["lstm", "rnn"]) -> Run:
+    """LSTM, Adam, clipping at 1.0; or a ReLU RNN whose recurrent matrix is 3x orthogonal (gradient ~1e5x)."""
+    m = Recurrent(cell)
+    batches = token_batches(seed, "majority", 16, 4)
+    if cell == "lstm":
+        return Run(m, _adam(m, 3e-3), batches, ce, clip=1.0)
+    nn.init.orthogonal_(m.rnn.weight_hh_l0, gain=3.0)
+    return Run(m, torch.optim.SGD(m.parameters(), lr=0.01), batches, ce)
+
+
+def transformer(seed: int, pre_ln: bool = True, steps: int = 200) -> Run:
+    """Pre-LN: AdamW 3e-3, 30-step linear warm-up, cosine decay. Post-LN: AdamW 5e-2 without warm-up, which
+    never learns (pre-LN with warm-up learns at that peak LR)."""
+    m = TinyTransformer(pre_ln=pre_ln)
+    opt = _adam(m, 3e-3 if pre_ln else 5e-2, 0.01)
+    sched = warmup_cosine(opt, 30, steps) if pre_ln else None
+    return Run(m, opt, token_batches(seed, "reverse", 10, 16), ce, scheduler=sched)
+
+
+def finetune(seed: int, steps: int = 300) -> Run:
+    """Pre-train (unmonitored) on digits 0-4, new head, fine-tune on all ten; the LR drops 10x mid-run."""
+    m = mlp(64, 128, 128, 5)
+    x, y = digits()
+    pre, opt = sample(x[y < 5], y[y < 5], 64, seed + 1), _adam(m)
+    for _ in range(60):
+        ce(m, *next(pre)).backward()
+        opt.step()
+        opt.zero_grad()
+    m[-1] = nn.Linear(128, 10)
+    o = _sgd(m, 0.02)
+    sched = torch.optim.lr_scheduler.MultiStepLR(o, milestones=[steps // 2], gamma=0.1)
+    return Run(m, o, digits_batches(seed), ce, scheduler=sched)
+
+
+def sigmoid20(seed: int) -> Run:
+    """20 sigmoid layers, Glorot-uniform init (Glorot & Bengio's setting): each layer shrinks the gradient ~4x."""
+    m = mlp(64, *[32] * 19, 10, act=nn.Sigmoid)
+    for mod in m:
+        if isinstance(mod, nn.Linear):
+            nn.init.xavier_uniform_(mod.weight)
+            nn.init.zeros_(mod.bias)
+    return Run(m, torch.optim.SGD(m.parameters(), lr=0.1), digits_batches(seed), ce)
+
+
+def two_branch() -> nn.Sequential:
+    """Two linear branches summed, the side one detached by mistake: 0.side.weight and 0.side.bias get no .grad."""
+    return nn.Sequential(Add(nn.Linear(64, 64), nn.Linear(64, 64), detach_side=True), nn.ReLU(), nn.Linear(64, 10))
+
+
+def ln_regression(seed: int) -> Run:
+    """Regression through an output LayerNorm (no affine) onto a fixed random teacher's LayerNorm'ed outputs."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    x, _ = digits()
+    y = F.layer_norm(torch.tanh(x @ torch.randn(64, 32, generator=g) / 8) @ torch.randn(32, 16, generator=g), (16,))
+    m = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 16), nn.LayerNorm(16, elementwise_affine=False))
+    return Run(m, _adam(m, 3e-3), sample(x, y, 64, seed), lambda model, x, y: F.mse_loss(model(x), y))
+
+
+# ---- faults --------------------------------------------------------------------------------------------------
+def scale_lr(factor: float) -> Callable[[Run], None]:
+    def start(run: Run) -> None:
+        for g in run.optimizer.param_groups:
+            g["lr"] *= factor
+
+    return start
+
+
+def nan_input(x: Tensor, y: Tensor) -> Batch:
+    x = x.clone()
+    x[3, 5] = float("nan")
+    return x, y
+
+
+def saturate(x: Tensor, y: Tensor) -> Batch:
+    """Four inputs x1e4 with wrong labels: softmax is exactly 0 at the label, and log(0) = -inf."""
+    x, y = x.clone(), y.clone()
+    x[:4] *= 1e4
+    y[:4] = (y[:4] + torch.arange(1, 5)) % 10
+    return x, y
+
+
+def inf_grad(model: nn.Module) -> None:
+    """One inf gradient value, as from an op whose fp16 backward overflows at any loss scale."""
+    next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")  # type: ignore
+
+
+def scale_grads(factor: float) -> Callable[[nn.Module], None]:
+    def scale(model: nn.Module) -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+    return scale
+
+
+def zero_grad_hooks(*names: str) -> Callable[[Run], None]:
+    """A freeze done wrong: hooks zero the layers' gradients (weight decay and momentum still move them)."""
+
+    def start(run: Run) -> None:
+        for n, p in run.model.named_parameters():
+            if n in names:
+                p.register_hook(torch.zeros_like)
+
+    return start
+
+
+def kill_relus(layer: int, fraction: float) -> Callable[[Run], None]:
+    """A -100 bias on ``fraction`` of a hidden layer's units: their ReLUs never fire again."""
+
+    def start(run: Run) -> None:
+        with torch.no_grad():
+            run.model[layer].bias[: int(fraction * run.model[layer].out_features)] = -100.0
+
+    return start
+
+
+K = 100  # onset of the mid-run faults
+P = "pathological"
+
+SCENARIOS: list[Scenario] = [
+    Scenario("mlp", "healthy", digits_mlp, 300, "ReLU MLP on digits, SGD momentum", quick=True),
+    Scenario("cnn_bn", "healthy", cnn_bn, 300, "conv->BN->ReLU x2 on 8x8 digits; conv biases get ~0 gradient",
+             quick=True),
+    Scenario("lstm_clip", "healthy", lambda s: recurrent(s, "lstm"), 300, "LSTM, majority token of 16, Adam, "
+             "clip 1.0"),
+    Scenario("transformer", "healthy", transformer, 200, "pre-LN transformer, reverse 10 tokens, AdamW, "
+             "30-step warm-up, cosine decay"),
+    Scenario("resmlp", "healthy", lambda s: Run(m := resmlp(), _adam(m), digits_batches(s), ce), 300,
+             "residual MLP with LayerNorm, 6 blocks, Adam"),
+    Scenario("finetune", "healthy", finetune, 300, "pre-trained MLP, new head, SGD; LR drops 10x at step 150"),
+    Scenario("bf16", "healthy", lambda s: digits_mlp(s, "adam", autocast=torch.bfloat16), 300,
+             "MLP under bf16 autocast, Adam"),
+    Scenario("amp_fp16", "healthy", lambda s: digits_mlp(s, autocast=torch.float16, scaler=True), 300,
+             "MLP under fp16 autocast with a GradScaler, SGD"),
+    Scenario("vanishing_sigmoid", P, sigmoid20, 120, "20 sigmoid layers, Glorot-uniform init, SGD",
+             onset=0, expected="vanishing", quick=True,
+             layers=Layers("input-side 2/3, from the first layer", lambda ls: {ls[0], ls[1]},
+                           lambda ls: set(ls[: 2 * len(ls) // 3]))),
+    Scenario("rnn_exploding", P, lambda s: recurrent(s, "rnn"), 30,
+             "ReLU RNN, recurrent weight 3x orthogonal: gradient ~1e5x, NaN by step 3; no clipping",
+             onset=0, expected="exploding"),
+    Scenario("lr_jump", P, digits_mlp, K + 40, "MLP, SGD; LR x300 at step k",
+             fault=lambda r: Fault(K, start=scale_lr(300.0)), onset=K, expected="exploding", quick=True),
+    Scenario("postln_no_warmup", P, lambda s: transformer(s, pre_ln=False), 200,
+             "post-LN transformer, AdamW 5e-2, no warm-up: never learns", onset=0, expected="update_ratio"),
+    Scenario("nan_batch", P, digits_mlp, K + 20, "MLP; one NaN input value at step k",
+             fault=lambda r: Fault(K, batch=nan_input), onset=K, expected="nonfinite", quick=True),
+    Scenario("inf_loss", P, lambda s: digits_mlp(s, loss=naive_nll), K + 20,
+             "MLP, log(softmax) in two steps; saturated samples at step k give an infinite loss",
+             fault=lambda r: Fault(K, batch=saturate), onset=K, expected="nonfinite"),
+    Scenario("grad_1e20", P, lambda s: digits_mlp(s, "adam"), K + 30,
+             "MLP, Adam; loss x1e20 at step k: gradient norm ~1e20, still finite",
+             fault=lambda r: Fault(K, loss=lambda loss: loss * 1e20), onset=K, expected="exploding",
+             forbid=("nonfinite",), quick=True),
+    Scenario("scaler_collapse", P, lambda s: digits_mlp(s, autocast=torch.float16, scaler=True), K + 40,
+             "fp16 autocast + GradScaler; an inf gradient every step from k: the scale halves each step",
+             fault=lambda r: Fault(K, grads=inf_grad, persistent=True), onset=K, expected="loss_scale"),
+    Scenario("detached_branch", P, lambda s: Run(m := two_branch(), _adam(m), digits_batches(s), ce), 60,
+             "a side branch whose output is .detach()ed: its .grad stays None", onset=0,
+             expected="no_gradient", layers=Layers("0.side.weight, 0.side.bias", prefixed("0.side."))),
+    Scenario("frozen_layer", P, lambda s: digits_mlp(s, "adam"), K + 40,
+             "MLP; from step k a hook zeroes layer 2's gradients (a freeze done wrong)",
+             fault=lambda r: Fault(K, start=zero_grad_hooks("2.weight", "2.bias")), onset=K,
+             expected="no_gradient", layers=Layers("2.weight, 2.bias", prefixed("2."))),
+    Scenario("loss_spike_ln", P, ln_regression, 170,
+             "regression through an output LayerNorm; targets x1.3 in one batch: loss x3, gradient norm not up",
+             fault=lambda r: Fault(150, batch=lambda x, y: (x, y * 1.3)), onset=150, expected="loss_spike"),
+    Scenario("dead_relu", P, lambda s: digits_mlp(s, "adam"), K + 40,
+             "MLP; 95% of the first hidden layer's ReLUs killed by a -100 bias at step k",
+             fault=lambda r: Fault(K, start=kill_relus(0, 0.95)), onset=K, expected="dead_units",
+             layers=Layers("0.weight, 0.bias (2.weight allowed)", prefixed("0."), prefixed("0.", "2.weight"))),
+    Scenario("fp16_underflow", P, lambda s: digits_mlp(s, "adam"), K + 40,
+             "MLP, Adam; gradients x1e-6 from step k: below fp16's smallest subnormal",
+             fault=lambda r: Fault(K, grads=scale_grads(1e-6), persistent=True), onset=K, expected="precision",
+             detectors={"precision": {"enabled": True, "format": "fp16"}},
+             layers=Layers("every weight", lambda ls: {n for n in ls if n.endswith("weight")}, set)),
+    Scenario("update_ratio", P, lambda s: digits_mlp(s, "adamw", 0.08), 60,
+             "MLP, AdamW lr 0.08: updates rewrite several per cent of the weights every step", onset=0,
+             expected="update_ratio"),
+]
+
+BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}

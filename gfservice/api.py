@@ -57,9 +57,14 @@ class Severity(str, Enum):
 
 
 class Finding(BaseModel):
-    """One thing a detector noticed about one run, at one step, that a person can act on."""
+    """One thing a detector noticed about one run, at one step, that a person can act on.
 
-    model_config = ConfigDict(extra="forbid")
+    An immutable value. A detector returns it with the step it judged; the aggregator keeps the lifecycle
+    (first and last step, occurrences, active or cleared) in its own record and hands out copies with those
+    fields filled in.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     detector: str
     severity: Severity
@@ -72,18 +77,28 @@ class Finding(BaseModel):
     threshold: float | None = None
     #: Distinguishes several concurrent findings of one detector (e.g. "cap" and "spike").
     key: str = ""
-    # Lifecycle, maintained by the aggregator.
+    time: float = Field(default_factory=time.time)
+    # Lifecycle: filled in by the aggregator on the copies it hands out (None / defaults on a detector's own).
     first_step: int | None = None
     last_step: int | None = None
+    #: Steps at which the detector reported it while it was active.
+    occurrences: int = 1
     active: bool = True
-    time: float = Field(default_factory=time.time)
+    #: Unix time at which it cleared (None while active).
+    cleared_time: float | None = None
 
     @property
     def identity(self) -> tuple[str, str]:
+        """What makes two findings of one run the same while active: the detector and its key."""
         return (self.detector, self.key)
 
+    @property
+    def since(self) -> int:
+        """The step at which it was first raised (its own step for a detector's fresh finding)."""
+        return self.step if self.first_step is None else self.first_step
+
     def __str__(self) -> str:
-        return f"[{self.severity.value}] {self.detector} @ step {self.step}: {self.message}"
+        return f"[{self.severity.value}] {self.detector} @ step {self.since}: {self.message}"
 
 
 @dataclass(eq=False)
@@ -103,14 +118,15 @@ class StepStats:
     loss_scale: float | None = None
     #: True when a GradScaler skipped the optimizer step (non-finite gradients at this scale).
     skipped: bool = False
-    weight_norm: np.ndarray | None = None
-    update_ratio: np.ndarray | None = None
     #: Local (pre-allreduce) global gradient norm of each rank, where known.
     rank_norm: np.ndarray | None = None
     #: Whether each rank's local gradients held NaN/Inf before they were reduced.
     rank_nonfinite: np.ndarray | None = None
     #: Seconds each rank spent on the step, where known.
     step_time: np.ndarray | None = None
+    #: Seconds from the end of each rank's previous step until its first gradient bucket was ready, where
+    #: known (data, forward and backward: what differs between ranks that wait for each other).
+    compute_time: np.ndarray | None = None
     #: Ranks whose report had not arrived when the step was merged.
     missing_ranks: tuple[int, ...] = ()
 
@@ -121,6 +137,16 @@ class StepStats:
     @property
     def global_norm(self) -> float:
         return self.grads.global_norm
+
+    @property
+    def weight_norm(self) -> np.ndarray | None:
+        """L2 norm of each layer's weights after the optimizer step (deep steps that saw it)."""
+        return self.grads.weight_norm
+
+    @property
+    def update_ratio(self) -> np.ndarray | None:
+        """|update| / |weights| per layer on deep steps that saw the optimizer step."""
+        return self.grads.update_ratio
 
 
 class DetectorConfig(BaseModel):

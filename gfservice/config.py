@@ -1,4 +1,9 @@
-"""The configuration file (TOML or YAML): which detectors run with which fields, and aggregator limits.
+"""One settings model: which detectors run with which fields, aggregator limits, the service and its exporter.
+
+Read from a TOML or YAML file, with ``GFSERVICE_*`` environment variables on top (``__`` separates nested
+keys: ``GFSERVICE_SERVICE__METRICS_PORT=9000``, ``GFSERVICE_DETECTORS__EXPLODING__Z_THRESHOLD=8``). The whole
+file is validated at load: every configured detector is built once, so a bad field is a :class:`ConfigError`
+that names the detector and the field before anything starts.
 
 ```toml
 [detectors.exploding]
@@ -7,6 +12,8 @@ z_threshold = 8.0
 enabled = false
 [aggregator]
 history = 500
+[service.exporter]
+max_layer_series = 64
 ```
 
 >>> import tempfile, pathlib
@@ -19,35 +26,153 @@ history = 500
 Traceback (most recent call last):
 ...
 gfservice.registry.ConfigError: ...gf.toml: detector 'exploding': z_treshold: Extra inputs are not permitted
+>>> _ = p.write_text("[service.exporter]\\ndepth_buckets = 0\\n")
+>>> load_settings(p)
+Traceback (most recent call last):
+...
+gfservice.registry.ConfigError: ...gf.toml: service.exporter.depth_buckets: Input should be greater than or equal to 1
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gfservice import registry
 from gfservice.registry import ConfigError
-from gfservice.service.aggregator import AggregatorConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+__all__ = ["AggregatorConfig", "ConfigError", "ExporterConfig", "ServiceConfig", "Settings", "load_settings"]
 
-class Settings(BaseModel):
-    """Everything a configuration file can set. Sections other tools own are kept in ``extra``."""
+DEFAULT_NAME = os.environ.get("GFSERVICE_NAME", "gfservice")
+DEFAULT_NAMESPACE = os.environ.get("GFSERVICE_NAMESPACE", "gfservice")
+
+
+class AggregatorConfig(BaseModel):
+    """Limits and behaviour of the aggregator; every field has a default that suits most jobs."""
 
     model_config = ConfigDict(extra="forbid")
 
+    #: Merged steps kept per run (the history behind ``latest`` and reports).
+    history: int = Field(1000, ge=1)
+    #: Findings kept per run, newest last.
+    findings_history: int = Field(1000, ge=1)
+    #: Layers allowed per run; a layout with more is rejected as oversized.
+    max_layers: int = Field(100_000, ge=1)
+    #: Runs tracked at once; the least recently updated run is forgotten beyond this.
+    max_runs: int = Field(1000, ge=1)
+    #: A step waits this long for its missing ranks before it is merged without them.
+    merge_timeout_s: float = Field(30.0, gt=0)
+    #: Hard cap on steps waiting for ranks: beyond it the oldest is merged without its missing ranks.
+    #: (A step is merged as soon as every missing rank has reported a later step: their report is lost.)
+    max_pending_steps: int = Field(256, ge=1)
+    #: A run with no new step for this long is taken as over (its job died without closing its monitor),
+    #: which ends its "training stalled" alert.
+    idle_finish_s: float = Field(6 * 3600.0, gt=0)
+
+
+class ExporterConfig(BaseModel):
+    """Options of the ``/metrics`` endpoint and of what it exports (``[service.exporter]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Contiguous depth buckets of ``gradflow_depth_grad_rms`` (input to output), whatever the model size.
+    depth_buckets: int = Field(16, ge=1, le=100)
+    #: Most layers with their own ``gradflow_layer_grad_norm`` series per run.
+    max_layer_series: int = Field(32, ge=2, le=1000)
+    #: Seconds a cleared finding stays exposed, so that a finding shorter than a scrape interval is seen.
+    finding_linger_s: float = Field(300.0, ge=0)
+    #: Address to bind; the default keeps the endpoint on this machine. Use "0.0.0.0" to expose it.
+    address: str = "127.0.0.1"
+    #: Port to bind; 0 picks a free one (Prometheus finds it through the discovery file).
+    port: int = Field(0, ge=0, le=65535)
+    #: Serve HTTPS with this certificate and key (PEM files); both or neither.
+    certfile: str | None = None
+    keyfile: str | None = None
+    #: With TLS: require client certificates signed by this CA (mutual TLS).
+    client_cafile: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ExporterConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together: set both for TLS, or neither")
+        if self.client_cafile and not self.certfile:
+            raise ValueError("client_cafile needs certfile and keyfile (it is for mutual TLS)")
+        return self
+
+
+def _default_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "gfservice"
+
+
+class ServiceConfig(BaseModel):
+    """The ``[service]`` section: the Ray actor, its snapshots and its ``/metrics`` endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Ray actor name and namespace: monitors and ``gfservice.connect()`` find the service by them.
+    name: str = DEFAULT_NAME
+    namespace: str = DEFAULT_NAMESPACE
+    #: Where detector state and findings are saved, so that a restarted service resumes ("" disables).
+    snapshot_path: str = Field(default_factory=lambda: str(_default_dir() / "snapshot.pkl"))
+    snapshot_interval_s: float = Field(5.0, gt=0)
+    #: How often overdue steps are merged (rank timeouts).
+    tick_interval_s: float = Field(0.5, gt=0)
+    #: /metrics endpoint: None disables it, 0 picks a free port.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_addr: str = "127.0.0.1"
+    #: Prometheus file-based service discovery file, rewritten whenever the endpoint moves ("" disables).
+    sd_file: str = Field(default_factory=lambda: str(_default_dir() / "prometheus-sd.json"))
+    #: Options of the Prometheus exporter.
+    exporter: ExporterConfig = Field(default_factory=ExporterConfig)
+
+    def exporter_config(self, port: int) -> ExporterConfig:
+        """The exporter's settings bound to ``metrics_addr`` and ``port``."""
+        return self.exporter.model_copy(update={"address": self.metrics_addr, "port": port})
+
+
+class Settings(BaseSettings):
+    """Everything a configuration file (or ``GFSERVICE_*`` variables) can set."""
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix="GFSERVICE_", env_nested_delimiter="__",
+                                      case_sensitive=False)
+
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
-    service: dict[str, Any] = Field(default_factory=dict)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)  # the environment overrides the file
+
+    @model_validator(mode="after")
+    def _detectors_build(self) -> Settings:
+        self.detectors = registry.validate(self.detectors)
+        return self
+
+    def with_service(self, **overrides: Any) -> Settings:
+        """A copy with ``[service]`` fields replaced (``None`` values are ignored), validated."""
+        fields = {k: v for k, v in overrides.items() if v is not None}
+        service = ServiceConfig.model_validate({**self.service.model_dump(), **fields})
+        return self.model_copy(update={"service": service})
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -70,17 +195,24 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(path: str | Path | None = None, data: dict[str, Any] | None = None) -> Settings:
-    """Read and validate a configuration file (or an already parsed dict)."""
+def load_settings(path: str | os.PathLike[str] | None = None, data: dict[str, Any] | None = None,
+                  env: bool = True) -> Settings:
+    """Read and validate a configuration file (or an already parsed dict), ``GFSERVICE_*`` variables on top.
+
+    Raises :class:`ConfigError` naming the file, the section and the field.
+    """
     where = str(path) if path else "settings"
-    raw = read_file(path) if path else (data or {})
+    raw = read_file(path) if path else dict(data or {})
     try:
-        settings = Settings.model_validate(raw)
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        raise ConfigError(f"{where}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
-    try:
-        registry.validate(settings.detectors)
+        if env:
+            return Settings(**raw)
+        return Settings.model_validate(raw)  # the model validator only: no environment
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return settings
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(map(str, e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "value_error" and not e["loc"]:  # the registry's own message names the detector
+            raise ConfigError(f"{where}: {msg}") from None
+        raise ConfigError(f"{where}: {loc}: {msg}") from None

@@ -67,7 +67,7 @@ def validate(settings: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict
         if name not in classes:
             raise ConfigError(f"unknown detector {name!r}; installed: {', '.join(classes)}")
         try:
-            classes[name].Config(**(fields or {}))
+            classes[name](dict(fields or {}))  # built once: a bad field fails here, not in the service
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()

@@ -1,9 +1,11 @@
-"""Mergeable per-layer gradient statistics (pure numpy).
+"""Mergeable per-layer gradient statistics (pure numpy): the one declaration of each statistic.
 
-A worker ships only sufficient statistics that merge exactly across ranks and shards:
-``count``, ``sum_sq``, ``max_abs``, ``nonfinite`` every collected step and, on deep steps,
-``sum_abs``, ``zeros`` and a histogram of the fp32 exponent of |g|. Norms, means and
-underflow fractions are derived here, never shipped.
+Each statistic is a field of :class:`GradStats` declared with :func:`statistic`: its dtype, how it merges
+across ranks (``sum`` adds, ``max`` takes the maximum, a histogram adds bin by bin) and when it is
+collected (``core`` every collected step, ``deep`` on deep steps, ``update`` on deep steps that saw the
+optimizer step). The wire model, the merge, the history file format, the plugin kit's ``make_step`` and
+the collector's packing all read :data:`STATISTICS`; adding a statistic is one field here plus its kernel.
+Norms, means, ratios and underflow fractions are derived here, never shipped.
 
 >>> a = GradStats.from_arrays({"w": np.array([3.0, -4.0]), "b": np.array([0.0])}, deep=True)
 >>> a.norm.tolist(), a.max_abs.tolist(), a.zeros.tolist()
@@ -11,14 +13,29 @@ underflow fractions are derived here, never shipped.
 >>> both = merge_shards([a, a], sharded=np.array([True, False]))
 >>> both.count.tolist(), both.sum_sq.tolist()
 ([4, 1], [50.0, 0.0])
+>>> [s.name for s in STATISTICS if s.tier == "core"]
+['count', 'sum_sq', 'max_abs', 'nonfinite']
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "EXP_BINS",
+    "FORMAT_LIMITS",
+    "STATISTICS",
+    "GradStats",
+    "Statistic",
+    "exponent_histogram",
+    "merge_shards",
+    "statistic",
+]
 
 #: Number of bins of the exponent histogram: one per biased fp32 exponent (0 = zero or fp32 subnormal,
 #: 255 = Inf/NaN).
@@ -34,31 +51,71 @@ FORMAT_LIMITS: dict[str, tuple[int, int]] = {
     "fp8_e5m2": (-14, -16),
 }
 
-CORE_FIELDS = ("count", "sum_sq", "max_abs", "nonfinite")
-DEEP_FIELDS = ("sum_abs", "zeros", "exp_hist")
+Tier = Literal["core", "deep", "update"]
+Reduce = Literal["sum", "max"]
+Array = npt.NDArray[Any]
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One shipped statistic: its name, dtype, reducer across ranks and shards, and tier."""
+
+    name: str
+    dtype: type[np.generic]
+    reduce: Reduce
+    tier: Tier
+    #: Trailing axis length (a histogram's bins); 0 for one value per layer.
+    bins: int = 0
+    doc: str = ""
+
+    @property
+    def ndim(self) -> int:
+        return 2 if self.bins else 1
+
+    def empty(self) -> Array:
+        """A zero-layer array of this statistic's dtype and shape."""
+        return np.zeros((0, self.bins) if self.bins else 0, dtype=self.dtype)
+
+
+def statistic(dtype: type[np.generic], reduce: Reduce, tier: Tier, doc: str, bins: int = 0) -> Any:
+    """Declare a field of :class:`GradStats` as a shipped statistic (core ones are required)."""
+    meta = {"statistic": (dtype, reduce, tier, bins, doc)}
+    if tier == "core":
+        return field(metadata=meta)
+    return field(default=None, metadata=meta)
 
 
 @dataclass(eq=False)
 class GradStats:
     """Statistics of the gradients of a list of layers (parameter tensors), one entry per layer.
 
-    ``sum_abs``, ``zeros`` and ``exp_hist`` are ``None`` except on deep steps.
+    Core statistics are always there; ``deep`` ones only on deep steps, ``update`` ones only on deep steps
+    that saw the optimizer step (otherwise ``None``). ``units`` (rows of each parameter, its output units)
+    is layout, not a statistic.
     """
 
     layers: tuple[str, ...]
-    count: np.ndarray  # int64, elements per layer
-    sum_sq: np.ndarray  # float64, sum of g**2 over finite elements (or Inf/NaN if any is not)
-    max_abs: np.ndarray  # float64
-    nonfinite: np.ndarray  # int64, NaN or Inf elements
-    sum_abs: np.ndarray | None = None  # float64
-    zeros: np.ndarray | None = None  # int64, exact zeros
-    exp_hist: np.ndarray | None = field(default=None)  # int64 (layers, EXP_BINS)
+    count: Array = statistic(np.int64, "sum", "core", "gradient elements (0: no gradient at this step)")
+    sum_sq: Array = statistic(np.float64, "sum", "core", "sum of g**2 (Inf or NaN when some g is)")
+    max_abs: Array = statistic(np.float64, "max", "core", "largest |g|")
+    nonfinite: Array = statistic(np.int64, "sum", "core", "NaN or Inf elements")
+    sum_abs: Array | None = statistic(np.float64, "sum", "deep", "sum of |g|")
+    zeros: Array | None = statistic(np.int64, "sum", "deep", "exactly zero elements")
+    exp_hist: Array | None = statistic(np.int64, "sum", "deep", "histogram of the fp32 exponent of |g|",
+                                       bins=EXP_BINS)
+    dead_units: Array | None = statistic(np.int64, "sum", "deep",
+                                         "output units (rows) whose gradient is exactly zero")
+    weight_sq: Array | None = statistic(np.float64, "sum", "update", "sum of w**2 after the optimizer step")
+    update_sq: Array | None = statistic(np.float64, "sum", "update", "sum of (w_after - w_before)**2")
+    units: Array | None = None
 
     @classmethod
-    def from_arrays(cls, grads: Mapping[str, np.ndarray], deep: bool = False) -> GradStats:
+    def from_arrays(cls, grads: Mapping[str, Array], deep: bool = False) -> GradStats:
         """Reference implementation on host arrays (float64 accumulation); used by tests and tools.
 
         >>> GradStats.from_arrays({"x": np.array([1.0, np.nan])}).nonfinite.tolist()
+        [1]
+        >>> GradStats.from_arrays({"w": np.array([[0.0, 0.0], [1.0, 0.0]])}, deep=True).dead_units.tolist()
         [1]
         """
         names = tuple(grads)
@@ -70,6 +127,7 @@ class GradStats:
             sum_sq=np.array([np.sum(a * a) for a in a64], dtype=np.float64),
             max_abs=np.array([a.max(initial=0.0) for a in a64], dtype=np.float64),
             nonfinite=np.array([np.count_nonzero(~np.isfinite(a)) for a in a64], dtype=np.int64),
+            units=np.array([unit_rows(a.shape) for a in arrs], dtype=np.int64),
         )
         if deep:
             out.sum_abs = np.array([np.sum(a) for a in a64], dtype=np.float64)
@@ -77,6 +135,9 @@ class GradStats:
             out.exp_hist = np.stack(
                 [exponent_histogram(a.astype(np.float32)) for a in arrs]
             ) if arrs else np.zeros((0, EXP_BINS), np.int64)
+            out.dead_units = np.array(
+                [np.count_nonzero(~np.any(a.reshape(unit_rows(a.shape), -1) != 0, axis=1)) if a.size else 0
+                 for a in arrs], dtype=np.int64)
         return out
 
     @property
@@ -86,33 +147,63 @@ class GradStats:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def arrays(self) -> dict[str, Array]:
+        """The statistics that are present, by name (what travels and what a history file holds)."""
+        out: dict[str, Array] = {}
+        for s in STATISTICS:
+            value = getattr(self, s.name)
+            if value is not None:
+                out[s.name] = value
+        return out
+
     # ---- derived quantities -------------------------------------------------------------------
     @property
-    def norm(self) -> np.ndarray:
+    def norm(self) -> Array:
         """L2 norm per layer."""
         return np.sqrt(self.sum_sq)
 
     @property
-    def rms(self) -> np.ndarray:
+    def rms(self) -> Array:
         """Root mean square per layer (0 for empty layers)."""
         return np.sqrt(_safe_div(self.sum_sq, self.count))
 
     @property
-    def mean_abs(self) -> np.ndarray | None:
+    def mean_abs(self) -> Array | None:
         """Mean |g| per layer (deep steps only)."""
         return None if self.sum_abs is None else _safe_div(self.sum_abs, self.count)
 
     @property
-    def zero_fraction(self) -> np.ndarray | None:
+    def zero_fraction(self) -> Array | None:
         """Fraction of exactly-zero gradient elements per layer (deep steps only)."""
         return None if self.zeros is None else _safe_div(self.zeros, self.count)
+
+    @property
+    def dead_fraction(self) -> Array | None:
+        """Fraction of each layer's output units whose gradient is exactly zero (deep steps only)."""
+        if self.dead_units is None or self.units is None:
+            return None
+        return _safe_div(self.dead_units, self.units)
+
+    @property
+    def weight_norm(self) -> Array | None:
+        """L2 norm of each layer's weights after the optimizer step (deep steps that saw it)."""
+        return None if self.weight_sq is None else np.sqrt(self.weight_sq)
+
+    @property
+    def update_ratio(self) -> Array | None:
+        """|update| / |weights| per layer (NaN for zero weights; deep steps that saw the optimizer step)."""
+        if self.update_sq is None or self.weight_sq is None:
+            return None
+        out = np.full(len(self.update_sq), np.nan)
+        np.divide(self.update_sq, self.weight_sq, out=out, where=self.weight_sq > 0)
+        return np.sqrt(out)
 
     @property
     def global_norm(self) -> float:
         """L2 norm over all layers, as an optimizer's clip_grad_norm_ computes it."""
         return float(np.sqrt(self.sum_sq.sum()))
 
-    def underflow_fraction(self, fmt: str, subnormal: bool = False) -> np.ndarray | None:
+    def underflow_fraction(self, fmt: str, subnormal: bool = False) -> Array | None:
         """Fraction of non-zero finite |g| below ``fmt``'s smallest normal (or subnormal) value.
 
         ``fmt`` is one of :data:`FORMAT_LIMITS`. Deep steps only.
@@ -121,7 +212,7 @@ class GradStats:
         >>> s.underflow_fraction("fp16").round(3).tolist(), s.underflow_fraction("fp16", True).round(3).tolist()
         ([0.667], [0.333])
         """
-        if self.exp_hist is None:
+        if self.exp_hist is None or self.zeros is None:
             return None
         if fmt not in FORMAT_LIMITS:
             raise ValueError(f"unknown format {fmt!r}; choose one of {sorted(FORMAT_LIMITS)}")
@@ -132,30 +223,59 @@ class GradStats:
         finite_nonzero = self.exp_hist[:, :255].sum(axis=1) - self.zeros
         return _safe_div(below, finite_nonzero)
 
-    def select(self, index: np.ndarray | Sequence[int]) -> GradStats:
+    def select(self, index: npt.ArrayLike) -> GradStats:
         """The statistics of a subset of layers, by position."""
         idx = np.asarray(index, dtype=np.int64)
         kw = {f.name: _take(getattr(self, f.name), idx) for f in fields(self) if f.name != "layers"}
         return GradStats(layers=tuple(self.layers[i] for i in idx), **kw)
 
-    def to_dict(self) -> dict:
-        """Plain dict of arrays (for pickling, messages and history files)."""
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of arrays (for messages and history files)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _take(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+def _declared() -> tuple[Statistic, ...]:
+    out = []
+    for f in fields(GradStats):
+        if "statistic" in f.metadata:
+            dtype, reduce, tier, bins, doc = f.metadata["statistic"]
+            out.append(Statistic(f.name, dtype, reduce, tier, bins, doc))
+    return tuple(out)
+
+
+#: Every shipped statistic, in declaration order.
+STATISTICS: tuple[Statistic, ...] = _declared()
+#: The statistics by name.
+BY_NAME: dict[str, Statistic] = {s.name: s for s in STATISTICS}
+#: Names of the statistics of each tier.
+TIERS: dict[str, tuple[str, ...]] = {t: tuple(s.name for s in STATISTICS if s.tier == t)
+                                     for t in ("core", "deep", "update")}
+
+
+def unit_rows(shape: Sequence[int]) -> int:
+    """Output units of a parameter of ``shape``: its rows (dim 0) for 2-d and larger, its elements for 1-d.
+
+    >>> unit_rows((64, 3, 3, 3)), unit_rows((10,)), unit_rows(())
+    (64, 10, 1)
+    """
+    if len(shape) == 0:
+        return 1
+    return int(shape[0])
+
+
+def _take(a: Array | None, idx: Array) -> Array | None:
     return None if a is None else a[idx]
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    out = np.zeros(np.broadcast_shapes(num.shape, den.shape), dtype=np.float64)
-    np.divide(num, den, out=out, where=den > 0)
+def _safe_div(num: npt.ArrayLike, den: npt.ArrayLike) -> Array:
+    n = np.asarray(num, dtype=np.float64)
+    d = np.asarray(den, dtype=np.float64)
+    out = np.zeros(np.broadcast_shapes(n.shape, d.shape), dtype=np.float64)
+    np.divide(n, d, out=out, where=d > 0)
     return out
 
 
-def exponent_histogram(values: np.ndarray) -> np.ndarray:
+def exponent_histogram(values: npt.ArrayLike) -> Array:
     """Histogram of the biased fp32 exponent of ``values`` (cast to float32), ``EXP_BINS`` bins.
 
     >>> h = exponent_histogram(np.array([1.0, 2.0, 0.0, np.inf], dtype=np.float32))
@@ -166,13 +286,22 @@ def exponent_histogram(values: np.ndarray) -> np.ndarray:
     return np.bincount((bits >> 23) & 0xFF, minlength=EXP_BINS).astype(np.int64)
 
 
-def merge_shards(parts: Sequence[GradStats], sharded: np.ndarray) -> GradStats:
+_REDUCERS = {"sum": np.sum, "max": np.max}
+
+
+def merge_shards(parts: Sequence[GradStats], sharded: npt.ArrayLike) -> GradStats:
     """Merge the statistics that several ranks computed for the same layers.
 
-    ``sharded[i]`` says whether layer ``i`` is split across ranks (FSDP: each rank holds a shard,
-    so sums add, maxima take the max, histograms add). Replicated layers (DDP, or parameters FSDP
-    does not shard) hold the same gradient on every rank and are counted once: the first part's
-    value is kept. Deep fields are merged only when every part carries them.
+    ``sharded[i]`` says whether layer ``i`` is split across ranks (FSDP: each rank holds a shard, so each
+    statistic reduces by its declared reducer). Replicated layers (DDP, or parameters FSDP does not shard)
+    hold the same gradient on every rank and are counted once: the first part's value is kept. A statistic
+    is merged only when every part carries it.
+
+    >>> a = GradStats.from_arrays({"w": np.array([1.0, -2.0])})
+    >>> b = GradStats.from_arrays({"w": np.array([3.0])})
+    >>> m = merge_shards([a, b], sharded=[True])
+    >>> m.count.tolist(), m.sum_sq.tolist(), m.max_abs.tolist()
+    ([3], [14.0], [3.0])
     """
     if not parts:
         raise ValueError("nothing to merge")
@@ -182,25 +311,14 @@ def merge_shards(parts: Sequence[GradStats], sharded: np.ndarray) -> GradStats:
             raise ValueError("parts cover different layers; merge needs one layout")
     if len(parts) == 1:
         return first
-    sharded = np.asarray(sharded, dtype=bool)
-    rep = ~sharded
-
-    def combine(name: str, reduce) -> np.ndarray | None:
-        arrays = [getattr(p, name) for p in parts]
+    replicated = ~np.asarray(sharded, dtype=bool)
+    merged: dict[str, Array | None] = {}
+    for s in STATISTICS:
+        arrays = [getattr(p, s.name) for p in parts]
         if any(a is None for a in arrays):
-            return None
-        merged = reduce(np.stack(arrays), axis=0)
-        mask = rep if merged.ndim == 1 else rep[:, None]
-        return np.where(mask, arrays[0], merged)
-
-    return GradStats(
-        layers=first.layers,
-        count=combine("count", np.sum),
-        sum_sq=combine("sum_sq", np.sum),
-        max_abs=combine("max_abs", np.max),
-        nonfinite=combine("nonfinite", np.sum),
-        sum_abs=combine("sum_abs", np.sum),
-        zeros=combine("zeros", np.sum),
-        exp_hist=combine("exp_hist", np.sum),
-    )
-
+            merged[s.name] = None
+            continue
+        reduced = _REDUCERS[s.reduce](np.stack(arrays), axis=0)
+        mask = replicated[:, None] if s.bins else replicated
+        merged[s.name] = np.where(mask, arrays[0], reduced)
+    return GradStats(layers=first.layers, units=first.units, **merged)  # type: ignore[arg-type]

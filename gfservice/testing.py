@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats
-from gfservice.stats import GradStats
+from gfservice.stats import STATISTICS, GradStats
 
 
 def make_step(
@@ -27,32 +28,50 @@ def make_step(
     count: Sequence[int] | int = 1000,
     max_abs: Sequence[float] | None = None,
     nonfinite: Sequence[int] | None = None,
-    sum_abs: Sequence[float] | None = None,
-    zeros: Sequence[int] | None = None,
     layers: Sequence[str] | None = None,
-    **scalars,
+    units: Sequence[int] | int | None = None,
+    weight_norm: Sequence[float] | None = None,
+    update_ratio: Sequence[float] | None = None,
+    **extra: Any,
 ) -> StepStats:
     """A :class:`StepStats` from per-layer sums; the rest is filled in consistently.
 
-    ``max_abs`` defaults to the RMS, ``nonfinite`` to zero. Other keywords (``loss``, ``lr``,
-    ``rank_nonfinite``, ...) go to :class:`StepStats` as they are.
+    ``max_abs`` defaults to the RMS, ``nonfinite`` to zero. Any other statistic of
+    :data:`gfservice.stats.STATISTICS` (``sum_abs``, ``zeros``, ``exp_hist``, ``dead_units``, ``weight_sq``,
+    ...) may be given by name; ``weight_norm`` and ``update_ratio`` are turned into the sums of squares that
+    travel. Other keywords (``loss``, ``lr``, ``rank_norm``, ...) go to :class:`StepStats` as they are.
+
+    >>> s = make_step(sum_sq=[4.0, 1.0], count=4, weight_norm=[2.0, 1.0], update_ratio=[1e-3, 1e-2])
+    >>> s.grads.rms.tolist(), s.update_ratio.round(6).tolist()
+    ([1.0, 0.5], [0.001, 0.01])
     """
     sq = np.asarray(sum_sq, dtype=np.float64)
     n = len(sq)
     cnt = np.broadcast_to(np.asarray(count, dtype=np.int64), (n,)).copy()
+    arrays: dict[str, Any] = {
+        "count": cnt,
+        "sum_sq": sq,
+        "max_abs": np.asarray(max_abs, np.float64) if max_abs is not None else np.sqrt(sq / np.maximum(cnt, 1)),
+        "nonfinite": np.asarray(nonfinite, np.int64) if nonfinite is not None else np.zeros(n, np.int64),
+    }
+    if weight_norm is not None:
+        wn = np.asarray(weight_norm, np.float64)
+        arrays["weight_sq"] = wn**2
+        if update_ratio is not None:
+            arrays["update_sq"] = (np.asarray(update_ratio, np.float64) * wn) ** 2
+    for s in STATISTICS:
+        if s.name in extra:
+            value = extra.pop(s.name)
+            arrays[s.name] = None if value is None else np.asarray(value, s.dtype)
     grads = GradStats(
         layers=tuple(layers) if layers is not None else tuple(f"layer{i}" for i in range(n)),
-        count=cnt,
-        sum_sq=sq,
-        max_abs=np.asarray(max_abs, np.float64) if max_abs is not None else np.sqrt(sq / cnt),
-        nonfinite=np.asarray(nonfinite, np.int64) if nonfinite is not None else np.zeros(n, np.int64),
-        sum_abs=None if sum_abs is None else np.asarray(sum_abs, np.float64),
-        zeros=None if zeros is None else np.asarray(zeros, np.int64),
+        units=None if units is None else np.broadcast_to(np.asarray(units, np.int64), (n,)).copy(),
+        **arrays,
     )
-    for k in ("rank_norm", "rank_nonfinite", "step_time", "weight_norm", "update_ratio"):
-        if k in scalars and scalars[k] is not None:
-            scalars[k] = np.asarray(scalars[k])
-    return StepStats(run=run, step=step, grads=grads, **scalars)
+    for k in ("rank_norm", "rank_nonfinite", "step_time", "compute_time"):
+        if k in extra and extra[k] is not None:
+            extra[k] = np.asarray(extra[k])
+    return StepStats(run=run, step=step, grads=grads, **extra)
 
 
 def replay(detector: Detector, steps: Iterable[StepStats]) -> list[Finding]:

@@ -21,21 +21,22 @@ NAN = float("nan")
 
 
 def layout(run="good", rank=0, world=1, layers=LAYERS, sharded=None, **kw) -> dict:
-    return {"run": run, "rank": rank, "world_size": world, "layers": list(layers), "numel": [10] * len(layers),
+    return {"kind": "layout", "run": run, "rank": rank, "world_size": world, "layers": list(layers),
+            "numel": [10] * len(layers),
             "sharded": list(sharded) if sharded is not None else [False] * len(layers), **kw}
 
 
 def report(run="good", rank=0, step=0, sum_sq=(1.0, 0.5, 2.0), nonfinite=None, **kw) -> dict:
     sq = [float(v) for v in sum_sq]
     bad = [0 if np.isfinite(v) else 10 for v in sq] if nonfinite is None else list(nonfinite)
-    return {"run": run, "rank": rank, "step": step, "count": [10] * len(sq), "sum_sq": sq,
+    return {"kind": "step", "run": run, "rank": rank, "step": step, "count": [10] * len(sq), "sum_sq": sq,
             "max_abs": [np.sqrt(v) if np.isfinite(v) else v for v in sq], "nonfinite": bad, **kw}
 
 
 def from_stats(stats: GradStats, run: str, rank: int, step: int, **kw) -> dict:
     """A step report carrying ``stats`` (computed from real arrays)."""
-    return {"run": run, "rank": rank, "step": step,
-            **{k: v for k, v in stats.to_dict().items() if k != "layers" and v is not None}, **kw}
+    return {"kind": "step", "run": run, "rank": rank, "step": step,
+            **stats.arrays(), **kw}
 
 
 def accept(agg: Aggregator, msg) -> tuple:
@@ -104,12 +105,12 @@ BAD_MESSAGES = {
 def test_bad_input_is_rejected_with_a_reason_and_counted(two_runs, case, caplog):
     agg = two_runs
     msg, reason, detail = BAD_MESSAGES[case]
-    before = dict(agg.rejected)
+    before = dict(agg.view().rejected)
     accepted = agg.accepted
     with caplog.at_level(logging.DEBUG, logger="gfservice.service.aggregator"):
         ack = agg.submit(msg)
     assert (ack.accepted, ack.reason, ack.new_findings) == (False, reason, ())
-    assert agg.rejected[reason] == before.get(reason, 0) + 1
+    assert agg.view().rejected[reason] == before.get(reason, 0) + 1
     assert agg.accepted == accepted
     assert any(detail in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert {r["run"] for r in agg.runs()} == {"good", "pair"}  # no run appeared or vanished
@@ -125,7 +126,7 @@ def test_duplicate_report_of_a_waiting_step(two_runs):
     accept(agg, report(run="pair", rank=1, step=0))
     assert agg.latest("pair").step == 0
     assert agg.submit(report(run="pair", rank=1, step=0)).reason == "stale_step"
-    assert agg.rejected == {"duplicate": 1, "stale_step": 1}
+    assert agg.view().rejected == {"duplicate": 1, "stale_step": 1}
 
 
 def test_non_finite_gradient_values_are_data_not_errors(two_runs):
@@ -145,9 +146,9 @@ def test_a_barrage_of_bad_input_never_breaks_the_other_run(two_runs):
         assert (ack.accepted, ack.reason) == (False, reason), case
         _assert_good_run_unharmed(agg, step)
         step += 1
-    assert sum(agg.rejected.values()) == len(BAD_MESSAGES)
+    assert sum(agg.view().rejected.values()) == len(BAD_MESSAGES)
     assert [f.first_step for f in agg.findings("good")] == [1]
-    assert agg.run_state("good").findings_total == {("nonfinite", "critical"): 1}
+    assert agg.run_view("good").findings_total == {("nonfinite", "critical"): 1}
 
 
 # ---- merging ranks ---------------------------------------------------------------------------------------
@@ -186,9 +187,9 @@ def test_ddp_heartbeat_rank_names_the_rank_with_nan():
     accept(agg, layout(run="ddp", rank=0, world=2))
     accept(agg, layout(run="ddp", rank=1, world=2, layers=[], sharded=[], reports_layers=False))
     accept(agg, report(run="ddp", rank=0, step=0, local_norm=1.0))
-    accept(agg, {"run": "ddp", "rank": 1, "step": 0, "local_norm": 1.1})
+    accept(agg, {"kind": "step", "run": "ddp", "rank": 1, "step": 0, "local_norm": 1.1})
     accept(agg, report(run="ddp", rank=0, step=1, sum_sq=(NAN, NAN, NAN), local_norm=1.0))
-    (f,) = accept(agg, {"run": "ddp", "rank": 1, "step": 1, "local_nonfinite": True})
+    (f,) = accept(agg, {"kind": "step", "run": "ddp", "rank": 1, "step": 1, "local_nonfinite": True})
     assert f.step == 1 and f.ranks == [1] and "from rank 1" in f.message
     assert agg.submit(report(run="ddp", rank=1, step=2)).reason == "shape_mismatch"  # a heartbeat has no layers
 
@@ -269,7 +270,7 @@ def test_finding_lifecycle_first_last_cleared_and_not_repeated():
     assert (again.first_step, again.last_step) == (6, 6)
     assert [f.first_step for f in agg.findings("r")] == [2, 6]
     assert [f.first_step for f in agg.findings("r", since_step=3)] == [6]
-    assert agg.run_state("r").findings_total == {("flag", "warning"): 2}
+    assert agg.run_view("r").findings_total == {("flag", "warning"): 2}
 
 
 def test_findings_log_follows_the_lifecycle():
@@ -294,7 +295,7 @@ def test_a_detector_that_raises_is_isolated_and_counted(caplog):
         (nan,) = accept(agg, report(run="r", step=4, sum_sq=(1.0, NAN, 1.0), loss=0.0))
     assert [[f.detector for f in n] for n in news] == [["broken"], ["flag"], [], []]
     assert nan.detector == "nonfinite"
-    state = agg.run_state("r")
+    state = agg.run_view("r")
     assert state.detector_errors == {"broken": 4}
     assert {f.detector for f in agg.active_findings("r")} == {"broken", "nonfinite"}  # its finding stays
     assert any("detector broken failed on run r step 1" in r.getMessage() for r in caplog.records)
@@ -338,7 +339,7 @@ def test_state_dict_round_trip_resumes_without_repeating_findings():
     after_b = [f for s in steps[20:] for f in accept(resumed, s)]  # no layout resent
     assert [(f.detector, f.key, f.first_step) for f in after_b] == [("exploding", "spike", 30)]
     assert [f.model_dump(exclude={"time"}) for f in after_b] == [f.model_dump(exclude={"time"}) for f in after_a]
-    assert resumed.run_state("r").findings_total == first.run_state("r").findings_total
+    assert resumed.run_view("r").findings_total == first.run_view("r").findings_total
     assert [(f.detector, f.first_step) for f in resumed.findings("r")] == [("vanishing", 14), ("exploding", 30)]
     assert resumed.counters()["accepted"] == first.counters()["accepted"]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from gfservice.observability import alerts
+from gfservice.cli.main import main as gfservice_main
+from gfservice.observability import alerts, assets
 from tests.promtools import amtool_bin, promtool_bin, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,18 +17,50 @@ GRAFANA_RULES = ROOT / alerts.GRAFANA_RULES
 
 
 def test_committed_rule_files_match_the_code():
-    stale = alerts.drifted(ROOT)
-    assert not stale, (f"{', '.join(map(str, stale))} drifted from gfservice/alerts.py: "
-                       "run python -m gfservice.observability.alerts render")
+    stale = alerts.drifted(ROOT / alerts.DEFAULT_OUT)
+    assert not stale, (f"{', '.join(map(str, stale))} drifted from gfservice/observability/alerts.py: "
+                       "run gfservice alerts render (in the repository root)")
+
+
+def test_shipped_rule_files_are_the_committed_ones():
+    """The package data (what a wheel carries, read through assets) is what the code renders."""
+    rendered = alerts.rendered_files()
+    assert assets.rules_file().read_text(encoding="utf-8") == rendered[alerts.PROMETHEUS_RULES_FILE]
+    assert assets.grafana_alert_rules().read_text(encoding="utf-8") == rendered[alerts.GRAFANA_RULES_FILE]
+    assert ROOT / alerts.PROMETHEUS_RULES == ROOT / "deploy" / alerts.PROMETHEUS_RULES_FILE
 
 
 def test_render_all_writes_both_files(tmp_path):
     written = alerts.render_all(tmp_path, runbook_base="https://runbooks.example/")
-    assert sorted(p.relative_to(tmp_path) for p in written) == sorted([alerts.PROMETHEUS_RULES, alerts.GRAFANA_RULES])
-    assert "https://runbooks.example/GradflowServiceDown.md" in (tmp_path / alerts.PROMETHEUS_RULES).read_text()
-    args = ["render", "--root", str(tmp_path), "--check"]
-    assert alerts.main([*args, "--runbook-base", "https://runbooks.example/"]) == 0
-    assert alerts.main(args) == 1
+    assert sorted(p.relative_to(tmp_path) for p in written) == sorted(
+        [Path("prometheus/rules/gfservice.rules.yml"), Path("grafana/provisioning/alerting/gfservice-alerts.yml")])
+    assert "https://runbooks.example/GradflowServiceDown.md" in (tmp_path / alerts.PROMETHEUS_RULES_FILE).read_text()
+    assert alerts.drifted(tmp_path, runbook_base="https://runbooks.example/") == []
+    assert alerts.drifted(tmp_path) == written
+
+
+def test_gfservice_alerts_render_command(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert gfservice_main(["alerts", "render", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out / alerts.PROMETHEUS_RULES_FILE),
+                                               str(out / alerts.GRAFANA_RULES_FILE)]
+    for rel in (alerts.PROMETHEUS_RULES_FILE, alerts.GRAFANA_RULES_FILE):
+        assert (out / rel).read_text() == (ROOT / "deploy" / rel).read_text()
+    assert gfservice_main(["alerts", "render", "--out", str(out), "--check"]) == 0
+    # --check names the drifted file, writes nothing and exits 1.
+    (out / alerts.GRAFANA_RULES_FILE).write_text("edited by hand\n")
+    assert gfservice_main(["alerts", "render", "--out", str(out), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert str(out / alerts.GRAFANA_RULES_FILE) in err and str(alerts.PROMETHEUS_RULES_FILE) not in err
+    assert "gfservice alerts render" in err
+    assert (out / alerts.GRAFANA_RULES_FILE).read_text() == "edited by hand\n"
+    # --runbook-base relinks; the default DIR is ./deploy, relative to the working directory.
+    monkeypatch.chdir(tmp_path)
+    assert gfservice_main(["alerts", "render", "--runbook-base", "https://runbooks.example/"]) == 0
+    assert "https://runbooks.example/GradflowStalledRank.md" in (tmp_path / alerts.PROMETHEUS_RULES).read_text()
+    # python -m gfservice.observability.alerts is the same command.
+    assert alerts.main(["render", "--check", "--runbook-base", "https://runbooks.example/"]) == 0
+    assert alerts.main(["render", "--check"]) == 1
 
 
 def test_promtool_checks_the_rules():
@@ -117,10 +150,12 @@ def test_grafana_rules_use_grafana_s_field_names():
 
 
 def test_every_alert_has_a_runbook_and_names_its_subject():
+    assert set(assets.runbooks()) == {a.name for a in alerts.ALERTS}, "one shipped runbook per alert, no other"
     for a in alerts.ALERTS:
         book = ROOT / "docs/runbooks" / f"{a.name}.md"
         assert book.exists(), f"missing runbook {book}"
         text = book.read_text()
+        assert assets.runbook(a.name) == text
         for section in ("## What it means", "## First checks", "## Likely causes", "## Fixes", "## Silence it"):
             assert section in text, f"{book.name} lacks {section!r}"
         if a.name != "GradflowServiceDown":

@@ -1,4 +1,5 @@
-"""The Grafana dashboards: the committed JSON is what ``dashboards/build.py`` builds, and it is sound.
+"""The Grafana dashboards: the committed JSON is what :mod:`gfservice.observability.dashboards` builds (through
+``dashboards/build.py`` or ``gfservice dashboards render``), what the package ships, and it is sound.
 
 No Grafana server can be installed on these machines. The dashboards are checked by building them, validating
 their JSON and their panels, checking every query's metric names against the exporter's contract, parsing every
@@ -20,6 +21,9 @@ from types import ModuleType
 import pytest
 import yaml
 
+from gfservice.cli.main import main as gfservice_main
+from gfservice.observability import assets
+from gfservice.observability import dashboards as BUILD
 from gfservice.observability.dashboards_check import expected_empty, panel_queries, substitute
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +44,8 @@ KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "boo
             "inf", "nan", "Inf", "NaN"}
 
 
-def _build_module() -> ModuleType:
+def _build_script() -> ModuleType:
+    """``dashboards/build.py``, the checkout's entry point (``python -m dashboards.build``)."""
     spec = importlib.util.spec_from_file_location("gfservice_dashboards_build", DASHBOARDS / "build.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -48,7 +53,6 @@ def _build_module() -> ModuleType:
     return module
 
 
-BUILD = _build_module()
 KEYS = list(BUILD.DASHBOARDS)
 
 
@@ -95,6 +99,47 @@ def test_metric_names_parser():
 def test_committed_json_is_what_the_code_builds(key):
     committed = (DASHBOARDS / f"{key}.json").read_text(encoding="utf-8")
     assert committed == BUILD.render(key), f"dashboards/{key}.json drifted from the code: python -m dashboards.build"
+
+
+def test_the_package_ships_the_committed_json():
+    shipped = assets.dashboards()
+    assert list(shipped) == sorted(KEYS)
+    for key in KEYS:
+        assert shipped[key].read_text(encoding="utf-8") == (DASHBOARDS / f"{key}.json").read_text(encoding="utf-8")
+        assert assets.dashboard(key)["uid"] == BUILD.UIDS[key]
+
+
+def test_build_script_delegates_to_the_package(tmp_path, capsys):
+    script = _build_script()
+    assert script.render is BUILD.render and script.DASHBOARDS is BUILD.DASHBOARDS and script.HERE == DASHBOARDS
+    assert script.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("wrote ") == len(KEYS)
+    for key in KEYS:
+        assert (tmp_path / f"{key}.json").read_bytes() == (DASHBOARDS / f"{key}.json").read_bytes()
+
+
+def test_gfservice_dashboards_render_command(tmp_path, capsys):
+    out = tmp_path / "boards"
+    assert gfservice_main(["dashboards", "render", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out / f"{key}.json") for key in KEYS]
+    for key in KEYS:
+        assert (out / f"{key}.json").read_bytes() == (DASHBOARDS / f"{key}.json").read_bytes()
+    assert gfservice_main(["dashboards", "render", "--out", str(out), "--check"]) == 0
+    (out / "fleet.json").write_text("{}\n")
+    (out / "service.json").unlink()
+    assert gfservice_main(["dashboards", "render", "--out", str(out), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert str(out / "fleet.json") in err and str(out / "service.json") in err and "run-health" not in err
+    assert (out / "fleet.json").read_text() == "{}\n"
+
+
+def test_render_without_the_sdk_writes_the_shipped_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(BUILD, "sdk_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert gfservice_main(["dashboards", "render"]) == 0  # default DIR: ./dashboards
+    assert "grafana-foundation-sdk is not installed" in capsys.readouterr().err
+    for key in KEYS:
+        assert (tmp_path / "dashboards" / f"{key}.json").read_bytes() == (DASHBOARDS / f"{key}.json").read_bytes()
 
 
 @pytest.mark.parametrize("key", KEYS)

@@ -100,7 +100,7 @@ def test_values_match_the_aggregator(served):
     train(agg, nan_at=25)
     text = scrape(served(agg))
     st = agg.latest(RUN)
-    state = agg.run_state(RUN)
+    state = agg.run_view(RUN)
     assert value(text, "gradflow_grad_norm", run=RUN) == st.global_norm
     assert value(text, "gradflow_loss", run=RUN) == st.loss
     assert value(text, "gradflow_learning_rate", run=RUN) == pytest.approx(0.05)
@@ -184,21 +184,23 @@ def test_cardinality_is_bounded_for_10000_layers_and_1000_ranks(served):
 def test_rejections_are_counted_by_reason(served):
     agg = Aggregator()
     agg.submit(Layout(run="r", rank=0, world_size=1, layers=["w"], numel=[2], sharded=[False]))
-    ok = {"run": "r", "rank": 0, "step": 0, "count": [2], "sum_sq": [1.0], "max_abs": [1.0], "nonfinite": [0]}
+    ok = {"kind": "step",
+          "run": "r", "rank": 0, "step": 0, "count": [2], "sum_sq": [1.0], "max_abs": [1.0], "nonfinite": [0]}
     assert agg.submit(ok).accepted
     for bad in (
         "not a mapping",
-        {"run": "r", "rank": 0, "step": -1},
-        {"run": "nope", "rank": 0, "step": 1},
+        {"kind": "step", "run": "r", "rank": 0, "step": -1},
+        {"kind": "step", "run": "nope", "rank": 0, "step": 1},
         {**ok, "rank": 5},
         {**ok, "step": 1, "count": [2, 2], "sum_sq": [1.0, 1.0], "max_abs": [1.0, 1.0], "nonfinite": [0, 0]},
         ok,
     ):
         assert not agg.submit(bad).accepted
     text = scrape(served(agg))
-    assert agg.rejected == {"invalid": 2, "unknown_run": 1, "unknown_rank": 1, "shape_mismatch": 1, "stale_step": 1}
+    assert agg.view().rejected == {"invalid": 2, "unknown_run": 1, "unknown_rank": 1, "shape_mismatch": 1,
+                                   "stale_step": 1}
     for reason in ("invalid", "unknown_run", "unknown_rank", "shape_mismatch", "stale_step", "duplicate", "oversized"):
-        assert value(text, "gradflow_messages_rejected_total", reason=reason) == agg.rejected.get(reason, 0)
+        assert value(text, "gradflow_messages_rejected_total", reason=reason) == agg.view().rejected.get(reason, 0)
     assert value(text, "gradflow_messages_accepted_total") == agg.accepted == 2
 
 
@@ -218,8 +220,8 @@ def test_service_health_metrics(served):
     train(agg, steps=10)
     text = scrape(served(agg))
     assert value(text, "gradflow_messages_accepted_total") == agg.accepted == 11  # layout + 10 steps
-    assert value(text, "gradflow_ingest_latency_seconds_count") == agg.ingest_count
-    assert value(text, "gradflow_ingest_latency_seconds_sum") == pytest.approx(agg.ingest_seconds)
+    assert value(text, "gradflow_ingest_latency_seconds_count") == agg.view().ingest_count
+    assert value(text, "gradflow_ingest_latency_seconds_sum") == pytest.approx(agg.view().ingest_seconds)
     for det in ("nonfinite", "exploding", "vanishing", "stalled_rank"):
         assert value(text, "gradflow_detector_seconds_total", detector=det) > 0
         assert value(text, "gradflow_detector_errors_total", detector=det) == 0
@@ -238,7 +240,8 @@ def _lingering(linger_s: float):
 
     def step(i, bad=False):
         sq = [1.0, float("nan") if bad else 1.0]
-        agg.submit({"run": "r", "rank": 0, "step": i, "count": [2, 2], "sum_sq": sq, "max_abs": [1.0, 1.0],
+        agg.submit({"kind": "step",
+     "run": "r", "rank": 0, "step": i, "count": [2, 2], "sum_sq": sq, "max_abs": [1.0, 1.0],
                     "nonfinite": [0, 2 if bad else 0]})
 
     def findings():
@@ -276,7 +279,8 @@ def test_a_restarted_service_shows_active_findings_but_not_long_cleared_ones():
     agg = Aggregator()
     agg.submit(Layout(run="r", rank=0, world_size=1, layers=["a", "b"], numel=[2, 2], sharded=[False, False]))
     for i, bad in enumerate([True, False, True]):  # step 0 bad then cleared; step 2 bad and still active
-        agg.submit({"run": "r", "rank": 0, "step": i, "count": [2, 2], "sum_sq": [1.0, float("nan") if bad else 1.0],
+        agg.submit({"kind": "step",
+     "run": "r", "rank": 0, "step": i, "count": [2, 2], "sum_sq": [1.0, float("nan") if bad else 1.0],
                     "max_abs": [1.0, 1.0], "nonfinite": [0, 2 if bad else 0]})
     restored = Aggregator()
     restored.load_state_dict(agg.state_dict())

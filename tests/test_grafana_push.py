@@ -472,10 +472,30 @@ def test_command_line(fake, alerts_file, capsys):
 
 
 def test_generated_alert_rules_file_is_accepted(fake):
-    """The alert rules that gfservice generates pass the stand-in's checks (once that file exists)."""
-    if not GENERATED_ALERTS.exists():
-        pytest.skip(f"{GENERATED_ALERTS.relative_to(REPO)} is not generated yet (the alerting part renders it)")
+    """The alert rules that gfservice generates pass the stand-in's checks."""
     state, url = fake
     summary = push(url, TOKEN, DASHBOARDS, GENERATED_ALERTS)
     assert state.problems == []
     assert summary.rules and set(summary.rules.values()) == {"created"}
+
+
+def test_push_defaults_to_the_shipped_files_from_any_directory(fake, tmp_path, monkeypatch, capsys):
+    """Without --dashboards/--alerts the push reads gfservice's package data, not the working directory."""
+    from gfservice.observability import alerts, assets
+
+    state, url = fake
+    monkeypatch.chdir(tmp_path)  # no dashboards/ or deploy/ here
+    assert grafana.load_dashboards() == [assets.dashboard(key) for key in sorted(assets.dashboards())]
+    assert push_main(["push", "--url", url, "--token", TOKEN]) == 0
+    assert state.problems == []
+    committed = {json.loads(p.read_text())["uid"] for p in DASHBOARDS.glob("*.json")}
+    assert set(state.dashboards) == committed
+    generated = yaml.safe_load(GENERATED_ALERTS.read_text())["groups"][0]["rules"]
+    assert sorted(state.rules) == sorted(r["uid"] for r in generated) and len(state.rules) == len(alerts.ALERTS)
+    assert "alert rule gfservice-service-down: created" in capsys.readouterr().out
+
+    mark = len(state.requests)
+    summary = push(url, TOKEN, alerts=False)
+    assert summary.rules == {} and not any("alert-rules" in path for _, path in _calls(state, mark))
+    with pytest.raises(grafana.GrafanaError, match="does not exist: pass --dashboards DIR"):
+        push(url, TOKEN, tmp_path / "absent")

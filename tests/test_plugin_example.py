@@ -31,12 +31,12 @@ def _underflow_cls():
 
 def _deep_report(step: int, scales: dict[str, float], rng) -> dict:
     grads = {name: rng.normal(0, s, 3000) for name, s in scales.items()}
-    stats = GradStats.from_arrays(grads, deep=True).to_dict()
-    return {"run": "amp", "rank": 0, "step": step, **{k: v for k, v in stats.items() if k != "layers"}}
+    stats = GradStats.from_arrays(grads, deep=True).arrays()
+    return {"kind": "step", "run": "amp", "rank": 0, "step": step, "stats": stats}
 
 
 def _core_report(step: int, n: int) -> dict:
-    return {"run": "amp", "rank": 0, "step": step, "count": [3000] * n, "sum_sq": [1.0] * n,
+    return {"kind": "step", "run": "amp", "rank": 0, "step": step, "count": [3000] * n, "sum_sq": [1.0] * n,
             "max_abs": [0.1] * n, "nonfinite": [0] * n}
 
 
@@ -55,8 +55,8 @@ def test_underflow_runs_in_an_aggregator():
     _underflow_cls()
     layers = ["embed.weight", "head.weight"]
     agg = Aggregator(detector_settings={"underflow": {"enabled": True, "format": "fp16", "max_fraction": 0.02}})
-    assert agg.submit({"run": "amp", "rank": 0, "world_size": 1, "layers": layers, "numel": [3000, 3000],
-                       "sharded": [False, False]}).accepted
+    assert agg.submit({"kind": "layout", "run": "amp", "rank": 0, "world_size": 1, "layers": layers,
+                       "numel": [3000, 3000], "sharded": [False, False]}).accepted
     rng = np.random.default_rng(0)
     news = []
     for step in range(8):
@@ -72,7 +72,7 @@ def test_underflow_runs_in_an_aggregator():
     assert "would flush to zero in fp16" in f.message
     # the core-only steps 5-7 were not judged: the finding is still active
     assert [a.detector for a in agg.active_findings("amp")] == ["underflow"]
-    assert agg.run_state("amp").detector_errors == {}
+    assert agg.run_view("amp").detector_errors == {}
     ack = agg.submit(_deep_report(8, {"embed.weight": 1e-3, "head.weight": 1e-2}, rng))
     assert ack.accepted and agg.active_findings("amp") == []  # a healthy deep step clears it
 

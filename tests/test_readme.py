@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gfservice.service.actor import ServiceSettings
+from gfservice.config import load_settings
 from gfservice.testing import check_detector, make_step, replay
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -34,7 +34,7 @@ def test_the_readme_plugin_example_works_with_the_kit():
 def test_the_readme_configuration_file_is_valid(tmp_path):
     path = tmp_path / "gfservice.toml"
     path.write_text(_block("toml", "[detectors.exploding]"))
-    settings = ServiceSettings.load(path)
+    settings = load_settings(path)
     assert settings.detectors["exploding"]["max_norm"] == 100.0
     assert settings.service.metrics_port == 8000
     assert np.isclose(settings.aggregator.merge_timeout_s, 30)

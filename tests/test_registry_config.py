@@ -66,9 +66,9 @@ def test_config_file_picks_detectors_and_overrides_fields(tmp_path, kind):
     mon = gfservice.monitor(model, opt, run="cfg", service=None, config=path)
     agg = mon.transport.aggregator
     assert agg.config.history == 5
-    dets = agg.run_state("cfg").detectors
+    dets = agg.run_view("cfg").detector_configs
     assert "vanishing" not in dets and {"exploding", "nonfinite"} <= set(dets)
-    assert dets["exploding"].config.z_threshold == 8.0 and dets["exploding"].config.max_norm == 100.0
+    assert dets["exploding"].z_threshold == 8.0 and dets["exploding"].max_norm == 100.0
     for _ in range(7):
         (model(torch.randn(8, 4)) * 1e4).pow(2).mean().backward()  # a gradient norm far above the cap of 100
         opt.step()
@@ -84,8 +84,8 @@ def test_monitor_detectors_argument_adds_to_the_file(tmp_path):
     path = _write(tmp_path, "gf.toml", CONFIGS["toml"])
     mon = gfservice.monitor(torch.nn.Linear(2, 1), None, run="cfg2", service=None, config=path,
                             detectors={"nonfinite": {"check_loss": False}})
-    dets = mon.transport.aggregator.run_state("cfg2").detectors
-    assert dets["nonfinite"].config.check_loss is False and dets["exploding"].config.max_norm == 100.0
+    dets = mon.transport.aggregator.run_view("cfg2").detector_configs
+    assert dets["nonfinite"].check_loss is False and dets["exploding"].max_norm == 100.0
     mon.close()
 
 
@@ -158,9 +158,9 @@ def test_a_plugin_that_fails_to_load_is_skipped_with_a_warning(tmp_path, monkeyp
     assert "broken" not in found and "not_a_detector" not in found
     assert set(BUILTINS) <= set(found)
     agg = Aggregator()  # the service still starts, with every working detector
-    assert agg.submit({"run": "r", "rank": 0, "world_size": 1, "layers": ["w"], "numel": [1],
+    assert agg.submit({"kind": "layout", "run": "r", "rank": 0, "world_size": 1, "layers": ["w"], "numel": [1],
                        "sharded": [False]}).accepted
-    assert set(BUILTINS) <= set(agg.run_state("r").detectors)
+    assert set(BUILTINS) <= set(agg.run_view("r").detector_configs)
 
 
 # ---- the plugin author's kit -------------------------------------------------------------------------------

@@ -153,19 +153,22 @@ HOSTILE = [
     "not a message",
     12345,
     None,
-    {"run": "h", "rank": 0, "world_size": 1, "layers": ["a"] * 3, "numel": [1, 1, 1], "sharded": [False] * 3},
-    {"run": "h", "rank": 5, "world_size": 2, "layers": ["a"], "numel": [1], "sharded": [False]},
-    {"run": "h" * 10_000, "rank": 0, "step": 0},
-    {"run": "../etc/passwd", "rank": 0, "step": 0},
-    {"run": "h", "rank": -1, "step": 0},
-    {"run": "h", "rank": 0, "step": 0, "time": float("nan")},
-    {"run": "h", "rank": 0, "step": 0, "count": "abc"},
-    {"run": "h", "rank": 0, "step": 0, "count": [[1, 2], [3, 4]]},
-    {"run": "h", "rank": 0, "step": 0, "count": [-1], "sum_sq": [1.0], "max_abs": [1.0], "nonfinite": [0]},
-    {"run": "h", "rank": 0, "step": 0, "count": [1], "sum_sq": [1.0, 2.0], "max_abs": [1.0], "nonfinite": [0]},
-    {"run": "h", "rank": 0, "world_size": 1, "layers": [f"l{i}" for i in range(200_001)],
+    {"kind": "layout",
+     "run": "h", "rank": 0, "world_size": 1, "layers": ["a"] * 3, "numel": [1, 1, 1], "sharded": [False] * 3},
+    {"kind": "layout", "run": "h", "rank": 5, "world_size": 2, "layers": ["a"], "numel": [1], "sharded": [False]},
+    {"kind": "step", "run": "h" * 10_000, "rank": 0, "step": 0},
+    {"kind": "step", "run": "../etc/passwd", "rank": 0, "step": 0},
+    {"kind": "step", "run": "h", "rank": -1, "step": 0},
+    {"kind": "step", "run": "h", "rank": 0, "step": 0, "time": float("nan")},
+    {"kind": "step", "run": "h", "rank": 0, "step": 0, "count": "abc"},
+    {"kind": "step", "run": "h", "rank": 0, "step": 0, "count": [[1, 2], [3, 4]]},
+    {"kind": "step",
+     "run": "h", "rank": 0, "step": 0, "count": [-1], "sum_sq": [1.0], "max_abs": [1.0], "nonfinite": [0]},
+    {"kind": "step",
+     "run": "h", "rank": 0, "step": 0, "count": [1], "sum_sq": [1.0, 2.0], "max_abs": [1.0], "nonfinite": [0]},
+    {"kind": "layout", "run": "h", "rank": 0, "world_size": 1, "layers": [f"l{i}" for i in range(200_001)],
      "numel": [1] * 200_001, "sharded": [False] * 200_001},
-    {"run": "h", "rank": 0, "step": 0, "evil": "extra field"},
+    {"kind": "step", "run": "h", "rank": 0, "step": 0, "evil": "extra field"},
     {"__class__": "os.system", "args": ["true"]},
 ]
 
@@ -180,8 +183,10 @@ def test_hostile_messages_are_rejected_counted_and_survived(service: Client):
     after = service.status()["counters"]
     assert sum(after["rejected"].values()) - sum(before["rejected"].values()) == len(HOSTILE)
     # the service still answers and still takes good messages
-    good = [{"run": "h-ok", "rank": 0, "world_size": 1, "layers": ["w"], "numel": [2], "sharded": [False]},
-            {"run": "h-ok", "rank": 0, "step": 0, "count": [2], "sum_sq": [1.0], "max_abs": [1.0], "nonfinite": [0]}]
+    good = [{"kind": "layout",
+             "run": "h-ok", "rank": 0, "world_size": 1, "layers": ["w"], "numel": [2], "sharded": [False]},
+            {"kind": "step",
+             "run": "h-ok", "rank": 0, "step": 0, "count": [2], "sum_sq": [1.0], "max_abs": [1.0], "nonfinite": [0]}]
     assert service.submit(good)["rejected"] == []
     assert service.latest("h-ok").step == 0
 

@@ -44,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
     from gfservice.cli.workload import WorkloadConfig
     from gfservice.service import actor as svc
     from gfservice.service.client import Client
+    from gfservice.service.ray_cluster import attach_ray
 
     run_name = args.run or f"demo-{args.fault.replace('@', '-')}-{time.strftime('%H%M%S')}"
     workload = WorkloadConfig(run=run_name, steps=args.steps, fault=args.fault, parallel=args.parallel,
                               step_delay_s=args.step_delay)
     workload.fault_kind()  # a bad --fault fails here, before anything starts
     tmp = Path(tempfile.mkdtemp(prefix="gfservice-demo-"))
-    settings = svc.ServiceSettings.load(
+    settings = svc.load_service_settings(
         args.config,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
@@ -60,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"gfservice demo: run {run_name!r}, {args.workers} workers ({args.parallel}, gloo on CPU), "
           f"{args.steps} steps, fault {args.fault}")
     t0 = time.time()
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", namespace=settings.service.namespace)
+    attach_ray(start="embedded", num_cpus=max(2, args.workers), namespace=settings.service.namespace)
     handle, _ = svc.start(settings)
     client = Client(handle)
     status = client.status()

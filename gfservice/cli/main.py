@@ -44,11 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_detectors)
 
     from gfservice.cli import demo
-    from gfservice.observability import grafana, report
+    from gfservice.observability import alerts, dashboards, grafana, report
 
     demo.add_parser(sub)
     report.add_parser(sub)  # gfservice report RUN --out report.png [--history FILE]
     grafana.add_parser(sub)  # gfservice grafana push --url URL --token TOKEN
+    alerts.add_parser(sub)  # gfservice alerts render [--out DIR] [--check]
+    dashboards.add_parser(sub)  # gfservice dashboards render [--out DIR] [--check]
     try:
         from gfservice.cli import service_commands as service_cli
     except ImportError:  # the Ray extra is not installed

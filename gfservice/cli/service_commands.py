@@ -6,10 +6,10 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import time
 
 from gfservice.service import actor as svc
+from gfservice.service.ray_cluster import attach_ray
 
 
 def add_parsers(sub) -> None:
@@ -44,26 +44,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=_stop)
 
 
-def _attach_or_start_ray(address: str | None) -> None:
-    import ray
-
-    from gfservice.service.client import attach
-
-    try:
-        attach(address)
-        return
-    except ConnectionError:
-        if address:
-            raise
-    ray_bin = shutil.which("ray") or str(__import__("pathlib").Path(sys.executable).with_name("ray"))
-    print("no Ray cluster here: starting a local head (ray start --head)", flush=True)
-    subprocess.run([ray_bin, "start", "--head", "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, stdout=subprocess.DEVNULL)
-    ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
-
-
 def _serve(args: argparse.Namespace) -> int:
-    settings = svc.ServiceSettings.load(
+    settings = svc.load_service_settings(
         args.config,
         name=args.name,
         namespace=args.namespace,
@@ -72,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         sd_file=args.sd_file,
         snapshot_path=args.snapshot,
     )
-    _attach_or_start_ray(args.address)
+    attach_ray(args.address, start="head")
     t0 = time.time()
     handle, created = svc.start(settings)
     import ray
@@ -134,10 +116,8 @@ def format_status(status: dict) -> str:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from gfservice.service.client import attach
-
     try:
-        attach(args.address)
+        attach_ray(args.address)
     except ConnectionError:
         print("no Ray cluster here: nothing to stop")
         return 0

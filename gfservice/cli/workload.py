@@ -119,16 +119,17 @@ def train(config: dict[str, Any] | WorkloadConfig) -> dict[str, Any]:
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    model = build_model(cfg)
+    net = build_model(cfg)
+    model: torch.nn.Module = net
     if world > 1 and cfg.parallel == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(net)
     elif world > 1 and cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for m in model:
+        for m in net:
             if isinstance(m, torch.nn.Linear):
                 fully_shard(m)
-        fully_shard(model)
+        fully_shard(net)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     X, y = dataset()
     monitor = gfservice.monitor(model, opt, run=cfg.run, every=cfg.every, deep_every=cfg.deep_every,
@@ -159,13 +160,18 @@ def train(config: dict[str, Any] | WorkloadConfig) -> dict[str, Any]:
             "dropped": monitor.transport.dropped, "errors": monitor.errors}
 
 
-def fit(cfg: WorkloadConfig, workers: int, storage_path: str | os.PathLike):
+def _train_worker(config: dict[str, Any]) -> None:
+    """:func:`train` as a Ray Train ``train_loop_per_worker`` (Ray ignores what the loop returns)."""
+    train(config)
+
+
+def fit(cfg: WorkloadConfig, workers: int, storage_path: str | os.PathLike[str]):
     """Run :func:`train` under a Ray Train ``TorchTrainer`` with ``workers`` CPU workers (gloo)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
-        train,
+        _train_worker,
         train_loop_config=cfg.model_dump(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
         torch_config=TorchConfig(backend="gloo"),

@@ -11,7 +11,7 @@ per-layer series only for at most ``max_layer_series`` layers, and rank-level de
 >>> from gfservice.wire import Layout
 >>> agg = Aggregator()
 >>> _ = agg.submit(Layout(run="r1", rank=0, world_size=1, layers=["w", "b"], numel=[4, 1], sharded=[False] * 2))
->>> _ = agg.submit({"run": "r1", "rank": 0, "step": 0, "count": [4, 1], "sum_sq": [4.0, 0.0],
+>>> _ = agg.submit({"kind": "step", "run": "r1", "rank": 0, "step": 0, "count": [4, 1], "sum_sq": [4.0, 0.0],
 ...                 "max_abs": [1.0, 0.0], "nonfinite": [0, 0]})
 >>> reg = CollectorRegistry(auto_describe=False)
 >>> reg.register(GradflowCollector(agg))
@@ -25,54 +25,23 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gfservice.api import Finding, StepStats, describe_layers
-from gfservice.service.aggregator import Aggregator, RunState
+from gfservice.api import describe_layers
+from gfservice.config import ExporterConfig
+from gfservice.service.aggregator import Aggregator, AggregatorView, RunView
+from gfservice.wire import RejectReason
 
 __all__ = ["ExporterConfig", "GradflowCollector", "depth_buckets", "format_ranks", "layer_selection", "serve_metrics"]
 
 #: Rejection reasons the aggregator knows; exported at 0 from the start so that ``increase()`` sees the first one.
-KNOWN_REJECTIONS = ("invalid", "oversized", "unknown_run", "unknown_rank", "shape_mismatch", "stale_step",
-                    "duplicate", "layout_mismatch")
+KNOWN_REJECTIONS = tuple(r.value for r in RejectReason)
 #: Longest ``layers``/``ranks`` label value.
 LABEL_LIMIT = 200
-
-
-class ExporterConfig(BaseModel):
-    """Options of the ``/metrics`` endpoint and of what it exports."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    #: Contiguous depth buckets of ``gradflow_depth_grad_rms`` (input to output), whatever the model size.
-    depth_buckets: int = Field(16, ge=1, le=100)
-    #: Most layers with their own ``gradflow_layer_grad_norm`` series per run.
-    max_layer_series: int = Field(32, ge=2, le=1000)
-    #: Seconds a cleared finding stays exposed, so that a finding shorter than a scrape interval is seen.
-    finding_linger_s: float = Field(300.0, ge=0)
-    #: Address to bind; the default keeps the endpoint on this machine. Use "0.0.0.0" to expose it.
-    address: str = "127.0.0.1"
-    #: Port to bind; 0 picks a free one (Prometheus finds it through the discovery file).
-    port: int = Field(0, ge=0, le=65535)
-    #: Serve HTTPS with this certificate and key (PEM files); both or neither.
-    certfile: str | None = None
-    keyfile: str | None = None
-    #: With TLS: require client certificates signed by this CA (mutual TLS).
-    client_cafile: str | None = None
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> ExporterConfig:
-        if (self.certfile is None) != (self.keyfile is None):
-            raise ValueError("certfile and keyfile go together: set both for TLS, or neither")
-        if self.client_cafile and not self.certfile:
-            raise ValueError("client_cafile needs certfile and keyfile (it is for mutual TLS)")
-        return self
 
 
 def depth_buckets(sum_sq: np.ndarray, count: np.ndarray, buckets: int) -> list[float | None]:
@@ -166,43 +135,6 @@ def format_ranks(ranks: Sequence[int], limit: int = LABEL_LIMIT) -> str:
     return text[: limit - len(suffix)].rsplit(",", 1)[0] + suffix
 
 
-@dataclass
-class _Shown:
-    """A finding the exporter exposes: its labels, its value, and until when it lingers once cleared."""
-
-    labels: tuple[str, str, str, str, str, str]
-    value: float
-    seen_active: float
-
-
-@dataclass
-class _RunSnapshot:
-    name: str
-    world_size: int
-    last_step: int
-    last_time: float
-    finished: bool
-    latest: StepStats | None
-    findings_total: dict[tuple[str, str], int]
-    active: list[Finding]
-    #: Recent findings (see ``_run_snapshot``), newest first.
-    log: list[Finding]
-    stalled_ranks: int
-    sender_dropped: int
-    detector_seconds: dict[str, float]
-    detector_errors: dict[str, int]
-
-
-@dataclass
-class _Snapshot:
-    runs: list[_RunSnapshot]
-    accepted: int
-    rejected: dict[str, int]
-    ingest_seconds: float
-    ingest_count: int
-    taken: float = field(default_factory=time.time)
-
-
 class GradflowCollector:
     """Builds the ``gradflow_*`` metrics from an :class:`~gfservice.service.aggregator.Aggregator` at scrape time.
 
@@ -219,68 +151,18 @@ class GradflowCollector:
         if version is None:
             from gfservice import __version__ as version
         self.version = version
-        self._lock = threading.Lock()
-        #: (run, detector, key, first_step) -> what is shown for that finding.
-        self._shown: dict[tuple[str, str, str, int], _Shown] = {}
-        #: Detector time and errors of runs the aggregator has forgotten, so the totals never go down.
-        self._retired_seconds: dict[str, float] = {}
-        self._retired_errors: dict[str, int] = {}
-        self._last_runs: dict[str, tuple[dict[str, float], dict[str, int]]] = {}
 
     def describe(self) -> list[Metric]:
         return []  # nothing to check at registration: the families depend on the runs at scrape time
 
-    # ---- snapshot (under the aggregator's lock, kept short) -------------------------------------
-    def _snapshot(self) -> _Snapshot:
-        agg = self.aggregator
-        with agg._lock:  # RLock: the public accessors below take it again
-            now = self.clock()
-            since = now - self.config.finding_linger_s
-            runs = [self._run_snapshot(agg.run_state(r["run"]), since) for r in agg.runs()]
-            return _Snapshot(
-                runs=runs,
-                accepted=agg.accepted,
-                rejected=dict(agg.rejected),
-                ingest_seconds=agg.ingest_seconds,
-                ingest_count=agg.ingest_count,
-                taken=now,
-            )
-
-    @staticmethod
-    def _run_snapshot(r: RunState, since: float) -> _RunSnapshot:
-        # The findings log, newest first, down to the older of: the findings raised before ``since`` (cleared
-        # before the linger window: the exporter's memory has the ones it still shows) and the first raise
-        # of every active finding. Cost per scrape: recent and active findings, not the whole history.
-        waiting = {(f.detector, f.key, f.first_step) for f in r.active.values()}
-        recent: list[Finding] = []
-        for f in reversed(r.log):
-            if not waiting and f.time < since:
-                break
-            waiting.discard((f.detector, f.key, f.first_step))
-            recent.append(f)
-        return _RunSnapshot(
-            name=r.name,
-            world_size=r.world_size,
-            last_step=r.last_step,
-            last_time=r.last_time,
-            finished=r.finished,
-            latest=r.history[-1] if r.history else None,
-            findings_total=dict(r.findings_total),
-            active=list(r.active.values()),
-            log=recent,
-            stalled_ranks=len(r.history[-1].missing_ranks) if r.history else 0,
-            sender_dropped=r.sender_dropped,
-            detector_seconds=dict(r.detector_seconds),
-            detector_errors=dict(r.detector_errors),
-        )
-
     # ---- collect ----------------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
+        # One frozen view, copied under the aggregator's lock; everything below formats it without the lock.
+        snap = self.aggregator.view(since=self.clock() - self.config.finding_linger_s)
         yield from self._run_metrics(snap)
         yield from self._health_metrics(snap)
 
-    def _run_metrics(self, snap: _Snapshot) -> Iterator[Metric]:
+    def _run_metrics(self, snap: AggregatorView) -> Iterator[Metric]:
         g = {
             name: GaugeMetricFamily(f"gradflow_{name}", doc, labels=["run"])
             for name, doc in (
@@ -317,8 +199,6 @@ class GradflowCollector:
                                       labels=["run"])
         buckets = self.config.depth_buckets
         width = max(2, len(str(buckets - 1)))
-        with self._lock:
-            shown_now = self._update_findings(snap)
         for run in snap.runs:
             name = run.name
             st = run.latest
@@ -353,40 +233,12 @@ class GradflowCollector:
                 findings_total.add_metric([name, det, sev], n)
             for (det, sev), n in sorted(counts.items()):
                 active.add_metric([name, det, sev], n)
-        for shown in shown_now:
-            finding.add_metric(list(shown.labels), shown.value)
+            for labels, first_step in _finding_series(run).items():
+                finding.add_metric(list(labels), first_step)
         yield from g.values()
         yield from (depth, layer, findings_total, active, finding, dropped)
 
-    def _update_findings(self, snap: _Snapshot) -> list[_Shown]:
-        """Remember what is active now; return what to show: active findings and recently cleared ones."""
-        now = snap.taken
-        linger = self.config.finding_linger_s
-        for run in snap.runs:
-            active = {(f.detector, f.key): f for f in run.active}
-            first_raised = {(f.detector, f.key, f.first_step): f for f in run.log}
-            for f in run.active:  # labelled as first raised (the log entry), with the severity it has now
-                first = first_raised.get((f.detector, f.key, f.first_step), f)
-                self._show(run.name, first, f.severity.value, now)
-            for f in run.log:
-                cur = active.get((f.detector, f.key))
-                if cur is not None and cur.first_step == f.first_step:
-                    continue
-                ident = (run.name, f.detector, f.key, _first_step(f))
-                if ident not in self._shown:
-                    # Raised and cleared between two scrapes (or before the first): it was active at f.time.
-                    self._show(run.name, f, f.severity.value, min(f.time, now))
-        runs = {r.name for r in snap.runs}
-        for ident in [i for i, s in self._shown.items() if i[0] not in runs or now - s.seen_active > linger]:
-            del self._shown[ident]
-        return list(self._shown.values())
-
-    def _show(self, run: str, f: Finding, severity: str, seen_active: float) -> None:
-        first = _first_step(f)
-        labels = (run, f.detector, severity, f.key, _describe(f.layers), format_ranks(f.ranks))
-        self._shown[(run, f.detector, f.key, first)] = _Shown(labels, float(first), seen_active)
-
-    def _health_metrics(self, snap: _Snapshot) -> Iterator[Metric]:
+    def _health_metrics(self, snap: AggregatorView) -> Iterator[Metric]:
         accepted = CounterMetricFamily("gradflow_messages_accepted", "Messages the aggregator took.")
         accepted.add_metric([], snap.accepted)
         rejected = CounterMetricFamily("gradflow_messages_rejected", "Messages the aggregator refused, by reason.",
@@ -395,7 +247,7 @@ class GradflowCollector:
             rejected.add_metric([reason], snap.rejected.get(reason, 0))
         latency = SummaryMetricFamily("gradflow_ingest_latency_seconds", "Time the aggregator spent on a message.",
                                       count_value=snap.ingest_count, sum_value=snap.ingest_seconds)
-        seconds, errors = self._detector_totals(snap)
+        seconds, errors = snap.detector_seconds, snap.detector_errors
         det_s = CounterMetricFamily("gradflow_detector_seconds", "Time spent in each detector, all runs.",
                                     labels=["detector"])
         det_e = CounterMetricFamily("gradflow_detector_errors", "Exceptions raised by each detector, all runs.",
@@ -409,28 +261,17 @@ class GradflowCollector:
         build.add_metric([self.version], 1)
         yield from (accepted, rejected, latency, det_s, det_e, runs, build)
 
-    def _detector_totals(self, snap: _Snapshot) -> tuple[dict[str, float], dict[str, int]]:
-        with self._lock:
-            current = {r.name: (r.detector_seconds, r.detector_errors) for r in snap.runs}
-            for name, (sec, err) in self._last_runs.items():
-                if name not in current:  # forgotten run: keep what it counted
-                    for d, v in sec.items():
-                        self._retired_seconds[d] = self._retired_seconds.get(d, 0.0) + v
-                    for d, v in err.items():
-                        self._retired_errors[d] = self._retired_errors.get(d, 0) + v
-            self._last_runs = current
-            seconds = dict(self._retired_seconds)
-            errors = dict(self._retired_errors)
-        for sec, err in current.values():
-            for d, v in sec.items():
-                seconds[d] = seconds.get(d, 0.0) + v
-            for d, v in err.items():
-                errors[d] = errors.get(d, 0) + v
-        return seconds, errors
-
-
-def _first_step(f: Finding) -> int:
-    return f.first_step if f.first_step is not None else f.step
+def _finding_series(run: RunView) -> dict[tuple[str, ...], float]:
+    """One ``gradflow_finding`` series per finding, active or recently cleared, labelled as first raised (its
+    layers and ranks stay put while it is active, so the alert it drives keeps its identity) with the severity
+    it has now; the value is the step at which it was first raised. A finding that fired again with the same
+    labels shows once, as its newest occurrence (Prometheus would drop duplicate series).
+    """
+    series: dict[tuple[str, ...], float] = {}
+    for f in [*run.recently_cleared, *run.active]:  # active last: they win over a cleared twin
+        labels = (run.name, f.detector, f.severity.value, f.key, _describe(f.layers), format_ranks(f.ranks))
+        series[labels] = float(f.since)
+    return series
 
 
 def _describe(layers: Sequence[str]) -> str:

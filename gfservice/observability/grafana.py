@@ -6,9 +6,11 @@ so a second push changes nothing but versions. Uses grafana-client (``pip instal
 Grafana's documented HTTP API: ``/api/folders``, ``/api/dashboards/db``, ``/api/datasources/uid/:uid`` and the
 alerting provisioning API ``/api/v1/provisioning/alert-rules`` and ``.../folder/:uid/rule-groups/:group``.
 
-The alert rules come from the Grafana file-provisioning YAML that gfservice generates
-(``deploy/grafana/provisioning/alerting/gfservice-alerts.yml``); :func:`rules_from_provisioning` turns its
-groups into the API's rule objects:
+By default the dashboards and the alert rules are the ones this gfservice ships (package data, read through
+:mod:`gfservice.observability.assets`, so the push works from an installed wheel in any directory); ``--dashboards
+DIR`` and ``--alerts FILE`` point at others. The alert rules are Grafana file-provisioning YAML (what ``gfservice
+alerts render`` writes to ``grafana/provisioning/alerting/gfservice-alerts.yml``); :func:`rules_from_provisioning`
+turns its groups into the API's rule objects:
 
 >>> doc = {"apiVersion": 1, "groups": [{"orgId": 1, "name": "gfservice", "folder": "gfservice",
 ...        "interval": "1m", "rules": [{"uid": "gfs-nan", "title": "NaN gradients", "condition": "B",
@@ -29,18 +31,23 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import yaml
 
+from gfservice.observability import assets
+
+if TYPE_CHECKING:
+    from gfservice.observability.assets import Traversable
+
 DEFAULT_URL = "http://127.0.0.1:3000"
-DEFAULT_DASHBOARDS = Path("dashboards")
-DEFAULT_ALERTS = Path("deploy/grafana/provisioning/alerting/gfservice-alerts.yml")
 FOLDER_UID = "gfservice"
 #: Data source uids that are Grafana expressions, not data sources.
 EXPRESSION_UIDS = {"__expr__", "-100"}
 
 T = TypeVar("T")
+#: A local file or directory: a path, or a :class:`~importlib.resources.abc.Traversable` of the package data.
+Source = Union[str, "os.PathLike[str]", "Traversable"]
 
 
 class GrafanaError(RuntimeError):
@@ -79,14 +86,25 @@ class PushSummary:
 
 
 # ---- local inputs --------------------------------------------------------------------------------------------
-def load_dashboards(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every ``*.json`` dashboard in ``directory`` (sorted by file name); each needs a ``uid`` and a ``title``."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise GrafanaError(f"dashboards directory {d} does not exist: run from the repository root or pass "
-                           "--dashboards DIR")
+def _local(source: Source) -> Path | Traversable:
+    return Path(source) if isinstance(source, str | os.PathLike) else source
+
+
+def load_dashboards(directory: Source | None = None) -> list[dict[str, Any]]:
+    """Every ``*.json`` dashboard in ``directory`` (sorted by file name); each needs a ``uid`` and a ``title``.
+
+    ``None`` reads the dashboards this gfservice ships.
+    """
+    if directory is None:
+        where, paths = "gfservice's package data", list(assets.dashboards().values())
+    else:
+        d = _local(directory)
+        if not d.is_dir():
+            raise GrafanaError(f"dashboards directory {d} does not exist: pass --dashboards DIR, or leave it out "
+                               "to push the dashboards gfservice ships")
+        where, paths = str(d), [p for p in d.iterdir() if p.name.endswith(".json") and p.is_file()]
     out = []
-    for path in sorted(d.glob("*.json")):
+    for path in sorted(paths, key=lambda p: p.name):
         try:
             board = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -95,7 +113,7 @@ def load_dashboards(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise GrafanaError(f"{path} has no uid or title: a dashboard needs a stable uid to be updated in place")
         out.append(board)
     if not out:
-        raise GrafanaError(f"no *.json dashboards in {d}")
+        raise GrafanaError(f"no *.json dashboards in {where}")
     return out
 
 
@@ -157,12 +175,16 @@ def rules_from_provisioning(
     return groups, rules
 
 
-def load_alert_rules(path: str | os.PathLike[str], folder_uid: str) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """Read a Grafana alert-rule provisioning YAML file (see :func:`rules_from_provisioning`)."""
-    p = Path(path)
+def load_alert_rules(path: Source | None, folder_uid: str) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Read a Grafana alert-rule provisioning YAML file (see :func:`rules_from_provisioning`).
+
+    ``None`` reads the rules this gfservice ships.
+    """
+    p = assets.grafana_alert_rules() if path is None else _local(path)
     if not p.is_file():
-        raise GrafanaError(f"alert rules file {p} does not exist: generate it (the alert definitions render it) or "
-                           "pass --alerts FILE")
+        raise GrafanaError(f"alert rules file {p} does not exist: write it with gfservice alerts render --out DIR "
+                           "(then pass --alerts DIR/grafana/provisioning/alerting/gfservice-alerts.yml), or leave "
+                           "--alerts out to push the rules gfservice ships")
     try:
         doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -242,20 +264,22 @@ def _ensure_folder(g: _Grafana, uid: str, title: str, summary: PushSummary) -> s
 def push(
     url: str,
     token: str,
-    dashboards_dir: str | os.PathLike[str] = DEFAULT_DASHBOARDS,
-    alerts_file: str | os.PathLike[str] | None = DEFAULT_ALERTS,
+    dashboards_dir: Source | None = None,
+    alerts_file: Source | None = None,
     folder_title: str = "gfservice",
     *,
+    alerts: bool = True,
     folder_uid: str = FOLDER_UID,
     timeout: float = 10.0,
 ) -> PushSummary:
     """Create or update the folder, the dashboards of ``dashboards_dir`` and the alert rules of ``alerts_file``.
 
-    Local files are read and checked before Grafana is contacted. ``alerts_file=None`` pushes no rules.
+    ``None`` (the default) for either means the files this gfservice ships; ``alerts=False`` pushes no rules.
+    Local files are read and checked before Grafana is contacted.
     Raises :class:`GrafanaUnreachable`, :class:`GrafanaAuthError` or :class:`GrafanaRequestError`.
     """
     boards = load_dashboards(dashboards_dir)
-    groups, rules = load_alert_rules(alerts_file, folder_uid) if alerts_file is not None else ({}, [])
+    groups, rules = load_alert_rules(alerts_file, folder_uid) if alerts else ({}, [])
     g = _Grafana(url, token, timeout)
     summary = PushSummary(url=g.url)
     uid = _ensure_folder(g, folder_uid, folder_title, summary)
@@ -311,10 +335,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help=f"Grafana's URL (default $GRAFANA_URL or {DEFAULT_URL})")
     push_p.add_argument("--token", default=os.environ.get("GRAFANA_TOKEN", ""),
                         help="service account token (default $GRAFANA_TOKEN; prefer the variable: a flag shows in ps)")
-    push_p.add_argument("--dashboards", default=str(DEFAULT_DASHBOARDS), metavar="DIR",
-                        help=f"directory of dashboard JSON files (default {DEFAULT_DASHBOARDS})")
-    push_p.add_argument("--alerts", default=str(DEFAULT_ALERTS), metavar="FILE",
-                        help=f"Grafana alert rule provisioning YAML (default {DEFAULT_ALERTS})")
+    push_p.add_argument("--dashboards", metavar="DIR",
+                        help="directory of dashboard JSON files (default: the dashboards gfservice ships)")
+    push_p.add_argument("--alerts", metavar="FILE",
+                        help="Grafana alert rule provisioning YAML (default: the rules gfservice ships, as written "
+                             "by gfservice alerts render)")
     push_p.add_argument("--no-alerts", action="store_true", help="push the folder and dashboards only")
     push_p.add_argument("--folder", default="gfservice", help="folder title (default gfservice)")
     push_p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
@@ -325,8 +350,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Execute ``gfservice grafana push``; prints what changed, or the error; returns the exit status."""
     try:
-        summary = push(args.url, args.token, args.dashboards, None if args.no_alerts else args.alerts,
-                       args.folder, timeout=args.timeout)
+        summary = push(args.url, args.token, args.dashboards, args.alerts, args.folder, alerts=not args.no_alerts,
+                       timeout=args.timeout)
     except GrafanaError as exc:
         print(f"gfservice grafana push: {exc}", file=sys.stderr)
         return 1

@@ -33,15 +33,17 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gfservice.api import Finding, StepStats
-from gfservice.stats import GradStats
+from gfservice.stats import STATISTICS, GradStats
 
 FORMAT = "gfservice-history"
-VERSION = 1
+#: 2: the statistics of :data:`gfservice.stats.STATISTICS` (weights and updates as sums of squares), ``units``
+#: and ``compute_time``. Files of version 1 (weight norms and update ratios) still load.
+VERSION = 2
 
-#: Array fields of :class:`~gfservice.stats.GradStats` (``None`` allowed for the deep ones).
-GRAD_ARRAYS = ("count", "sum_sq", "max_abs", "nonfinite", "sum_abs", "zeros", "exp_hist")
-#: Optional array fields of :class:`~gfservice.api.StepStats`.
-STEP_ARRAYS = ("weight_norm", "update_ratio", "rank_norm", "rank_nonfinite", "step_time")
+#: Array fields of :class:`~gfservice.stats.GradStats`: every declared statistic, and the layout's units.
+GRAD_ARRAYS = (*(s.name for s in STATISTICS), "units")
+#: Optional per-rank array fields of :class:`~gfservice.api.StepStats`.
+STEP_ARRAYS = ("rank_norm", "rank_nonfinite", "step_time", "compute_time")
 
 
 class History(NamedTuple):
@@ -140,6 +142,13 @@ def load(path: str | os.PathLike[str]) -> History:
             raise ValueError(f"{path} has history format version {doc['version']}; this gfservice reads "
                              f"up to {VERSION}: upgrade gfservice")
         cols = {name: _unpack(name, data, spec) for name, spec in doc["fields"].items()}
+    n = len(doc["steps"])
+    for name in (*GRAD_ARRAYS, *STEP_ARRAYS):
+        cols.setdefault(name, [None] * n)
+    if doc.get("version", 1) == 1:  # weight norms and update ratios: back to sums of squares
+        wn, ur = cols.pop("weight_norm", [None] * n), cols.pop("update_ratio", [None] * n)
+        cols["weight_sq"] = [None if w is None else w**2 for w in wn]
+        cols["update_sq"] = [None if w is None or u is None else (u * w) ** 2 for w, u in zip(wn, ur, strict=True)]
     layouts = [tuple(names) for names in doc["layouts"]]
     steps = []
     for i, m in enumerate(doc["steps"]):

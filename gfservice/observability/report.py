@@ -163,7 +163,7 @@ def _draw_profile(ax: Any, history: Sequence[StepStats], chosen: Sequence[int]) 
         color = cycle[i % len(cycle)]
         g = s.grads
         deep = g.mean_abs is not None
-        mean = g.mean_abs if deep else g.rms
+        mean = g.mean_abs if g.mean_abs is not None else g.rms
         peak = g.max_abs
         ok = np.isfinite(mean) & np.isfinite(peak) & (g.nonfinite == 0)
         m = np.where(ok & (mean > 0), mean, np.nan)

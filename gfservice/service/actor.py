@@ -10,71 +10,34 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from gfservice import __version__
 from gfservice.api import Finding, StepStats
-from gfservice.config import Settings, load_settings
-from gfservice.service.aggregator import Aggregator, AggregatorConfig
+from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE, Settings, load_settings
+from gfservice.service.aggregator import Aggregator
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAME = os.environ.get("GFSERVICE_NAME", "gfservice")
-DEFAULT_NAMESPACE = os.environ.get("GFSERVICE_NAMESPACE", "gfservice")
+#: The whole configuration of a service (one settings model: :class:`gfservice.config.Settings`).
+ServiceSettings = Settings
 
 
-class ServiceConfig(BaseModel):
-    """The ``[service]`` section of the configuration file; every field has a working default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    #: Ray actor name and namespace: monitors and ``gfservice.connect()`` find the service by them.
-    name: str = DEFAULT_NAME
-    namespace: str = DEFAULT_NAMESPACE
-    #: Where detector state and findings are saved, so that a restarted service resumes ("" disables).
-    snapshot_path: str = Field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "gfservice" / "snapshot.pkl"))
-    snapshot_interval_s: float = Field(5.0, gt=0)
-    #: How often overdue steps are merged (rank timeouts).
-    tick_interval_s: float = Field(0.5, gt=0)
-    #: /metrics endpoint: None disables it, 0 picks a free port.
-    metrics_port: int | None = None
-    metrics_addr: str = "127.0.0.1"
-    #: Prometheus file-based service discovery file, rewritten whenever the endpoint moves ("" disables).
-    sd_file: str = Field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "gfservice" / "prometheus-sd.json"))
-    #: Options of the Prometheus exporter (see gfservice.observability.exporter.ExporterConfig).
-    exporter: dict[str, Any] = Field(default_factory=dict)
-
-
-class ServiceSettings(BaseModel):
-    """The whole configuration of a service: detectors, aggregator limits and service options."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
-    service: ServiceConfig = Field(default_factory=ServiceConfig)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **service_overrides: Any) -> ServiceSettings:
-        svc = {**settings.service, **{k: v for k, v in service_overrides.items() if v is not None}}
-        return cls(detectors=settings.detectors, aggregator=settings.aggregator, service=ServiceConfig(**svc))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **service_overrides: Any) -> ServiceSettings:
-        return cls.from_settings(load_settings(path) if path else load_settings(data={}), **service_overrides)
+def load_service_settings(path: str | os.PathLike[str] | None = None, **service_overrides: Any) -> Settings:
+    """The configuration file (and ``GFSERVICE_*`` variables) with command-line ``[service]`` overrides."""
+    return load_settings(path).with_service(**service_overrides)
 
 
 class ServiceCore:
     """The service's state and behaviour, without Ray: the Ray actor is a thin wrapper around it."""
 
-    def __init__(self, settings: dict[str, Any] | ServiceSettings | None = None):
-        self.settings = ServiceSettings.model_validate(settings or {})
+    def __init__(self, settings: dict[str, Any] | Settings | None = None):
+        # Validated again here (the driver validated it too): no environment is read inside the actor.
+        self.settings = Settings.model_validate(settings.model_dump() if isinstance(settings, Settings)
+                                                else settings or {})
         cfg = self.settings.service
         self.aggregator = Aggregator(self.settings.aggregator, self.settings.detectors)
         self.started = time.time()
@@ -137,10 +100,8 @@ class ServiceCore:
             "restored_runs": self.restored,
             "metrics": None if self.metrics_port is None else f"{cfg.metrics_addr}:{self.metrics_port}",
             "counters": counters,
-            "runs": [
-                {**r, "active": [f.model_dump(exclude={"time"}) for f in self.aggregator.active_findings(r["run"])]}
-                for r in self.aggregator.runs()
-            ],
+            "runs": [{**r.row(), "active": [f.model_dump(exclude={"time"}) for f in r.active]}
+                     for r in self.aggregator.view().runs],
         }
 
     # ---- background work ------------------------------------------------------------------------
@@ -191,10 +152,10 @@ class ServiceCore:
 
     def _start_metrics(self, port: int) -> None:
         from gfservice.observability.discovery import write_sd_file
-        from gfservice.observability.exporter import ExporterConfig, serve_metrics
+        from gfservice.observability.exporter import serve_metrics
 
         cfg = self.settings.service
-        exp = ExporterConfig(**{**cfg.exporter, "address": cfg.metrics_addr, "port": port})
+        exp = cfg.exporter_config(port)
         self._metrics_server, _thread, self.metrics_port = serve_metrics(self.aggregator, exp)
         if cfg.sd_file:
             write_sd_file(cfg.sd_file, f"{_advertised_host(cfg.metrics_addr)}:{self.metrics_port}")
@@ -243,14 +204,14 @@ def find(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE):
         return None
 
 
-def start(settings: ServiceSettings | None = None, wait_s: float = 60.0):
+def start(settings: Settings | None = None, wait_s: float = 60.0):
     """Start the service on the connected Ray cluster, or return the one already running (same name).
 
     Returns ``(handle, created)``.
     """
     import ray
 
-    settings = settings or ServiceSettings()
+    settings = settings or load_settings()
     cfg = settings.service
     existing = find(cfg.name, cfg.namespace)
     if existing is not None:

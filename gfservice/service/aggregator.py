@@ -1,18 +1,24 @@
-"""The aggregator core (plain Python, no Ray): validate messages, merge ranks into steps, run detectors,
-keep findings with their lifecycle and a bounded history per run.
+"""The aggregator core (plain Python, no Ray, no torch): validate messages, merge ranks into steps, run
+detectors, keep findings with their lifecycle and a bounded history per run.
+
+The aggregator owns its state and its lock. Readers (the exporter, ``status``, the client, reports) get a
+frozen, consistent :class:`AggregatorView` copied under the lock (:meth:`Aggregator.view`), or copies of
+findings: nothing they hold changes under them, and nothing they do holds the lock.
 
 >>> from gfservice.wire import Layout, RunEnd, StepReport
 >>> agg = Aggregator()
 >>> agg.submit(Layout(run="r", rank=0, world_size=1, layers=["w"], numel=[4], sharded=[False]))
-Ack(accepted=True, reason='', new_findings=())
->>> ack = agg.submit({"run": "r", "rank": 0, "step": 0, "count": [4], "sum_sq": [float("nan")],
-...                   "max_abs": [float("nan")], "nonfinite": [4]})
+Ack(accepted=True, reason=None, new_findings=())
+>>> ack = agg.submit({"kind": "step", "run": "r", "rank": 0, "step": 0, "stats": {"count": [4],
+...                   "sum_sq": [float("nan")], "max_abs": [float("nan")], "nonfinite": [4]}})
 >>> [f.detector for f in ack.new_findings]
 ['nonfinite']
->>> agg.submit({"run": "nope", "rank": 0, "step": 0}).reason
-'unknown_run'
->>> agg.rejected
+>>> agg.submit({"kind": "step", "run": "nope", "rank": 0, "step": 0}).reason
+<RejectReason.unknown_run: 'unknown_run'>
+>>> agg.view().rejected
 {'unknown_run': 1}
+>>> [(r.name, r.last_step, len(r.active)) for r in agg.view().runs]
+[('r', 0, 1)]
 """
 
 from __future__ import annotations
@@ -26,74 +32,89 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gfservice import registry
-from gfservice.api import Detector, Finding, Severity, StepStats
-from gfservice.stats import merge_shards
-from gfservice.wire import Layout, RunEnd, StepReport
+from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats
+from gfservice.config import AggregatorConfig
+from gfservice.stats import Array, merge_shards
+from gfservice.wire import Layout, Rejected, RejectReason, RunEnd, StepReport, parse
+
+__all__ = ["Ack", "Aggregator", "AggregatorConfig", "AggregatorView", "RunView"]
 
 log = logging.getLogger(__name__)
-
-
-class AggregatorConfig(BaseModel):
-    """Limits and behaviour of the aggregator; every field has a default that suits most jobs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    #: Merged steps kept per run (the history behind ``latest`` and reports).
-    history: int = Field(1000, ge=1)
-    #: Findings kept per run, newest last.
-    findings_history: int = Field(1000, ge=1)
-    #: Layers allowed per run; a layout with more is rejected as oversized.
-    max_layers: int = Field(100_000, ge=1)
-    #: Runs tracked at once; the least recently updated run is forgotten beyond this.
-    max_runs: int = Field(1000, ge=1)
-    #: A step waits this long for its missing ranks before it is merged without them.
-    merge_timeout_s: float = Field(30.0, gt=0)
-    #: Hard cap on steps waiting for ranks: beyond it the oldest is merged without its missing ranks.
-    #: (A step is merged as soon as every missing rank has reported a later step: their report is lost.)
-    max_pending_steps: int = Field(256, ge=1)
-    #: A run with no new step for this long is taken as over (its job died without closing its monitor),
-    #: which ends its "training stalled" alert.
-    idle_finish_s: float = Field(6 * 3600.0, gt=0)
-
-
-class Rejected(ValueError):
-    """A message the aggregator will not take, with a short machine-readable ``reason``."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class Ack(NamedTuple):
     """Answer to one submitted message."""
 
     accepted: bool
-    reason: str = ""
+    reason: RejectReason | None = None
     new_findings: tuple[Finding, ...] = ()
 
 
-@dataclass
-class RunState:
-    """Everything the aggregator knows of one run."""
+@dataclass(eq=False)
+class _Record:
+    """The aggregator's record of one finding: as first raised, and its lifecycle since."""
+
+    raised: Finding
+    first_step: int
+    last_step: int
+    severity: Severity
+    value: float | None
+    occurrences: int = 1
+    active: bool = True
+    cleared_time: float | None = None
+
+    @classmethod
+    def new(cls, f: Finding, step: int) -> _Record:
+        return cls(f, step, step, f.severity, f.value)
+
+    def seen(self, f: Finding, step: int) -> None:
+        self.last_step = step
+        self.value = f.value
+        self.occurrences += 1
+        if f.severity.rank > self.severity.rank:
+            self.severity = f.severity
+
+    def copy(self) -> Finding:
+        """The finding as first raised, with its lifecycle filled in: an immutable copy for callers."""
+        return self.raised.model_copy(update={
+            "first_step": self.first_step, "last_step": self.last_step, "severity": self.severity,
+            "value": self.value, "occurrences": self.occurrences, "active": self.active,
+            "cleared_time": self.cleared_time,
+        })
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.copy().model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> _Record:
+        f = Finding.model_validate(d)
+        raised = f.model_copy(update={"first_step": None, "last_step": None, "occurrences": 1, "active": True,
+                                      "cleared_time": None})
+        return cls(raised, f.since, f.last_step if f.last_step is not None else f.since, f.severity, f.value,
+                   f.occurrences, f.active, f.cleared_time)
+
+
+@dataclass(eq=False)
+class _Run:
+    """Everything the aggregator knows of one run (private: readers get a :class:`RunView`)."""
 
     name: str
     world_size: int
     detectors: dict[str, Detector]
+    history: deque[StepStats]
+    log: deque[_Record]
+    cleared: deque[_Record]
     layouts: dict[int, Layout] = field(default_factory=dict)
     layers: tuple[str, ...] = ()
-    sharded: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    sharded: Array = field(default_factory=lambda: np.zeros(0, bool))
+    units: Array | None = None
     pending: dict[int, dict[int, StepReport]] = field(default_factory=dict)
     pending_since: dict[int, float] = field(default_factory=dict)
-    history: deque[StepStats] = field(default_factory=deque)
-    active: dict[tuple[str, str], Finding] = field(default_factory=dict)
-    log: deque[Finding] = field(default_factory=deque)
+    active: dict[tuple[str, str], _Record] = field(default_factory=dict)
     last_step: int = -1
     last_time: float = 0.0
-    #: Findings raised so far, by (detector, severity).
     findings_total: dict[tuple[str, str], int] = field(default_factory=dict)
     detector_errors: dict[str, int] = field(default_factory=dict)
     detector_seconds: dict[str, float] = field(default_factory=dict)
@@ -107,11 +128,65 @@ class RunState:
     rank_last_step: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunView:
+    """One run as it was when the view was taken."""
+
+    name: str
+    world_size: int
+    layers: int
+    last_step: int
+    last_time: float
+    finished: bool
+    stop_reason: str | None
+    sender_dropped: int
+    latest: StepStats | None
+    findings_total: Mapping[tuple[str, str], int]
+    #: Active findings, most severe first.
+    active: tuple[Finding, ...]
+    #: Findings that cleared at or after the view's ``since`` time, oldest first.
+    recently_cleared: tuple[Finding, ...]
+    detector_seconds: Mapping[str, float]
+    detector_errors: Mapping[str, int]
+    detector_configs: Mapping[str, DetectorConfig]
+
+    @property
+    def stalled_ranks(self) -> int:
+        """Ranks missing from the last merged step."""
+        return len(self.latest.missing_ranks) if self.latest is not None else 0
+
+    def row(self) -> dict[str, Any]:
+        """The summary row of :meth:`Aggregator.runs`."""
+        return {
+            "run": self.name, "world_size": self.world_size, "layers": self.layers, "last_step": self.last_step,
+            "last_time": self.last_time, "active_findings": len(self.active), "stop_reason": self.stop_reason,
+            "finished": self.finished, "sender_dropped": self.sender_dropped,
+        }
+
+
+@dataclass(frozen=True)
+class AggregatorView:
+    """A frozen, consistent picture of the aggregator: every run, and the service-wide counters."""
+
+    runs: tuple[RunView, ...]
+    accepted: int
+    rejected: Mapping[str, int]
+    ingest_seconds: float
+    ingest_count: int
+    layer_stats_merged: int
+    #: Detector time and errors over all runs, forgotten runs included (so the totals never go down).
+    detector_seconds: Mapping[str, float]
+    detector_errors: Mapping[str, int]
+    runs_forgotten: int
+    taken: float
+
+
 class Aggregator:
     """Merges reports of many runs and ranks and runs the detectors; thread-safe.
 
     ``detector_settings`` maps detector names to field overrides (see :mod:`gfservice.registry`);
-    ``detector_factory`` replaces the registry entirely (tests, embedding).
+    ``detector_factory`` replaces the registry entirely (tests, embedding). ``clock`` (like
+    :func:`time.time`) stamps merges and cleared findings.
     """
 
     def __init__(
@@ -119,25 +194,29 @@ class Aggregator:
         config: AggregatorConfig | None = None,
         detector_settings: Mapping[str, Mapping[str, Any]] | None = None,
         detector_factory: Callable[[], dict[str, Detector]] | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.config = config or AggregatorConfig()
         settings = registry.validate(detector_settings)
         self._factory = detector_factory or (lambda: registry.build(settings))
-        self._runs: dict[str, RunState] = {}
-        self._lock = threading.RLock()
-        self.accepted = 0
-        self.rejected: dict[str, int] = {}
-        self.layer_stats_merged = 0
-        #: Time spent in :meth:`submit` and the number of calls: the ingest latency summary.
-        self.ingest_seconds = 0.0
-        self.ingest_count = 0
+        self._clock = clock
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._rejected: dict[str, int] = {}
+        self._layer_stats_merged = 0
+        self._ingest_seconds = 0.0
+        self._ingest_count = 0
+        self._retired_seconds: dict[str, float] = {}
+        self._retired_errors: dict[str, int] = {}
+        self._runs_forgotten = 0
 
     # ---- ingest ---------------------------------------------------------------------------------
     def submit(self, message: Layout | StepReport | RunEnd | Mapping[str, Any]) -> Ack:
-        """Validate and take one message (a model or a plain dict); never raises for bad input."""
+        """Validate and take one message (a message object or a plain dict); never raises for bad input."""
         t0 = time.perf_counter()
         try:
-            msg = self._parse(message)
+            msg = parse(message)  # outside the lock: validation is the costly part
             with self._lock:
                 new: list[Finding] = []
                 if isinstance(msg, Layout):
@@ -146,40 +225,23 @@ class Aggregator:
                     new = self._end(msg)
                 else:
                     new = self._ingest(msg)
-                self.accepted += 1
-            return Ack(True, "", tuple(new))
+                self._accepted += 1
+                self._count_ingest(t0)
+            return Ack(True, None, tuple(new))
         except Rejected as exc:
             with self._lock:
-                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+                self._rejected[exc.reason.value] = self._rejected.get(exc.reason.value, 0) + 1
+                self._count_ingest(t0)
             log.debug("rejected message: %s", exc)
             return Ack(False, exc.reason)
-        finally:
-            self.ingest_seconds += time.perf_counter() - t0
-            self.ingest_count += 1
 
-    @staticmethod
-    def _parse(message: Any) -> Layout | StepReport | RunEnd:
-        if isinstance(message, Layout | StepReport | RunEnd):
-            return message
-        if not isinstance(message, Mapping):
-            raise Rejected("invalid", f"expected a mapping, got {type(message).__name__}")
-        if "layers" in message or "world_size" in message:
-            cls = Layout
-        elif "end" in message:
-            cls = RunEnd
-        else:
-            cls = StepReport
-        try:
-            return cls.model_validate(message)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(map(str, first["loc"]))
-            reason = "oversized" if "over the limit" in first["msg"] or "too_long" in first["type"] else "invalid"
-            raise Rejected(reason, f"{cls.__name__}.{where}: {first['msg']}") from None
+    def _count_ingest(self, t0: float) -> None:
+        self._ingest_seconds += time.perf_counter() - t0
+        self._ingest_count += 1
 
     def _register(self, lay: Layout) -> None:
         if len(lay.layers) > self.config.max_layers:
-            raise Rejected("oversized", f"{len(lay.layers)} layers, limit {self.config.max_layers}")
+            raise Rejected(RejectReason.oversized, f"{len(lay.layers)} layers, limit {self.config.max_layers}")
         run = self._runs.get(lay.run)
         if run is None or run.world_size != lay.world_size:
             if run is not None:
@@ -187,32 +249,43 @@ class Aggregator:
             run = self._new_run(lay.run, lay.world_size)
         if lay.reports_layers:
             if run.layers and tuple(lay.layers) != run.layers:
-                raise Rejected("layout_mismatch", f"rank {lay.rank} of {lay.run} reports other layers")
+                raise Rejected(RejectReason.layout_mismatch, f"rank {lay.rank} of {lay.run} reports other layers")
             run.layers = tuple(lay.layers)
             run.sharded = np.asarray(lay.sharded, dtype=bool)
+            run.units = np.asarray(lay.units, dtype=np.int64) if lay.units else None
         run.layouts[lay.rank] = lay
         run.ended.discard(lay.rank)
         run.finished = False
 
-    def _new_run(self, name: str, world_size: int) -> RunState:
+    def _new_run(self, name: str, world_size: int) -> _Run:
         if name not in self._runs and len(self._runs) >= self.config.max_runs:
             oldest = min(self._runs.values(), key=lambda r: r.last_time)
             log.warning("forgetting run %s: more than %d runs", oldest.name, self.config.max_runs)
-            del self._runs[oldest.name]
-        run = RunState(
-            name=name,
-            world_size=world_size,
-            detectors=self._factory(),
-            history=deque(maxlen=self.config.history),
-            log=deque(maxlen=self.config.findings_history),
-        )
+            self._retire(oldest)
+        old = self._runs.get(name)
+        if old is not None:
+            self._retire(old)
+        cap = self.config.findings_history
+        run = _Run(name=name, world_size=world_size, detectors=self._factory(),
+                   history=deque(maxlen=self.config.history), log=deque(maxlen=cap), cleared=deque(maxlen=cap))
         self._runs[name] = run
         return run
+
+    def _retire(self, run: _Run) -> None:
+        """Forget ``run``, keeping its detector time and errors in the service-wide totals."""
+        for d, v in run.detector_seconds.items():
+            self._retired_seconds[d] = self._retired_seconds.get(d, 0.0) + v
+        for d, n in run.detector_errors.items():
+            self._retired_errors[d] = self._retired_errors.get(d, 0) + n
+        del self._runs[run.name]
+        self._runs_forgotten += 1
 
     def _end(self, msg: RunEnd) -> list[Finding]:
         run = self._runs.get(msg.run)
         if run is None:
-            raise Rejected("unknown_run", f"no layout for run {msg.run!r}")
+            raise Rejected(RejectReason.unknown_run, f"no layout for run {msg.run!r}")
+        if msg.rank not in run.layouts:
+            raise Rejected(RejectReason.unknown_rank, f"rank {msg.rank} of {msg.run} sent no layout")
         run.ended.add(msg.rank)
         if len(run.ended) >= run.world_size:
             run.finished = True
@@ -229,27 +302,27 @@ class Aggregator:
     def _ingest(self, rep: StepReport) -> list[Finding]:
         run = self._runs.get(rep.run)
         if run is None:
-            raise Rejected("unknown_run", f"no layout for run {rep.run!r}; send the Layout first")
+            raise Rejected(RejectReason.unknown_run, f"no layout for run {rep.run!r}; send the Layout first")
         lay = run.layouts.get(rep.rank)
         if lay is None:
-            raise Rejected("unknown_rank", f"rank {rep.rank} of {rep.run} sent no layout")
+            raise Rejected(RejectReason.unknown_rank, f"rank {rep.rank} of {rep.run} sent no layout")
         expected = len(lay.layers) if lay.reports_layers else 0
         if rep.n_layers != expected:
-            raise Rejected("shape_mismatch", f"{rep.n_layers} layers, layout has {expected}")
+            raise Rejected(RejectReason.shape_mismatch, f"{rep.n_layers} layers, layout has {expected}")
         if rep.step <= run.last_step:
-            raise Rejected("stale_step", f"step {rep.step} of {rep.run} is already merged")
+            raise Rejected(RejectReason.stale_step, f"step {rep.step} of {rep.run} is already merged")
         slot = run.pending.setdefault(rep.step, {})
         if rep.rank in slot:
-            raise Rejected("duplicate", f"rank {rep.rank} already reported step {rep.step}")
+            raise Rejected(RejectReason.duplicate, f"rank {rep.rank} already reported step {rep.step}")
         slot[rep.rank] = rep
         run.rank_last_step[rep.rank] = max(run.rank_last_step.get(rep.rank, -1), rep.step)
-        run.pending_since.setdefault(rep.step, time.time())
+        run.pending_since.setdefault(rep.step, self._clock())
         return self._merge_ready(run)
 
     # ---- merging --------------------------------------------------------------------------------
-    def _merge_ready(self, run: RunState, force: bool = False) -> list[Finding]:
+    def _merge_ready(self, run: _Run, force: bool = False) -> list[Finding]:
         new: list[Finding] = []
-        now = time.time()
+        now = self._clock()
         while run.pending:
             step = min(run.pending)
             got = run.pending[step]
@@ -265,57 +338,60 @@ class Aggregator:
             new.extend(self._merge_step(run, step, reports))
         return new
 
-    def _merge_step(self, run: RunState, step: int, reports: dict[int, StepReport]) -> list[Finding]:
+    def _merge_step(self, run: _Run, step: int, reports: dict[int, StepReport]) -> list[Finding]:
         layer_reports = [r for rank, r in sorted(reports.items()) if run.layouts[rank].reports_layers]
         if not layer_reports:  # heartbeats only: nothing to judge
             return []
-        parts = [r.grad_stats(run.layers) for r in layer_reports]
-        grads = merge_shards(parts, run.sharded)
+        grads = merge_shards([r.grad_stats(run.layers, run.units) for r in layer_reports], run.sharded)
         first = layer_reports[0]
-        weight_norm = _merge_norms([r.weight_norm for r in layer_reports], run.sharded)
-        update_norm = _merge_norms([r.update_norm for r in layer_reports], run.sharded)
         ws = run.world_size
         rank_norm = np.full(ws, np.nan)
         rank_nonfinite = np.zeros(ws, bool)
         step_time = np.full(ws, np.nan)
+        compute_time = np.full(ws, np.nan)
         for rank, r in reports.items():
             if r.local_norm is not None:
                 rank_norm[rank] = r.local_norm
             rank_nonfinite[rank] = r.local_nonfinite
             if r.step_time is not None:
                 step_time[rank] = r.step_time
+            if r.compute_time is not None:
+                compute_time[rank] = r.compute_time
         stats = StepStats(
             run=run.name,
             step=step,
             grads=grads,
-            time=max(r.time for r in reports.values()) or time.time(),
+            time=max(r.time for r in reports.values()) or self._clock(),
             loss=first.loss,
             lr=first.lr,
             loss_scale=first.loss_scale,
             skipped=any(r.skipped for r in reports.values()),
-            weight_norm=weight_norm,
-            update_ratio=None if update_norm is None or weight_norm is None else _ratio(update_norm, weight_norm),
             rank_norm=rank_norm if ws > 1 else None,
             rank_nonfinite=rank_nonfinite if ws > 1 else None,
             step_time=step_time,
+            compute_time=compute_time if np.isfinite(compute_time).any() else None,
             missing_ranks=tuple(sorted(set(range(ws)) - set(reports))),
         )
-        self.layer_stats_merged += len(grads) * len(layer_reports)
+        self._layer_stats_merged += len(grads) * len(layer_reports)
         return self._run_detectors(run, stats)
 
-    def _run_detectors(self, run: RunState, stats: StepStats) -> list[Finding]:
+    def _run_detectors(self, run: _Run, stats: StepStats) -> list[Finding]:
         run.history.append(stats)
         run.last_step = stats.step
-        run.last_time = time.time()
+        run.last_time = self._clock()
         raised: dict[tuple[str, str], Finding] = {}
         silent: set[str] = set()
         for name, det in run.detectors.items():
             t0 = time.perf_counter()
             try:
                 found = det.update(stats)
+                if found is not None and not (isinstance(found, list)
+                                              and all(isinstance(f, Finding) for f in found)):
+                    raise TypeError(f"update returned {type(found).__name__}, not a list of Finding")
             except Exception:
                 run.detector_errors[name] = run.detector_errors.get(name, 0) + 1
-                log.exception("detector %s failed on run %s step %d", name, run.name, stats.step)
+                if run.detector_errors[name] <= 3:
+                    log.exception("detector %s failed on run %s step %d", name, run.name, stats.step)
                 silent.add(name)
                 continue
             finally:
@@ -327,24 +403,25 @@ class Aggregator:
                 raised[f.identity] = f
         new: list[Finding] = []
         for ident, f in raised.items():
-            prev = run.active.get(ident)
-            if prev is not None:  # still active: the finding as first raised, seen again at this step
-                prev.last_step = stats.step
-                prev.value = f.value
-                if Severity(f.severity).rank > Severity(prev.severity).rank:
-                    prev.severity = f.severity
+            rec = run.active.get(ident)
+            if rec is not None:  # still active: the finding as first raised, seen again at this step
+                rec.seen(f, stats.step)
                 continue
-            f.first_step = f.last_step = stats.step
-            run.active[ident] = f
-            run.log.append(f)
+            rec = _Record.new(f, stats.step)
+            run.active[ident] = rec
+            run.log.append(rec)
             key = (f.detector, f.severity.value)
             run.findings_total[key] = run.findings_total.get(key, 0) + 1
-            new.append(f)
+            new.append(rec.copy())
             det = run.detectors.get(f.detector)
             if det is not None and det.config.stop_run and run.stop_reason is None:
                 run.stop_reason = f"{f.detector}: {f.message}"
+        now = self._clock()
         for ident in [i for i in run.active if i not in raised and i[0] not in silent]:
-            run.active.pop(ident).active = False  # the same object as in the log
+            rec = run.active.pop(ident)
+            rec.active = False
+            rec.cleared_time = now
+            run.cleared.append(rec)
         return new
 
     def flush(self, run: str | None = None) -> list[Finding]:
@@ -356,57 +433,88 @@ class Aggregator:
     def tick(self) -> list[Finding]:
         """Merge the steps whose ranks are overdue and retire long-idle runs; call it periodically."""
         with self._lock:
-            now = time.time()
+            now = self._clock()
             for r in self._runs.values():
                 if not r.finished and r.last_time and now - r.last_time > self.config.idle_finish_s:
                     log.warning("run %s sent nothing for %.0f s: taking it as over", r.name, now - r.last_time)
                     r.finished = True
             return [f for r in list(self._runs.values()) for f in self._merge_ready(r)]
 
+    # ---- the read view --------------------------------------------------------------------------
+    def view(self, since: float | None = None) -> AggregatorView:
+        """A frozen copy of every run and counter, taken under the lock.
+
+        ``since`` (a Unix time) bounds the cleared findings each run carries: those cleared at or after it.
+        """
+        with self._lock:
+            now = self._clock()
+            cutoff = now if since is None else since
+            runs = tuple(self._run_view(r, cutoff) for r in self._runs.values())
+            seconds = dict(self._retired_seconds)
+            errors = dict(self._retired_errors)
+            for r in self._runs.values():
+                for d, v in r.detector_seconds.items():
+                    seconds[d] = seconds.get(d, 0.0) + v
+                for d, n in r.detector_errors.items():
+                    errors[d] = errors.get(d, 0) + n
+            return AggregatorView(
+                runs=runs, accepted=self._accepted, rejected=dict(self._rejected),
+                ingest_seconds=self._ingest_seconds, ingest_count=self._ingest_count,
+                layer_stats_merged=self._layer_stats_merged, detector_seconds=seconds, detector_errors=errors,
+                runs_forgotten=self._runs_forgotten, taken=now,
+            )
+
+    @staticmethod
+    def _run_view(r: _Run, since: float) -> RunView:
+        cleared: list[Finding] = []
+        for rec in reversed(r.cleared):  # newest first; cleared times only grow
+            if rec.cleared_time is None or rec.cleared_time < since:
+                break
+            cleared.append(rec.copy())
+        active = sorted((rec.copy() for rec in r.active.values()), key=lambda f: -f.severity.rank)
+        return RunView(
+            name=r.name, world_size=r.world_size, layers=len(r.layers), last_step=r.last_step,
+            last_time=r.last_time, finished=r.finished, stop_reason=r.stop_reason, sender_dropped=r.sender_dropped,
+            latest=r.history[-1] if r.history else None, findings_total=dict(r.findings_total),
+            active=tuple(active), recently_cleared=tuple(reversed(cleared)),
+            detector_seconds=dict(r.detector_seconds), detector_errors=dict(r.detector_errors),
+            detector_configs={n: d.config for n, d in r.detectors.items()},
+        )
+
+    def run_view(self, run: str, since: float | None = None) -> RunView:
+        """One run's view; raises ``KeyError`` for an unknown run."""
+        with self._lock:
+            return self._run_view(self._get(run), self._clock() if since is None else since)
+
+    def _get(self, run: str) -> _Run:
+        try:
+            return self._runs[run]
+        except KeyError:
+            raise KeyError(f"unknown run {run!r}") from None
+
     # ---- queries --------------------------------------------------------------------------------
     def runs(self) -> list[dict[str, Any]]:
         """One summary row per run."""
-        with self._lock:
-            return [
-                {
-                    "run": r.name,
-                    "world_size": r.world_size,
-                    "layers": len(r.layers),
-                    "last_step": r.last_step,
-                    "last_time": r.last_time,
-                    "active_findings": len(r.active),
-                    "stop_reason": r.stop_reason,
-                    "finished": r.finished,
-                    "sender_dropped": r.sender_dropped,
-                }
-                for r in self._runs.values()
-            ]
-
-    def run_state(self, run: str) -> RunState:
-        with self._lock:
-            if run not in self._runs:
-                raise KeyError(f"unknown run {run!r}")
-            return self._runs[run]
+        return [r.row() for r in self.view().runs]
 
     def findings(self, run: str, since_step: int = 0, active_only: bool = False) -> list[Finding]:
-        """Findings of ``run`` first raised at or after ``since_step``, oldest first."""
+        """Copies of the findings of ``run`` first raised at or after ``since_step``, oldest first."""
         with self._lock:
-            r = self.run_state(run)
-            found = [f for f in r.log if (f.first_step or 0) >= since_step]
-            return [f for f in found if f.active] if active_only else found
+            recs = [rec for rec in self._get(run).log if rec.first_step >= since_step]
+            return [rec.copy() for rec in recs if rec.active or not active_only]
 
     def active_findings(self, run: str) -> list[Finding]:
-        with self._lock:
-            return sorted(self.run_state(run).active.values(), key=lambda f: -Severity(f.severity).rank)
+        """Copies of the active findings of ``run``, most severe first."""
+        return list(self.run_view(run).active)
 
     def latest(self, run: str) -> StepStats | None:
         with self._lock:
-            h = self.run_state(run).history
+            h = self._get(run).history
             return h[-1] if h else None
 
     def history(self, run: str) -> list[StepStats]:
         with self._lock:
-            return list(self.run_state(run).history)
+            return list(self._get(run).history)
 
     def should_stop(self, run: str) -> str | None:
         """Why ``run`` should stop (a detector with ``stop_run`` fired), or ``None``."""
@@ -415,38 +523,42 @@ class Aggregator:
             return None if r is None else r.stop_reason
 
     def counters(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "accepted": self.accepted,
-                "rejected": dict(self.rejected),
-                "layer_stats_merged": self.layer_stats_merged,
-                "runs": len(self._runs),
-            }
+        v = self.view()
+        return {"accepted": v.accepted, "rejected": dict(v.rejected), "layer_stats_merged": v.layer_stats_merged,
+                "runs": len(v.runs)}
+
+    @property
+    def accepted(self) -> int:
+        """Messages taken so far."""
+        return self._accepted
 
     # ---- snapshots ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Detector state, findings and layouts of every run (not the step history): enough to resume."""
         with self._lock:
             return {
-                "runs": {
-                    r.name: {
-                        "world_size": r.world_size,
-                        "layouts": [lay.model_dump() for lay in r.layouts.values()],
-                        "detectors": {n: d.state_dict() for n, d in r.detectors.items()},
-                        "active": [f.model_dump() for f in r.active.values()],
-                        "log": [f.model_dump() for f in r.log],
-                        "last_step": r.last_step,
-                        "last_time": r.last_time,
-                        "findings_total": dict(r.findings_total),
-                        "stop_reason": r.stop_reason,
-                        "sender_dropped": r.sender_dropped,
-                        "finished": r.finished,
-                    }
-                    for r in self._runs.values()
-                },
-                "accepted": self.accepted,
-                "rejected": dict(self.rejected),
+                "runs": {r.name: self._run_state(r) for r in self._runs.values()},
+                "accepted": self._accepted,
+                "rejected": dict(self._rejected),
             }
+
+    @staticmethod
+    def _run_state(r: _Run) -> dict[str, Any]:
+        logged = {id(rec) for rec in r.log}
+        return {
+            "world_size": r.world_size,
+            "layouts": [lay.model_dump(mode="json") for lay in r.layouts.values()],
+            "detectors": {n: d.state_dict() for n, d in r.detectors.items()},
+            "log": [rec.to_dict() for rec in r.log],
+            # active findings old enough to have left the bounded log
+            "active": [rec.to_dict() for rec in r.active.values() if id(rec) not in logged],
+            "last_step": r.last_step,
+            "last_time": r.last_time,
+            "findings_total": [[d, s, n] for (d, s), n in r.findings_total.items()],
+            "stop_reason": r.stop_reason,
+            "sender_dropped": r.sender_dropped,
+            "finished": r.finished,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         with self._lock:
@@ -457,35 +569,18 @@ class Aggregator:
                 for n, d in run.detectors.items():
                     if n in s["detectors"]:
                         d.load_state_dict(s["detectors"][n])
-                run.log.extend(Finding.model_validate(f) for f in s["log"])
-                by_ident = {(f.detector, f.key, f.first_step): f for f in run.log}
-                for f in s["active"]:
-                    fnd = Finding.model_validate(f)
-                    fnd = by_ident.get((fnd.detector, fnd.key, fnd.first_step), fnd)
-                    run.active[fnd.identity] = fnd
+                logged = [_Record.from_dict(d) for d in s["log"]]
+                run.log.extend(logged)
+                for rec in [*logged, *(_Record.from_dict(d) for d in s.get("active", []))]:
+                    if rec.active:
+                        run.active[rec.raised.identity] = rec
+                cleared = [rec for rec in logged if not rec.active and rec.cleared_time is not None]
+                run.cleared.extend(sorted(cleared, key=lambda rec: rec.cleared_time or 0.0))
                 run.last_step = s["last_step"]
                 run.last_time = s["last_time"]
-                run.findings_total = {tuple(k) if not isinstance(k, tuple) else k: v
-                                      for k, v in s["findings_total"].items()}
+                run.findings_total = {(d, sev): n for d, sev, n in s["findings_total"]}
                 run.stop_reason = s["stop_reason"]
                 run.sender_dropped = s.get("sender_dropped", 0)
                 run.finished = s.get("finished", False)
-            self.accepted = state.get("accepted", 0)
-            self.rejected = dict(state.get("rejected", {}))
-
-
-def _merge_norms(parts: list[np.ndarray | None], sharded: np.ndarray) -> np.ndarray | None:
-    """Merge per-layer L2 norms of shards (root of summed squares) or take replicated ones once."""
-    arrays = [p for p in parts if p is not None and len(p)]
-    if len(arrays) != len(parts) or not arrays:
-        return arrays[0] if arrays else None
-    if len(arrays) == 1:
-        return arrays[0]
-    summed = np.sqrt(np.sum(np.square(np.stack(arrays)), axis=0))
-    return np.where(sharded, summed, arrays[0])
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    out = np.full(np.shape(num), np.nan)
-    np.divide(num, den, out=out, where=np.asarray(den) > 0)
-    return out
+            self._accepted = state.get("accepted", 0)
+            self._rejected = dict(state.get("rejected", {}))

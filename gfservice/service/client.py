@@ -8,11 +8,12 @@ ConnectionError: ...
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from gfservice.api import Finding, StepStats
-from gfservice.service.actor import DEFAULT_NAME, DEFAULT_NAMESPACE, find
+from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE
+from gfservice.service.actor import find
+from gfservice.service.ray_cluster import attach_ray
 
 
 class Client:
@@ -50,18 +51,8 @@ class Client:
 
 
 def attach(address: str | None = None) -> None:
-    """Attach this process to a Ray cluster (``address``, ``$RAY_ADDRESS`` or a local one) if not yet."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    except ConnectionError as exc:
-        raise ConnectionError(
-            f"no Ray cluster at {address!r} ({exc}); start the service with `gfservice serve`"
-        ) from None
+    """Attach this process to a Ray cluster (``address``, ``$RAY_ADDRESS`` or the local one) if not yet."""
+    attach_ray(address)
 
 
 def connect(address: str | None = None, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE,

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from gfservice.stats import EXP_BINS, GradStats
+from gfservice.stats import EXP_BINS, GradStats, unit_rows
 
 try:  # DTensor (FSDP2 parameters and gradients)
     from torch.distributed.tensor import DTensor, Shard
@@ -85,12 +86,10 @@ def is_sharded(p: torch.Tensor) -> bool:
 
 @dataclass
 class Collected:
-    """What one collected step produced on the host."""
+    """What one collected step produced on the host: the statistics and the named extras (loss, ...)."""
 
     grads: GradStats
-    extras: np.ndarray
-    weight_norm: np.ndarray | None = None
-    update_norm: np.ndarray | None = None
+    extras: dict[str, float | None]
 
     @property
     def local_norm(self) -> float:
@@ -136,6 +135,7 @@ class GradCollector:
         self.params: list[torch.nn.Parameter] = [p for _, p in selected]
         self.numel: list[int] = [int(p.numel()) for p in self.params]
         self.sharded: list[bool] = [is_sharded(p) for p in self.params]
+        self.units: list[int] = [unit_rows(p.shape) for p in self.params]
         self._any_dtensor = DTensor is not None and any(isinstance(p, DTensor) for p in self.params)
         self._before: list[torch.Tensor] | None = None
 
@@ -149,13 +149,15 @@ class GradCollector:
             self._before = [_local(p.detach()).clone() for p in self.params]
 
     # ---- collection -----------------------------------------------------------------------------
-    def launch(self, deep: bool = False, extras: Sequence[torch.Tensor | float | None] = (),
+    def launch(self, deep: bool = False, extras: dict[str, torch.Tensor | float | None] | None = None,
                layers: bool = True) -> Pending:
         """Start the reductions of this step's gradients and their copy to the host.
 
-        ``extras`` (loss, loss scale, ...) ride along in the same copy; ``None`` comes back as NaN.
-        With ``layers=False`` only the extras travel (a heartbeat).
+        ``extras`` (loss, loss scale, ...: name -> tensor or number) ride along in the same copy and come back
+        by name as floats; ``None`` comes back as ``None``. With ``layers=False`` only the extras travel (a
+        heartbeat).
         """
+        extras = extras or {}
         with torch.no_grad():
             grads, have = [], []
             counts = np.zeros(len(self.params), np.int64)
@@ -177,22 +179,25 @@ class GradCollector:
                 pieces.append(_deep(grads, device))
                 if with_weights:
                     weights = [_local(p.detach()) for p in self.params]
-                    pieces.append(_weight_norms(weights, self._before, device))
+                    pieces.append(_weight_sums(weights, self._before, device))
             self._before = None
+            present = {k: v for k, v in extras.items() if v is not None}
             host_extras = None
             if device.type == "cpu":  # the values are here already: no tensor, no copy
-                host_extras = _host_floats(extras)
-            else:
-                pieces.append(_extras(extras, device))
+                host_extras = _host_floats(present)
+            elif present:
+                pieces.append(_extras(list(present.values()), device))
             packed = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0].reshape(-1)
             host, event = _to_host(packed)
-        return Pending(host, event, lambda a: self._unpack(a, have, counts, deep, with_weights, len(extras),
-                                                             host_extras))
+        names = list(extras)
+        return Pending(host, event, lambda a: self._unpack(a, have, counts, deep, with_weights, names,
+                                                             list(present), host_extras))
 
-    def _unpack(self, a: np.ndarray, have, counts, deep, with_weights, n_extras, host_extras) -> Collected:
+    def _unpack(self, a: np.ndarray, have: list[int], counts: np.ndarray, deep: bool, with_weights: bool,
+                names: list[str], present: list[str], host_extras: dict[str, float] | None) -> Collected:
         L, n = len(self.params), len(have)
 
-        def scatter(v, dtype=np.float64):
+        def scatter(v: np.ndarray, dtype: type = np.float64) -> np.ndarray:
             if n == L:  # every layer has a gradient (the usual case)
                 return v.astype(dtype)
             out = np.zeros(L, dtype)
@@ -201,7 +206,7 @@ class GradCollector:
 
         pos = 0
 
-        def take(k):
+        def take(k: int) -> np.ndarray:
             nonlocal pos
             v = a[pos: pos + k]
             pos += k
@@ -211,26 +216,49 @@ class GradCollector:
         max_abs = take(n)
         with np.errstate(over="ignore", invalid="ignore"):
             sum_sq = scatter(np.square(norm))
-        flagged = ~(np.isfinite(norm) & np.isfinite(max_abs))
+        # max |g| is NaN/Inf exactly when some element is; a norm that overflowed its float32 accumulator
+        # with a finite maximum is a huge gradient, not a non-finite one (see fix_overflow).
+        flagged = ~np.isfinite(max_abs)
         stats = GradStats(
             layers=self.layers,
             count=counts,
             sum_sq=sum_sq,
             max_abs=scatter(max_abs),
             nonfinite=scatter(flagged.astype(np.int64), np.int64),
+            units=np.asarray(self.units, np.int64),
         )
-        weight_norm = update_norm = None
         if deep:
             stats.sum_abs = scatter(take(n))
             stats.zeros = scatter(counts[have] - take(n).astype(np.int64), np.int64)
             hist = np.zeros((L, EXP_BINS), np.int64)
             hist[have] = take(n * EXP_BINS).reshape(n, EXP_BINS).astype(np.int64)
             stats.exp_hist = hist
+            stats.dead_units = scatter(take(n).astype(np.int64), np.int64)
             if with_weights:
-                weight_norm = take(L)
-                update_norm = take(L)
-        extras = np.asarray(host_extras, np.float64) if host_extras is not None else take(n_extras)
-        return Collected(stats, extras, weight_norm, update_norm)
+                stats.weight_sq = take(L).copy()
+                stats.update_sq = take(L).copy()
+        if host_extras is None:
+            host_extras = dict(zip(present, (float(v) for v in take(len(present))), strict=True))
+        return Collected(stats, {k: host_extras.get(k) for k in names})
+
+    def fix_overflow(self, stats: GradStats) -> None:
+        """Recompute in float64 the sums of squares that overflowed float32 while every value was finite.
+
+        Runs only for such layers (a rare event) and only while this step's gradients are still there.
+        """
+        bad = np.flatnonzero(~np.isfinite(stats.sum_sq) & (stats.nonfinite == 0))
+        with torch.no_grad():
+            for i in bad:
+                g = self.params[i].grad
+                if g is not None:
+                    stats.sum_sq[i] = float(torch.linalg.vector_norm(_local(g), dtype=torch.float64)) ** 2
+
+    def make_exact(self, stats: GradStats) -> None:
+        """Exact NaN/Inf counts and float64 sums for the rare layers that need them (gradients still there)."""
+        if stats.nonfinite.any():
+            self.count_nonfinite(stats)
+        if not np.all(np.isfinite(stats.sum_sq)):
+            self.fix_overflow(stats)
 
     def count_nonfinite(self, stats: GradStats) -> None:
         """Replace the per-layer non-finite flags of ``stats`` by exact counts.
@@ -279,13 +307,20 @@ def _core(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 
 def _deep(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Per-layer sum |g|, non-zero count and exponent histogram, float64, packed."""
+    """Per-layer sum |g|, non-zero count, exponent histogram and dead output units, float64, packed."""
     if not grads:
         return torch.zeros(0, dtype=torch.float64, device=device)
     sum_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=_acc(grads))).double()
     nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).double()
     hists = torch.stack([_exp_hist(g) for g in grads]).double()
-    return torch.cat([sum_abs, nonzero, hists.reshape(-1)])
+    dead = torch.stack([_dead_rows(g) for g in grads]).double()
+    return torch.cat([sum_abs, nonzero, hists.reshape(-1), dead])
+
+
+def _dead_rows(g: torch.Tensor) -> torch.Tensor:
+    """Rows (output units) of ``g`` whose gradient is exactly zero: dim 0 for 2-d and larger, elements for 1-d."""
+    rows = g.reshape(g.shape[0], -1) if g.dim() >= 2 else g.reshape(-1, 1)
+    return (rows != 0).any(dim=1).logical_not().sum()
 
 
 def _exp_hist(g: torch.Tensor) -> torch.Tensor:
@@ -300,28 +335,28 @@ def _exp_hist(g: torch.Tensor) -> torch.Tensor:
     return out.index_add_(0, e, torch.ones((), dtype=torch.int64, device=g.device).expand(e.numel()))
 
 
-def _weight_norms(weights: list[torch.Tensor], before: list[torch.Tensor], device) -> torch.Tensor:
+def _weight_sums(weights: list[torch.Tensor], before: list[torch.Tensor], device) -> torch.Tensor:
+    """Per-layer sums of squares of the weights and of this step's update (float64: they merge by adding)."""
     w = torch.stack(torch._foreach_norm(weights, 2, dtype=_acc(weights))).double()
     torch._foreach_sub_(before, weights)  # the snapshot is not needed afterwards: reuse it for the update
     u = torch.stack(torch._foreach_norm(before, 2, dtype=_acc(weights))).double()
-    return torch.cat([w.to(device), u.to(device)])
+    return torch.cat([w.square().to(device), u.square().to(device)])
 
 
-def _host_floats(values: Sequence[torch.Tensor | float | None]) -> list[float]:
-    """Loss, scale ... of CPU tensors or numbers as floats; ``None`` becomes NaN."""
-    return [float("nan") if v is None else float(_local(v.detach()).reshape(-1)[0]) if isinstance(v, torch.Tensor)
-            else float(v) for v in values]
+def _host_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Loss, scale ... of CPU tensors or numbers as floats, by name."""
+    return {k: float(_local(v.detach()).reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
+            for k, v in values.items()}
 
 
-def _extras(values: Sequence[torch.Tensor | float | None], device) -> torch.Tensor:
-    """Loss, scale ... as one float64 vector on ``device`` (one copy with the rest); ``None`` becomes NaN."""
+def _extras(values: Sequence[torch.Tensor | float], device) -> torch.Tensor:
+    """Loss, scale ... as one float64 vector on ``device`` (one copy with the rest)."""
     items = []
     for v in values:
         if isinstance(v, torch.Tensor):
             items.append(_local(v.detach()).reshape(-1)[:1].double().to(device))
         else:
-            items.append(torch.tensor([float("nan") if v is None else float(v)], dtype=torch.float64,
-                                      device=device))
+            items.append(torch.tensor([float(v)], dtype=torch.float64, device=device))
     return torch.cat(items)
 
 
@@ -339,16 +374,26 @@ class LocalNormHook:
     """A DDP communication hook that notes this rank's squared gradient norm *before* the allreduce.
 
     Chained with DDP's default allreduce, so training is unchanged. The sum stays on the device; the
-    monitor ships it with the step's other statistics (it tells which rank produced a NaN).
+    monitor ships it with the step's other statistics (it tells which rank produced a NaN). It also notes
+    when the first bucket of a step was ready: the end of this rank's own data, forward and backward work,
+    before it waits for the others in the all-reduce (what tells a straggler apart under DDP).
     """
 
     def __init__(self, process_group=None):
         self.process_group = process_group
         self._sq: torch.Tensor | None = None
+        self._first_bucket: float | None = None
 
     def add(self, buf: torch.Tensor) -> None:
-        sq = torch.linalg.vector_norm(buf, dtype=torch.float32).square()
+        if self._sq is None:
+            self._first_bucket = time.perf_counter()
+        sq = torch.linalg.vector_norm(buf, dtype=torch.float64).square()
         self._sq = sq if self._sq is None else self._sq + sq
+
+    def take_first_bucket_time(self) -> float | None:
+        """``time.perf_counter()`` when the first bucket of the step was ready (None when none ran)."""
+        t, self._first_bucket = self._first_bucket, None
+        return t
 
     def take(self) -> torch.Tensor | None:
         """The squared local norm accumulated since the last call (None when no bucket ran)."""
@@ -390,6 +435,5 @@ def grad_stats(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], deep:
     """
     collector = GradCollector(named_parameters, include, exclude)
     stats = collector.launch(deep=deep).resolve().grads
-    if stats.nonfinite.any():
-        collector.count_nonfinite(stats)
+    collector.make_exact(stats)
     return stats

@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from gfservice.api import Finding, StepStats
@@ -40,16 +40,22 @@ def default_run_name() -> str:
 
 
 def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of this process: torch.distributed, else Ray Train's context, else (0, 1)."""
+    """(rank, world size) of this process: torch.distributed, else Ray Train's context, else (0, 1).
+
+    Ray is asked only when this process has imported it already (a Ray Train worker has): a monitor never
+    imports Ray on its own.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    try:
-        import ray.train
+    if "ray" in sys.modules:
+        try:
+            import ray.train
 
-        ctx = ray.train.get_context()
-        return ctx.get_world_rank(), ctx.get_world_size()
-    except Exception:
-        return 0, 1
+            ctx = ray.train.get_context()
+            return ctx.get_world_rank(), ctx.get_world_size()
+        except Exception:
+            pass
+    return 0, 1
 
 
 class Monitor:
@@ -93,6 +99,7 @@ class Monitor:
         self.collector = GradCollector(model.named_parameters(), include, exclude)
         self._synchronous = self.collector.params[0].device.type == "cpu"
         self.steps = 0  # monitor.step() calls so far == index of the next step
+        self._last_end: float | None = None  # perf_counter() when the previous monitor.step() returned
         self.errors = 0
         self.overhead_s = 0.0  # time spent inside the monitor's own calls and hooks
         self._last_scale: float | None = None
@@ -108,6 +115,7 @@ class Monitor:
             layers=list(self.collector.layers) if reports_layers else [],
             numel=self.collector.numel if reports_layers else [],
             sharded=self.collector.sharded if reports_layers else [],
+            units=self.collector.units if reports_layers else [],
             reports_layers=reports_layers,
         )
         self.transport.send(self.layout)
@@ -141,9 +149,10 @@ class Monitor:
                     self._finish_in_flight(exact=True)
         except Exception:
             self._error(f"step {step}")
-        self.overhead_s += time.perf_counter() - t0
+        self._last_end = time.perf_counter()
+        self.overhead_s += self._last_end - t0
 
-    def _collect(self, step: int, loss) -> None:
+    def _collect(self, step: int, loss: torch.Tensor | float | None) -> None:
         now = time.time()
         scale = None
         if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: False)():
@@ -153,15 +162,16 @@ class Monitor:
             lr_v = self.optimizer.param_groups[0].get("lr")
             lr = float(lr_v) if lr_v is not None else None
         deep = self.is_deep(step) and self.reports_layers
-        local_sq = self.local_norm_hook.take() if self.local_norm_hook is not None else None
-        if local_sq is None:
-            local_sq = -1.0  # unknown (NaN would mean non-finite gradients)
-        pending = self.collector.launch(deep=deep, extras=[loss, scale, local_sq], layers=self.reports_layers)
+        hook = self.local_norm_hook
+        local_sq = hook.take() if hook is not None else None
+        first_bucket = hook.take_first_bucket_time() if hook is not None else None
+        pending = self.collector.launch(deep=deep, extras={"loss": loss, "loss_scale": scale, "local_sq": local_sq},
+                                        layers=self.reports_layers)
         meta = {
             "time": now,
             "lr": lr,
-            "has_loss": loss is not None,
             "step_time": None if self._last_time is None else now - self._last_time,
+            "compute_time": None if first_bucket is None or self._last_end is None else first_bucket - self._last_end,
         }
         self._last_time = now
         self._in_flight = (step, pending, meta)
@@ -172,24 +182,25 @@ class Monitor:
         step, pending, meta = self._in_flight
         self._in_flight = None
         got: Collected = pending.resolve()
-        if exact and got.any_nonfinite:
-            self.collector.count_nonfinite(got.grads)
+        if exact:
+            self.collector.make_exact(got.grads)
         self.transport.send(self._report(step, got, meta))
 
     def _report(self, step: int, got: Collected, meta: dict[str, Any]) -> StepReport:
-        loss, scale, local_sq = (float(v) for v in got.extras[:3])
-        if local_sq == -1.0:  # no allreduce hook ran: this rank's gradients are its local ones
-            local_norm, local_bad = (got.local_norm, got.any_nonfinite) if self.reports_layers else (None, False)
+        x = got.extras
+        g = got.grads
+        local_sq = x["local_sq"]
+        if local_sq is None:  # no allreduce hook ran: this rank's gradients are its local ones
+            local_bad = bool(g.nonfinite.any()) if self.reports_layers else False
+            local_norm = g.global_norm if self.reports_layers and not local_bad else None
         else:
             local_bad = not math.isfinite(local_sq)
             local_norm = None if local_bad else math.sqrt(local_sq)
+        scale = x["loss_scale"]
         skipped = False
-        if not math.isnan(scale):
+        if scale is not None:
             skipped = self._last_scale is not None and scale < self._last_scale
             self._last_scale = scale
-        g = got.grads
-        layers = self.reports_layers
-        empty_f, empty_i = np.zeros(0), np.zeros(0, np.int64)
         # Built without validation: these values come from our own collection; whoever receives the report
         # (the service, or the aggregator in this process) validates it at its boundary.
         return StepReport.model_construct(
@@ -197,22 +208,15 @@ class Monitor:
             rank=self.rank,
             step=step,
             time=meta["time"],
-            count=g.count if layers else empty_i,
-            sum_sq=g.sum_sq if layers else empty_f,
-            max_abs=g.max_abs if layers else empty_f,
-            nonfinite=g.nonfinite if layers else empty_i,
-            sum_abs=g.sum_abs if layers else None,
-            zeros=g.zeros if layers else None,
-            exp_hist=g.exp_hist if layers else None,
-            weight_norm=got.weight_norm if layers else None,
-            update_norm=got.update_norm if layers else None,
-            loss=loss if meta["has_loss"] else None,
+            stats=g.arrays() if self.reports_layers else {},
+            loss=x["loss"],
             lr=meta["lr"],
-            loss_scale=None if math.isnan(scale) else scale,
+            loss_scale=scale,
             skipped=skipped,
             local_norm=local_norm if local_norm is not None and math.isfinite(local_norm) else None,
-            local_nonfinite=bool(local_bad),
+            local_nonfinite=local_bad,
             step_time=meta["step_time"],
+            compute_time=meta["compute_time"] if meta["compute_time"] is None or meta["compute_time"] >= 0 else None,
         )
 
     def _error(self, where: str) -> None:

@@ -15,11 +15,12 @@ from collections import deque
 from typing import Any
 
 from gfservice.api import Finding, StepStats
-from gfservice.wire import Layout, RunEnd, StepReport
+from gfservice.wire import Layout, RejectReason, RunEnd, StepReport
 
 log = logging.getLogger(__name__)
 
-_RESEND_LAYOUT = {"unknown_run", "unknown_rank"}
+#: Rejections that mean "the service forgot us" (a restart without snapshot): the layout is sent again.
+_RESEND_LAYOUT = {RejectReason.unknown_run, RejectReason.unknown_rank}
 
 
 class RaySender:
@@ -125,8 +126,9 @@ class RaySender:
         resend = False
         lost = 0
         for _i, reason in answer.get("rejected", []):
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
-            resend |= reason in _RESEND_LAYOUT
+            why = RejectReason(reason)
+            self.rejected[why.value] = self.rejected.get(why.value, 0) + 1
+            resend |= why in _RESEND_LAYOUT
             lost += 1
         if lost:  # a rejected report is a lost one: count it with the drops the service reports
             with self._cond:

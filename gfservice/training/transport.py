@@ -67,30 +67,25 @@ class InProcessTransport:
 def connect_service(service: str, run: str) -> Transport | None:
     """A transport to a running gfservice service, or ``None`` when none is reachable.
 
-    ``service`` is ``"auto"`` (the default service name, only when this process is attached to a Ray
-    cluster or ``RAY_ADDRESS`` is set), or ``"NAME"`` / ``"NAMESPACE/NAME"`` of a service actor.
+    ``service`` is ``"auto"`` (the default service, only when this process is attached to a Ray cluster or
+    ``RAY_ADDRESS`` is set), or ``"NAME"`` / ``"NAMESPACE/NAME"`` of a service actor.
     """
-    import os
+    from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE
+    from gfservice.service.ray_cluster import attach_ray, ray_reachable
 
-    try:
-        import ray
-    except ImportError:
-        return None
-    from gfservice.service import actor as svc
-
-    name, namespace = svc.DEFAULT_NAME, svc.DEFAULT_NAMESPACE
+    name, namespace = DEFAULT_NAME, DEFAULT_NAMESPACE
     if service != "auto":
         namespace, _, name = service.rpartition("/")
-        namespace = namespace or svc.DEFAULT_NAMESPACE
-    if not ray.is_initialized():
-        if service == "auto" and not os.environ.get("RAY_ADDRESS"):
-            return None
-        try:
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
-        except Exception as exc:
-            log.info("gfservice: no Ray cluster to attach to (%s); using an in-process aggregator", exc)
-            return None
-    handle = svc.find(name, namespace)
+        namespace = namespace or DEFAULT_NAMESPACE
+    elif not ray_reachable():
+        return None
+    try:
+        attach_ray()
+        from gfservice.service.actor import find
+    except (ImportError, ConnectionError) as exc:
+        log.info("gfservice: no Ray cluster to attach to (%s); using an in-process aggregator", exc)
+        return None
+    handle = find(name, namespace)
     if handle is None:
         log.info("gfservice: no service %s/%s; using an in-process aggregator", namespace, name)
         return None
