@@ -33,7 +33,7 @@ import math
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -92,6 +92,7 @@ class Result:
     onset: int | None
     expected: str | None
     installed: bool | None
+    target: str = ""  # when the expected detector must fire
     alarms: dict[str, int] = field(default_factory=dict)  # detector -> first step of a warning/critical finding
     infos: dict[str, int] = field(default_factory=dict)  # detector -> first step of an info finding
     first_nonfinite: int | None = None  # ground truth: first step with a NaN/Inf loss or gradient
@@ -200,7 +201,8 @@ def train(sc: zoo.Scenario, seed: int, deep_every: int, config: str | None) -> R
 
 
 def score(res: Result, sc: zoo.Scenario, alarms: list[Any], layers: Sequence[str], deep_every: int) -> None:
-    """Fill in the verdict of ``res`` from its alarms (sorted by first step)."""
+    """Fill in the verdict of ``res`` from its alarms (warning/critical findings, sorted by first step)."""
+    alarms = [f for f in alarms if f.severity.value != "info"]
     if sc.kind == "healthy" or sc.expected is None or sc.onset is None:
         res.false_alarms = [_brief(f) for f in alarms]
         res.verdict = "FALSE-ALARM" if alarms else "PASS"
@@ -211,7 +213,7 @@ def score(res: Result, sc: zoo.Scenario, alarms: list[Any], layers: Sequence[str
     deadline = target.deadline(onset, deep_every)
     if target.before_nonfinite and res.first_nonfinite is not None and res.first_nonfinite >= onset:
         deadline = min(deadline, res.first_nonfinite - 1)
-    res.deadline = deadline
+    res.deadline, res.target = deadline, target.text
     res.pre_onset = [_brief(f) for f in alarms if _first(f) < onset]
     res.extras = [_brief(f) for f in alarms if _first(f) >= onset and f.detector != exp]
     mine = [f for f in alarms if f.detector == exp and _first(f) >= onset]
@@ -237,17 +239,12 @@ def score(res: Result, sc: zoo.Scenario, alarms: list[Any], layers: Sequence[str
         why.append(f"late: +{res.delay}, deadline +{deadline - onset}"
                    + (" (after the first non-finite value)" if res.before_nonfinite is False else ""))
     if res.layers_ok is False:
-        why.append(f"named {zoo_describe(res.named)}, expected {sc.layers.describe if sc.layers else ''}")
+        shown = ", ".join(res.named) if len(res.named) <= 3 else f"{res.named[0]} .. {res.named[-1]}"
+        why.append(f"named {len(res.named)} layers ({shown}), expected {sc.layers.describe if sc.layers else ''}")
     if forbidden:
         why.append(f"{forbidden[0].detector} fired at step {_first(forbidden[0])}")
     res.verdict = "PASS" if not why else "MISS"
     res.why = "; ".join(why)
-
-
-def zoo_describe(names: Sequence[str], limit: int = 3) -> str:
-    if not names:
-        return "no layers"
-    return ", ".join(names) if len(names) <= limit else f"{names[0]} .. {names[-1]} ({len(names)})"
 
 
 # ---- reporting -----------------------------------------------------------------------------------------------
@@ -314,12 +311,11 @@ def summary(results: list[Result], wall_s: float, cpu_s: float) -> dict[str, Any
         "healthy_steps": healthy_steps,
         "false_alarms": n_false,
         "false_alarms_per_10k_steps": 1e4 * n_false / healthy_steps if healthy_steps else None,
-        "false_alarms_by_detector": dict(sorted(
-            {d: sum(1 for r in healthy for f in r.false_alarms if f["detector"] == d)
-             for d in {f["detector"] for r in healthy for f in r.false_alarms}}.items())),
+        "false_alarms_by_detector": dict(Counter(f["detector"] for r in healthy for f in r.false_alarms)),
         "pre_onset_alarms": n_pre,
         "pre_onset_steps": pre_steps,
         "monitor_errors": sum(r.monitor_errors for r in results),
+        "dropped_overrides": sorted({f"{d} ({r.scenario})" for r in results for d in r.dropped_overrides}),
         "wall_s": round(wall_s, 1),
         "cpu_s": round(cpu_s, 1),
     }
@@ -350,7 +346,8 @@ def report(results: list[Result], s: dict[str, Any]) -> str:
         f"{'-' if fa is None else f'{fa:.1f}'} per 10,000 steps; {s['healthy_runs_with_alarms']}/{s['healthy_runs']}"
         f" healthy runs with an alarm; by detector: {s['false_alarms_by_detector'] or 'none'}",
         f"- alarms before the onset on pathological runs: {s['pre_onset_alarms']} in {s['pre_onset_steps']} steps",
-        f"- monitor errors: {s['monitor_errors']}",
+        f"- monitor errors: {s['monitor_errors']}; detector overrides dropped: "
+        f"{', '.join(s['dropped_overrides']) or 'none'}",
         f"- wall time: {s['wall_s']} s (CPU time {s['cpu_s']} s: on a busy machine the wall time says little)",
     ]
     return "\n".join(out)

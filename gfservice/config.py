@@ -202,7 +202,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, data: dict[str, An
     Raises :class:`ConfigError` naming the file, the section and the field.
     """
     where = str(path) if path else "settings"
-    raw = read_file(path) if path else dict(data or {})
+    raw = read_file(Path(path)) if path else dict(data or {})
     try:
         if env:
             return Settings(**raw)

@@ -196,7 +196,8 @@ class GradStats:
             return None
         out = np.full(len(self.update_sq), np.nan)
         np.divide(self.update_sq, self.weight_sq, out=out, where=self.weight_sq > 0)
-        return np.sqrt(out)
+        ratio: Array = np.sqrt(out)
+        return ratio
 
     @property
     def global_norm(self) -> float:
@@ -226,7 +227,7 @@ class GradStats:
     def select(self, index: npt.ArrayLike) -> GradStats:
         """The statistics of a subset of layers, by position."""
         idx = np.asarray(index, dtype=np.int64)
-        kw = {f.name: _take(getattr(self, f.name), idx) for f in fields(self) if f.name != "layers"}
+        kw: dict[str, Any] = {f.name: _take(getattr(self, f.name), idx) for f in fields(self) if f.name != "layers"}
         return GradStats(layers=tuple(self.layers[i] for i in idx), **kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -286,9 +287,6 @@ def exponent_histogram(values: npt.ArrayLike) -> Array:
     return np.bincount((bits >> 23) & 0xFF, minlength=EXP_BINS).astype(np.int64)
 
 
-_REDUCERS = {"sum": np.sum, "max": np.max}
-
-
 def merge_shards(parts: Sequence[GradStats], sharded: npt.ArrayLike) -> GradStats:
     """Merge the statistics that several ranks computed for the same layers.
 
@@ -312,13 +310,53 @@ def merge_shards(parts: Sequence[GradStats], sharded: npt.ArrayLike) -> GradStat
     if len(parts) == 1:
         return first
     replicated = ~np.asarray(sharded, dtype=bool)
-    merged: dict[str, Array | None] = {}
+    merged: dict[str, Any] = {}
     for s in STATISTICS:
         arrays = [getattr(p, s.name) for p in parts]
         if any(a is None for a in arrays):
             merged[s.name] = None
             continue
-        reduced = _REDUCERS[s.reduce](np.stack(arrays), axis=0)
+        stacked = np.stack([a for a in arrays if a is not None])
+        reduced = stacked.sum(axis=0) if s.reduce == "sum" else stacked.max(axis=0)
         mask = replicated[:, None] if s.bins else replicated
         merged[s.name] = np.where(mask, arrays[0], reduced)
-    return GradStats(layers=first.layers, units=first.units, **merged)  # type: ignore[arg-type]
+    return GradStats(layers=first.layers, units=first.units, **merged)
+
+
+def noise_scale(local_sq: npt.ArrayLike, global_sq: float, per_rank_batch: float = 1) -> tuple[float, float, float]:
+    """The simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` of one data-parallel step, and its terms.
+
+    McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", appendix A.1: ``W`` ranks each take
+    the gradient of a batch of ``b = per_rank_batch`` samples (``local_sq``: each rank's squared local norm
+    ``|G_b|^2``, before the all-reduce; NaN entries are ignored) and the all-reduced gradient is that of a batch
+    of ``B = W * b`` (``global_sq``: its squared norm ``|G_B|^2``). Since ``E|G_b|^2 = |G|^2 + tr(Sigma) / b``, the
+    unbiased two-batch estimates are, with the mean of the local squared norms as ``|G_b|^2``::
+
+        |G|^2     = (B |G_B|^2 - b |G_b|^2) / (B - b)
+        tr(Sigma) = (|G_b|^2 - |G_B|^2) / (1/b - 1/B)
+
+    Returns ``(b_simple, grad_sq, trace)``: ``B_simple`` in samples (in per-rank batches with the default
+    ``per_rank_batch=1``), the estimate of ``|G|^2`` and that of ``tr(Sigma)`` (per sample). One step's estimates
+    are very noisy (``grad_sq`` may come out negative): average each term over steps before dividing, as the
+    paper does. All three are NaN with fewer than two finite local norms; ``b_simple`` is NaN unless
+    ``grad_sq > 0`` and ``trace >= 0``.
+
+    >>> noise_scale([2.0, 2.2, 1.8], 1.2)                      # 3 ranks: B_simple 1.5 per-rank batches
+    (1.5, 0.8, 1.2)
+    >>> [round(v, 6) for v in noise_scale([2.0, 2.2, 1.8, float("nan")], 1.2, per_rank_batch=32)]
+    [48.0, 0.8, 38.4]
+    >>> noise_scale([2.0], 1.2)[0]
+    nan
+    """
+    sq = np.asarray(local_sq, dtype=np.float64).ravel()
+    sq = sq[np.isfinite(sq)]
+    w = len(sq)
+    nan = float("nan")
+    if w < 2 or not np.isfinite(global_sq):
+        return nan, nan, nan
+    small = float(sq.mean())
+    b = float(per_rank_batch)
+    grad_sq = (w * float(global_sq) - small) / (w - 1)
+    trace = (small - float(global_sq)) * b * w / (w - 1)
+    b_simple = trace / grad_sq if grad_sq > 0 and trace >= 0 else nan
+    return b_simple, grad_sq, trace

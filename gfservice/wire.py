@@ -137,7 +137,7 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, revalidate_instances="always",
                               arbitrary_types_allowed=True)
 
-    version: Literal[1] = PROTOCOL_VERSION
+    version: Literal[1] = 1  # PROTOCOL_VERSION
     run: RunName
     rank: int = Field(ge=0, le=1_000_000)
 
@@ -263,6 +263,9 @@ _KINDS = ("layout", "step", "end")
 
 def parse(message: Any) -> Layout | StepReport | RunEnd:
     """Validate one message (a dict, or a message object: validated the same way); raises :class:`Rejected`."""
+    data: BaseModel | Mapping[str, Any]
+    kind: Any
+    version: Any
     if isinstance(message, Layout | StepReport | RunEnd):
         kind, version, data = message.kind, message.version, message
     elif isinstance(message, Mapping):

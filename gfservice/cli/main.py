@@ -52,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.add_parser(sub)  # gfservice alerts render [--out DIR] [--check]
     dashboards.add_parser(sub)  # gfservice dashboards render [--out DIR] [--check]
     try:
-        from gfservice.cli import service_commands as service_cli
+        from gfservice.cli import service_commands
     except ImportError:  # the Ray extra is not installed
-        service_cli = None
-    if service_cli is not None:
-        service_cli.add_parsers(sub)
+        pass
+    else:
+        service_commands.add_parsers(sub)
     return parser
 
 

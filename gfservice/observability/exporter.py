@@ -148,9 +148,9 @@ class GradflowCollector:
         self.aggregator = aggregator
         self.config = config or ExporterConfig()
         self.clock = clock
-        if version is None:
-            from gfservice import __version__ as version
-        self.version = version
+        from gfservice import __version__
+
+        self.version: str = version or __version__
 
     def describe(self) -> list[Metric]:
         return []  # nothing to check at registration: the families depend on the runs at scrape time
@@ -260,6 +260,7 @@ class GradflowCollector:
         build = GaugeMetricFamily("gradflow_build_info", "gfservice version (always 1).", labels=["version"])
         build.add_metric([self.version], 1)
         yield from (accepted, rejected, latency, det_s, det_e, runs, build)
+
 
 def _finding_series(run: RunView) -> dict[tuple[str, ...], float]:
     """One ``gradflow_finding`` series per finding, active or recently cleared, labelled as first raised (its

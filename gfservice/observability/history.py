@@ -152,7 +152,8 @@ def load(path: str | os.PathLike[str]) -> History:
     layouts = [tuple(names) for names in doc["layouts"]]
     steps = []
     for i, m in enumerate(doc["steps"]):
-        grads = GradStats(layers=layouts[m["layout"]], **{name: cols[name][i] for name in GRAD_ARRAYS})
+        arrays: dict[str, Any] = {name: cols[name][i] for name in GRAD_ARRAYS}
+        grads = GradStats(layers=layouts[m["layout"]], **arrays)
         steps.append(StepStats(
             run=m["run"], step=m["step"], grads=grads, time=m["time"], loss=m["loss"], lr=m["lr"],
             loss_scale=m["loss_scale"], skipped=m["skipped"], missing_ranks=tuple(m["missing_ranks"]),

@@ -63,7 +63,7 @@ class ServiceCore:
         for i, msg in enumerate(messages):
             ack = self.aggregator.submit(msg)
             if not ack.accepted:
-                rejected.append((i, ack.reason))
+                rejected.append((i, ack.reason.value if ack.reason is not None else "invalid"))
             new.extend(ack.new_findings)
             if isinstance(msg, dict) and isinstance(msg.get("run"), str):
                 runs.add(msg["run"])
@@ -228,7 +228,7 @@ def start(settings: Settings | None = None, wait_s: float = 60.0):
         get_if_exists=True,
         scheduling_strategy=_head_node_strategy(),
     ).remote(settings.model_dump())
-    ray.get(handle.ping.remote(), timeout=wait_s)
+    ray.get(handle.ping.remote(), timeout=wait_s)  # type: ignore[union-attr]  # an actor handle
     return handle, True
 
 

@@ -23,11 +23,12 @@ Ack(accepted=True, reason=None, new_findings=())
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -36,12 +37,17 @@ import numpy as np
 from gfservice import registry
 from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats
 from gfservice.config import AggregatorConfig
+from gfservice.registry import ConfigError
 from gfservice.stats import Array, merge_shards
 from gfservice.wire import Layout, Rejected, RejectReason, RunEnd, StepReport, parse
 
 __all__ = ["Ack", "Aggregator", "AggregatorConfig", "AggregatorView", "RunView"]
 
 log = logging.getLogger(__name__)
+
+#: Whether :class:`Finding` carries the configuration version that raised it (``config``); until it does, the
+#: version stays in the aggregator's records (and snapshots) only.
+_FINDING_HAS_CONFIG = "config" in Finding.model_fields
 
 
 class Ack(NamedTuple):
@@ -64,10 +70,12 @@ class _Record:
     occurrences: int = 1
     active: bool = True
     cleared_time: float | None = None
+    #: The run's detector configuration version when it was first raised (0: as started; see ``configure``).
+    config: int = 0
 
     @classmethod
-    def new(cls, f: Finding, step: int) -> _Record:
-        return cls(f, step, step, f.severity, f.value)
+    def new(cls, f: Finding, step: int, config: int = 0) -> _Record:
+        return cls(f, step, step, f.severity, f.value, config=config)
 
     def seen(self, f: Finding, step: int) -> None:
         self.last_step = step
@@ -78,22 +86,27 @@ class _Record:
 
     def copy(self) -> Finding:
         """The finding as first raised, with its lifecycle filled in: an immutable copy for callers."""
-        return self.raised.model_copy(update={
+        update: dict[str, Any] = {
             "first_step": self.first_step, "last_step": self.last_step, "severity": self.severity,
             "value": self.value, "occurrences": self.occurrences, "active": self.active,
             "cleared_time": self.cleared_time,
-        })
+        }
+        if _FINDING_HAS_CONFIG:
+            update["config"] = self.config
+        return self.raised.model_copy(update=update)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.copy().model_dump(mode="json")
+        return {**self.copy().model_dump(mode="json"), "config": self.config}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> _Record:
+        d = dict(d)
+        config = int(d.get("config", 0) if _FINDING_HAS_CONFIG else d.pop("config", 0))
         f = Finding.model_validate(d)
         raised = f.model_copy(update={"first_step": None, "last_step": None, "occurrences": 1, "active": True,
                                       "cleared_time": None})
         return cls(raised, f.since, f.last_step if f.last_step is not None else f.since, f.severity, f.value,
-                   f.occurrences, f.active, f.cleared_time)
+                   f.occurrences, f.active, f.cleared_time, config)
 
 
 @dataclass(eq=False)
@@ -126,6 +139,9 @@ class _Run:
     ended: set[int] = field(default_factory=set)
     #: The newest step each rank has reported.
     rank_last_step: dict[int, int] = field(default_factory=dict)
+    #: Detector configuration changes applied to the live run (:meth:`Aggregator.configure`), oldest first:
+    #: (first step judged with it, detector name -> the fields set). Their count is the configuration version.
+    config_changes: list[tuple[int, dict[str, dict[str, Any]]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -198,6 +214,8 @@ class Aggregator:
     ):
         self.config = config or AggregatorConfig()
         settings = registry.validate(detector_settings)
+        #: The detector settings every new run starts from (empty with a ``detector_factory``).
+        self._detector_settings = {} if detector_factory else settings
         self._factory = detector_factory or (lambda: registry.build(settings))
         self._clock = clock
         self._runs: dict[str, _Run] = {}
@@ -407,14 +425,14 @@ class Aggregator:
             if rec is not None:  # still active: the finding as first raised, seen again at this step
                 rec.seen(f, stats.step)
                 continue
-            rec = _Record.new(f, stats.step)
+            rec = _Record.new(f, stats.step, len(run.config_changes))
             run.active[ident] = rec
             run.log.append(rec)
             key = (f.detector, f.severity.value)
             run.findings_total[key] = run.findings_total.get(key, 0) + 1
             new.append(rec.copy())
-            det = run.detectors.get(f.detector)
-            if det is not None and det.config.stop_run and run.stop_reason is None:
+            judge = run.detectors.get(f.detector)
+            if judge is not None and judge.config.stop_run and run.stop_reason is None:
                 run.stop_reason = f"{f.detector}: {f.message}"
         now = self._clock()
         for ident in [i for i in run.active if i not in raised and i[0] not in silent]:

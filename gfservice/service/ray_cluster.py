@@ -34,12 +34,12 @@ def attach_ray(address: str | None = None, *, start: Start = "never", namespace:
         return
     explicit = address or os.environ.get("RAY_ADDRESS")
     if start == "embedded" and not explicit:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  namespace=namespace)
         return
     target = explicit or "auto"
     try:
-        ray.init(address=target, log_to_driver=False, logging_level="ERROR", namespace=namespace)
+        ray.init(address=target, log_to_driver=False, logging_level=logging.ERROR, namespace=namespace)
         return
     except ConnectionError as exc:
         if explicit or start == "never":
@@ -50,7 +50,7 @@ def attach_ray(address: str | None = None, *, start: Start = "never", namespace:
     print("no Ray cluster here: starting a local head (ray start --head)", flush=True)
     subprocess.run([ray_bin, "start", "--head", "--include-dashboard=false", "--disable-usage-stats"],
                    check=True, stdout=subprocess.DEVNULL)
-    ray.init(address="auto", log_to_driver=False, logging_level="ERROR", namespace=namespace)
+    ray.init(address="auto", log_to_driver=False, logging_level=logging.ERROR, namespace=namespace)
 
 
 def ray_reachable() -> bool:

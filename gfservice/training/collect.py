@@ -30,8 +30,8 @@ from gfservice.stats import EXP_BINS, GradStats, unit_rows
 try:  # DTensor (FSDP2 parameters and gradients)
     from torch.distributed.tensor import DTensor, Shard
 except Exception:  # pragma: no cover - very old torch or no distributed build
-    DTensor = None
-    Shard = None
+    DTensor = None  # type: ignore[misc,assignment]
+    Shard = None  # type: ignore[misc,assignment]
 
 #: Prefixes that wrappers put in front of parameter names: DDP, torch.compile, FSDP1, checkpointing.
 _WRAPPER_PREFIX = re.compile(r"(?:^|(?<=\.))(?:module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
@@ -174,12 +174,13 @@ class GradCollector:
                         counts[i] = n
             device = grads[0].device if grads else self.params[0].device
             pieces = [_core(grads, device)]
-            with_weights = deep and self._before is not None
+            before = self._before
+            with_weights = deep and before is not None
             if deep:
                 pieces.append(_deep(grads, device))
-                if with_weights:
+                if before is not None:
                     weights = [_local(p.detach()) for p in self.params]
-                    pieces.append(_weight_sums(weights, self._before, device))
+                    pieces.append(_weight_sums(weights, before, device))
             self._before = None
             present = {k: v for k, v in extras.items() if v is not None}
             host_extras = None
@@ -200,7 +201,7 @@ class GradCollector:
         def scatter(v: np.ndarray, dtype: type = np.float64) -> np.ndarray:
             if n == L:  # every layer has a gradient (the usual case)
                 return v.astype(dtype)
-            out = np.zeros(L, dtype)
+            out: np.ndarray = np.zeros(L, dtype)
             out[have] = v
             return out
 

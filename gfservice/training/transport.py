@@ -12,7 +12,7 @@ from typing import Protocol
 
 from gfservice.api import Finding, StepStats
 from gfservice.service.aggregator import Aggregator
-from gfservice.wire import Layout, StepReport
+from gfservice.wire import Layout, RunEnd, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class Transport(Protocol):
     dropped: int
 
-    def send(self, message: Layout | StepReport) -> None: ...
+    def send(self, message: Layout | StepReport | RunEnd) -> None: ...
 
     def findings(self, run: str) -> list[Finding]: ...
 
@@ -39,7 +39,7 @@ class InProcessTransport:
         self.dropped = 0
         self.rejected = 0
 
-    def send(self, message: Layout | StepReport) -> None:
+    def send(self, message: Layout | StepReport | RunEnd) -> None:
         ack = self.aggregator.submit(message)
         if not ack.accepted:
             self.rejected += 1
