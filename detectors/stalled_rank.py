@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats
 
 
@@ -26,7 +28,8 @@ class StalledRank(Detector):
     name = "stalled_rank"
 
     class Config(DetectorConfig):
-        window: int = 2
+        #: Consecutive merged steps a rank must be missing before it is reported.
+        window: int = Field(2, ge=1)
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)

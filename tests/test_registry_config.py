@@ -294,3 +294,27 @@ def test_cli_lists_every_detector_with_fields_defaults_and_summary():
             line = next((ln for ln in text.splitlines() if re.match(rf"\s+{field}\s", ln)), None)
             assert line is not None, f"{name}: field {field} missing:\n{text}"
             assert repr(info.default) in line, f"{name}.{field}: default {info.default!r} missing in {line!r}"
+
+
+def test_a_bad_detector_field_fails_at_load_naming_detector_and_field(tmp_path):
+    path = _write(tmp_path, "gf.toml", "[detectors.stalled_rank]\nwindow = -1\n")
+    with pytest.raises(ConfigError, match=r"gf\.toml: detector 'stalled_rank': window: Input should be greater"):
+        load_settings(path)
+
+
+def test_a_bad_exporter_field_fails_at_load_not_in_the_actor(tmp_path):
+    path = _write(tmp_path, "gf.toml", "[service.exporter]\ncertfile = '/x.pem'\n")
+    with pytest.raises(ConfigError, match=r"service\.exporter: certfile and keyfile go together"):
+        load_settings(path)
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    path = _write(tmp_path, "gf.toml", "[service]\nmetrics_port = 8000\n[detectors.exploding]\nz_threshold = 7.0\n")
+    monkeypatch.setenv("GFSERVICE_SERVICE__METRICS_PORT", "9100")
+    monkeypatch.setenv("GFSERVICE_DETECTORS__EXPLODING__Z_THRESHOLD", "9")
+    settings = load_settings(path)
+    assert settings.service.metrics_port == 9100
+    assert settings.detectors["exploding"]["z_threshold"] == "9"  # validated as 9.0 when the detector is built
+    monkeypatch.setenv("GFSERVICE_DETECTORS__EXPLODING__Z_TRESHOLD", "9")
+    with pytest.raises(ConfigError, match="z_treshold"):
+        load_settings(path)
