@@ -86,6 +86,9 @@ class Finding(BaseModel):
     active: bool = True
     #: Unix time at which it cleared (None while active).
     cleared_time: float | None = None
+    #: The run's detector configuration version that raised it: 0 as the run started, one more for each
+    #: change applied with ``gfservice configure`` (see ``Aggregator.config_changes``).
+    config: int = 0
 
     @property
     def identity(self) -> tuple[str, str]:

@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address of /metrics (default 127.0.0.1)")
     p.add_argument("--config", default=None, help="TOML/YAML configuration file (detectors, aggregator, service)")
     p.add_argument("--report", default=None, help="write a gradient-flow report (.png or .html) at the end")
+    p.add_argument("--save-history", default=None, metavar="FILE",
+                   help="save the run's history (merged steps and findings, .npz) at the end: `gfservice backtest` "
+                   "and `gfservice report --history` read it")
     p.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step (default 0)")
     p.add_argument("--keep-serving", action="store_true",
                    help="after the run, keep Ray and the service up (Ctrl-C to stop)")
@@ -89,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     print()
     _summary(findings)
     print(f"done in {time.time() - t0:.0f}s")
+    if args.save_history:
+        from gfservice.observability import history
+
+        print(f"history saved to {history.save(args.save_history, client.history(run_name), findings)}")
     if args.report:
         from gfservice.observability.report import render
 

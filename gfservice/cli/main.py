@@ -43,10 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detectors", help="list installed detector plugins, their fields and defaults")
     p.set_defaults(func=_detectors)
 
-    from gfservice.cli import demo
+    from gfservice.cli import backtest, demo
     from gfservice.observability import alerts, dashboards, grafana, report
 
     demo.add_parser(sub)
+    backtest.add_parsers(sub)  # gfservice backtest HISTORY.npz [--config A.toml] [--compare B.toml]; configure RUN
     report.add_parser(sub)  # gfservice report RUN --out report.png [--history FILE]
     grafana.add_parser(sub)  # gfservice grafana push --url URL --token TOKEN
     alerts.add_parser(sub)  # gfservice alerts render [--out DIR] [--check]

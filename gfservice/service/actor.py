@@ -89,6 +89,13 @@ class ServiceCore:
     def history(self, run: str) -> list[StepStats]:
         return self.aggregator.history(run)
 
+    def configure(self, run: str, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Change the detectors of the live ``run`` (see :meth:`Aggregator.configure`); saved at once."""
+        summary = self.aggregator.configure(run, settings)
+        if summary["changed"]:
+            self.snapshot()  # the change must survive a restart of the service
+        return summary
+
     def status(self) -> dict[str, Any]:
         """Runs, counters and where the service can be scraped."""
         counters = self.aggregator.counters()

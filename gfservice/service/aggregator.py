@@ -45,11 +45,6 @@ __all__ = ["Ack", "Aggregator", "AggregatorConfig", "AggregatorView", "RunView"]
 
 log = logging.getLogger(__name__)
 
-#: Whether :class:`Finding` carries the configuration version that raised it (``config``); until it does, the
-#: version stays in the aggregator's records (and snapshots) only.
-_FINDING_HAS_CONFIG = "config" in Finding.model_fields
-
-
 class Ack(NamedTuple):
     """Answer to one submitted message."""
 
@@ -86,27 +81,22 @@ class _Record:
 
     def copy(self) -> Finding:
         """The finding as first raised, with its lifecycle filled in: an immutable copy for callers."""
-        update: dict[str, Any] = {
+        return self.raised.model_copy(update={
             "first_step": self.first_step, "last_step": self.last_step, "severity": self.severity,
             "value": self.value, "occurrences": self.occurrences, "active": self.active,
-            "cleared_time": self.cleared_time,
-        }
-        if _FINDING_HAS_CONFIG:
-            update["config"] = self.config
-        return self.raised.model_copy(update=update)
+            "cleared_time": self.cleared_time, "config": self.config,
+        })
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.copy().model_dump(mode="json"), "config": self.config}
+        return self.copy().model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> _Record:
-        d = dict(d)
-        config = int(d.get("config", 0) if _FINDING_HAS_CONFIG else d.pop("config", 0))
         f = Finding.model_validate(d)
         raised = f.model_copy(update={"first_step": None, "last_step": None, "occurrences": 1, "active": True,
-                                      "cleared_time": None})
+                                      "cleared_time": None, "config": 0})
         return cls(raised, f.since, f.last_step if f.last_step is not None else f.since, f.severity, f.value,
-                   f.occurrences, f.active, f.cleared_time, config)
+                   f.occurrences, f.active, f.cleared_time, f.config)
 
 
 @dataclass(eq=False)
@@ -216,6 +206,7 @@ class Aggregator:
         settings = registry.validate(detector_settings)
         #: The detector settings every new run starts from (empty with a ``detector_factory``).
         self._detector_settings = {} if detector_factory else settings
+        self._custom_factory = detector_factory is not None
         self._factory = detector_factory or (lambda: registry.build(settings))
         self._clock = clock
         self._runs: dict[str, _Run] = {}
@@ -458,6 +449,134 @@ class Aggregator:
                     r.finished = True
             return [f for r in list(self._runs.values()) for f in self._merge_ready(r)]
 
+    # ---- replay and live reconfiguration -------------------------------------------------------
+    def replay(self, run: str, steps: Sequence[StepStats],
+               progress: Callable[[int], None] | None = None) -> list[Finding]:
+        """Judge already merged ``steps`` (oldest first, as :meth:`history` returns them) as a new run ``run``.
+
+        The steps go through the very detectors and finding lifecycle that live reports go through, so the
+        result is what the service would have raised (``gfservice backtest`` is built on it). Returns the
+        run's findings (:meth:`findings`) at the end; ``progress(i)`` is called after the ``i``-th step.
+        Raises ``ValueError`` when ``run`` already exists or the steps do not increase.
+        """
+        world = 1
+        for s in steps:
+            for ranks in (s.rank_norm, s.step_time):
+                if ranks is not None:
+                    world = max(world, len(ranks))
+        with self._lock:
+            if run in self._runs:
+                raise ValueError(f"run {run!r} exists: replay into a new run name")
+            r = self._new_run(run, world)
+            if steps:
+                r.layers = tuple(steps[0].grads.layers)
+                r.units = steps[0].grads.units
+        for i, stats in enumerate(steps, 1):
+            with self._lock:
+                if stats.step <= r.last_step:
+                    raise ValueError(f"step {stats.step} follows step {r.last_step}: steps must increase")
+                self._run_detectors(r, stats)
+            if progress is not None:
+                progress(i)
+        return self.findings(run)
+
+    def configure(self, run: str, detector_settings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Change the detectors of the live ``run`` from its next step on, without restarting anything.
+
+        ``detector_settings`` maps detector names to the fields to set (as the ``[detectors]`` section of a
+        configuration file); fields not named keep their current value, detectors not named are untouched,
+        ``enabled = false`` removes a detector from the run and ``enabled = true`` adds one. A changed detector
+        is built anew and takes the state of the one it replaces where the detector allows it (same class,
+        :meth:`~gfservice.api.Detector.load_state_dict`), else it starts fresh and the summary says so.
+        Findings raised afterwards carry the new configuration version.
+
+        Everything is validated before anything changes: ``ConfigError`` names the detector and the field;
+        ``KeyError`` for an unknown run. Returns a plain summary: ``run``, ``step`` (the first step judged
+        with it), ``version``, ``changed`` and, per named detector, ``fields`` (field -> [old, new]) and
+        ``state`` ("carried over", "fresh: why", "added", "removed", "unchanged" or "not running").
+        """
+        with self._lock:
+            r = self._get(run)
+            plan = self._plan(r, detector_settings)
+            summary = self._apply(r, plan, carry=True)
+            changed = {name: given for name, (_, _, given, fields) in plan.items() if fields}
+            if changed:
+                r.config_changes.append((r.last_step + 1, changed))
+            return {"run": run, "step": r.last_step + 1, "version": len(r.config_changes),
+                    "changed": bool(changed), "detectors": summary}
+
+    def config_changes(self, run: str) -> list[tuple[int, dict[str, dict[str, Any]]]]:
+        """The detector configuration changes of ``run``: (first step, detector -> fields set), oldest first."""
+        with self._lock:
+            return copy.deepcopy(self._get(run).config_changes)
+
+    def _plan(self, r: _Run, settings: Mapping[str, Mapping[str, Any]]
+              ) -> dict[str, tuple[Detector | None, Detector, dict[str, Any], dict[str, list[Any]]]]:
+        """Validate ``settings`` against ``r``'s detectors and build the new ones; changes nothing.
+
+        Returns, per named detector: the current one (or None), the new one, the fields as given (validated,
+        plain values) and the fields that change (field -> [old, new]).
+        """
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"detector settings must map detector names to fields, not {type(settings).__name__}")
+        classes: dict[str, type[Detector]] = dict(registry.available())
+        if self._custom_factory and any(n not in r.detectors and n not in classes for n in settings):
+            classes.update({n: type(d) for n, d in self._factory().items()})  # a detector taken off the run
+        plan: dict[str, tuple[Detector | None, Detector, dict[str, Any], dict[str, list[Any]]]] = {}
+        for name, fields in settings.items():
+            if not isinstance(fields, Mapping):
+                raise ConfigError(f"detector {name!r}: expected a table of fields, not {fields!r}")
+            old = r.detectors.get(name)
+            cls = type(old) if old is not None else classes.get(name)
+            if cls is None:
+                raise ConfigError(f"unknown detector {name!r}; installed: {', '.join(classes)}")
+            base = dict(self._detector_settings.get(name, {}))
+            for _, earlier in r.config_changes:  # a detector off the run keeps the fields set for it meanwhile
+                base.update(earlier.get(name, {}))
+            try:
+                current = old.config if old is not None else cls(base).config
+                new = cls({**current.model_dump(), **fields})
+            except Exception as exc:  # pydantic's ValidationError names the field; a detector may raise others
+                errors = getattr(exc, "errors", None)
+                problems = ("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors())
+                            if callable(errors) else str(exc))
+                raise ConfigError(f"detector {name!r}: {problems}") from None
+            before, after = current.model_dump(mode="json"), new.config.model_dump(mode="json")
+            if old is None:
+                before["enabled"] = False  # not on the run, whatever its configuration says
+            changes = {f: [before.get(f), after.get(f)] for f in after if before.get(f) != after.get(f)}
+            plan[name] = (old, new, {f: after[f] for f in fields}, changes)
+        return plan
+
+    def _apply(self, r: _Run, plan: Mapping[str, tuple[Detector | None, Detector, dict[str, Any],
+                                                     dict[str, list[Any]]]], carry: bool) -> dict[str, Any]:
+        """Swap in the planned detectors; with ``carry``, the replaced ones hand over their state."""
+        summary: dict[str, Any] = {}
+        for name, (old, new, _given, changes) in plan.items():
+            enabled = new.config.enabled
+            if not changes:
+                state = "unchanged" if old is not None else "not running"
+            elif not enabled:
+                state = "removed" if old is not None else "not running"
+                r.detectors.pop(name, None)
+            elif old is None:
+                state = "added"
+                r.detectors[name] = new
+            else:
+                state = "carried over" if carry else "fresh"
+                if carry:
+                    try:
+                        if type(new) is not type(old):
+                            raise TypeError(f"{type(old).__name__} is now {type(new).__name__}")
+                        new.load_state_dict(copy.deepcopy(old.state_dict()))
+                    except Exception as exc:  # the detector cannot take its old state: start it afresh
+                        new = type(new)(new.config)
+                        state = f"fresh: its state did not carry over ({type(exc).__name__}: {exc})"
+                        log.warning("detector %s of run %s starts fresh after configure: %s", name, r.name, exc)
+                r.detectors[name] = new
+            summary[name] = {"fields": changes, "state": state}
+        return summary
+
     # ---- the read view --------------------------------------------------------------------------
     def view(self, since: float | None = None) -> AggregatorView:
         """A frozen copy of every run and counter, taken under the lock.
@@ -576,6 +695,7 @@ class Aggregator:
             "stop_reason": r.stop_reason,
             "sender_dropped": r.sender_dropped,
             "finished": r.finished,
+            "config_changes": [[step, settings] for step, settings in r.config_changes],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -584,6 +704,12 @@ class Aggregator:
                 run = self._new_run(name, s["world_size"])
                 for lay in s["layouts"]:
                     self._register(Layout.model_validate(lay))
+                for step, settings in s.get("config_changes", []):  # the run's live reconfigurations, in order
+                    try:
+                        self._apply(run, self._plan(run, settings), carry=False)
+                    except ConfigError as exc:
+                        log.warning("run %s: configuration change at step %d no longer applies: %s", name, step, exc)
+                    run.config_changes.append((int(step), dict(settings)))
                 for n, d in run.detectors.items():
                     if n in s["detectors"]:
                         d.load_state_dict(s["detectors"][n])

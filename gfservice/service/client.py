@@ -12,6 +12,7 @@ from typing import Any
 
 from gfservice.api import Finding, StepStats
 from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE
+from gfservice.registry import ConfigError
 from gfservice.service.actor import find
 from gfservice.service.ray_cluster import attach_ray
 
@@ -44,6 +45,19 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         return self._call("status")
+
+    def configure(self, run: str, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Change the detectors of the live ``run`` from its next step on: ``settings`` maps detector names to
+        the fields to set. Returns what changed and from which step; raises ``ConfigError`` (naming the
+        detector and field) or ``KeyError`` (unknown run) as the service does.
+        """
+        try:
+            return self._call("configure", run, settings)
+        except Exception as exc:  # Ray wraps the service's exception: raise the service's own, without traceback
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ConfigError | KeyError):
+                raise type(cause)(*cause.args) from None
+            raise
 
     def submit(self, messages: list[Any]) -> dict[str, Any]:
         """Send raw messages (tests and tools); training jobs use ``gfservice.monitor``."""
