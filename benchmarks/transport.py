@@ -21,7 +21,7 @@ All wire messages are built by :func:`rank_messages`, the one place that knows t
 Run::
 
     .venv/bin/python benchmarks/transport.py            # about 2 minutes
-    .venv/bin/python benchmarks/transport.py --quick    # about 30 seconds
+    .venv/bin/python benchmarks/transport.py --quick    # under a minute
 """
 
 from __future__ import annotations

@@ -290,7 +290,7 @@ def _core(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         # On CPU one aminmax pass per large tensor is several times faster than _foreach_norm(inf) or
         # _foreach_max(_foreach_abs(...)); for small tensors the fused call wins on per-call overhead
-        # (benchmarks/overhead.py and transport.py measure both).
+        # (measured when this was chosen; benchmarks/overhead.py --profile shows where the time goes).
         small = [i for i, g in enumerate(grads) if g.numel() <= _SMALL]
         if len(small) == len(grads):
             maxes = torch.stack(torch._foreach_max(torch._foreach_abs(grads))).double()
