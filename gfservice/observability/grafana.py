@@ -209,6 +209,12 @@ class _Grafana:
         self.api = GrafanaApi.from_url(self.url, credential=TokenAuth(token), timeout=timeout)
         self.timeout = timeout
 
+    def close(self) -> None:
+        """Close the HTTP session (its sockets would otherwise linger until garbage collection)."""
+        session = getattr(getattr(self.api, "client", None), "s", None)
+        if session is not None:
+            session.close()
+
     def call(self, what: str, fn: Callable[..., T], *args: Any, missing_ok: bool = False, **kwargs: Any) -> T | None:
         """Run one grafana-client call; ``None`` for 404 when ``missing_ok``; errors become :class:`GrafanaError`."""
         from grafana_client.client import GrafanaException, GrafanaTimeoutError
@@ -281,43 +287,46 @@ def push(
     boards = load_dashboards(dashboards_dir)
     groups, rules = load_alert_rules(alerts_file, folder_uid) if alerts else ({}, [])
     g = _Grafana(url, token, timeout)
-    summary = PushSummary(url=g.url)
-    uid = _ensure_folder(g, folder_uid, folder_title, summary)
-    for board in boards:
-        payload = {"dashboard": {**board, "id": None}, "folderUid": uid, "overwrite": True,
-                   "message": "gfservice grafana push"}
-        saved = g.call(f"saving dashboard {board['uid']}", g.api.dashboard.update_dashboard, payload) or {}
-        summary.dashboards[board["uid"]] = "created" if saved.get("version") == 1 else "updated"
-    sources = {q.get("datasourceUid") for r in rules for q in r.get("data") or []} - EXPRESSION_UIDS - {None}
-    for ds in sorted(sources):
-        found = g.call(f"looking up data source {ds}", g.api.datasource.get_datasource_by_uid, ds, missing_ok=True)
-        if found is None:
-            raise GrafanaRequestError(
-                f"the alert rules query the data source with uid {ds!r}, which Grafana at {g.url} does not have: "
-                "provision deploy/grafana/provisioning/datasources/gfservice.yml, or add a Prometheus data "
-                f"source with uid {ds!r}")
-    for rule in rules:
-        ruid = rule["uid"]
-        rule = {**rule, "folderUID": uid}
-        ap = g.api.alertingprovisioning
-        if g.call(f"looking up alert rule {ruid}", ap.get_alertrule, ruid, missing_ok=True) is None:
-            g.call(f"creating alert rule {ruid}", ap.create_alertrule, rule)
-            summary.rules[ruid] = "created"
-        else:
-            g.call(f"updating alert rule {ruid}", ap.update_alertrule, ruid, rule)
-            summary.rules[ruid] = "updated"
-    for name, interval in groups.items():
-        if not any(r["ruleGroup"] == name for r in rules):
-            continue
-        ap = g.api.alertingprovisioning
-        group = g.call(f"reading rule group {name}", ap.get_rule_group, uid, name) or {}
-        if group.get("interval") != interval:
-            g.call(f"setting the interval of rule group {name}", ap.update_rule_group, uid, name,
-                   {**group, "interval": interval})
-            summary.groups[name] = f"interval set to {interval}s"
-        else:
-            summary.groups[name] = "unchanged"
-    return summary
+    try:
+        summary = PushSummary(url=g.url)
+        uid = _ensure_folder(g, folder_uid, folder_title, summary)
+        for board in boards:
+            payload = {"dashboard": {**board, "id": None}, "folderUid": uid, "overwrite": True,
+                       "message": "gfservice grafana push"}
+            saved = g.call(f"saving dashboard {board['uid']}", g.api.dashboard.update_dashboard, payload) or {}
+            summary.dashboards[board["uid"]] = "created" if saved.get("version") == 1 else "updated"
+        sources = {q.get("datasourceUid") for r in rules for q in r.get("data") or []} - EXPRESSION_UIDS - {None}
+        for ds in sorted(sources):
+            found = g.call(f"looking up data source {ds}", g.api.datasource.get_datasource_by_uid, ds, missing_ok=True)
+            if found is None:
+                raise GrafanaRequestError(
+                    f"the alert rules query the data source with uid {ds!r}, which Grafana at {g.url} does not have: "
+                    "provision deploy/grafana/provisioning/datasources/gfservice.yml, or add a Prometheus data "
+                    f"source with uid {ds!r}")
+        for rule in rules:
+            ruid = rule["uid"]
+            rule = {**rule, "folderUID": uid}
+            ap = g.api.alertingprovisioning
+            if g.call(f"looking up alert rule {ruid}", ap.get_alertrule, ruid, missing_ok=True) is None:
+                g.call(f"creating alert rule {ruid}", ap.create_alertrule, rule)
+                summary.rules[ruid] = "created"
+            else:
+                g.call(f"updating alert rule {ruid}", ap.update_alertrule, ruid, rule)
+                summary.rules[ruid] = "updated"
+        for name, interval in groups.items():
+            if not any(r["ruleGroup"] == name for r in rules):
+                continue
+            ap = g.api.alertingprovisioning
+            group = g.call(f"reading rule group {name}", ap.get_rule_group, uid, name) or {}
+            if group.get("interval") != interval:
+                g.call(f"setting the interval of rule group {name}", ap.update_rule_group, uid, name,
+                       {**group, "interval": interval})
+                summary.groups[name] = f"interval set to {interval}s"
+            else:
+                summary.groups[name] = "unchanged"
+        return summary
+    finally:
+        g.close()
 
 
 # ---- command line --------------------------------------------------------------------------------------------
