@@ -1,5 +1,10 @@
-"""``nonfinite``: NaN or Inf in the gradients (or the loss), reported at the very step, naming the layers
-and, where the ranks' local gradients are known, the ranks that produced them.
+"""``nonfinite``: NaN or Inf in the gradients (or the loss), reported at the very step, naming the layers and,
+where the ranks' local gradients are known, the ranks that produced them.
+
+It fires on actual NaN/Inf values only: a layer with a non-finite count above 0 (or a NaN/Inf max |g|), a rank
+whose local gradients held NaN/Inf before they were reduced, or a NaN/Inf loss (``check_loss``). A sum of
+squares that is Inf while every value is finite is a huge gradient, not a non-finite one: ``exploding`` reports
+it (the collector recomputes such sums in float64). The message states the counts it has.
 
 >>> from gfservice.testing import make_step, replay
 >>> steps = [make_step(step=i, sum_sq=[1.0, 2.0, 3.0]) for i in range(3)]
@@ -10,11 +15,15 @@ and, where the ranks' local gradients are known, the ranks that produced them.
 (3, 'critical', ['layer1'], [1])
 >>> f.message
 'non-finite gradients (7 NaN/Inf values) in layer layer1 at step 3, from rank 1; ...'
+>>> huge = make_step(step=4, sum_sq=[1.0, float("inf")], max_abs=[0.1, 3e30])   # every value finite
+>>> replay(NonFinite(), [huge])                                                   # exploding's, not ours
+[]
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -35,26 +44,50 @@ class NonFinite(Detector):
 
     def update(self, step: StepStats) -> list[Finding]:
         g = step.grads
-        bad = (g.nonfinite > 0) | ~np.isfinite(g.sum_sq) | ~np.isfinite(g.max_abs)
-        out = []
+        counts = np.asarray(g.nonfinite, dtype=np.int64)
+        with np.errstate(invalid="ignore"):
+            bad = (counts > 0) | ~np.isfinite(g.max_abs)
         ranks: list[int] = []
         if step.rank_nonfinite is not None:
             ranks = np.flatnonzero(np.asarray(step.rank_nonfinite, dtype=bool)).tolist()
         severity = "info" if (step.skipped and self.config.scaler_skips_are_info) else "critical"
+        out: list[Finding] = []
+        origin = f", from rank {', '.join(map(str, ranks))}" if ranks else ""
+        advice = ("check the inputs and learning rate of that step, lower the loss scale or enable gradient "
+                  "clipping")
         if bad.any():
-            names = [g.layers[i] for i in np.flatnonzero(bad)]
-            count = int(g.nonfinite[bad].sum())
-            origin = f", from rank {', '.join(map(str, ranks))}" if ranks else ""
+            idx = np.flatnonzero(bad)
+            names = [g.layers[i] for i in idx]
+            count = int(counts[idx].sum())
+            uncounted = int(np.count_nonzero(counts[idx] == 0))
+            if count and not uncounted:
+                what = f"{count} NaN/Inf values"
+            elif count:
+                what = f"{count} NaN/Inf values counted, more in {uncounted} layers with a NaN/Inf max |g|"
+            else:
+                what = "NaN/Inf max |g|, values not counted"
             out.append(
                 self.finding(
                     step,
                     severity,
-                    f"non-finite gradients ({count} NaN/Inf values) in {describe_layers(names)} at step "
-                    f"{step.step}{origin}; check the inputs and learning rate of that step, lower the loss "
-                    "scale or enable gradient clipping",
+                    f"non-finite gradients ({what}) in {describe_layers(names)} at step {step.step}{origin}; "
+                    + advice,
                     layers=names,
                     ranks=ranks,
                     value=count,
+                    threshold=0,
+                    key="grad",
+                )
+            )
+        elif ranks:
+            out.append(
+                self.finding(
+                    step,
+                    severity,
+                    f"the local gradients of rank {', '.join(map(str, ranks))} held NaN/Inf values before they "
+                    f"were reduced at step {step.step} (the merged gradients show none); " + advice,
+                    ranks=ranks,
+                    value=len(ranks),
                     threshold=0,
                     key="grad",
                 )
@@ -64,10 +97,17 @@ class NonFinite(Detector):
                 self.finding(
                     step,
                     "critical",
-                    f"loss is {step.loss} at step {step.step}",
+                    f"the loss is {step.loss} at step {step.step}{origin}; check that batch's inputs and labels and "
+                    "the loss computation (a log or division of 0), and the learning rate",
                     ranks=ranks,
                     value=step.loss,
                     key="loss",
                 )
             )
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Any) -> None:
+        pass

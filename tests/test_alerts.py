@@ -3,6 +3,7 @@ unit tests pin when each alert fires and resolves, and the Grafana rules say wha
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -14,6 +15,12 @@ from tests.promtools import amtool_bin, promtool_bin, run_tool
 ROOT = Path(__file__).resolve().parents[1]
 PROM_RULES = ROOT / alerts.PROMETHEUS_RULES
 GRAFANA_RULES = ROOT / alerts.GRAFANA_RULES
+PROM_TESTS = ROOT / "deploy/prometheus/tests/gfservice.test.yml"
+RECEIVER = {"critical": "page", "warning": "ticket"}
+
+
+def _unit_tests() -> list[dict]:
+    return yaml.safe_load(PROM_TESTS.read_text())["tests"]
 
 
 def test_committed_rule_files_match_the_code():
@@ -70,15 +77,31 @@ def test_promtool_checks_the_rules():
 
 
 def test_promtool_unit_tests_pin_firing_and_resolution():
-    res = run_tool([promtool_bin(), "test", "rules", str(ROOT / "deploy/prometheus/tests/gfservice.test.yml")])
+    res = run_tool([promtool_bin(), "test", "rules", str(PROM_TESTS)])
     assert res.returncode == 0, res.stdout + res.stderr
-    # Every alert is exercised, and each one both fires and resolves in the tests.
-    tests = yaml.safe_load((ROOT / "deploy/prometheus/tests/gfservice.test.yml").read_text())["tests"]
-    checks = [c for t in tests for c in t["alert_rule_test"]]
+    # Every alert is exercised, and each one both fires and resolves in the tests, with every severity it
+    # can carry.
+    checks = [c for t in _unit_tests() for c in t["alert_rule_test"]]
     for a in alerts.ALERTS:
         mine = [c for c in checks if c["alertname"] == a.name]
         assert any(c["exp_alerts"] for c in mine), f"no test sees {a.name} firing"
         assert any(not c["exp_alerts"] for c in mine), f"no test sees {a.name} quiet"
+        seen = {e["exp_labels"]["severity"] for c in mine for e in c["exp_alerts"]}
+        assert seen == set(a.severities()), f"{a.name} fires with severities {seen}, not {a.severities()}"
+
+
+def test_info_findings_never_alert():
+    """noise_scale raises info findings only: no alert selects it, each finding alert names its detector, and a
+    unit test keeps every finding alert quiet while only info findings are active."""
+    finding_alerts = {a.name for a in alerts.ALERTS if "gradflow_finding" in a.expr}
+    for a in alerts.ALERTS:
+        assert "noise_scale" not in a.expr
+        if a.name in finding_alerts:
+            assert re.search(r'gradflow_finding\{detector="\w+"', a.expr), a.expr
+    (quiet,) = [t for t in _unit_tests() if any('detector="noise_scale"' in s["series"] for s in t["input_series"])]
+    assert all('severity="info"' in s["series"] for s in quiet["input_series"])
+    assert all(not c["exp_alerts"] for c in quiet["alert_rule_test"])
+    assert finding_alerts <= {c["alertname"] for c in quiet["alert_rule_test"]}
 
 
 def test_promtool_checks_the_prometheus_config():
@@ -98,18 +121,31 @@ def test_amtool_checks_the_alertmanager_config():
     assert res.returncode == 0, res.stdout + res.stderr
     cfg = yaml.safe_load(path.read_text())
     assert cfg["route"]["group_by"] == ["alertname", "run"]
-    # Routing: critical pages, warning tickets.
-    for labels, receiver in (({"severity": "critical"}, "page"), ({"severity": "warning"}, "ticket")):
-        args = [f"{k}={v}" for k, v in {"alertname": "GradflowNonFiniteGradients", "run": "r", **labels}.items()]
-        res = run_tool([amtool_bin(), "config", "routes", "test", f"--config.file={path}", *args])
-        assert res.returncode == 0 and res.stdout.strip() == receiver, res.stdout + res.stderr
-    (inhibit,) = cfg["inhibit_rules"]
-    assert inhibit["source_matchers"] == ['alertname="GradflowServiceDown"']
+    # Routing, alert by alert and for each severity it can carry: critical pages, warning tickets.
+    for a in alerts.ALERTS:
+        for severity in a.severities():
+            args = [f"alertname={a.name}", "run=r", "job=gfservice", f"severity={severity}"]
+            res = run_tool([amtool_bin(), "config", "routes", "test", f"--config.file={path}", *args])
+            assert res.returncode == 0 and res.stdout.strip() == RECEIVER[severity], (a.name, res.stdout + res.stderr)
+    down, escalated = cfg["inhibit_rules"]
+    assert down["source_matchers"] == ['alertname="GradflowServiceDown"']
+    assert down["target_matchers"] == ['run=~".+"'] and down["equal"] == ["job"]
+    # An alert that can fire as a ticket and as a page for one run (its severity follows the finding's) pages only.
+    assert escalated == {"source_matchers": ['severity="critical"'], "target_matchers": ['severity="warning"'],
+                         "equal": ["alertname", "run"]}
+    # ... and it holds every alert but GradflowServiceDown itself: each fires (in the unit tests) with a run and
+    # the job label of the scrape.
+    fired = [e["exp_labels"] for t in _unit_tests() for c in t["alert_rule_test"] for e in c["exp_alerts"]]
+    for a in alerts.ALERTS:
+        mine = [labels for labels in fired if labels["alertname"] == a.name]
+        held = all(labels.get("run") and labels.get("job") == "gfservice" for labels in mine)
+        assert held == (a.name != "GradflowServiceDown"), a.name
 
 
 def test_grafana_rules_say_what_the_prometheus_rules_say():
     prom = yaml.safe_load(PROM_RULES.read_text())["groups"][0]["rules"]
     graf = yaml.safe_load(GRAFANA_RULES.read_text())
+    by_name = {a.name: a for a in alerts.ALERTS}
     assert graf["apiVersion"] == 1
     (group,) = graf["groups"]
     assert {"orgId", "name", "folder", "interval", "rules"} <= set(group)
@@ -121,7 +157,7 @@ def test_grafana_rules_say_what_the_prometheus_rules_say():
         g = rules[p["alert"]]
         assert {"uid", "title", "condition", "data", "for", "labels", "annotations", "noDataState",
                 "execErrState"} <= set(g)
-        assert g["labels"] == p["labels"] and p["labels"]["severity"] in ("critical", "warning")
+        assert g["labels"] == p["labels"] == {"severity": by_name[p["alert"]].severity_label()}
         assert g["for"] == p["for"]
         assert g["annotations"] == {k: alerts.grafana_template(v) for k, v in p["annotations"].items()}
         assert p["annotations"]["runbook_url"].endswith(f"docs/runbooks/{p['alert']}.md")
@@ -160,5 +196,5 @@ def test_every_alert_has_a_runbook_and_names_its_subject():
             assert section in text, f"{book.name} lacks {section!r}"
         if a.name != "GradflowServiceDown":
             assert "$labels.run" in a.summary
-        if "finding" in a.expr and a.name != "GradflowStalledRank":
-            assert "$labels.layers" in a.summary
+        if "finding" in a.expr:  # the layers, or the ranks for the per-rank detectors
+            assert "$labels.layers" in a.summary or "$labels.ranks" in a.summary, a.name

@@ -1,8 +1,10 @@
 """The alerts, defined once, rendered as a Prometheus rule file and as Grafana-managed alert rules.
 
 Each :class:`Alert` is a PromQL expression whose result series are the firing alerts (Prometheus
-semantics), a pending period, a ``severity`` (``critical`` pages, ``warning`` makes a ticket) and
-annotations that name the run and the layers or ranks and link the alert's runbook in ``docs/runbooks/``.
+semantics), a pending period, a ``severity`` (``critical`` pages, ``warning`` makes a ticket; an alert with
+``critical_finding_pages`` makes a ticket of a warning finding and pages on a critical one) and annotations
+that name the run and the layers or ranks and link the alert's runbook in ``docs/runbooks/``. Findings of
+severity ``info`` (``noise_scale``, GradScaler skips) never alert.
 
 The Grafana rendering runs the same expression (query ``A``), reduces each series to its last value
 (``B``) and fires every series it returns (``C``: ``is_number($B) || is_nan($B) || is_inf($B)``), so both
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["ALERTS", "Alert", "drifted", "grafana_rules", "prometheus_rules", "render_all", "rendered_files"]
 
@@ -67,8 +69,33 @@ class Alert(BaseModel):
     #: Pending period (Prometheus ``for``).
     pending: str = Field("0s", pattern=r"^\d+[smh]$")
     severity: Literal["critical", "warning"]
+    #: The ``severity`` label follows the finding: ``critical`` (a page) when the finding is critical, else
+    #: ``severity``. For detectors whose findings are warnings or critical by key (``loss_spike``: spike or
+    #: diverged; ``loss_scale``: collapse and skips or floor); the expression must select warning and critical
+    #: findings only. Alertmanager lets the page hold the ticket of the same alert and run.
+    critical_finding_pages: bool = False
     summary: str
     description: str
+
+    @model_validator(mode="after")
+    def _escalates_from_warning(self) -> Alert:
+        if self.critical_finding_pages and self.severity != "warning":
+            raise ValueError("critical_finding_pages escalates a warning alert: set severity='warning'")
+        return self
+
+    def severity_label(self) -> str:
+        """The ``severity`` label: fixed, or a template on the finding's own ``severity`` label.
+
+        >>> next(a for a in ALERTS if a.name == "GradflowLossSpike").severity_label()
+        '{{ if eq $labels.severity "critical" }}critical{{ else }}warning{{ end }}'
+        """
+        if self.critical_finding_pages:
+            return '{{ if eq $labels.severity "critical" }}critical{{ else }}' + self.severity + "{{ end }}"
+        return self.severity
+
+    def severities(self) -> tuple[str, ...]:
+        """Every value the ``severity`` label can take (what Alertmanager routes on)."""
+        return ("critical", self.severity) if self.critical_finding_pages else (self.severity,)
 
     def runbook_url(self, base: str = RUNBOOK_BASE) -> str:
         return f"{base}{self.name}.md"
@@ -79,6 +106,35 @@ class Alert(BaseModel):
 
 _LAYERS = "{{ with $labels.layers }} in {{ . }}{{ end }}"
 _RANKS = "{{ with $labels.ranks }} (ranks {{ . }}){{ end }}"
+_KEY = "{{ with $labels.key }} ({{ . }}){{ end }}"
+#: Findings that may alert: info findings (``noise_scale``, GradScaler skips) are for dashboards only.
+_ALARM = 'severity=~"warning|critical"'
+
+
+def _findings(detector: str) -> str:
+    """The warning and critical ``gradflow_finding`` series of ``detector`` (value: the first step).
+
+    >>> _findings("straggler")
+    'gradflow_finding{detector="straggler", severity=~"warning|critical"}'
+    """
+    return f'gradflow_finding{{detector="{detector}", {_ALARM}}}'
+
+
+def _persisting(detector: str) -> str:
+    """:func:`_findings` while ``detector`` has an active warning or critical finding in the run.
+
+    With a pending period this is the anti-flapping form used for conditions (not events): the alert fires
+    only once the finding has stayed active for the whole period (a finding that clears, even for one scrape,
+    restarts it), and it resolves as soon as the finding clears instead of ``finding_linger_s`` later, when
+    the series leaves /metrics.
+    """
+    return (f"{_findings(detector)} and on (run, detector) "
+            f'(gradflow_active_findings{{detector="{detector}", {_ALARM}}} > 0)')
+
+
+def _tuning(detector: str) -> str:
+    return (f" Thresholds: [detectors.{detector}] in the service config (`gfservice detectors` lists the "
+            "defaults).")
 
 ALERTS: tuple[Alert, ...] = (
     Alert(
@@ -142,6 +198,150 @@ ALERTS: tuple[Alert, ...] = (
             "(each waits aggregator.merge_timeout_s, 30 s by default). The job may hang at its next collective."
         ),
     ),
+    # ---- the detectors added with the deep statistics, the loss and the per-rank heartbeat ----------------
+    # noise_scale raises info findings only (the gradient noise scale is a batch-size hint, nothing is wrong):
+    # no alert selects it, and every expression below selects warning and critical findings only.
+    #
+    # An event: a loss spike is over in a step or two (the finding clears at the next normal loss), so it alerts
+    # at once; its series lingers finding_linger_s (5 minutes) after the finding clears, so it cannot flap. A
+    # spike with finite gradients (key spike, warning) is a ticket: most runs survive a few. A spike followed by
+    # non-finite gradients (key diverged, critical) pages: the run is diverging. GradflowNonFiniteGradients pages
+    # as well then; this one says that the divergence began with the loss, and where.
+    Alert(
+        name="GradflowLossSpike",
+        expr=_findings("loss_spike"),
+        severity="warning",
+        critical_finding_pages=True,
+        summary=("Run {{ $labels.run }}: loss spike{{ if eq $labels.severity \"critical\" }} followed by NaN/Inf "
+                 "gradients{{ end }}" + _LAYERS + _RANKS),
+        description=(
+            "{{ if eq $labels.severity \"critical\" }}In run {{ $labels.run }}, non-finite gradients at step "
+            "{{ $value }} followed a loss spike" + _KEY + ": the run is diverging.{{ else }}The loss of run "
+            "{{ $labels.run }} jumped far above its recent values" + _KEY + " at step {{ $value }}, with finite "
+            "gradients: check that batch and whether the loss came back down.{{ end }} Thresholds: the log of "
+            "the loss above a robust z-score of 6 against the last 128 losses and at least 1.5x their median; "
+            "critical when the gradients of that step or the next are non-finite."
+        ),
+    ),
+    # Critical, after 10 minutes. A rank whose own (pre-all-reduce) gradient norm stays an outlier is most
+    # often a faulty device silently corrupting its arithmetic (SDC) or a corrupt data shard; the all-reduce
+    # spreads its gradients into every rank's weights and into every checkpoint written from then on, so on a
+    # large job each hour costs the whole job's compute and the rollback window closes as old checkpoints
+    # rotate out: a person must cordon the node and restart from a clean checkpoint soon. SDC is rare (Llama 3:
+    # 6 of 419 interruptions in 54 days on 16k GPUs), so a page that waits for the divergence to persist 10
+    # minutes is rare and right; one rank drawing an unusual batch clears long before.
+    Alert(
+        name="GradflowRankDivergence",
+        expr=_persisting("rank_divergence"),
+        pending="10m",
+        severity="critical",
+        summary="Run {{ $labels.run }}: rank {{ $labels.ranks }} gradient norm diverges from the other ranks",
+        description=(
+            "In run {{ $labels.run }}, the local (pre-all-reduce) gradient norm of rank {{ $labels.ranks }} has "
+            "been an outlier against the other ranks since step {{ $value }}" + _LAYERS + ", for 10 minutes "
+            "now. A faulty device (silent data corruption) or a corrupt data shard on that rank: the all-reduce "
+            "mixes its gradients into every rank's weights and into every checkpoint from here on."
+            + _tuning("rank_divergence")
+        ),
+    ),
+    # A ticket: a straggler costs throughput, not correctness (a rank that stops altogether is
+    # GradflowStalledRank, which pages). 10 minutes: a rank that is slow for a while (a checkpoint write, a
+    # data-loader hiccup) never fires.
+    Alert(
+        name="GradflowStraggler",
+        expr=_persisting("straggler"),
+        pending="10m",
+        severity="warning",
+        summary="Run {{ $labels.run }}: rank {{ $labels.ranks }} is a straggler",
+        description=(
+            "In run {{ $labels.run }}, rank {{ $labels.ranks }} has been slower than the other ranks since step "
+            "{{ $value }} (its own data, forward and backward time, before the all-reduce) and still is after "
+            "10 minutes. Every step of the job waits for it." + _tuning("straggler")
+        ),
+    ),
+    # After 10 minutes, as the finding says: the scaler lowering its scale for a few steps is normal (its initial
+    # calibration is not even counted); a scale that keeps collapsing (key collapse) or a scaler that skips most
+    # steps (key skips) means the run trains on few steps: a ticket, to fix today rather than at night. A scale
+    # below its floor (key floor, critical) means the gradients overflow fp16 even unscaled and every step is
+    # skipped: the run cannot recover and burns the whole job's compute, like a stalled run: it pages.
+    Alert(
+        name="GradflowLossScaleCollapse",
+        expr=_persisting("loss_scale"),
+        pending="10m",
+        severity="warning",
+        critical_finding_pages=True,
+        summary=("Run {{ $labels.run }}: GradScaler loss scale {{ if eq $labels.severity \"critical\" }}below "
+                 "its floor, every step skipped{{ else }}collapsing or skipping steps{{ end }}" + _LAYERS + _RANKS),
+        description=(
+            "In run {{ $labels.run }} the GradScaler's loss scale {{ if eq $labels.severity \"critical\" }}fell "
+            "below its floor{{ else }}keeps collapsing or the scaler skips most steps{{ end }}" + _KEY
+            + " since step {{ $value }}, for 10 minutes now. {{ if eq $labels.severity \"critical\" }}The "
+            "gradients overflow fp16 even unscaled and every step is skipped: the run cannot recover by "
+            "itself.{{ else }}A skipped step does not train: the run burns compute for little progress.{{ end }} "
+            "Thresholds: floor = scale below 1; collapse = 8 halvings within 20 collected steps; skips = more "
+            "than 25% of the last 100 collected steps skipped (the scaler's initial calibration not counted)."
+        ),
+    ),
+    # Deep-statistic conditions: the run goes on and only its quality erodes, slowly, so a ticket, not a page.
+    # They are judged every deep_every collected steps (the finding stays active in between); 10 minutes of an
+    # active finding keep a layer that hovers at a threshold from opening and closing tickets.
+    Alert(
+        name="GradflowUpdateRatio",
+        expr=_persisting("update_ratio"),
+        pending="10m",
+        severity="warning",
+        summary="Run {{ $labels.run }}: update-to-weight ratio out of range" + _KEY + _LAYERS,
+        description=(
+            "In run {{ $labels.run }} the optimizer's updates are out of proportion to the weights" + _KEY
+            + " since step {{ $value }}" + _LAYERS + _RANKS + ", for 10 minutes now. Updates near the size of "
+            "the weights rewrite them every step; updates orders of magnitude below the usual 1e-3 of the "
+            "weights per step mean those layers stopped learning." + _tuning("update_ratio")
+        ),
+    ),
+    Alert(
+        name="GradflowDeadUnits",
+        expr=_persisting("dead_units"),
+        pending="10m",
+        severity="warning",
+        summary="Run {{ $labels.run }}: dead units" + _LAYERS,
+        description=(
+            "In run {{ $labels.run }} most of the output units get exactly zero gradient since step "
+            "{{ $value }}" + _LAYERS + _RANKS + ", for 10 minutes now: those units (dead ReLUs, saturated "
+            "gates) no longer learn and rarely recover on their own. Threshold: at least 50% of a weight's "
+            "output units (rows) at 2 consecutive deep steps (every deep_every collected steps, 50 by default)."
+        ),
+    ),
+    Alert(
+        name="GradflowPrecision",
+        expr=_persisting("precision"),
+        pending="10m",
+        severity="warning",
+        summary="Run {{ $labels.run }}: gradients out of the low-precision range" + _KEY + _LAYERS,
+        description=(
+            "In run {{ $labels.run }} gradient values fall outside the range of the low-precision format they "
+            "pass through" + _KEY + " since step {{ $value }}" + _LAYERS + _RANKS + ", for 10 minutes now: "
+            "underflow flushes them to zero, overflow makes them Inf. Thresholds: more than 5% of a layer's "
+            "non-zero values below the format's smallest subnormal, or any value that would overflow it, at 2 "
+            "consecutive deep steps; fp16 when the run reports a GradScaler, else the detector's format setting."
+        ),
+    ),
+    # A ticket too, even when no layer at all gets a gradient: that is a misplaced monitor (monitor.step()
+    # after optimizer.zero_grad(), or before backward); the job itself trains, but the gradient detectors are
+    # blind for the run until someone moves the call. Unused layers are a code question, never urgent.
+    Alert(
+        name="GradflowNoGradient",
+        expr=_persisting("no_gradient"),
+        pending="10m",
+        severity="warning",
+        summary="Run {{ $labels.run }}: no gradient" + _KEY + _LAYERS,
+        description=(
+            "In run {{ $labels.run }} layers have received no gradient since step {{ $value }}" + _LAYERS
+            + _RANKS + _KEY + ", for 10 minutes now. Some layers: parameters outside the loss's "
+            "graph (unused, detached, or frozen but still monitored). Every layer: the monitor reads the "
+            "gradients where there are none (after zero_grad or before backward), so the gradient detectors "
+            "see nothing of this run." + _tuning("no_gradient")
+        ),
+    ),
     Alert(
         name="GradflowServiceDown",
         expr='up{job="gfservice"} == 0',
@@ -181,7 +381,7 @@ def prometheus_rules(runbook_base: str = RUNBOOK_BASE, alerts: Sequence[Alert] =
                         "alert": a.name,
                         "expr": a.expr,
                         "for": a.pending,
-                        "labels": {"severity": a.severity},
+                        "labels": {"severity": a.severity_label()},
                         "annotations": a.annotations(runbook_base),
                     }
                     for a in alerts
@@ -258,7 +458,7 @@ def _grafana_rule(a: Alert, runbook_base: str, datasource_uid: str) -> dict[str,
         "execErrState": "Error",
         "for": a.pending,
         "annotations": {k: grafana_template(v) for k, v in a.annotations(runbook_base).items()},
-        "labels": {"severity": a.severity},
+        "labels": {"severity": a.severity_label()},
         "isPaused": False,
     }
 

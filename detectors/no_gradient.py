@@ -1,0 +1,138 @@
+"""``no_gradient``: layers that persistently get no gradient at all: missing (``.grad`` is None: a branch
+detached by mistake, a parameter the loss does not use) or exactly zero (a freeze done wrong: a hook or a mask
+that zeroes the gradient while the optimizer still holds the parameter).
+
+A layer counts at a step when its gradient is missing (``count`` 0) or exactly zero (``sum_sq`` and ``max_abs``
+both 0, no NaN/Inf). Whole parameter tensors are judged, never rows: an embedding whose unused rows get zero
+gradient still has a non-zero tensor. A finding (key ``layers``, warning) names the layers that have counted for
+``window`` consecutive collected steps; a layer that gets a gradient again leaves the streak. Empty parameters
+(no element, ``units`` 0) are never judged.
+
+When *every* layer has had no gradient for ``window`` steps, the training is not what is wrong: the monitor does
+not see the gradients. A single different finding (key ``all``) says so: ``monitor.step()`` is probably placed
+after ``optimizer.zero_grad(set_to_none=True)`` (or after ``zero_grad()`` when every gradient is exactly zero), or
+the gradients live elsewhere (DeepSpeed ZeRO / FSDP1 flat parameters).
+
+``window`` is 10 collected steps: short enough to report a branch detached from the start at step 9 and a
+freeze at step k + 9 (the evaluation zoo's target for it is two deep steps at ``deep_every=10``); long enough
+that a branch skipped for a few steps by design (an auxiliary loss every few steps, an idle mixture-of-experts
+expert) leaves the streak before it reports. Exact zeros and missing gradients are this detector's alone:
+``vanishing`` ignores such layers.
+
+>>> from gfservice.testing import make_step, replay
+>>> healthy = [make_step(step=i, sum_sq=[1.0, 1.0, 1.0]) for i in range(5)]
+>>> frozen = [make_step(step=i, sum_sq=[1.0, 0.0, 1.0], max_abs=[0.1, 0.0, 0.1]) for i in range(5, 20)]
+>>> f = replay(NoGradient(), healthy + frozen)[0]
+>>> f.step, f.key, f.layers, f.severity.value
+(14, 'layers', ['layer1'], 'warning')
+>>> missing = [make_step(step=i, sum_sq=[0.0, 0.0], count=0) for i in range(10)]
+>>> f, = replay(NoGradient(), missing)
+>>> f.step, f.key
+(9, 'all')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe_layers
+
+
+class NoGradient(Detector):
+    """Layers whose gradient stays missing (.grad None) or exactly zero: a detached branch or a wrong freeze."""
+
+    name = "no_gradient"
+
+    class Config(DetectorConfig):
+        #: Consecutive collected steps without a gradient before a layer is reported.
+        window: int = Field(10, ge=1)
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        #: Per layer: consecutive collected steps with a missing (count 0) or an exactly zero gradient.
+        self._streak: np.ndarray | None = None
+        #: Per layer: how many of those steps had the gradient missing (the rest: exact zeros).
+        self._missing: np.ndarray | None = None
+
+    def update(self, step: StepStats) -> list[Finding] | None:
+        g = step.grads
+        n = len(g.layers)
+        if n == 0:
+            return None
+        missing = g.count == 0
+        with np.errstate(invalid="ignore"):
+            zero = (g.count > 0) & (g.nonfinite == 0) & (g.sum_sq == 0) & (g.max_abs == 0)
+        judged = np.ones(n, dtype=bool) if g.units is None else np.asarray(g.units) > 0
+        none = (missing | zero) & judged
+        if self._streak is None or self._streak.shape != none.shape:
+            self._streak = np.zeros(n, dtype=np.int64)
+            self._missing = np.zeros(n, dtype=np.int64)
+        assert self._missing is not None
+        self._streak = np.where(none, self._streak + 1, 0)
+        self._missing = np.where(none, self._missing + missing, 0)
+        w = self.config.window
+        persistent = self._streak >= w
+        if not persistent.any():
+            return []
+        if persistent[judged].all():
+            n_missing = int(np.count_nonzero(missing & judged))
+            n_zero = int(np.count_nonzero(zero & judged))
+            if n_zero == 0:
+                where = "optimizer.zero_grad(set_to_none=True)"
+                what = f"no layer has had a gradient (.grad is None for all {n_missing})"
+            elif n_missing == 0:
+                where = "optimizer.zero_grad()"
+                what = f"every gradient has been exactly zero (all {n_zero} layers)"
+            else:
+                where = "optimizer.zero_grad()"
+                what = f"no layer has had a gradient ({n_missing} without .grad, {n_zero} exactly zero)"
+            return [
+                self.finding(
+                    step,
+                    "warning",
+                    f"{what} for {w}+ collected steps at step {step.step}; monitor.step() is probably placed after "
+                    f"{where}: call it after optimizer.step() and before zero_grad(), or the gradients live "
+                    "elsewhere (DeepSpeed ZeRO / FSDP1 flat params), where the monitor cannot see them",
+                    value=int(judged.sum()),
+                    threshold=w,
+                    key="all",
+                )
+            ]
+        idx = np.flatnonzero(persistent)
+        names = [g.layers[i] for i in idx]
+        n_missing = int(np.count_nonzero(self._missing[idx] == self._streak[idx]))
+        n_zero = len(idx) - n_missing
+        if n_zero == 0:
+            what = "had no gradient (.grad is None)"
+            check = "a branch detached by mistake (.detach(), no_grad) or a parameter the loss does not use"
+        elif n_missing == 0:
+            what = "had exactly zero gradients"
+            check = ("a freeze done wrong (a hook or mask that zeroes the gradient; freeze with "
+                     "requires_grad=False) or a branch multiplied by 0")
+        else:
+            what = f"had no gradient ({n_missing} missing, {n_zero} exactly zero)"
+            check = "branches detached by mistake and freezes done wrong"
+        return [
+            self.finding(
+                step,
+                "warning",
+                f"{describe_layers(names)} {'has' if len(names) == 1 else 'have'} {what} for {w}+ collected steps at "
+                f"step {step.step}; check for {check}, or exclude them from the monitor if that is intended",
+                layers=names,
+                value=len(names),
+                threshold=w,
+                key="layers",
+            )
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak": self._streak, "missing": self._missing}
+
+    def load_state_dict(self, state: Any) -> None:
+        self._streak = state.get("streak")
+        self._missing = state.get("missing")
+        if self._streak is not None and self._missing is None:
+            self._missing = np.zeros_like(self._streak)
