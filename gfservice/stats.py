@@ -51,6 +51,21 @@ FORMAT_LIMITS: dict[str, tuple[int, int]] = {
     "fp8_e5m2": (-14, -16),
 }
 
+#: Largest finite magnitude of each low-precision format; larger values overflow to Inf (fp8 e4m3 has no Inf:
+#: they become NaN or saturate).
+FORMAT_MAX: dict[str, float] = {
+    "fp16": 65504.0,
+    "bf16": (2 - 2**-7) * 2.0**127,
+    "fp8_e4m3": 448.0,
+    "fp8_e5m2": 57344.0,
+}
+__test__: dict[str, str] = {"FORMAT_MAX": """
+>>> FORMAT_MAX["fp16"], FORMAT_MAX["fp8_e4m3"], FORMAT_MAX["fp8_e5m2"], f"{FORMAT_MAX['bf16']:.3e}"
+(65504.0, 448.0, 57344.0, '3.390e+38')
+>>> sorted(FORMAT_MAX) == sorted(FORMAT_LIMITS)
+True
+"""}
+
 Tier = Literal["core", "deep", "update"]
 Reduce = Literal["sum", "max"]
 Array = npt.NDArray[Any]
@@ -341,8 +356,8 @@ def noise_scale(local_sq: npt.ArrayLike, global_sq: float, per_rank_batch: float
     paper does. All three are NaN with fewer than two finite local norms; ``b_simple`` is NaN unless
     ``grad_sq > 0`` and ``trace >= 0``.
 
-    >>> noise_scale([2.0, 2.2, 1.8], 1.2)                      # 3 ranks: B_simple 1.5 per-rank batches
-    (1.5, 0.8, 1.2)
+    >>> [round(v, 6) for v in noise_scale([2.0, 2.2, 1.8], 1.2)]    # 3 ranks: B_simple 1.5 per-rank batches
+    [1.5, 0.8, 1.2]
     >>> [round(v, 6) for v in noise_scale([2.0, 2.2, 1.8, float("nan")], 1.2, per_rank_batch=32)]
     [48.0, 0.8, 38.4]
     >>> noise_scale([2.0], 1.2)[0]
