@@ -79,6 +79,9 @@ class UpdateRatio(Detector):
         min_weight_rms: float = Field(1e-6, ge=0)
         #: ``high`` skips matrices whose weight RMS is below this share of the median matrix's (small-initialised).
         min_weight_share: float = Field(0.1, ge=0, lt=1)
+        #: ``high`` skips matrices with fewer elements than this: the ratio of a handful of weights is noise (a
+        #: 4-input linear layer under SGD at lr 0.1 moves 20% at its first step and trains fine).
+        min_numel: int = Field(256, ge=1)
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -96,6 +99,8 @@ class UpdateRatio(Detector):
             weight_rms = np.sqrt(g.weight_sq / np.maximum(g.count, 1))
         judged = (g.count > 0) & np.isfinite(ratio) & (weight_rms >= cfg.min_weight_rms)
         matrix = judged if g.units is None else judged & (g.count > g.units)
+        twod = matrix.copy()  # ``low`` judges matrices only: biases in front of a norm layer get ~no gradient
+        matrix &= g.count >= cfg.min_numel
         if matrix.any():
             matrix &= weight_rms >= cfg.min_weight_share * float(np.median(weight_rms[matrix]))
         if self._high is None or self._low is None or self._layers != g.layers:
@@ -104,7 +109,7 @@ class UpdateRatio(Detector):
             self._layers = g.layers
         high = matrix & (ratio > cfg.high)
         median = float(np.median(ratio[judged])) if judged.any() else 0.0
-        low = judged & (g.sum_sq > 0) & (ratio < cfg.low) & (median >= cfg.learning)
+        low = twod & (g.sum_sq > 0) & (ratio < cfg.low) & (median >= cfg.learning)
         self._high = np.where(high, self._high + 1, 0)
         self._low = np.where(low, self._low + 1, 0)
         out: list[Finding] = []
@@ -123,6 +128,14 @@ class UpdateRatio(Detector):
                 layers=names, value=worst, threshold=cfg.high, key="high"))
         hit = np.flatnonzero(self._low >= cfg.low_window)
         if hit.size:
+            # a bias left out with its weight is named with it (biases are not judged alone: see above)
+            stuck = {g.layers[i] for i in hit}
+            index = {n: i for i, n in enumerate(g.layers)}
+            for n in list(stuck):
+                j = index.get(n.removesuffix("weight") + "bias") if n.endswith("weight") else None
+                if j is not None and judged[j] and ratio[j] < cfg.low:
+                    stuck.add(g.layers[j])
+            hit = np.array(sorted(index[n] for n in stuck))
             names = [g.layers[i] for i in hit]
             worst = float(ratio[hit].max())
             out.append(self.finding(

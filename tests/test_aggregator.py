@@ -9,12 +9,12 @@ import time
 
 import numpy as np
 import pytest
-from gfservice_detectors.nonfinite import NonFinite
 
 from gfservice.api import Detector, DetectorConfig, StepStats
 from gfservice.service.aggregator import Aggregator, AggregatorConfig
 from gfservice.stats import EXP_BINS, GradStats
 from gfservice.wire import MAX_LAYERS
+from gfservice_detectors.nonfinite import NonFinite
 
 LAYERS = ["a.weight", "a.bias", "b.weight"]
 NAN = float("nan")

@@ -10,10 +10,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from gfservice_detectors.exploding import Exploding
-from gfservice_detectors.no_gradient import NoGradient
-from gfservice_detectors.nonfinite import NonFinite
-from gfservice_detectors.vanishing import Vanishing
 from models import digits
 from torch import nn
 from torch.nn import functional as F
@@ -21,6 +17,10 @@ from torch.nn import functional as F
 import gfservice
 from gfservice.api import Finding, StepStats
 from gfservice.testing import check_detector, make_step, replay
+from gfservice_detectors.exploding import Exploding
+from gfservice_detectors.no_gradient import NoGradient
+from gfservice_detectors.nonfinite import NonFinite
+from gfservice_detectors.vanishing import Vanishing
 
 
 def noisy(n: int, layers: int = 6, scale: float = 1e-2, start: int = 0, seed: int = 0) -> list[StepStats]:

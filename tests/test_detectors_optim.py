@@ -37,7 +37,7 @@ def test_registered_with_their_fields_and_defaults():
     for name, cls in DETECTORS.items():
         assert found.get(name) is cls, f"{name}: pip install -e . registers the entry point"
         assert rows[name]["summary"] and rows[name]["fields"]
-    assert rows["dead_units"]["fields"]["max_dead_fraction"][0] == 0.5
+    assert rows["dead_units"]["fields"]["max_dead_fraction"][0] == 0.7
     assert rows["update_ratio"]["fields"]["high"][0] == 0.2
     assert rows["precision"]["fields"]["format"][0] is None
     assert rows["loss_spike"]["fields"]["z_threshold"][0] == 6.0
@@ -228,7 +228,7 @@ def test_dead_units_fire_at_the_second_dead_deep_step_naming_weight_and_bias():
     fired = [(step, f) for step, found in judged if found for f in found]
     assert fired[0][0] == 12  # dead from step 10: deep steps 10 and 12
     f = fired[0][1]
-    assert f.layers == ["0.weight", "0.bias"] and f.value == pytest.approx(100 / 128) and f.threshold == 0.5
+    assert f.layers == ["0.weight", "0.bias"] and f.value == pytest.approx(100 / 128) and f.threshold == 0.7
     assert "78% of the output units of layers 0.weight, 0.bias" in f.message
     assert dict(judged)[13] is None  # not a deep step: the finding stands
     assert dict(judged)[20] == []  # alive again: cleared
