@@ -31,7 +31,7 @@ def service_settings(tmp_path_factory):
     return Settings(
         aggregator=AggregatorConfig(merge_timeout_s=2.0),
         service=ServiceConfig(
-            snapshot_path=str(tmp / "snapshot.pkl"),
+            snapshot_path=str(tmp / "snapshot.json"),
             snapshot_interval_s=0.5,
             metrics_port=0,
             sd_file=str(tmp / "prometheus-sd.json"),

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="gfbench-") as tmp:
             settings = Settings(service=ServiceConfig(metrics_port=None, sd_file="",
-                                                      snapshot_path=os.path.join(tmp, "snapshot.pkl")))
+                                                      snapshot_path=os.path.join(tmp, "snapshot.json")))
             handle, _ = actor.start(settings)
             client = Client(handle)
             thread, thread_line, thread_ok = training_thread(client, args)

@@ -22,8 +22,10 @@ from step ``onset`` on:
 
 Scoring and the report reuse ``detection.py``: a warning/critical finding on a healthy run is a FALSE-ALARM; on a
 pathological run the expected detector must raise one within 50 steps of the onset, and here it must also name
-the faulty rank and no other (column ``ranks``). The ``B_noise`` column is the gradient noise scale in samples
-(EMA of both terms of :func:`gfservice.stats.noise_scale` over the last half of the run), for reference.
+the faulty rank and no other (column ``named ranks``). The ``noise_scale`` detector runs with the run's batch sizes
+(an info finding when the global batch is over 10x the noise scale); the ``B_noise`` column is the noise scale in
+samples over the last half of the run (EMA of both terms of :func:`gfservice.stats.noise_scale`; ``-`` where the
+estimate of ``|G|^2`` is not positive: a run that has converged), for reference.
 """
 
 from __future__ import annotations
@@ -139,36 +141,38 @@ def worker(rank: int, sc: RankScenario, seed: int, run: str, data: tuple[np.ndar
     from gfservice.training.monitoring import Monitor
 
     torch.set_num_threads(1)
-    T0 = time.time(); print(f"[{rank}] start {T0:.1f}", file=sys.stderr, flush=True)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=sc.world)
-    try:
-        torch.manual_seed(seed)
-        model = DDP(zoo.mlp(64, 128, 128, 10))
-        opt = torch.optim.SGD(model.parameters(), lr=sc.lr, momentum=0.9)
-        batches = zoo.sample(torch.from_numpy(data[0]), torch.from_numpy(data[1]), sc.batch, seed * 1000 + rank)
-        gen = torch.Generator().manual_seed(seed * 1000 + 500 + rank)
-        mon = Monitor(model, opt, QueueTransport(q), run, deep_every=deep_every, rank=rank, world_size=sc.world,
-                      reports_layers=rank == 0, local_norm_hook=LocalNormHook.install(model))
-        print(f"[{rank}] ready {time.time()-T0:.1f}", file=sys.stderr, flush=True)
-        faulty = sc.fault is not None and rank == sc.fault_rank and sc.onset is not None
-        for i in range(sc.steps):
-            x, y = next(batches)
-            if faulty and sc.onset is not None and i >= sc.onset:
-                if sc.fault == "sleep":
-                    time.sleep(sc.sleep_s)
-                elif sc.fault == "labels":
-                    y = y[torch.randperm(len(y), generator=gen)]
-                elif sc.fault == "inputs":
-                    x = x * 10.0
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            mon.step(loss=loss.detach())
-            opt.zero_grad(set_to_none=True)
-        print(f"[{rank}] trained {time.time()-T0:.1f}", file=sys.stderr, flush=True)
-        mon.close()
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(seed)
+    model = DDP(zoo.mlp(64, 128, 128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=sc.lr, momentum=0.9)
+    batches = zoo.sample(torch.from_numpy(data[0]), torch.from_numpy(data[1]), sc.batch, seed * 1000 + rank)
+    gen = torch.Generator().manual_seed(seed * 1000 + 500 + rank)
+    mon = Monitor(model, opt, QueueTransport(q), run, deep_every=deep_every, rank=rank, world_size=sc.world,
+                  reports_layers=rank == 0, local_norm_hook=LocalNormHook.install(model))
+    faulty = sc.fault is not None and rank == sc.fault_rank and sc.onset is not None
+    for i in range(sc.steps):
+        x, y = next(batches)
+        if faulty and sc.onset is not None and i >= sc.onset:
+            if sc.fault == "sleep":
+                time.sleep(sc.sleep_s)
+            elif sc.fault == "labels":
+                y = y[torch.randperm(len(y), generator=gen)]
+            elif sc.fault == "inputs":
+                x = x * 10.0
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        mon.step(loss=loss.detach())
+        opt.zero_grad(set_to_none=True)
+    mon.close()
+    # Exit without destroy_process_group() (a rank that fails is killed by the parent): with a Python DDP
+    # communication hook (the monitor's LocalNormHook chains DDP's allreduce_hook, whose future has a Python
+    # callback), ProcessGroupGloo's destructor can deadlock: it joins gloo's run-loop thread while holding the GIL,
+    # and that thread waits for the GIL to release the callback (seen in 1 of 20 runs). Flush this rank's
+    # messages, then leave at once.
+    q.close()
+    q.join_thread()
+    os._exit(0)
 
 
 def run_ranks(sc: RankScenario, seed: int, run: str, deep_every: int = 10,
@@ -179,14 +183,17 @@ def run_ranks(sc: RankScenario, seed: int, run: str, deep_every: int = 10,
     each rank afresh would import torch in every one of them, which takes most of a run's time on a busy machine.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([worker.__module__])  # read when the server starts: the first run of this process
+    # Read when the server starts (the first run of this process). The server does not get this process' sys.path:
+    # a module outside the installed packages (this one, unless run as a script) is imported by the ranks.
+    # torch._dynamo: DistributedDataParallel imports it on first use (about 800 modules, seconds).
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo",
+                                "gfservice.training.monitoring", worker.__module__])
     q = ctx.Queue()
     agg = Aggregator(detector_settings=settings)
     x, y = zoo.digits()
     data = (x.numpy(), y.numpy())
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        print(f"start {time.time():.1f}", file=sys.stderr, flush=True)
         procs = mp.start_processes(worker, args=(sc, seed, run, data, q, store, deep_every), nprocs=sc.world,
                                    join=False, start_method="forkserver")
         ended, deadline = 0, time.monotonic() + timeout_s
@@ -203,9 +210,9 @@ def run_ranks(sc: RankScenario, seed: int, run: str, deep_every: int = 10,
                 if not ack.accepted:
                     print(f"{run}: the aggregator rejected a message: {ack.reason}", file=sys.stderr)
                 ended += isinstance(msg, RunEnd)
-            print(f"all ended {time.time():.1f}", file=sys.stderr, flush=True)
-            while not procs.join(timeout=60):
-                pass
+            while not procs.join(timeout=1):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{run}: the ranks did not exit in {timeout_s:.0f} s")
         finally:
             for p in procs.processes:
                 if p.is_alive():
@@ -248,7 +255,9 @@ def train(sc: RankScenario, seed: int, deep_every: int, keep_history: bool = Fal
     """Run one scenario with one seed and score it as ``detection.py`` does, plus the named ranks."""
     t0 = time.perf_counter()
     run = f"{sc.name}-s{seed}"
-    settings = {det: dict(fields) for det, fields in sc.detectors.items() if detection.installed(det)}
+    # The noise scale is judged against the run's real batch sizes (an info finding at most: never an alarm).
+    overrides = {"noise_scale": {"per_rank_batch": sc.batch, "global_batch": sc.batch * sc.world}, **sc.detectors}
+    settings = {det: dict(fields) for det, fields in overrides.items() if detection.installed(det)}
     agg = run_ranks(sc, seed, run, deep_every, settings)
     findings = agg.findings(run)
     history = agg.history(run)
@@ -322,7 +331,8 @@ def report(results: list[RankResult], s: dict[str, Any]) -> str:
         f"{', '.join(f'{k} {v}' for k, v in s['per_scenario'].items())}",
         f"- expected detectors not installed: {', '.join(s['not_installed']) or 'none'}",
         f"- false alarms: {s['false_alarms']} in {s['healthy_steps']} healthy steps = "
-        f"{'-' if fa is None else f'{fa:.1f}'} per 10,000 steps; by detector: {s['false_alarms_by_detector'] or 'none'}",
+        f"{'-' if fa is None else f'{fa:.1f}'} per 10,000 steps; by detector: "
+        f"{s['false_alarms_by_detector'] or 'none'}",
         f"- alarms before the onset on pathological runs: {s['pre_onset_alarms']} in {s['pre_onset_steps']} steps",
         f"- wall time: {s['wall_s']} s",
     ]

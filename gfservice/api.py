@@ -89,6 +89,8 @@ class Finding(BaseModel):
     #: The run's detector configuration version that raised it: 0 as the run started, one more for each
     #: change applied with ``gfservice configure`` (see ``Aggregator.config_changes``).
     config: int = 0
+    #: The attempt (start) of the run in which it was first raised ("" when the senders do not tell attempts apart).
+    attempt: str = ""
 
     @property
     def identity(self) -> tuple[str, str]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +111,16 @@ class ExporterConfig(BaseModel):
         return self
 
 
-def _default_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "gfservice"
+def default_state_dir() -> Path:
+    """The service's own directory: ``$XDG_STATE_HOME/gfservice``, else ``~/.local/state/gfservice``."""
+    base = os.environ.get("XDG_STATE_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / "gfservice"
+
+
+#: File names inside ``state_dir`` when ``snapshot_path`` / ``sd_file`` are not set.
+SNAPSHOT_NAME = "snapshot.json"
+SD_NAME = "prometheus-sd.json"
 
 
 class ServiceConfig(BaseModel):
@@ -124,18 +131,30 @@ class ServiceConfig(BaseModel):
     #: Ray actor name and namespace: monitors and ``gfservice.connect()`` find the service by them.
     name: str = DEFAULT_NAME
     namespace: str = DEFAULT_NAMESPACE
-    #: Where detector state and findings are saved, so that a restarted service resumes ("" disables).
-    snapshot_path: str = Field(default_factory=lambda: str(_default_dir() / "snapshot.pkl"))
+    #: The service's private directory (created 0700; refused if another user owns it or others can write it).
+    state_dir: str = Field(default_factory=lambda: str(default_state_dir()))
+    #: Where detector state and findings are saved (JSON), so that a restarted service resumes ("" disables;
+    #: default ``<state_dir>/snapshot.json``; its directory is checked like ``state_dir``).
+    snapshot_path: str | None = None
     snapshot_interval_s: float = Field(5.0, gt=0)
     #: How often overdue steps are merged (rank timeouts).
     tick_interval_s: float = Field(0.5, gt=0)
     #: /metrics endpoint: None disables it, 0 picks a free port.
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"
-    #: Prometheus file-based service discovery file, rewritten whenever the endpoint moves ("" disables).
-    sd_file: str = Field(default_factory=lambda: str(_default_dir() / "prometheus-sd.json"))
+    #: Prometheus file-based service discovery file, rewritten whenever the endpoint moves ("" disables;
+    #: default ``<state_dir>/prometheus-sd.json``; its directory is checked like ``state_dir``).
+    sd_file: str | None = None
     #: Options of the Prometheus exporter.
     exporter: ExporterConfig = Field(default_factory=ExporterConfig)
+
+    @model_validator(mode="after")
+    def _files_in_state_dir(self) -> ServiceConfig:
+        if self.snapshot_path is None:
+            self.snapshot_path = str(Path(self.state_dir) / SNAPSHOT_NAME)
+        if self.sd_file is None:
+            self.sd_file = str(Path(self.state_dir) / SD_NAME)
+        return self
 
     def exporter_config(self, port: int) -> ExporterConfig:
         """The exporter's settings bound to ``metrics_addr`` and ``port``."""
@@ -171,7 +190,12 @@ class Settings(BaseSettings):
     def with_service(self, **overrides: Any) -> Settings:
         """A copy with ``[service]`` fields replaced (``None`` values are ignored), validated."""
         fields = {k: v for k, v in overrides.items() if v is not None}
-        service = ServiceConfig.model_validate({**self.service.model_dump(), **fields})
+        base = self.service.model_dump()
+        if "state_dir" in fields:  # files left at their default follow the state directory
+            for key, name in (("snapshot_path", SNAPSHOT_NAME), ("sd_file", SD_NAME)):
+                if base[key] == str(Path(base["state_dir"]) / name):
+                    base[key] = None
+        service = ServiceConfig.model_validate({**base, **fields})
         return self.model_copy(update={"service": service})
 
 

@@ -65,6 +65,9 @@ MAX_LAYERS = 1_000_000
 
 #: A run name: what the ``run`` label of every metric carries.
 RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
+#: One start of a run's monitors (shared by all ranks of that start): a restarted job is a new attempt of its run.
+#: Empty for senders that do not tell attempts apart.
+AttemptId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]{0,128}$")]
 
 
 class RejectReason(str, Enum):
@@ -80,6 +83,8 @@ class RejectReason(str, Enum):
     layout_mismatch = "layout_mismatch"
     stale_step = "stale_step"
     duplicate = "duplicate"
+    #: A message of an earlier attempt of its run, arriving after a newer attempt started.
+    stale_attempt = "stale_attempt"
 
 
 class Rejected(ValueError):
@@ -140,6 +145,8 @@ class _Message(BaseModel):
     version: Literal[1] = 1  # PROTOCOL_VERSION
     run: RunName
     rank: int = Field(ge=0, le=1_000_000)
+    #: The attempt (start) of the run this message belongs to; see :data:`AttemptId`.
+    attempt: AttemptId = ""
 
 
 class Layout(_Message):

@@ -111,7 +111,10 @@ def test_promtool_checks_the_prometheus_config():
     (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "gfservice"]
     from gfservice.observability.discovery import DEFAULT_SD_FILE
 
-    assert job["file_sd_configs"][0]["files"] == [DEFAULT_SD_FILE]
+    # the service's default (in the state directory of the user running it; the file names root's)
+    files = job["file_sd_configs"][0]["files"]
+    assert files == ["/root/.local/state/gfservice/prometheus-sd.json"]
+    assert DEFAULT_SD_FILE.endswith("/gfservice/prometheus-sd.json") and not DEFAULT_SD_FILE.startswith("/tmp")
     assert cfg["rule_files"] == ["rules/gfservice.rules.yml"]
 
 

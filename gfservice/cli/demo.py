@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         args.config,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
-        snapshot_path=str(tmp / "snapshot.pkl"),
+        snapshot_path=str(tmp / "snapshot.json"),
         sd_file=str(tmp / "prometheus-sd.json"),
     )
     print(f"gfservice demo: run {run_name!r}, {args.workers} workers ({args.parallel}, gloo on CPU), "

@@ -281,6 +281,12 @@ def run_health() -> dash.Dashboard:
         .with_panel(ts("Loss scale", "Mixed-precision loss scale of the GradScaler (log2 scale): drops mark "
                        "steps the scaler skipped.", q(f"gradflow_loss_scale{{{R}}}", "loss scale"), log=2, h=7,
                        no_value="no GradScaler in this run"))
+        .with_panel(ts("Gradient noise scale", "B_simple = tr(Sigma)/|G|^2 in per-rank batches (McCandlish et al. "
+                       "2018), estimated at each step from the DDP ranks' local (pre-allreduce) gradient norms and "
+                       "the merged one (log scale; one step's estimate is noisy: read the trend). A global batch far "
+                       "above it (in the same units: the number of ranks) gives diminishing returns.",
+                       q(f"gradflow_noise_scale{{{R}}}", "B_simple (per-rank batches)"), log=10, w=24, h=7,
+                       no_value="needs 2+ DDP ranks reporting local gradient norms"))
         .with_row(row("Gradient flow"))
         .with_panel(
             _targets(

@@ -23,10 +23,13 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from gfservice.config import SD_NAME, default_state_dir
+
 __all__ = ["DEFAULT_SD_FILE", "remove_sd_file", "sd_entries", "write_sd_file"]
 
-#: Where the service writes its discovery file unless told otherwise; deploy/prometheus/prometheus.yml reads it.
-DEFAULT_SD_FILE = str(Path(tempfile.gettempdir()) / "gfservice" / "prometheus-sd.json")
+#: Where the service writes its discovery file unless told otherwise (inside its private state directory:
+#: ``$XDG_STATE_HOME/gfservice``, else ``~/.local/state/gfservice``); deploy/prometheus/prometheus.yml reads it.
+DEFAULT_SD_FILE = str(default_state_dir() / SD_NAME)
 
 
 def sd_entries(address: str, labels: Mapping[str, str] | None = None) -> list[dict]:

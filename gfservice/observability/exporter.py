@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from gfservice.api import describe_layers
 from gfservice.config import ExporterConfig
 from gfservice.service.aggregator import Aggregator, AggregatorView, RunView
+from gfservice.stats import noise_scale
 from gfservice.wire import RejectReason
 
 __all__ = ["ExporterConfig", "GradflowCollector", "depth_buckets", "format_ranks", "layer_selection", "serve_metrics"]
@@ -139,13 +140,17 @@ class GradflowCollector:
     """Builds the ``gradflow_*`` metrics from an :class:`~gfservice.service.aggregator.Aggregator` at scrape time.
 
     ``clock`` (seconds, like :func:`time.time`) drives the finding linger; tests pass their own.
+    ``service_health``, when given, is called at each scrape for the service's snapshot health
+    (``{"last_success": unix time or None, "failures": count}``): the collector keeps no state of its own.
     A finding is one series labelled as it was first raised (its ``layers`` and ``ranks`` stay put while it
     is active, so the alert it drives keeps its identity), with the severity it has now.
     """
 
     def __init__(self, aggregator: Aggregator, config: ExporterConfig | None = None,
-                 clock: Callable[[], float] = time.time, version: str | None = None):
+                 clock: Callable[[], float] = time.time, version: str | None = None,
+                 service_health: Callable[[], Mapping[str, float | None]] | None = None):
         self.aggregator = aggregator
+        self.service_health = service_health
         self.config = config or ExporterConfig()
         self.clock = clock
         from gfservice import __version__
@@ -161,6 +166,8 @@ class GradflowCollector:
         snap = self.aggregator.view(since=self.clock() - self.config.finding_linger_s)
         yield from self._run_metrics(snap)
         yield from self._health_metrics(snap)
+        if self.service_health is not None:
+            yield from _snapshot_metrics(self.service_health())
 
     def _run_metrics(self, snap: AggregatorView) -> Iterator[Metric]:
         g = {
@@ -174,8 +181,13 @@ class GradflowCollector:
                 ("last_step_timestamp_seconds", "Unix time at which the service merged the last step."),
                 ("run_finished", "1 once the training job closed its monitors, else 0."),
                 ("run_world_size", "Ranks (processes) of the run."),
+                ("run_attempt", "Attempts (starts) of the run so far, 1 for the first: one more each time the training "
+                 "job restarts under the same run name."),
                 ("nonfinite_layers", "Layers with NaN/Inf gradient values in the last merged step."),
                 ("stalled_ranks", "Ranks missing from the last merged step (no report within the merge timeout)."),
+                ("noise_scale", "Gradient noise scale B_simple = tr(Sigma)/|G|^2 of the last merged step, in per-rank "
+                 "batches (McCandlish et al. 2018): one step's two-batch estimate from the DDP ranks' local norms, "
+                 "noisy; only for runs with 2+ ranks reporting local norms."),
             )
         }
         depth = GaugeMetricFamily("gradflow_depth_grad_rms",
@@ -208,6 +220,11 @@ class GradflowCollector:
                 for key, v in (("loss", st.loss), ("learning_rate", st.lr), ("loss_scale", st.loss_scale)):
                     if v is not None:
                         g[key].add_metric([name], v)
+                if st.rank_norm is not None:  # DDP: each rank's local (pre-allreduce) norm, scaled by a GradScaler
+                    local_sq = np.asarray(st.rank_norm, dtype=np.float64) ** 2 / (st.loss_scale or 1.0) ** 2
+                    b_simple = noise_scale(local_sq, st.global_norm**2)[0]
+                    if np.isfinite(b_simple):
+                        g["noise_scale"].add_metric([name], b_simple)
                 bad = (grads.nonfinite > 0) | ~np.isfinite(grads.sum_sq)
                 g["nonfinite_layers"].add_metric([name], float(np.count_nonzero(bad)))
                 for b, v in enumerate(depth_buckets(grads.sum_sq, grads.count, buckets)):
@@ -223,6 +240,7 @@ class GradflowCollector:
                 g["last_step_timestamp_seconds"].add_metric([name], run.last_time)
             g["run_finished"].add_metric([name], 1.0 if run.finished else 0.0)
             g["run_world_size"].add_metric([name], run.world_size)
+            g["run_attempt"].add_metric([name], run.attempts)
             g["stalled_ranks"].add_metric([name], run.stalled_ranks)
             dropped.add_metric([name], run.sender_dropped)
             counts: dict[tuple[str, str], int] = dict.fromkeys(run.findings_total, 0)
@@ -260,6 +278,19 @@ class GradflowCollector:
         build = GaugeMetricFamily("gradflow_build_info", "gfservice version (always 1).", labels=["version"])
         build.add_metric([self.version], 1)
         yield from (accepted, rejected, latency, det_s, det_e, runs, build)
+
+
+def _snapshot_metrics(health: Mapping[str, float | None]) -> Iterator[Metric]:
+    failures = CounterMetricFamily("gradflow_snapshot_failures", "Snapshot writes of the service that failed "
+                                   "(submits are taken regardless; the state is not durable meanwhile).")
+    failures.add_metric([], health.get("failures") or 0.0)
+    yield failures
+    last = health.get("last_success")
+    if last is not None:  # absent until the first snapshot is written
+        success = GaugeMetricFamily("gradflow_snapshot_last_success_timestamp_seconds",
+                                    "Unix time of the service's last successful snapshot write.")
+        success.add_metric([], last)
+        yield success
 
 
 def _finding_series(run: RunView) -> dict[tuple[str, ...], float]:

@@ -7,9 +7,9 @@ on the head node that Ray restarts when it dies, and which restores its snapshot
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import pickle
 import threading
 import time
 from pathlib import Path
@@ -19,6 +19,14 @@ from gfservice import __version__
 from gfservice.api import Finding, StepStats
 from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE, Settings, load_settings
 from gfservice.service.aggregator import Aggregator
+from gfservice.service.state import (
+    SnapshotError,
+    ensure_private_dir,
+    prev_path,
+    read_snapshot,
+    set_aside,
+    write_snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +47,18 @@ class ServiceCore:
         self.settings = Settings.model_validate(settings.model_dump() if isinstance(settings, Settings)
                                                 else settings or {})
         cfg = self.settings.service
+        for file in (cfg.snapshot_path, cfg.sd_file):  # private directories, or a clear error before anything
+            if file:
+                ensure_private_dir(Path(file).expanduser().parent)
         self.aggregator = Aggregator(self.settings.aggregator, self.settings.detectors)
         self.started = time.time()
+        #: Snapshot writes that failed (all time) and when the last one succeeded (exported to Prometheus).
+        self.snapshot_failures = 0
+        self.snapshot_last_success: float | None = None
+        self._failure_burst = 0
         self.restored = self._restore()
         self._snapshot_lock = threading.Lock()
+        self._snapshot_wanted = threading.Event()
         self._last_snapshot_accepted = -1
         self.metrics_port: int | None = None
         self._metrics_server = None
@@ -51,6 +67,8 @@ class ServiceCore:
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="gfservice-ticker", daemon=True)
         self._ticker.start()
+        self._writer = threading.Thread(target=self._write_loop, name="gfservice-snapshots", daemon=True)
+        self._writer.start()
 
     # ---- ingest ---------------------------------------------------------------------------------
     def submit(self, messages: list[Any], dropped: dict[str, int] | None = None) -> dict[str, Any]:
@@ -70,7 +88,7 @@ class ServiceCore:
         for run, n in (dropped or {}).items():
             self.aggregator.note_dropped(run, n)
         if new:
-            self.snapshot()  # findings are rare and must survive a restart
+            self.request_snapshot()  # findings are rare and must survive a restart
         return {"rejected": rejected, "stop": {r: self.aggregator.should_stop(r) for r in runs}}
 
     # ---- queries --------------------------------------------------------------------------------
@@ -90,10 +108,11 @@ class ServiceCore:
         return self.aggregator.history(run)
 
     def configure(self, run: str, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Change the detectors of the live ``run`` (see :meth:`Aggregator.configure`); saved at once."""
+        """Change the detectors of the live ``run`` (see :meth:`Aggregator.configure`); saved at once (in the
+        background)."""
         summary = self.aggregator.configure(run, settings)
         if summary["changed"]:
-            self.snapshot()  # the change must survive a restart of the service
+            self.request_snapshot()  # the change must survive a restart of the service
         return summary
 
     def status(self) -> dict[str, Any]:
@@ -105,6 +124,7 @@ class ServiceCore:
             "pid": os.getpid(),
             "uptime_s": time.time() - self.started,
             "restored_runs": self.restored,
+            "snapshot": self.snapshot_health(),
             "metrics": None if self.metrics_port is None else f"{cfg.metrics_addr}:{self.metrics_port}",
             "counters": counters,
             "runs": [{**r.row(), "active": [f.model_dump(exclude={"time"}) for f in r.active]}
@@ -118,44 +138,100 @@ class ServiceCore:
         while not self._stop.wait(cfg.tick_interval_s):
             try:
                 if self.aggregator.tick():
-                    self.snapshot()
+                    self.request_snapshot()
                 if time.monotonic() - last_snap >= cfg.snapshot_interval_s:
                     last_snap = time.monotonic()
                     if self.aggregator.accepted != self._last_snapshot_accepted:
-                        self.snapshot()
+                        self.request_snapshot()
             except Exception:
                 log.exception("gfservice ticker failed; continuing")
 
-    def snapshot(self) -> None:
-        """Save detector state and findings atomically to ``snapshot_path``."""
+    def request_snapshot(self) -> None:
+        """Ask the writer thread for a snapshot; requests made while it writes coalesce into one more write."""
+        self._snapshot_wanted.set()
+
+    def _write_loop(self) -> None:
+        while True:
+            self._snapshot_wanted.wait()
+            if self._stop.is_set():
+                return
+            self._snapshot_wanted.clear()
+            self.snapshot()
+
+    def snapshot(self) -> bool:
+        """Save detector state and findings to ``snapshot_path`` now (atomically, fsynced; the previous one is
+        kept). Never raises: a failure is counted, logged once per burst and exported. Returns success."""
         path = self.settings.service.snapshot_path
         if not path:
-            return
+            return True
         with self._snapshot_lock:
             accepted = self.aggregator.accepted
-            state = self.aggregator.state_dict()
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as fh:
-                pickle.dump({"version": 1, "time": time.time(), "state": state}, fh)
-            os.replace(tmp, target)
+            try:
+                state = self.aggregator.state_dict()  # copied under the aggregator's lock; written without it
+                write_snapshot(path, state)
+            except Exception as exc:
+                self.snapshot_failures += 1
+                self._failure_burst += 1
+                if self._failure_burst == 1:
+                    log.error("gfservice could not save its snapshot to %s: %s (%s); submits are still taken, "
+                              "retrying; failures are counted in gradflow_snapshot_failures_total",
+                              path, exc, type(exc).__name__)
+                return False
+            if self._failure_burst:
+                log.warning("gfservice saved its snapshot to %s again after %d failed attempts", path,
+                            self._failure_burst)
+            self._failure_burst = 0
+            self.snapshot_last_success = time.time()
             self._last_snapshot_accepted = accepted
+            return True
+
+    def snapshot_health(self) -> dict[str, float | None]:
+        """What the exporter publishes about snapshots (read at scrape time)."""
+        return {"last_success": self.snapshot_last_success, "failures": float(self.snapshot_failures)}
 
     def _restore(self) -> int:
+        """Restore the latest snapshot, else the previous one, into a fresh aggregator swapped in on success.
+
+        A snapshot that cannot be read or restored is set aside (``*.corrupt-<time>.json``), never overwritten;
+        one from a newer gfservice stops the service (:class:`~gfservice.service.state.SnapshotTooNew`)."""
         path = self.settings.service.snapshot_path
-        if not path or not Path(path).exists():
+        if not path:
             return 0
-        try:
-            with open(path, "rb") as fh:
-                saved = pickle.load(fh)
-            self.aggregator.load_state_dict(saved["state"])
-            n = len(saved["state"].get("runs", {}))
-            log.warning("gfservice restored %d runs from %s", n, path)
-            return n
-        except Exception:
-            log.exception("gfservice could not restore %s; starting empty", path)
-            return 0
+        failed = []
+        target = Path(path).expanduser()
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a write cut short by a crash
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        for candidate in (target, prev_path(target)):
+            try:
+                doc = read_snapshot(candidate)
+            except FileNotFoundError:
+                continue
+            except (SnapshotError, OSError) as exc:
+                set_aside(candidate, str(exc))
+                failed.append(candidate)
+                continue
+            fresh = Aggregator(self.settings.aggregator, self.settings.detectors)
+            try:
+                fresh.load_state_dict(doc["state"])
+            except Exception as exc:
+                log.exception("gfservice could not restore %s", candidate)
+                set_aside(candidate, f"could not be restored: {type(exc).__name__}: {exc}")
+                failed.append(candidate)
+                continue
+            self.aggregator = fresh
+            runs = doc["state"].get("runs", {})
+            findings = sum(len(r.get("log", [])) + len(r.get("active", [])) for r in runs.values())
+            active = len([f for r in fresh.view().runs for f in r.active])
+            names = ", ".join(sorted(runs)[:20]) + (", ..." if len(runs) > 20 else "")
+            log.warning("gfservice restored %d runs (%s) with %d findings (%d active) from %s%s, saved at %s",
+                        len(runs), names, findings, active, candidate, " (the previous snapshot)" if failed else "",
+                        _when(doc.get("time")))
+            return len(runs)
+        if failed:
+            log.error("gfservice found no usable snapshot (set aside: %s); starting empty",
+                      ", ".join(map(str, failed)))
+        return 0
 
     def _start_metrics(self, port: int) -> None:
         from gfservice.observability.discovery import write_sd_file
@@ -163,13 +239,16 @@ class ServiceCore:
 
         cfg = self.settings.service
         exp = cfg.exporter_config(port)
-        self._metrics_server, _thread, self.metrics_port = serve_metrics(self.aggregator, exp)
+        self._metrics_server, _thread, self.metrics_port = serve_metrics(self.aggregator, exp,
+                                                                         service_health=self.snapshot_health)
         if cfg.sd_file:
             write_sd_file(cfg.sd_file, f"{_advertised_host(cfg.metrics_addr)}:{self.metrics_port}")
 
     def shutdown(self) -> None:
         """Stop background work, save a last snapshot, withdraw the discovery entry (a deliberate stop)."""
         self._stop.set()
+        self._snapshot_wanted.set()  # wakes the writer, which ends
+        self._writer.join(timeout=30)
         self.aggregator.flush()
         self.snapshot()
         if self._metrics_server is not None:
@@ -179,6 +258,10 @@ class ServiceCore:
             self._metrics_server.server_close()
             if self.settings.service.sd_file:
                 remove_sd_file(self.settings.service.sd_file)
+
+
+def _when(t: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, int | float) else "?"
 
 
 def _advertised_host(addr: str) -> str:

@@ -45,6 +45,10 @@ __all__ = ["Ack", "Aggregator", "AggregatorConfig", "AggregatorView", "RunView"]
 
 log = logging.getLogger(__name__)
 
+#: Attempts of a run remembered to tell a late message of an old attempt (stale_attempt) from a new one.
+_ATTEMPTS_KEPT = 64
+
+
 class Ack(NamedTuple):
     """Answer to one submitted message."""
 
@@ -67,10 +71,12 @@ class _Record:
     cleared_time: float | None = None
     #: The run's detector configuration version when it was first raised (0: as started; see ``configure``).
     config: int = 0
+    #: The attempt of the run in which it was first raised.
+    attempt: str = ""
 
     @classmethod
-    def new(cls, f: Finding, step: int, config: int = 0) -> _Record:
-        return cls(f, step, step, f.severity, f.value, config=config)
+    def new(cls, f: Finding, step: int, config: int = 0, attempt: str = "") -> _Record:
+        return cls(f, step, step, f.severity, f.value, config=config, attempt=attempt)
 
     def seen(self, f: Finding, step: int) -> None:
         self.last_step = step
@@ -84,7 +90,7 @@ class _Record:
         return self.raised.model_copy(update={
             "first_step": self.first_step, "last_step": self.last_step, "severity": self.severity,
             "value": self.value, "occurrences": self.occurrences, "active": self.active,
-            "cleared_time": self.cleared_time, "config": self.config,
+            "cleared_time": self.cleared_time, "config": self.config, "attempt": self.attempt,
         })
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,9 +100,9 @@ class _Record:
     def from_dict(cls, d: Mapping[str, Any]) -> _Record:
         f = Finding.model_validate(d)
         raised = f.model_copy(update={"first_step": None, "last_step": None, "occurrences": 1, "active": True,
-                                      "cleared_time": None, "config": 0})
+                                      "cleared_time": None, "config": 0, "attempt": ""})
         return cls(raised, f.since, f.last_step if f.last_step is not None else f.since, f.severity, f.value,
-                   f.occurrences, f.active, f.cleared_time, f.config)
+                   f.occurrences, f.active, f.cleared_time, f.config, f.attempt)
 
 
 @dataclass(eq=False)
@@ -132,6 +138,15 @@ class _Run:
     #: Detector configuration changes applied to the live run (:meth:`Aggregator.configure`), oldest first:
     #: (first step judged with it, detector name -> the fields set). Their count is the configuration version.
     config_changes: list[tuple[int, dict[str, dict[str, Any]]]] = field(default_factory=list)
+    #: The current attempt (one start of the job's monitors; see :meth:`Aggregator._new_attempt`).
+    attempt: str = ""
+    #: Attempts seen so far, the current one included (the newest ones: to tell late reports of old ones).
+    attempts: deque[str] = field(default_factory=lambda: deque(maxlen=_ATTEMPTS_KEPT))
+    #: How many attempts the run has had (1 for the first).
+    attempt_count: int = 1
+    #: The previous attempt's layers until the current attempt's first layout with layers arrives (then its
+    #: detectors keep their state when the layers are the same, else start fresh); None once decided.
+    prior_layers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,10 @@ class RunView:
     detector_seconds: Mapping[str, float]
     detector_errors: Mapping[str, int]
     detector_configs: Mapping[str, DetectorConfig]
+    #: The current attempt of the run (one start of its training job; "" when its senders do not tell).
+    attempt: str = ""
+    #: Attempts (starts) of the run so far: 1 for the first.
+    attempts: int = 1
 
     @property
     def stalled_ranks(self) -> int:
@@ -166,7 +185,8 @@ class RunView:
         return {
             "run": self.name, "world_size": self.world_size, "layers": self.layers, "last_step": self.last_step,
             "last_time": self.last_time, "active_findings": len(self.active), "stop_reason": self.stop_reason,
-            "finished": self.finished, "sender_dropped": self.sender_dropped,
+            "finished": self.finished, "sender_dropped": self.sender_dropped, "attempt": self.attempt,
+            "attempts": self.attempts,
         }
 
 
@@ -252,13 +272,21 @@ class Aggregator:
         if len(lay.layers) > self.config.max_layers:
             raise Rejected(RejectReason.oversized, f"{len(lay.layers)} layers, limit {self.config.max_layers}")
         run = self._runs.get(lay.run)
-        if run is None or run.world_size != lay.world_size:
+        if run is not None and lay.attempt != run.attempt:
+            self._check_attempt(run, lay)  # an older attempt raises stale_attempt
+            self._new_attempt(run, lay)
+        elif run is None or run.world_size != lay.world_size:
             if run is not None:
                 log.info("run %s restarted with world size %d", lay.run, lay.world_size)
-            run = self._new_run(lay.run, lay.world_size)
+            run = self._new_run(lay.run, lay.world_size, lay.attempt)
         if lay.reports_layers:
             if run.layers and tuple(lay.layers) != run.layers:
                 raise Rejected(RejectReason.layout_mismatch, f"rank {lay.rank} of {lay.run} reports other layers")
+            if run.prior_layers is not None:
+                if tuple(lay.layers) != run.prior_layers:  # another model: its detectors start afresh
+                    log.info("run %s attempt %s reports other layers: fresh detectors", run.name, run.attempt)
+                    run.detectors = {n: type(d)(d.config) for n, d in run.detectors.items()}
+                run.prior_layers = None
             run.layers = tuple(lay.layers)
             run.sharded = np.asarray(lay.sharded, dtype=bool)
             run.units = np.asarray(lay.units, dtype=np.int64) if lay.units else None
@@ -266,7 +294,45 @@ class Aggregator:
         run.ended.discard(lay.rank)
         run.finished = False
 
-    def _new_run(self, name: str, world_size: int) -> _Run:
+    @staticmethod
+    def _check_attempt(run: _Run, msg: Layout | StepReport | RunEnd) -> None:
+        """Raise ``stale_attempt`` for a message of an earlier attempt of ``run`` (caller checked it differs)."""
+        if msg.attempt in run.attempts:
+            raise Rejected(RejectReason.stale_attempt,
+                           f"attempt {msg.attempt!r} of {msg.run} was followed by attempt {run.attempt!r}")
+
+    def _new_attempt(self, run: _Run, lay: Layout) -> None:
+        """Start attempt ``lay.attempt`` of ``run`` (a restarted job): step tracking starts over; findings,
+        history and (for the same layers) detector state are kept. The previous attempt's waiting steps are
+        dropped (merging them without the ranks that died would raise stalled-rank findings about processes that
+        are gone), and its active findings clear: the new attempt's detectors raise again what still holds.
+        """
+        log.info("run %s: attempt %r follows attempt %r (restart)", run.name, lay.attempt, run.attempt)
+        if run.pending:
+            log.info("run %s: dropping %d unmerged steps of attempt %r", run.name, len(run.pending), run.attempt)
+        run.attempt = lay.attempt
+        run.attempts.append(lay.attempt)
+        run.attempt_count += 1
+        run.world_size = lay.world_size
+        run.layouts = {}
+        run.pending.clear()
+        run.pending_since.clear()
+        run.rank_last_step.clear()
+        run.ended.clear()
+        run.last_step = -1
+        run.finished = False
+        run.prior_layers = run.layers if run.prior_layers is None else run.prior_layers
+        run.layers = ()
+        run.sharded = np.zeros(0, bool)
+        run.units = None
+        now = self._clock()
+        for rec in run.active.values():
+            rec.active = False
+            rec.cleared_time = now
+            run.cleared.append(rec)
+        run.active.clear()
+
+    def _new_run(self, name: str, world_size: int, attempt: str = "") -> _Run:
         if name not in self._runs and len(self._runs) >= self.config.max_runs:
             oldest = min(self._runs.values(), key=lambda r: r.last_time)
             log.warning("forgetting run %s: more than %d runs", oldest.name, self.config.max_runs)
@@ -276,7 +342,9 @@ class Aggregator:
             self._retire(old)
         cap = self.config.findings_history
         run = _Run(name=name, world_size=world_size, detectors=self._factory(),
-                   history=deque(maxlen=self.config.history), log=deque(maxlen=cap), cleared=deque(maxlen=cap))
+                   history=deque(maxlen=self.config.history), log=deque(maxlen=cap), cleared=deque(maxlen=cap),
+                   attempt=attempt)
+        run.attempts.append(attempt)
         self._runs[name] = run
         return run
 
@@ -293,6 +361,10 @@ class Aggregator:
         run = self._runs.get(msg.run)
         if run is None:
             raise Rejected(RejectReason.unknown_run, f"no layout for run {msg.run!r}")
+        if msg.attempt != run.attempt:
+            self._check_attempt(run, msg)
+            raise Rejected(RejectReason.unknown_rank, f"rank {msg.rank} of {msg.run} sent no layout for attempt "
+                                                      f"{msg.attempt!r}")
         if msg.rank not in run.layouts:
             raise Rejected(RejectReason.unknown_rank, f"rank {msg.rank} of {msg.run} sent no layout")
         run.ended.add(msg.rank)
@@ -312,6 +384,10 @@ class Aggregator:
         run = self._runs.get(rep.run)
         if run is None:
             raise Rejected(RejectReason.unknown_run, f"no layout for run {rep.run!r}; send the Layout first")
+        if rep.attempt != run.attempt:  # a late report of an old attempt, or of one whose layout the service lost
+            self._check_attempt(run, rep)
+            raise Rejected(RejectReason.unknown_rank, f"rank {rep.rank} of {rep.run} sent no layout for attempt "
+                                                      f"{rep.attempt!r}")
         lay = run.layouts.get(rep.rank)
         if lay is None:
             raise Rejected(RejectReason.unknown_rank, f"rank {rep.rank} of {rep.run} sent no layout")
@@ -416,7 +492,7 @@ class Aggregator:
             if rec is not None:  # still active: the finding as first raised, seen again at this step
                 rec.seen(f, stats.step)
                 continue
-            rec = _Record.new(f, stats.step, len(run.config_changes))
+            rec = _Record.new(f, stats.step, len(run.config_changes), run.attempt)
             run.active[ident] = rec
             run.log.append(rec)
             key = (f.detector, f.severity.value)
@@ -616,6 +692,7 @@ class Aggregator:
             active=tuple(active), recently_cleared=tuple(reversed(cleared)),
             detector_seconds=dict(r.detector_seconds), detector_errors=dict(r.detector_errors),
             detector_configs={n: d.config for n, d in r.detectors.items()},
+            attempt=r.attempt, attempts=r.attempt_count,
         )
 
     def run_view(self, run: str, since: float | None = None) -> RunView:
@@ -685,7 +762,8 @@ class Aggregator:
         return {
             "world_size": r.world_size,
             "layouts": [lay.model_dump(mode="json") for lay in r.layouts.values()],
-            "detectors": {n: d.state_dict() for n, d in r.detectors.items()},
+            # copied under the lock: the snapshot is written later, on another thread
+            "detectors": {n: copy.deepcopy(d.state_dict()) for n, d in r.detectors.items()},
             "log": [rec.to_dict() for rec in r.log],
             # active findings old enough to have left the bounded log
             "active": [rec.to_dict() for rec in r.active.values() if id(rec) not in logged],
@@ -695,13 +773,21 @@ class Aggregator:
             "stop_reason": r.stop_reason,
             "sender_dropped": r.sender_dropped,
             "finished": r.finished,
+            "ended": sorted(r.ended),
             "config_changes": [[step, settings] for step, settings in r.config_changes],
+            "attempt": r.attempt,
+            "attempts": list(r.attempts),
+            "attempt_count": r.attempt_count,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         with self._lock:
             for name, s in state.get("runs", {}).items():
-                run = self._new_run(name, s["world_size"])
+                run = self._new_run(name, s["world_size"], s.get("attempt", ""))
+                run.attempts.clear()
+                run.attempts.extend(a for a in s.get("attempts", []) if a != run.attempt)
+                run.attempts.append(run.attempt)  # the current one newest
+                run.attempt_count = max(1, int(s.get("attempt_count", 1)))
                 for lay in s["layouts"]:
                     self._register(Layout.model_validate(lay))
                 for step, settings in s.get("config_changes", []):  # the run's live reconfigurations, in order
@@ -726,5 +812,6 @@ class Aggregator:
                 run.stop_reason = s["stop_reason"]
                 run.sender_dropped = s.get("sender_dropped", 0)
                 run.finished = s.get("finished", False)
+                run.ended = {int(rank) for rank in s.get("ended", [])}
             self._accepted = state.get("accepted", 0)
             self._rejected = dict(state.get("rejected", {}))

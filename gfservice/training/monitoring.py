@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -34,9 +36,107 @@ from gfservice.wire import Layout, RunEnd, StepReport
 log = logging.getLogger(__name__)
 
 
+_BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.:\-]+")
+
+
+def _clean_name(text: str) -> str:
+    """``text`` as a valid run name or attempt id: other characters become ``-``, at most 128 characters."""
+    return _BAD_NAME_CHARS.sub("-", text.strip()).strip("-")[:128]
+
+
+def _ray_train_context() -> Any:
+    """Ray Train's context when this process is a Ray Train worker (and has imported Ray already), else None."""
+    if "ray" not in sys.modules:
+        return None
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        ctx.get_world_size()  # raises outside a Ray Train worker
+        return ctx
+    except Exception:
+        return None
+
+
+def _torchelastic_run_id() -> str:
+    """``$TORCHELASTIC_RUN_ID`` when it names this job (torchrun's default ``none`` does not)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return "" if run_id.lower() in ("", "none") else run_id
+
+
+def _process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _from_rank_0(value: str) -> str:
+    """Rank 0's ``value`` on every rank (a collective: every rank of the process group must call it)."""
+    box: list[Any] = [value]
+    try:
+        torch.distributed.broadcast_object_list(box, src=0)
+    except Exception:  # never fail the training job: this rank keeps its own value
+        log.warning("gfservice: could not take rank 0's run name or attempt id; using this rank's", exc_info=True)
+        return value
+    return str(box[0])
+
+
 def default_run_name() -> str:
-    """``$GFSERVICE_RUN`` or a name from the start time, e.g. ``run-20261129-081500``."""
-    return os.environ.get("GFSERVICE_RUN") or time.strftime("run-%Y%m%d-%H%M%S")
+    """The run name when none is given: the same on every rank of one job, and different between jobs.
+
+    ``$GFSERVICE_RUN``, else the Ray Train experiment name, else ``$TORCHELASTIC_RUN_ID`` (torchrun), else
+    ``slurm-$SLURM_JOB_ID`` (with ``.$SLURM_STEP_ID``), else rank 0's generated name when a process group is
+    initialised (sent to the other ranks: a collective), else a generated one: the start time and a random
+    suffix, e.g. ``run-20261130-121500-3f9a``.
+    """
+    for name in (os.environ.get("GFSERVICE_RUN", ""), _ray_experiment_name(), _torchelastic_run_id()):
+        if _clean_name(name):
+            return _clean_name(name)
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if _clean_name(job):
+        step = os.environ.get("SLURM_STEP_ID", "")
+        return _clean_name(f"slurm-{job}" + (f".{step}" if step else ""))
+    generated = time.strftime("run-%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    return _from_rank_0(generated) if _process_group() else generated
+
+
+def _ray_experiment_name() -> str:
+    ctx = _ray_train_context()
+    try:
+        return str(ctx.get_experiment_name() or "") if ctx is not None else ""
+    except Exception:
+        return ""
+
+
+def _ray_train_attempt() -> str:
+    """An id of this start of the Ray Train worker group: the training run's id and the worker group's (a new
+    group, with a new synchronization actor, on every restart after a failure). Ray Train v2 only; else ""."""
+    if _ray_train_context() is None:
+        return ""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        internal = get_train_context()
+        group = getattr(internal.execution_context.synchronization_actor, "_actor_id").hex()  # noqa: B009
+        return f"{internal.train_run_context.run_id[:12]}.{group[:12]}"
+    except Exception:
+        return ""
+
+
+def attempt_id() -> str:
+    """The id of this start (attempt) of the job, the same on all its ranks and new on each restart.
+
+    Under Ray Train: its run id and worker group (new on every restart). Under torchrun:
+    ``$TORCHELASTIC_RUN_ID`` and ``$TORCHELASTIC_RESTART_COUNT``. Else rank 0's random id, sent to the other
+    ranks when a process group is initialised (a collective), else a random id.
+    """
+    ray_attempt = _clean_name(_ray_train_attempt())
+    if ray_attempt:
+        return ray_attempt
+    elastic = _torchelastic_run_id()
+    if elastic and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        return _clean_name(f"{elastic[:100]}.{os.environ['TORCHELASTIC_RESTART_COUNT']}")
+    fresh = secrets.token_hex(6)
+    return _clean_name(_from_rank_0(fresh)) if _process_group() else fresh
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -47,11 +147,9 @@ def distributed_rank() -> tuple[int, int]:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if "ray" in sys.modules:
+    ctx = _ray_train_context()
+    if ctx is not None:
         try:
-            import ray.train
-
-            ctx = ray.train.get_context()
             return ctx.get_world_rank(), ctx.get_world_size()
         except Exception:
             pass
@@ -81,12 +179,18 @@ class Monitor:
         world_size: int = 1,
         reports_layers: bool = True,
         local_norm_hook: LocalNormHook | None = None,
+        attempt: str = "",
+        step: int = 0,
     ):
         if every < 1:
             raise ValueError("every must be at least 1")
         if deep_every < 0:
             raise ValueError("deep_every must be 0 (never) or positive")
+        if step < 0:
+            raise ValueError("step must not be negative")
         self.run = run
+        #: This start of the run (shared by its ranks; see :func:`attempt_id`).
+        self.attempt = attempt
         self.every = every
         self.deep_every = deep_every
         self.rank = rank
@@ -98,7 +202,7 @@ class Monitor:
         self.local_norm_hook = local_norm_hook
         self.collector = GradCollector(model.named_parameters(), include, exclude)
         self._synchronous = self.collector.params[0].device.type == "cpu"
-        self.steps = 0  # monitor.step() calls so far == index of the next step
+        self.steps = step  # index of the next step: ``step`` plus the monitor.step() calls so far
         self._last_end: float | None = None  # perf_counter() when the previous monitor.step() returned
         self.errors = 0
         self.overhead_s = 0.0  # time spent inside the monitor's own calls and hooks
@@ -110,6 +214,7 @@ class Monitor:
             self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         self.layout = Layout(
             run=run,
+            attempt=attempt,
             rank=rank,
             world_size=world_size,
             layers=list(self.collector.layers) if reports_layers else [],
@@ -205,6 +310,7 @@ class Monitor:
         # (the service, or the aggregator in this process) validates it at its boundary.
         return StepReport.model_construct(
             run=self.run,
+            attempt=self.attempt,
             rank=self.rank,
             step=step,
             time=meta["time"],
@@ -249,7 +355,7 @@ class Monitor:
         """Ship what is still in flight and release hooks; the monitor records nothing afterwards."""
         try:
             self._finish_in_flight()
-            self.transport.send(RunEnd(run=self.run, rank=self.rank))
+            self.transport.send(RunEnd(run=self.run, rank=self.rank, attempt=self.attempt))
         except Exception:
             self._error("close")
         if self._hook is not None:
@@ -277,14 +383,22 @@ def monitor(
     config: str | os.PathLike | None = None,
     detectors: dict[str, dict[str, Any]] | None = None,
     service: str | None = "auto",
+    step: int = 0,
 ) -> Monitor:
     """Watch ``model``'s gradients during training.
 
     ``service="auto"`` ships statistics to a running gfservice service when one is reachable; with
     ``service=None``, or when none is found, an in-process aggregator runs the detectors (chosen by
     ``config``, a TOML/YAML file, and ``detectors``, name -> field overrides).
+
+    Every call starts a new attempt of the run (a restarted or resubmitted job under the same run name is
+    monitored afresh: see :func:`attempt_id`). ``step`` is the index of the first step: a job resumed from a
+    checkpoint at step N passes ``step=N`` to continue its run's step numbers. Without a ``run``, the name is
+    the same on every rank of one job (see :func:`default_run_name`). When a process group is initialised,
+    every rank must call this (it may send rank 0's run name or attempt id to the others).
     """
     run = run or default_run_name()
+    attempt = attempt_id()
     rank, world = distributed_rank()
     transport: Transport | None = None
     if service is not None:
@@ -309,4 +423,4 @@ def monitor(
         reports_layers = rank == 0
     return Monitor(model, optimizer, transport, run, every=every, deep_every=deep_every, include=include,
                    exclude=exclude, scaler=scaler, rank=rank, world_size=world, reports_layers=reports_layers,
-                   local_norm_hook=hook)
+                   local_norm_hook=hook, attempt=attempt, step=step)
