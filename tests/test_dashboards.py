@@ -38,6 +38,7 @@ CONTRACT = {
     "gradflow_reports_dropped_total", "gradflow_messages_accepted_total", "gradflow_messages_rejected_total",
     "gradflow_ingest_latency_seconds_sum", "gradflow_ingest_latency_seconds_count",
     "gradflow_detector_seconds_total", "gradflow_detector_errors_total", "gradflow_runs", "gradflow_build_info",
+    "gradflow_noise_scale",
 }
 PROMETHEUS_OWN = {"ALERTS", "up"}
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
@@ -223,7 +224,8 @@ def test_gradient_flow_heatmap_shows_every_cell():
 def test_expected_empty_panels_say_why():
     empty = expected_empty(_board("run-health"))
     assert empty["Loss scale"] == "no GradScaler in this run"
-    assert set(empty) == {"Loss scale", "Active findings (details)", "Findings raised (cumulative)", "Alerts"}
+    assert set(empty) == {"Loss scale", "Active findings (details)", "Findings raised (cumulative)", "Alerts",
+                          "Gradient noise scale"}
     assert "Active findings" not in expected_empty(_board("service"))
     assert substitute("x[$__rate_interval]", {"__rate_interval": "30s"}) == "x[30s]"
 
