@@ -89,6 +89,10 @@ class LossSpike(Detector):
         min_history: int = Field(20, ge=5)
         #: Spiky steps in a row that raise the warning.
         consecutive: int = Field(1, ge=1)
+        #: ...and the loss must rise by at least this share of the run's starting level (the median of its first
+        #: ``min_history`` losses): a converged loss near 0 wobbles by large factors on the log scale, by nothing
+        #: that matters (full-batch regression at 1e-6 of its starting loss doubles on rounding noise).
+        min_rise: float = Field(0.01, ge=0)
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -98,6 +102,8 @@ class LossSpike(Detector):
         self._streak = 0
         #: Step of the last spike (a non-finite gradient at it or right after it is a divergence).
         self._spike_step: int | None = None
+        #: The run's starting loss level (median of its first ``min_history`` finite losses).
+        self._start: float | None = None
 
     def update(self, step: StepStats) -> list[Finding] | None:
         loss = step.loss
@@ -111,12 +117,16 @@ class LossSpike(Detector):
             x = math.log(loss)
             z, jump, usual = self._score(x)
             ratio = math.exp(jump)
+            rise = loss - loss / ratio if ratio > 0 else 0.0  # the loss minus its recent level
             spiky = (z > cfg.z_threshold and ratio >= cfg.min_ratio
-                     and jump >= cfg.excursion_ratio * max(usual, 0.0))
+                     and jump >= cfg.excursion_ratio * max(usual, 0.0)
+                     and (self._start is None or rise >= cfg.min_rise * self._start))
             self._streak = self._streak + 1 if spiky else 0
             if len(self._history) >= cfg.min_history and not spiky:
                 self._excursions.append(jump)
             self._history.append(x)
+            if self._start is None and len(self._history) >= cfg.min_history:
+                self._start = math.exp(float(np.median(np.fromiter(self._history, dtype=np.float64))))
             if spiky:
                 self._spike_step = step.step
             if self._streak >= cfg.consecutive:
@@ -156,7 +166,7 @@ class LossSpike(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self._history), "excursions": list(self._excursions), "streak": self._streak,
-                "spike_step": self._spike_step}
+                "spike_step": self._spike_step, "start": self._start}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._history = deque((float(v) for v in state.get("history", [])),
@@ -166,3 +176,5 @@ class LossSpike(Detector):
         self._streak = int(state.get("streak", 0))
         s = state.get("spike_step")
         self._spike_step = None if s is None else int(s)
+        start = state.get("start")
+        self._start = None if start is None else float(start)

@@ -483,3 +483,17 @@ def test_real_grad_scaler_collapse_is_found_within_twenty_steps(one_thread):
     mine = _mine(found, "loss_scale")
     assert mine and 30 <= mine[0].first_step <= 50 and mine[0].key == "collapse"
     assert any(f.key == "floor" and f.severity.value == "critical" for f in mine)
+
+
+def test_a_converged_loss_wobbling_near_zero_is_not_a_spike():
+    """Full-batch regression converges to ~1e-6 of its starting loss, where rounding noise doubles it from one
+    step to the next: large factors on the log scale, nothing that matters (a false page in the alerting
+    end-to-end test before ``min_rise``)."""
+    rng = np.random.default_rng(0)
+    losses = np.concatenate([np.geomspace(10.0, 1e-5, 60), 1e-5 * np.exp(rng.normal(0, 0.05, 60))])
+    losses[100] = 4e-5  # 4x its level, but 4e-6 of the starting loss
+    steps = [make_step(step=i, sum_sq=[1.0], loss=float(v)) for i, v in enumerate(losses)]
+    assert replay(LossSpike(), steps) == []
+    losses[100] = 0.5  # a real spike: 5% of the starting loss
+    steps[100] = make_step(step=100, sum_sq=[1.0], loss=0.5)
+    assert [f.step for f in replay(LossSpike(), steps)] == [100]

@@ -533,7 +533,8 @@ class Aggregator:
         The steps go through the very detectors and finding lifecycle that live reports go through, so the
         result is what the service would have raised (``gfservice backtest`` is built on it). Returns the
         run's findings (:meth:`findings`) at the end; ``progress(i)`` is called after the ``i``-th step.
-        Raises ``ValueError`` when ``run`` already exists or the steps do not increase.
+        Raises ``ValueError`` when ``run`` already exists. A step number that goes back down is a restarted
+        attempt of the run (its history holds them one after the other): replay goes on through it.
         """
         world = 1
         for s in steps:
@@ -549,8 +550,8 @@ class Aggregator:
                 r.units = steps[0].grads.units
         for i, stats in enumerate(steps, 1):
             with self._lock:
-                if stats.step <= r.last_step:
-                    raise ValueError(f"step {stats.step} follows step {r.last_step}: steps must increase")
+                if stats.step <= r.last_step:  # a restarted attempt of the run: its steps start again
+                    r.last_step = -1
                 self._run_detectors(r, stats)
             if progress is not None:
                 progress(i)
