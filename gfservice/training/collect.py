@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gfservice.stats import EXP_BINS, GradStats, unit_rows
+from gfservice.stats import BY_NAME, EXP_BINS, TIERS, GradStats, unit_rows
 
 try:  # DTensor (FSDP2 parameters and gradients)
     from torch.distributed.tensor import DTensor, Shard
@@ -177,10 +177,10 @@ class GradCollector:
             before = self._before
             with_weights = deep and before is not None
             if deep:
-                pieces.append(_deep(grads, device))
+                pieces.append(_packed(_deep(grads, device), "deep", device))
                 if before is not None:
                     weights = [_local(p.detach()) for p in self.params]
-                    pieces.append(_weight_sums(weights, before, device))
+                    pieces.append(_packed(_weight_sums(weights, before, device), "update", device))
             self._before = None
             present = {k: v for k, v in extras.items() if v is not None}
             host_extras = None
@@ -228,16 +228,19 @@ class GradCollector:
             nonfinite=scatter(flagged.astype(np.int64), np.int64),
             units=np.asarray(self.units, np.int64),
         )
-        if deep:
-            stats.sum_abs = scatter(take(n))
-            stats.zeros = scatter(counts[have] - take(n).astype(np.int64), np.int64)
-            hist = np.zeros((L, EXP_BINS), np.int64)
-            hist[have] = take(n * EXP_BINS).reshape(n, EXP_BINS).astype(np.int64)
-            stats.exp_hist = hist
-            stats.dead_units = scatter(take(n).astype(np.int64), np.int64)
-            if with_weights:
-                stats.weight_sq = take(L).copy()
-                stats.update_sq = take(L).copy()
+        # deep and update statistics come packed in their tier's declaration order (see _packed)
+        for tier, rows, present_rows in (("deep", n, have), ("update", L, None)):
+            if not deep or (tier == "update" and not with_weights):
+                continue
+            for name in TIERS[tier]:
+                s = BY_NAME[name]
+                v = take(rows * max(s.bins, 1)).reshape((rows, s.bins) if s.bins else rows).astype(s.dtype)
+                if present_rows is None or rows == L:
+                    setattr(stats, name, v)
+                else:  # layers without a gradient at this step hold zeros
+                    full = np.zeros((L, s.bins) if s.bins else L, s.dtype)
+                    full[present_rows] = v
+                    setattr(stats, name, full)
         if host_extras is None:
             host_extras = dict(zip(present, (float(v) for v in take(len(present))), strict=True))
         return Collected(stats, {k: host_extras.get(k) for k in names})
@@ -307,15 +310,28 @@ def _core(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.cat([norms, maxes])
 
 
-def _deep(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Per-layer sum |g|, non-zero count, exponent histogram and dead output units, float64, packed."""
-    if not grads:
+def _packed(values: dict[str, torch.Tensor], tier: str, device: torch.device) -> torch.Tensor:
+    """The kernels' results for the statistics of ``tier``, float64, flat, in their declaration order
+    (:data:`gfservice.stats.TIERS`): the one place that orders what ``_unpack`` reads back."""
+    names = TIERS[tier]
+    if set(values) != set(names):
+        raise RuntimeError(f"the {tier} kernels give {sorted(values)}, the schema declares {list(names)}")
+    if not names:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    sum_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=_acc(grads))).double()
-    nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).double()
-    hists = torch.stack([_exp_hist(g) for g in grads]).double()
-    dead = torch.stack([_dead_rows(g) for g in grads]).double()
-    return torch.cat([sum_abs, nonzero, hists.reshape(-1), dead])
+    return torch.cat([values[k].double().reshape(-1).to(device) for k in names])
+
+
+def _deep(grads: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The deep statistics of each gradient, by name: one kernel per declared deep statistic."""
+    if not grads:
+        return {name: torch.zeros((0, BY_NAME[name].bins) if BY_NAME[name].bins else 0, device=device)
+                for name in TIERS["deep"]}
+    return {
+        "sum_abs": torch.stack(torch._foreach_norm(grads, 1, dtype=_acc(grads))),
+        "zeros": torch.stack([g.numel() - torch.count_nonzero(g) for g in grads]),
+        "exp_hist": torch.stack([_exp_hist(g) for g in grads]),
+        "dead_units": torch.stack([_dead_rows(g) for g in grads]),
+    }
 
 
 def _dead_rows(g: torch.Tensor) -> torch.Tensor:
@@ -336,12 +352,12 @@ def _exp_hist(g: torch.Tensor) -> torch.Tensor:
     return out.index_add_(0, e, torch.ones((), dtype=torch.int64, device=g.device).expand(e.numel()))
 
 
-def _weight_sums(weights: list[torch.Tensor], before: list[torch.Tensor], device) -> torch.Tensor:
+def _weight_sums(weights: list[torch.Tensor], before: list[torch.Tensor], device) -> dict[str, torch.Tensor]:
     """Per-layer sums of squares of the weights and of this step's update (float64: they merge by adding)."""
     w = torch.stack(torch._foreach_norm(weights, 2, dtype=_acc(weights))).double()
     torch._foreach_sub_(before, weights)  # the snapshot is not needed afterwards: reuse it for the update
     u = torch.stack(torch._foreach_norm(before, 2, dtype=_acc(weights))).double()
-    return torch.cat([w.square().to(device), u.square().to(device)])
+    return {"weight_sq": w.square(), "update_sq": u.square()}
 
 
 def _host_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
