@@ -142,6 +142,10 @@ class ServiceConfig(BaseModel):
     #: /metrics endpoint: None disables it, 0 picks a free port.
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"
+    #: The host (name or address, no port) Prometheus should scrape, written to the discovery file: for an
+    #: endpoint bound to "0.0.0.0" that is reached under another name (a DNS name, a NAT address). Default: the
+    #: ``metrics_addr``, or this machine's address when ``metrics_addr`` binds every interface.
+    advertise_addr: str | None = None
     #: Prometheus file-based service discovery file, rewritten whenever the endpoint moves ("" disables;
     #: default ``<state_dir>/prometheus-sd.json``; its directory is checked like ``state_dir``).
     sd_file: str | None = None

@@ -350,3 +350,23 @@ def test_ray_actor_killed_while_writing_then_stopped_and_started_keeps_its_findi
         assert not list((tmp_path / "state").glob("*.tmp")), "no half-written file stays behind"
     finally:
         svc.stop("gf-durable", "gf-durable")
+
+
+def test_the_discovery_file_names_advertise_addr_and_https_when_the_exporter_serves_tls(tmp_path):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=gf",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    tls = ServiceCore(_settings(tmp_path / "tls", metrics_port=0, advertise_addr="gf.example.internal",
+                                exporter={"certfile": str(cert), "keyfile": str(key)}))
+    plain = ServiceCore(_settings(tmp_path / "plain", metrics_port=0))
+    try:
+        entry, = json.loads((tmp_path / "tls" / "prometheus-sd.json").read_text())
+        assert entry == {"targets": [f"gf.example.internal:{tls.metrics_port}"],
+                         "labels": {"service": "gfservice", "__scheme__": "https"}}
+        entry, = json.loads((tmp_path / "plain" / "prometheus-sd.json").read_text())
+        assert entry == {"targets": [f"127.0.0.1:{plain.metrics_port}"], "labels": {"service": "gfservice"}}
+    finally:
+        tls.shutdown()
+        plain.shutdown()

@@ -32,11 +32,14 @@ __all__ = ["DEFAULT_SD_FILE", "remove_sd_file", "sd_entries", "write_sd_file"]
 DEFAULT_SD_FILE = str(default_state_dir() / SD_NAME)
 
 
-def sd_entries(address: str, labels: Mapping[str, str] | None = None) -> list[dict]:
-    """The file_sd content for one target ``host:port``.
+def sd_entries(address: str, labels: Mapping[str, str] | None = None, scheme: str = "http") -> list[dict]:
+    """The file_sd content for one target ``host:port``; an HTTPS endpoint (``scheme="https"``) carries the
+    ``__scheme__`` label, which tells Prometheus to scrape it over TLS.
 
     >>> sd_entries("127.0.0.1:1", {"cluster": "a"})
     [{'targets': ['127.0.0.1:1'], 'labels': {'service': 'gfservice', 'cluster': 'a'}}]
+    >>> sd_entries("gpu-node-3:9464", scheme="https")
+    [{'targets': ['gpu-node-3:9464'], 'labels': {'service': 'gfservice', '__scheme__': 'https'}}]
     >>> sd_entries("nohost")
     Traceback (most recent call last):
     ...
@@ -45,13 +48,18 @@ def sd_entries(address: str, labels: Mapping[str, str] | None = None) -> list[di
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"address must be host:port, got {address!r}")
-    return [{"targets": [address], "labels": {"service": "gfservice", **dict(labels or {})}}]
+    if scheme not in ("http", "https"):
+        raise ValueError(f"scheme must be http or https, got {scheme!r}")
+    tls = {"__scheme__": "https"} if scheme == "https" else {}
+    return [{"targets": [address], "labels": {"service": "gfservice", **dict(labels or {}), **tls}}]
 
 
-def write_sd_file(path: str | os.PathLike, address: str, labels: Mapping[str, str] | None = None) -> Path:
-    """Write (atomically replace) the discovery file at ``path`` for the target ``address`` ("host:port")."""
+def write_sd_file(path: str | os.PathLike, address: str, labels: Mapping[str, str] | None = None,
+                  scheme: str = "http") -> Path:
+    """Write (atomically replace) the discovery file at ``path`` for the target ``address`` ("host:port"),
+    scraped over ``scheme`` (``"https"`` when the exporter serves TLS)."""
     path = Path(path)
-    text = json.dumps(sd_entries(address, labels), indent=2) + "\n"
+    text = json.dumps(sd_entries(address, labels, scheme), indent=2) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -241,8 +241,11 @@ class ServiceCore:
         exp = cfg.exporter_config(port)
         self._metrics_server, _thread, self.metrics_port = serve_metrics(self.aggregator, exp,
                                                                          service_health=self.snapshot_health)
-        if cfg.sd_file:
-            write_sd_file(cfg.sd_file, f"{_advertised_host(cfg.metrics_addr)}:{self.metrics_port}")
+        if cfg.sd_file:  # where Prometheus should look: advertise_addr, else the bound address
+            host = cfg.advertise_addr or _advertised_host(cfg.metrics_addr)
+            if ":" in host and not host.startswith("["):  # an IPv6 address: [host]:port
+                host = f"[{host}]"
+            write_sd_file(cfg.sd_file, f"{host}:{self.metrics_port}", scheme="https" if exp.certfile else "http")
 
     def shutdown(self) -> None:
         """Stop background work, save a last snapshot, withdraw the discovery entry (a deliberate stop)."""
