@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -762,7 +762,7 @@ class Aggregator:
         logged = {id(rec) for rec in r.log}
         return {
             "world_size": r.world_size,
-            "layouts": [lay.model_dump(mode="json") for lay in r.layouts.values()],
+            **_layouts_state(r.layouts.values()),
             # copied under the lock: the snapshot is written later, on another thread
             "detectors": {n: copy.deepcopy(d.state_dict()) for n, d in r.detectors.items()},
             "log": [rec.to_dict() for rec in r.log],
@@ -789,8 +789,10 @@ class Aggregator:
                 run.attempts.extend(a for a in s.get("attempts", []) if a != run.attempt)
                 run.attempts.append(run.attempt)  # the current one newest
                 run.attempt_count = max(1, int(s.get("attempt_count", 1)))
+                tables = s.get("layout_tables", [])
                 for lay in s["layouts"]:
-                    self._register(Layout.model_validate(lay))
+                    body = tables[lay["table"]] if "table" in lay else {}
+                    self._register(Layout.model_validate({**{k: v for k, v in lay.items() if k != "table"}, **body}))
                 for step, settings in s.get("config_changes", []):  # the run's live reconfigurations, in order
                     try:
                         self._apply(run, self._plan(run, settings), carry=False)
@@ -816,3 +818,26 @@ class Aggregator:
                 run.ended = {int(rank) for rank in s.get("ended", [])}
             self._accepted = state.get("accepted", 0)
             self._rejected = dict(state.get("rejected", {}))
+
+
+_LAYOUT_BODY = ("layers", "numel", "sharded", "units")
+
+
+def _layouts_state(layouts: Iterable[Layout]) -> dict[str, Any]:
+    """The layouts of a run as plain data, each distinct layer table stored once (256 ranks of a 1,000-layer
+    model share one: without this a snapshot holds every layer name 256 times, megabytes to encode)."""
+    tables: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+    for lay in layouts:
+        d = lay.model_dump(mode="json", exclude=set(_LAYOUT_BODY))
+        body = {k: getattr(lay, k) for k in _LAYOUT_BODY}
+        for i, known in enumerate(tables):
+            if known == body:
+                d["table"] = i
+                break
+        else:
+            d["table"] = len(tables)
+            tables.append(body)
+        out.append(d)
+    return {"layouts": out, "layout_tables": [{k: list(v) for k, v in b.items()} for b in tables]}
+
