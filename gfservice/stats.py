@@ -331,8 +331,11 @@ def merge_shards(parts: Sequence[GradStats], sharded: npt.ArrayLike) -> GradStat
         if any(a is None for a in arrays):
             merged[s.name] = None
             continue
-        stacked = np.stack([a for a in arrays if a is not None])
-        reduced = stacked.sum(axis=0) if s.reduce == "sum" else stacked.max(axis=0)
+        # accumulated in place: stacking 256 ranks' exponent histograms of 1,000 layers would take half a GiB
+        reduced = np.array(arrays[0], copy=True)
+        combine = np.add if s.reduce == "sum" else np.maximum
+        for a in arrays[1:]:
+            combine(reduced, a, out=reduced)
         mask = replicated[:, None] if s.bins else replicated
         merged[s.name] = np.where(mask, arrays[0], reduced)
     return GradStats(layers=first.layers, units=first.units, **merged)
