@@ -91,14 +91,6 @@ class Collected:
     grads: GradStats
     extras: dict[str, float | None]
 
-    @property
-    def local_norm(self) -> float:
-        return self.grads.global_norm
-
-    @property
-    def any_nonfinite(self) -> bool:
-        return bool(self.grads.nonfinite.any())
-
 
 class Pending:
     """A device-to-host copy in flight; :meth:`resolve` waits for it (on CPU it is already done)."""
