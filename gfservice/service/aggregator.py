@@ -174,6 +174,12 @@ class RunView:
     attempt: str = ""
     #: Attempts (starts) of the run so far: 1 for the first.
     attempts: int = 1
+    #: Messages of this run refused, by :class:`~gfservice.wire.RejectReason` value.
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    #: Detectors switched off for this run (past their error or time budget): name -> "errors" or "time".
+    disabled_detectors: Mapping[str, str] = field(default_factory=dict)
+    #: Bytes this run holds (history, pending steps, detector state), as accounted by the aggregator.
+    memory_bytes: int = 0
 
     @property
     def stalled_ranks(self) -> int:
@@ -205,6 +211,11 @@ class AggregatorView:
     detector_errors: Mapping[str, int]
     runs_forgotten: int
     taken: float
+    #: Runs evicted or retired so far, by reason (e.g. "finished_ttl", "memory", "max_runs").
+    evicted: Mapping[str, int] = field(default_factory=dict)
+    #: Bytes held by all runs, and the budget (``AggregatorConfig.max_memory_bytes``; 0 when unbounded).
+    memory_bytes: int = 0
+    memory_limit_bytes: int = 0
 
 
 class Aggregator:
