@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_detectors)
 
     from gfservice.cli import backtest, demo
-    from gfservice.observability import alerts, dashboards, grafana, report
+    from gfservice.observability import alerts, dashboards, grafana, kubernetes, report
 
     demo.add_parser(sub)
     backtest.add_parsers(sub)  # gfservice backtest HISTORY.npz [--config A.toml] [--compare B.toml]; configure RUN
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     grafana.add_parser(sub)  # gfservice grafana push --url URL --token TOKEN
     alerts.add_parser(sub)  # gfservice alerts render [--out DIR] [--check]
     dashboards.add_parser(sub)  # gfservice dashboards render [--out DIR] [--check]
+    kubernetes.add_parser(sub)  # gfservice kubernetes render [--out DIR] [--check]
     try:
         from gfservice.cli import service_commands
     except ImportError:  # the Ray extra is not installed
