@@ -69,7 +69,7 @@ class AggregatorConfig(BaseModel):
     findings_history: int = Field(1000, ge=1)
     #: Layers allowed per run; a layout with more is rejected as oversized.
     max_layers: int = Field(100_000, ge=1)
-    #: Runs tracked at once; the least recently updated run is forgotten beyond this.
+    #: Runs tracked at once; beyond it runs are forgotten (a batch at a time) in the order of max_memory_bytes.
     max_runs: int = Field(1000, ge=1)
     #: A step waits this long for its missing ranks before it is merged without them.
     merge_timeout_s: float = Field(30.0, gt=0)
@@ -79,6 +79,28 @@ class AggregatorConfig(BaseModel):
     #: A run with no new step for this long is taken as over (its job died without closing its monitor),
     #: which ends its "training stalled" alert.
     idle_finish_s: float = Field(6 * 3600.0, gt=0)
+    #: Longest layer name a layout may hold, in characters (longer ones are refused as ``oversized``).
+    max_layer_name: int = Field(256, ge=1, le=4096)
+    #: Largest world size a run may declare (ranks are below it).
+    max_world_size: int = Field(65536, ge=1, le=1_000_000)
+    #: Bytes all runs may hold together (history, pending steps, findings, layouts, detector state; see
+    #: ``gfservice.service.memory``); 0 for no bound. Past it runs are evicted: finished ones first, then idle
+    #: ones, then live ones without active findings, a live run with active findings (or a stop verdict) last.
+    #: The default fits the head node of deploy/kuberay (8 GiB requested).
+    max_memory_bytes: int = Field(2 * 1024**3, ge=0)
+    #: A finished run is forgotten this long after it finished (its series leave /metrics).
+    finished_ttl_s: float = Field(3600.0, gt=0)
+    #: A live run with no new step for this long counts as idle when runs must be evicted.
+    idle_after_s: float = Field(600.0, gt=0)
+    #: A step may be at most this far ahead of the run's newest step (else rejected as ``step_jump``), so one
+    #: hostile step number cannot make every real step after it stale. A run's first step is not bounded.
+    max_step_jump: int = Field(1_000_000, ge=1)
+    #: Errors (exceptions, bad return values) a detector may make on one run before it is disabled for that run.
+    detector_error_budget: int = Field(5, ge=1)
+    #: Seconds a detector may take on one step: past it the service stops waiting for it and disables it for
+    #: that run (a hung detector is abandoned on its own thread; the run's other detectors carry on). The
+    #: built-in detectors take well under 10 ms on 1,000 layers: 5 s leaves room for a loaded machine.
+    detector_time_budget_s: float = Field(5.0, gt=0)
 
 
 class ExporterConfig(BaseModel):
@@ -101,6 +123,15 @@ class ExporterConfig(BaseModel):
     keyfile: str | None = None
     #: With TLS: require client certificates signed by this CA (mutual TLS).
     client_cafile: str | None = None
+    #: Longest label value, in UTF-8 bytes (what Prometheus' ``label_value_length_limit`` counts); longer ones
+    #: are cut and end in "..." and a hash of the whole value, so that they stay distinct.
+    label_value_limit: int = Field(200, ge=32, le=65536)
+    #: Seconds a client has to finish its TLS handshake and request, and again to read the response.
+    connection_timeout_s: float = Field(10.0, gt=0)
+    #: Threads that build scrapes (socket I/O never holds one: one more thread serves every connection).
+    max_threads: int = Field(4, ge=1, le=64)
+    #: Connections held open at once; past it the oldest one that has not sent its request yet is closed.
+    max_connections: int = Field(256, ge=2, le=65536)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ExporterConfig:
@@ -149,6 +180,10 @@ class ServiceConfig(BaseModel):
     #: Prometheus file-based service discovery file, rewritten whenever the endpoint moves ("" disables;
     #: default ``<state_dir>/prometheus-sd.json``; its directory is checked like ``state_dir``).
     sd_file: str | None = None
+    #: A file holding the service token (mode 0600, owned by this user; ``$GFSERVICE_TOKEN`` wins over it). With a
+    #: token, every submitter and every status, findings and shutdown call must present it (see SECURITY.md).
+    #: Only the path is kept here, never the token.
+    token_file: str | None = None
     #: Options of the Prometheus exporter.
     exporter: ExporterConfig = Field(default_factory=ExporterConfig)
 
@@ -174,6 +209,8 @@ class Settings(BaseSettings):
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    #: Where rank 0's monitor also sends steps and findings: "tensorboard[:DIR]", "wandb", "mlflow".
+    sinks: list[str] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(

@@ -21,14 +21,35 @@ gfservice.wire.Rejected: unsupported_version: protocol version 99; this service 
 Traceback (most recent call last):
 ...
 gfservice.wire.Rejected: invalid: step.run: String should match pattern ...
+
+Hostile values are refused whatever their form (a dict, or a message object built with ``model_construct`` or
+changed after it was built): step numbers from 2**53 on, layer names that are too long (``limits``, e.g. the
+aggregator's configuration) or hold control characters, negative or NaN magnitudes that no gradient explains,
+fractional or negative counts, world sizes over the limit.
+
+>>> parse({"kind": "step", "run": "r", "rank": 0, "step": 2**62})
+Traceback (most recent call last):
+...
+gfservice.wire.Rejected: invalid: step.step: Input should be less than 9007199254740992
+>>> parse({"kind": "step", "run": "r", "rank": 0, "step": 1, "stats": {"count": [4], "sum_sq": [float("nan")],
+...        "max_abs": [0.5], "nonfinite": [0]}})
+Traceback (most recent call last):
+...
+gfservice.wire.Rejected: invalid: step: sum_sq is NaN in layer 0 while its nonfinite count is 0 and its max_abs finite
+>>> parse({"kind": "layout", "run": "r", "rank": 0, "world_size": 1, "layers": ["w" * 300], "numel": [1],
+...        "sharded": [False]}, Limits(max_layer_name=256))
+Traceback (most recent call last):
+...
+gfservice.wire.Rejected: oversized: layout: a layer name of 300 characters; the limit is 256 (max_layer_name)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 from pydantic import (
@@ -39,6 +60,7 @@ from pydantic import (
     PlainSerializer,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -47,9 +69,13 @@ from pydantic_core import PydanticCustomError
 from gfservice.stats import BY_NAME, TIERS, Array, GradStats
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "MAX_LAYERS",
+    "MAX_STEP",
     "PROTOCOL_VERSION",
     "Layout",
+    "Limits",
+    "LimitsLike",
     "Message",
     "RejectReason",
     "Rejected",
@@ -62,6 +88,69 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: Hard ceiling on layers per message; the aggregator's configured limit is usually lower.
 MAX_LAYERS = 1_000_000
+#: Step numbers (and sizes) stay below this: every one of them is exact as a float (JSON, Prometheus, numpy).
+MAX_STEP = 2**53
+#: Hard ceilings behind the configurable limits of :class:`Limits`.
+MAX_LAYER_NAME = 4096
+MAX_WORLD_SIZE = 1_000_000
+
+
+class LimitsLike(Protocol):
+    """What :func:`parse` reads of its ``limits``: :class:`Limits`, or the aggregator's configuration."""
+
+    @property
+    def max_layer_name(self) -> int: ...
+    @property
+    def max_world_size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The configurable bounds of :func:`parse` (``AggregatorConfig`` has the same fields, and is accepted).
+
+    >>> Limits().max_count    # per-rank counts stay small enough to sum over max_world_size ranks in int64
+    70368744177664
+    """
+
+    #: Longest layer name, in characters.
+    max_layer_name: int = 256
+    #: Largest world size of a run (ranks are below it).
+    max_world_size: int = 65536
+
+    @property
+    def max_count(self) -> int:
+        return max_count(self)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def max_count(limits: LimitsLike) -> int:
+    """Largest count (elements, NaN/Inf values, zeros, histogram bins) one rank may report for a layer: the sum
+    over ``max_world_size`` ranks still fits an int64."""
+    return int(2**62 // max(1, limits.max_world_size))
+
+
+def forbidden_char(text: str) -> str | None:
+    """The first character of ``text`` that no name may hold (C0 and C1 controls, DEL, lone surrogates: those
+    are not UTF-8), or None. Vectorised: a model's layer names are checked at once.
+
+    >>> forbidden_char("blocks.0.attn.weight"), forbidden_char("tab\\there"), forbidden_char("x\\ud800")
+    (None, '\\t', '\\ud800')
+    """
+    if text.isascii():
+        a = np.frombuffer(text.encode("ascii"), np.uint8)
+        bad = (a < 0x20) | (a == 0x7F)
+    else:
+        a = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        bad = (a < 0x20) | ((a >= 0x7F) & (a <= 0x9F)) | ((a >= 0xD800) & (a <= 0xDFFF))
+    hit = np.flatnonzero(bad)
+    return text[int(hit[0])] if hit.size else None
+
+
+def _limits(info: ValidationInfo) -> LimitsLike:
+    ctx = info.context
+    return ctx if ctx is not None else DEFAULT_LIMITS
 
 #: A run name: what the ``run`` label of every metric carries.
 RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
@@ -85,6 +174,10 @@ class RejectReason(str, Enum):
     duplicate = "duplicate"
     #: A message of an earlier attempt of its run, arriving after a newer attempt started.
     stale_attempt = "stale_attempt"
+    #: The service has a token (``GFSERVICE_TOKEN``) and the batch came without it, or with a wrong one.
+    unauthorized = "unauthorized"
+    #: A step too far ahead of its run's newest step (``AggregatorConfig.max_step_jump``).
+    step_jump = "step_jump"
 
 
 class Rejected(ValueError):
@@ -96,8 +189,12 @@ class Rejected(ValueError):
         self.detail = detail
 
 
-def _statistic_array(name: str, value: Any) -> Array:
-    """``value`` as the declared dtype and shape of statistic ``name``; raises ``ValueError`` when it is not."""
+def _statistic_array(name: str, value: Any, most: int) -> Array:
+    """``value`` as the declared dtype and shape of statistic ``name``; raises ``ValueError`` when it is not.
+
+    Counts are whole, non-negative and at most ``most``; magnitudes are not negative (NaN and +Inf are judged
+    with the other statistics of the layer, see :meth:`StepReport._consistent`).
+    """
     s = BY_NAME[name]
     a = np.asarray(value)
     if a.dtype == object or a.dtype.kind not in "biuf":
@@ -112,23 +209,29 @@ def _statistic_array(name: str, value: Any) -> Array:
     if np.dtype(s.dtype).kind in "iu":
         if a.dtype.kind == "f" and a.size and not (np.all(np.isfinite(a)) and np.all(a == np.floor(a))):
             raise ValueError(f"{name}: counts must be finite whole numbers")
+        if a.dtype.kind == "u" and a.size and a.max() > most:  # before the cast, which would wrap them
+            raise ValueError(f"{name}: counts must be at most {most}")
         out = a.astype(s.dtype, copy=False)
-        if out.size and out.min() < 0:
-            raise ValueError(f"{name}: counts must not be negative")
+        # one pass for both bounds: a negative count is huge as unsigned
+        if out.size and int(out.view(np.uint64).max()) > most:
+            if out.min() < 0:
+                raise ValueError(f"{name}: counts must not be negative")
+            raise ValueError(f"{name}: counts must be at most {most} (so that {name} sums over the ranks)")
         return out
     out = a.astype(s.dtype, copy=False)
-    if out.size and np.any(out < 0):  # NaN compares False: non-finite sums pass, negative ones do not
+    if out.size and np.fmin.reduce(out) < 0:  # fmin skips NaN: NaN sums pass here, negative ones (and -Inf) do not
         raise ValueError(f"{name}: must not be negative")
     return out
 
 
-def _stats_mapping(value: Any) -> dict[str, Array]:
+def _stats_mapping(value: Any, info: ValidationInfo) -> dict[str, Array]:
     if not isinstance(value, Mapping):
         raise ValueError("stats must be a mapping of statistic name to array")
-    unknown = sorted(set(value) - set(BY_NAME))
+    unknown = [k for k in value if k not in BY_NAME]
     if unknown:
-        raise ValueError(f"unknown statistics {unknown}; known: {sorted(BY_NAME)}")
-    return {name: _statistic_array(name, value[name]) for name in BY_NAME if name in value}
+        raise ValueError(f"unknown statistics {sorted(map(ascii, unknown))[:8]}; known: {sorted(BY_NAME)}")
+    most = max_count(_limits(info))
+    return {name: _statistic_array(name, value[name], most) for name in BY_NAME if name in value}
 
 
 StatArrays = Annotated[
@@ -144,31 +247,51 @@ class _Message(BaseModel):
 
     version: Literal[1] = 1  # PROTOCOL_VERSION
     run: RunName
-    rank: int = Field(ge=0, le=1_000_000)
+    rank: int = Field(ge=0, lt=MAX_WORLD_SIZE)
     #: The attempt (start) of the run this message belongs to; see :data:`AttemptId`.
     attempt: AttemptId = ""
+
+    @model_validator(mode="after")
+    def _rank_in_range(self, info: ValidationInfo) -> Any:
+        most = _limits(info).max_world_size
+        if self.rank >= most:
+            raise ValueError(f"rank {self.rank} is not below the largest world size, {most} (max_world_size)")
+        return self
 
 
 class Layout(_Message):
     """The layers one rank reports, sent once per (run, rank) before its first step."""
 
     kind: Literal["layout"] = "layout"
-    world_size: int = Field(ge=1, le=1_000_000)
-    layers: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(default_factory=list,
-                                                                               max_length=MAX_LAYERS)
+    world_size: int = Field(ge=1, le=MAX_WORLD_SIZE)
+    #: Layer names: printable (no control characters), at most ``max_layer_name`` characters (:class:`Limits`).
+    layers: list[Annotated[str, Field(min_length=1, max_length=MAX_LAYER_NAME)]] = Field(default_factory=list,
+                                                                                          max_length=MAX_LAYERS)
     #: Elements of each layer's full (unsharded) parameter.
-    numel: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_LAYERS)
+    numel: list[Annotated[int, Field(ge=0, lt=MAX_STEP)]] = Field(default_factory=list, max_length=MAX_LAYERS)
     #: Whether each layer is sharded across ranks (FSDP2): then every rank reports its shard.
     sharded: list[bool] = Field(default_factory=list, max_length=MAX_LAYERS)
     #: Output units (rows) of each layer's full parameter; empty when not known.
-    units: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_LAYERS)
+    units: list[Annotated[int, Field(ge=0, lt=MAX_STEP)]] = Field(default_factory=list, max_length=MAX_LAYERS)
     #: False for ranks that send only a heartbeat (DDP ranks other than the reporting one).
     reports_layers: bool = True
 
     @model_validator(mode="after")
-    def _consistent(self) -> Layout:
+    def _consistent(self, info: ValidationInfo) -> Layout:
+        limits = _limits(info)
+        if self.world_size > limits.max_world_size:
+            raise ValueError(f"world size {self.world_size} is over the limit of {limits.max_world_size} "
+                             "(max_world_size)")
         if self.rank >= self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.layers:
+            longest = max(map(len, self.layers))
+            if longest > limits.max_layer_name:
+                raise PydanticCustomError("oversized", "a layer name of {n} characters; the limit is {limit} "
+                                          "(max_layer_name)", {"n": longest, "limit": limits.max_layer_name})
+            bad = forbidden_char("".join(self.layers))
+            if bad is not None:
+                raise ValueError(f"layer names must not hold control characters or lone surrogates (found {bad!a})")
         if not (len(self.layers) == len(self.numel) == len(self.sharded)):
             raise ValueError("layers, numel and sharded must have the same length")
         if self.units and len(self.units) != len(self.layers):
@@ -192,6 +315,10 @@ def _finite_or_none(v: float | None, name: str) -> float | None:
     return v
 
 
+#: Float fields that are times or norms: finite and not negative (``loss`` may be NaN: that is news).
+_NON_NEGATIVE = frozenset({"time", "local_norm", "step_time", "compute_time"})
+
+
 class StepReport(_Message):
     """One rank's statistics for one collected step, in its layout's layer order.
 
@@ -200,7 +327,7 @@ class StepReport(_Message):
     """
 
     kind: Literal["step"] = "step"
-    step: int = Field(ge=0, le=2**53)
+    step: int = Field(ge=0, lt=MAX_STEP)
     time: float = 0.0
     stats: StatArrays = Field(default_factory=dict)
     loss: float | None = None
@@ -209,19 +336,23 @@ class StepReport(_Message):
     #: True when a GradScaler skipped the optimizer step (non-finite gradients at this scale).
     skipped: bool = False
     #: This rank's own global gradient norm before the gradients were reduced across ranks.
-    local_norm: float | None = Field(None, ge=0)
+    local_norm: float | None = None
     #: Whether this rank's local gradients held NaN/Inf before they were reduced.
     local_nonfinite: bool = False
     #: Seconds since this rank's previous report, per step.
-    step_time: float | None = Field(None, ge=0)
+    step_time: float | None = None
     #: Seconds from the end of this rank's previous step until its first gradient bucket was ready (its data
     #: loading, forward and backward: what differs between ranks that wait for each other in the all-reduce).
-    compute_time: float | None = Field(None, ge=0)
+    compute_time: float | None = None
 
     @field_validator("time", "lr", "loss_scale", "local_norm", "step_time", "compute_time")
     @classmethod
-    def _finite(cls, v: float | None, info: Any) -> float | None:
-        return _finite_or_none(v, info.field_name)
+    def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
+        name = info.field_name or "value"
+        _finite_or_none(v, name)
+        if v is not None and v < 0 and name in _NON_NEGATIVE:
+            raise ValueError(f"{name} must not be negative, got {v}")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -250,7 +381,24 @@ class StepReport(_Message):
         for name, a in self.stats.items():
             if len(a) != n:
                 raise ValueError(f"{name} has {len(a)} entries but count has {n}")
+        self._nan_explained()
         return self
+
+    def _nan_explained(self) -> None:
+        """A NaN sum of a layer (``sum_sq``, ``sum_abs``) needs a NaN/Inf gradient value in that layer: a non-zero
+        ``nonfinite`` count or a NaN/Inf ``max_abs`` (what the collector reports for one). +Inf sums are allowed
+        (a float32 accumulator overflows on huge finite gradients: ``exploding`` reports those), and so are NaN
+        weight and update sums (the weights themselves can hold NaN).
+        """
+        for name in ("sum_sq", "sum_abs"):
+            a = self.stats.get(name)
+            if a is None or not a.size or not math.isnan(a.sum()):  # one pass; no -Inf here (refused above)
+                continue
+            unexplained = np.isnan(a) & (self.stats["nonfinite"] == 0) & np.isfinite(self.stats["max_abs"])
+            if unexplained.any():
+                i = int(np.flatnonzero(unexplained)[0])
+                raise PydanticCustomError("invalid", "{name} is NaN in layer {i} while its nonfinite count is 0 "
+                                          "and its max_abs finite", {"name": name, "i": i})
 
     @property
     def n_layers(self) -> int:
@@ -268,30 +416,59 @@ _MESSAGE: TypeAdapter[Layout | StepReport | RunEnd] = TypeAdapter(Message)
 _KINDS = ("layout", "step", "end")
 
 
-def parse(message: Any) -> Layout | StepReport | RunEnd:
-    """Validate one message (a dict, or a message object: validated the same way); raises :class:`Rejected`."""
+def parse(message: Any, limits: LimitsLike | None = None) -> Layout | StepReport | RunEnd:
+    """Validate one message (a dict, or a message object: validated the same way, whatever was done to it since
+    it was built); raises :class:`Rejected`, and nothing else, whatever ``message`` is.
+
+    ``limits`` (a :class:`Limits`, or the aggregator's ``AggregatorConfig``) bounds layer names and world sizes;
+    :data:`DEFAULT_LIMITS` without it.
+    """
+    try:
+        return _parse(message, limits)
+    except Rejected:
+        raise
+    except Exception as exc:  # a hostile object (a mapping whose methods raise, an odd version...) is refused too
+        raise Rejected(RejectReason.invalid, f"unreadable message: {type(exc).__name__}") from None
+
+
+def _show(value: Any) -> str:
+    """A short, printable rendering of a value from a message (hostile ones included), for error details."""
+    if value is None or isinstance(value, bool | int | float | str):
+        text = ascii(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return type(value).__name__
+
+
+def _parse(message: Any, limits: LimitsLike | None) -> Layout | StepReport | RunEnd:
     data: BaseModel | Mapping[str, Any]
     kind: Any
     version: Any
-    if isinstance(message, Layout | StepReport | RunEnd):
-        kind, version, data = message.kind, message.version, message
+    if type(message) in (Layout, StepReport, RunEnd):
+        data = message
+        kind, version = message.kind, message.version
+    elif isinstance(message, Layout | StepReport | RunEnd):  # a subclass: only its fields count, as plain data
+        data = dict(message)
+        kind, version = data.get("kind"), data.get("version", PROTOCOL_VERSION)
     elif isinstance(message, Mapping):
         kind, version, data = message.get("kind"), message.get("version", PROTOCOL_VERSION), message
     else:
         raise Rejected(RejectReason.invalid, f"expected a mapping, got {type(message).__name__}")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise Rejected(RejectReason.unsupported_version,
-                       f"protocol version {version!r}; this service speaks {PROTOCOL_VERSION}")
-    if kind not in _KINDS:
-        raise Rejected(RejectReason.unknown_kind, f"kind {kind!r}; expected one of {', '.join(_KINDS)}")
+                       f"protocol version {_show(version)}; this service speaks {PROTOCOL_VERSION}")
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise Rejected(RejectReason.unknown_kind, f"kind {_show(kind)}; expected one of {', '.join(_KINDS)}")
+    context = limits if limits is not None else DEFAULT_LIMITS
     try:
-        if isinstance(data, BaseModel):
-            return type(data).model_validate(data)
-        return _MESSAGE.validate_python(data)
+        if isinstance(data, Layout | StepReport | RunEnd):
+            return type(data).model_validate(data, context=context)
+        return _MESSAGE.validate_python(data, context=context)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        first = exc.errors(include_url=False, include_input=False)[0]
         loc = [str(p) for p in first["loc"]]
-        where = ".".join(loc[1:] if loc and loc[0] == kind else loc)
-        oversized = first["type"] in ("oversized", "too_long")
+        if not isinstance(data, BaseModel) and loc and loc[0] == kind:
+            loc = loc[1:]  # the union's tag
+        where = f"{kind}.{'.'.join(loc)}" if loc else kind
+        oversized = first["type"] in ("oversized", "too_long", "string_too_long")
         reason = RejectReason.oversized if oversized else RejectReason.invalid
-        raise Rejected(reason, f"{kind}.{where}: {first['msg']}") from None
+        raise Rejected(reason, f"{where}: {first['msg']}") from None

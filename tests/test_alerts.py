@@ -17,6 +17,9 @@ PROM_RULES = ROOT / alerts.PROMETHEUS_RULES
 GRAFANA_RULES = ROOT / alerts.GRAFANA_RULES
 PROM_TESTS = ROOT / "deploy/prometheus/tests/gfservice.test.yml"
 RECEIVER = {"critical": "page", "warning": "ticket"}
+#: Alerts about the service itself, not about one run: they carry no run label (and GradflowServiceDown does not
+#: hold them; their own series age out of their 10-minute windows).
+SERVICE_ALERTS = {"GradflowServiceDown", "GradflowRunsEvicted", "GradflowExportErrors"}
 
 
 def _unit_tests() -> list[dict]:
@@ -90,6 +93,20 @@ def test_promtool_unit_tests_pin_firing_and_resolution():
         assert seen == set(a.severities()), f"{a.name} fires with severities {seen}, not {a.severities()}"
 
 
+def test_alerts_read_only_series_the_exporter_writes():
+    """Every gradflow_ name an alert reads is a family of the exporter (counters with _total), with the labels the
+    alert's matchers name: an alert on a renamed or misspelt series would never fire."""
+    from gfservice.observability.exporter import FAMILIES
+
+    exported = {f"gradflow_{name}" + ("_total" if kind == "counter" else ""): labels
+                for name, (kind, _doc, labels) in FAMILIES.items()}
+    for a in alerts.ALERTS:
+        for m in re.finditer(r"\b(gradflow_\w+)(?:\{([^}]*)\})?", a.expr):
+            assert m.group(1) in exported, f"{a.name} reads {m.group(1)}, which the exporter does not write"
+            matched = set(re.findall(r"(\w+)\s*[=!~]", m.group(2) or ""))
+            assert matched <= set(exported[m.group(1)]), (a.name, m.group(1), matched)
+
+
 def test_info_findings_never_alert():
     """noise_scale raises info findings only: no alert selects it, each finding alert names its detector, and a
     unit test keeps every finding alert quiet while only info findings are active."""
@@ -111,9 +128,10 @@ def test_promtool_checks_the_prometheus_config():
     (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "gfservice"]
     from gfservice.observability.discovery import DEFAULT_SD_FILE
 
-    # the service's default (in the state directory of the user running it; the file names root's)
+    # the service's default (in the state directory of the user running it; the file names root's), and the
+    # files of torchrun jobs' rank 0 beside it
     files = job["file_sd_configs"][0]["files"]
-    assert files == ["/root/.local/state/gfservice/prometheus-sd.json"]
+    assert files == ["/root/.local/state/gfservice/prometheus-sd*.json"]
     assert DEFAULT_SD_FILE.endswith("/gfservice/prometheus-sd.json") and not DEFAULT_SD_FILE.startswith("/tmp")
     assert cfg["rule_files"] == ["rules/gfservice.rules.yml"]
 
@@ -136,13 +154,14 @@ def test_amtool_checks_the_alertmanager_config():
     # An alert that can fire as a ticket and as a page for one run (its severity follows the finding's) pages only.
     assert escalated == {"source_matchers": ['severity="critical"'], "target_matchers": ['severity="warning"'],
                          "equal": ["alertname", "run"]}
-    # ... and it holds every alert but GradflowServiceDown itself: each fires (in the unit tests) with a run and
-    # the job label of the scrape.
+    # ... and it holds every run alert: each fires (in the unit tests) with a run and the job label of the
+    # scrape; the service's own alerts fire without a run.
     fired = [e["exp_labels"] for t in _unit_tests() for c in t["alert_rule_test"] for e in c["exp_alerts"]]
     for a in alerts.ALERTS:
         mine = [labels for labels in fired if labels["alertname"] == a.name]
         held = all(labels.get("run") and labels.get("job") == "gfservice" for labels in mine)
-        assert held == (a.name != "GradflowServiceDown"), a.name
+        assert held == (a.name not in SERVICE_ALERTS), a.name
+        assert all("run" not in labels for labels in mine) == (a.name in SERVICE_ALERTS), a.name
 
 
 def test_grafana_rules_say_what_the_prometheus_rules_say():
@@ -197,7 +216,109 @@ def test_every_alert_has_a_runbook_and_names_its_subject():
         assert assets.runbook(a.name) == text
         for section in ("## What it means", "## First checks", "## Likely causes", "## Fixes", "## Silence it"):
             assert section in text, f"{book.name} lacks {section!r}"
-        if a.name != "GradflowServiceDown":
-            assert "$labels.run" in a.summary
+        if a.name in SERVICE_ALERTS:
+            assert "$labels.instance" in a.summary, a.name
+        else:
+            assert "$labels.run" in a.summary, a.name
         if "finding" in a.expr:  # the layers, or the ranks for the per-rank detectors
             assert "$labels.layers" in a.summary or "$labels.ranks" in a.summary, a.name
+
+
+# ---- the service's own alerts, on what the real exporter writes ---------------------------------------------
+_OWN = ("gradflow_detector_disabled", "gradflow_runs_evicted_total", "gradflow_export_errors_total")
+
+
+def _service_with_trouble() -> tuple[list[str], dict[str, int]]:
+    """Three scrapes of a real aggregator and exporter: healthy; then a plugin past its error budget, runs evicted
+    for memory and a run that cannot be formatted (twice: the failure counts at each scrape)."""
+    import dataclasses
+    import types
+
+    import numpy as np
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gfservice.api import Detector, GradStats, StepStats
+    from gfservice.config import ExporterConfig
+    from gfservice.observability.exporter import GradflowCollector
+    from gfservice.service.aggregator import Aggregator, AggregatorConfig
+
+    class FailsFromStep1(Detector):
+        name = "my_plugin"
+
+        def update(self, step: StepStats):
+            if step.step >= 1:
+                raise RuntimeError("bug in a plugin")
+            return []
+
+    def layout(run: str, layers: int) -> dict:
+        return {"kind": "layout", "run": run, "rank": 0, "world_size": 1, "layers": [f"l{i}" for i in range(layers)],
+                "numel": [4] * layers, "sharded": [False] * layers}
+
+    def report(run: str, step: int, layers: int) -> dict:
+        return {"kind": "step", "run": run, "rank": 0, "step": step, "count": [4] * layers,
+                "sum_sq": [1.0] * layers, "max_abs": [1.0] * layers, "nonfinite": [0] * layers}
+
+    def fill(agg: Aggregator, runs: int) -> None:
+        for i in range(runs):
+            assert agg.submit(layout(f"junk-{i}", 200)).accepted
+            assert agg.submit(report(f"junk-{i}", 0, 200)).accepted
+
+    probe = Aggregator(AggregatorConfig(max_memory_bytes=0), detector_factory=dict)
+    fill(probe, 1)
+    limit = int(probe.view().memory_bytes * 2.5)  # two junk runs fit, a third evicts one
+    agg = Aggregator(AggregatorConfig(max_memory_bytes=limit, detector_error_budget=1),
+                     detector_factory=lambda: {"my_plugin": FailsFromStep1()})
+    assert agg.submit(layout("real", 2)).accepted and agg.submit(report("real", 0, 2)).accepted
+    view = [agg.view()]
+    collector = GradflowCollector(types.SimpleNamespace(view=lambda since=None: view[0]), ExporterConfig())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    texts = [generate_latest(registry).decode()]
+    assert agg.submit(report("real", 1, 2)).accepted  # the plugin raises: disabled for the run
+    fill(agg, 5)
+    now = agg.view()
+    run = now.runs[0]  # a copy of a run whose latest step has two layers but one entry per statistic
+    one = np.ones(1)
+    grads = GradStats(layers=("a", "b"), count=one.astype(np.int64), sum_sq=one, max_abs=one,
+                      nonfinite=np.zeros(1, np.int64))
+    broken = dataclasses.replace(run, name="broken", latest=StepStats(run="broken", step=1, grads=grads))
+    view[0] = dataclasses.replace(now, runs=(broken, *now.runs))
+    texts += [generate_latest(registry).decode() for _ in range(2)]
+    return texts, dict(now.evicted)
+
+
+def test_the_service_s_own_alerts_fire_on_what_the_exporter_writes(tmp_path):
+    """GradflowDetectorDisabled, GradflowRunsEvicted and GradflowExportErrors, evaluated by promtool on the series
+    of a real aggregator and exporter as Prometheus stores them (one scrape a minute): quiet while the service
+    is healthy, each firing once its trouble is in /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    texts, evicted = _service_with_trouble()
+    assert evicted.get("memory", 0) >= 3
+    history: dict[str, list[str]] = {}  # series -> value at each scrape ("_" where absent)
+    for i, text in enumerate(texts):
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name in _OWN:
+                    labels = {**s.labels, "job": "gfservice", "instance": "127.0.0.1:9464"}
+                    key = s.name + "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+                    history.setdefault(key, ["_"] * len(texts))[i] = f"{s.value:g}"
+    # scrape 0 from 0m to 4m, scrape 1 at 5m, scrape 2 from 6m on
+    series = [{"series": k, "values": " ".join([v[0]] * 5 + [v[1]] + [v[2]] * 5)} for k, v in history.items()]
+    by_name = {a.name: a for a in alerts.ALERTS}
+
+    def check(name: str, at: str, *labels: str) -> dict:
+        return {"expr": f"sgn({by_name[name].expr})", "eval_time": at,
+                "exp_samples": [{"labels": "{" + lab + ', instance="127.0.0.1:9464", job="gfservice"}', "value": 1}
+                                for lab in labels]}
+
+    tests = [{"interval": "1m", "input_series": series, "promql_expr_test": [
+        *(check(name, "4m") for name in ("GradflowDetectorDisabled", "GradflowRunsEvicted", "GradflowExportErrors")),
+        check("GradflowDetectorDisabled", "8m", 'detector="my_plugin", reason="errors", run="real"'),
+        check("GradflowRunsEvicted", "8m", 'reason="memory"'),
+        check("GradflowExportErrors", "8m", 'reason="run"'),
+    ]}]
+    path = tmp_path / "own_alerts.test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": tests}, sort_keys=False))
+    res = run_tool([promtool_bin(), "test", "rules", str(path)])
+    assert res.returncode == 0, res.stdout + res.stderr + path.read_text()[:3000]

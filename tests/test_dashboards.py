@@ -38,7 +38,8 @@ CONTRACT = {
     "gradflow_reports_dropped_total", "gradflow_messages_accepted_total", "gradflow_messages_rejected_total",
     "gradflow_ingest_latency_seconds_sum", "gradflow_ingest_latency_seconds_count",
     "gradflow_detector_seconds_total", "gradflow_detector_errors_total", "gradflow_runs", "gradflow_build_info",
-    "gradflow_noise_scale",
+    "gradflow_noise_scale", "gradflow_memory_bytes", "gradflow_memory_limit_bytes", "gradflow_runs_evicted_total",
+    "gradflow_export_errors_total", "gradflow_detector_disabled",
 }
 PROMETHEUS_OWN = {"ALERTS", "up"}
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",

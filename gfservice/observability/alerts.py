@@ -374,6 +374,62 @@ ALERTS: tuple[Alert, ...] = (
             "Findings for the dropped steps are missing: the service is overloaded or unreachable."
         ),
     ),
+    # ---- the service protecting itself: isolated detectors, memory bounded in bytes, an isolated exporter ----
+    # Tickets: in each case the service keeps working for everybody else, but one run (or one detector of it)
+    # is no longer watched, and nothing else says so.
+    #
+    # A state, not an event: the series stays at 1 until the detector is re-enabled (or the run leaves the
+    # service), so the alert fires at once and resolves when the detector is back.
+    Alert(
+        name="GradflowDetectorDisabled",
+        expr="gradflow_detector_disabled == 1",
+        severity="warning",
+        summary=("Run {{ $labels.run }}: detector {{ $labels.detector }} switched off ({{ if eq $labels.reason "
+                 "\"time\" }}past its time budget{{ else }}past its error budget{{ end }})"),
+        description=(
+            "The service switched detector {{ $labels.detector }} off for run {{ $labels.run }}: it "
+            "{{ if eq $labels.reason \"time\" }}took longer than [aggregator] detector_time_budget_s (5 s by "
+            "default) on one step{{ else }}raised or returned garbage [aggregator] detector_error_budget times (5 "
+            "by default){{ end }}. Its findings for this run are no longer updated; the run's other detectors "
+            "carry on, and a detector_disabled finding says why. Fix the plugin, then run `gfservice configure "
+            "{{ $labels.run }} --set {{ $labels.detector }}.enabled=true` (or restart the service)."
+        ),
+    ),
+    # An event: one eviction keeps the alert firing for 10 minutes. Only evictions for memory: finished_ttl is the
+    # normal end of a finished run, and max_runs is a count the operator chose.
+    Alert(
+        name="GradflowRunsEvicted",
+        expr='increase(gradflow_runs_evicted_total{reason="memory"}[10m]) > 0',
+        severity="warning",
+        summary=("gfservice at {{ $labels.instance }}: runs evicted to stay within its memory budget "
+                 "({{ $value | humanize }} in 10 minutes)"),
+        description=(
+            "The service at {{ $labels.instance }} forgot runs to stay within [aggregator] max_memory_bytes: "
+            "{{ $value | humanize }} in the last 10 minutes (threshold: any). An evicted run loses its history, its "
+            "findings and its series; a live one starts over at its next report (its senders resend the layout). "
+            "Finished runs go first, then idle ones, then live runs without active findings, a run with active "
+            "findings last: raise max_memory_bytes, or retire runs sooner (finished_ttl_s) and run fewer per "
+            "service."
+        ),
+    ),
+    # An event per scrape: a run whose series keep failing keeps the counter rising, and the alert firing.
+    # duplicate_series is left out: the exporter kept one of the series and the run is still in /metrics.
+    Alert(
+        name="GradflowExportErrors",
+        expr='increase(gradflow_export_errors_total{reason!="duplicate_series"}[10m]) > 0',
+        severity="warning",
+        summary=("gfservice at {{ $labels.instance }}: {{ if eq $labels.reason \"run\" }}a run's series{{ else }}"
+                 "service-wide series{{ end }} left out of /metrics"),
+        description=(
+            "The exporter of {{ $labels.instance }} could not build {{ if eq $labels.reason \"run\" }}the series "
+            "of a run{{ else }}the service-wide series{{ end }} and left them out of the scrape: "
+            "{{ $value | humanize }} failures in the last 10 minutes (threshold: any). "
+            "{{ if eq $labels.reason \"run\" }}That "
+            "run is missing from /metrics and its alerts cannot fire{{ else }}The service's own health series "
+            "are missing{{ end }}. Every other series is still scraped. The service log names the run and the "
+            "error (\"gfservice exporter: ... left out of the scrape\")."
+        ),
+    ),
 )
 
 
@@ -406,7 +462,7 @@ def prometheus_rule(runbook_base: str = RUNBOOK_BASE, name: str = GROUP,
     ``release`` label, which the kustomize overlay adds (the label's value is the Helm release's name).
 
     >>> prometheus_rule()["spec"]["groups"][0]["rules"][-1]["alert"]
-    'GradflowReportsDropped'
+    'GradflowExportErrors'
     """
     return {
         "apiVersion": "monitoring.coreos.com/v1",

@@ -10,7 +10,7 @@ Three dashboards, each with the Prometheus data source as the template variable 
 - *gfservice / Fleet* (``fleet.json``): every run at a glance: state (live, finished, stale), last step,
   active findings, alerts firing.
 - *gfservice / Service* (``service.json``): the service itself: ingest, rejections, drops, latency, detector
-  time and errors, scrape health.
+  time and errors, scrape health, memory against its budget, evictions, export errors, disabled detectors.
 
 Write them (an installed gfservice can; the repository commits the JSON in ``dashboards/``, and
 ``tests/test_dashboards.py`` fails when it drifts from this module)::
@@ -466,6 +466,24 @@ def service() -> dash.Dashboard:
                        q('scrape_samples_scraped{job="gfservice"}', "samples {{instance}}"), unit="s", h=7)
                    .override_by_query("B", [dm.DynamicConfigValue(id_val="unit", value="short"),
                                             dm.DynamicConfigValue(id_val="custom.axisPlacement", value="right")]))
+        # The service protecting itself (the tickets GradflowRunsEvicted, GradflowExportErrors and
+        # GradflowDetectorDisabled): memory against its budget, evictions, series left out, detectors switched off.
+        .with_panel(ts("Memory against its budget", "Bytes all runs hold in the service, and its budget "
+                       "([aggregator] max_memory_bytes; absent when unbounded). Past it, runs are evicted.",
+                       q("gradflow_memory_bytes", "held {{instance}}"),
+                       q("gradflow_memory_limit_bytes", "budget {{instance}}"), unit="bytes", h=7))
+        .with_panel(ts("Runs evicted by reason", "Runs the service forgot, by reason: memory (past its memory "
+                       "budget: GradflowRunsEvicted), max_runs, finished_ttl (finished runs retired).",
+                       q(f"sum by (reason) (increase(gradflow_runs_evicted_total{rate}))", "{{reason}}"),
+                       bars=True, h=7))
+        .with_panel(ts("Export errors", "Series the exporter left out of a scrape, by reason: run (a run missing "
+                       "from /metrics: GradflowExportErrors), service, duplicate_series (one of them kept).",
+                       q(f"sum by (reason) (increase(gradflow_export_errors_total{rate}))", "{{reason}}"),
+                       bars=True, h=7))
+        .with_panel(ts("Detectors disabled", "Runs on which each detector is switched off, by why (errors: past "
+                       "its error budget; time: past its time budget): GradflowDetectorDisabled.",
+                       q("count by (detector, reason) (gradflow_detector_disabled == 1)", "{{detector}} ({{reason}})"),
+                       q("count(gradflow_detector_disabled == 1) or vector(0)", "all detectors"), h=7))
         .with_panel(ts("Runs tracked over time", "Runs held by the service.", q("max(gradflow_runs)", "runs"),
                        w=24, h=6))
     )

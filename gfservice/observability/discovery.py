@@ -67,7 +67,7 @@ def write_sd_file(path: str | os.PathLike, address: str, labels: Mapping[str, st
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # Prometheus often runs as another user
+        os.chmod(tmp, 0o600)  # owner-only, like every file the service writes (SECURITY.md)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

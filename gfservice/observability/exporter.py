@@ -22,17 +22,22 @@ per-layer series only for at most ``max_layer_series`` layers, and rank-level de
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from gfservice.api import describe_layers
 from gfservice.config import ExporterConfig
+from gfservice.observability.metrics_server import MetricsServer, tls_context
 from gfservice.service.aggregator import Aggregator, AggregatorView, RunView
 from gfservice.stats import noise_scale
 from gfservice.wire import RejectReason
@@ -43,6 +48,8 @@ __all__ = ["ExporterConfig", "GradflowCollector", "depth_buckets", "format_ranks
 KNOWN_REJECTIONS = tuple(r.value for r in RejectReason)
 #: Longest ``layers``/``ranks`` label value.
 LABEL_LIMIT = 200
+
+log = logging.getLogger(__name__)
 
 
 def depth_buckets(sum_sq: np.ndarray, count: np.ndarray, buckets: int) -> list[float | None]:
@@ -141,9 +148,17 @@ class GradflowCollector:
 
     ``clock`` (seconds, like :func:`time.time`) drives the finding linger; tests pass their own.
     ``service_health``, when given, is called at each scrape for the service's snapshot health
-    (``{"last_success": unix time or None, "failures": count}``): the collector keeps no state of its own.
+    (``{"last_success": unix time or None, "failures": count}``).
     A finding is one series labelled as it was first raised (its ``layers`` and ``ranks`` stay put while it
     is active, so the alert it drives keeps its identity), with the severity it has now.
+
+    Each run is formatted on its own: a run whose series cannot be built (any exception) is left out of that
+    scrape, counted in ``gradflow_export_errors_total{reason="run"}`` and logged (at most one line every
+    ``LOG_EVERY_S``), and every other run stays. Label values are made valid (unpaired surrogates and control
+    characters replaced) and cut to ``label_value_limit`` bytes; should two series end up with one label set,
+    one is kept (the more severe finding, else the more recently updated run) and the other counted
+    (``reason="duplicate_series"``). Values never raise: an integer too large for a float exports as ``+Inf``.
+    That counter is the collector's only state.
     """
 
     def __init__(self, aggregator: Aggregator, config: ExporterConfig | None = None,
@@ -156,153 +171,341 @@ class GradflowCollector:
         from gfservice import __version__
 
         self.version: str = version or __version__
+        self._errors = dict.fromkeys(EXPORT_ERRORS, 0)
+        self._errors_lock = threading.Lock()
+        self._log = _RateLimitedLog(LOG_EVERY_S)
 
     def describe(self) -> list[Metric]:
         return []  # nothing to check at registration: the families depend on the runs at scrape time
 
+    @property
+    def export_errors(self) -> dict[str, int]:
+        """``gradflow_export_errors_total`` so far, by reason."""
+        with self._errors_lock:
+            return dict(self._errors)
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        with self._errors_lock:
+            self._errors[reason] += n
+
     # ---- collect ----------------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
         # One frozen view, copied under the aggregator's lock; everything below formats it without the lock.
-        snap = self.aggregator.view(since=self.clock() - self.config.finding_linger_s)
-        yield from self._run_metrics(snap)
-        yield from self._health_metrics(snap)
+        out = _Samples(self.config.label_value_limit)
+        try:
+            snap = self.aggregator.view(since=self.clock() - self.config.finding_linger_s)
+        except Exception as exc:  # nothing to export but the collector's own health
+            self._count("service")
+            self._log.error("the aggregator's view", exc)
+            snap = None
+        if snap is not None:
+            for run in snap.runs:
+                staged = _Samples(self.config.label_value_limit, out._clean)
+                try:
+                    with np.errstate(all="ignore"):
+                        self._format_run(run, staged)
+                except Exception as exc:
+                    self._count("run")
+                    self._log.error(f"run {run.name[:100]!r}", exc)
+                    continue
+                out.merge(staged, _number(run.last_time))
+            staged = _Samples(self.config.label_value_limit, out._clean)
+            try:
+                self._format_service(snap, staged)
+            except Exception as exc:
+                self._count("service")
+                self._log.error("the service-wide series", exc)
+            else:
+                out.merge(staged, math.inf)
         if self.service_health is not None:
-            yield from _snapshot_metrics(self.service_health())
+            try:
+                _snapshot_samples(self.service_health(), out)
+            except Exception as exc:
+                self._count("service")
+                self._log.error("the snapshot health", exc)
+        out.add("build_info", [self.version], 1)
+        if out.duplicates:
+            self._count("duplicate_series", out.duplicates)
+        for reason, n in self.export_errors.items():
+            out.add("export_errors", [reason], n)
+        yield from out.families()
 
-    def _run_metrics(self, snap: AggregatorView) -> Iterator[Metric]:
-        g = {
-            name: GaugeMetricFamily(f"gradflow_{name}", doc, labels=["run"])
-            for name, doc in (
-                ("grad_norm", "Global L2 gradient norm of the last merged step."),
-                ("loss", "Loss of the last merged step."),
-                ("learning_rate", "Learning rate of the first parameter group at the last merged step."),
-                ("loss_scale", "GradScaler loss scale at the last merged step."),
-                ("last_step", "Last merged step."),
-                ("last_step_timestamp_seconds", "Unix time at which the service merged the last step."),
-                ("run_finished", "1 once the training job closed its monitors, else 0."),
-                ("run_world_size", "Ranks (processes) of the run."),
-                ("run_attempt", "Attempts (starts) of the run so far, 1 for the first: one more each time the training "
-                 "job restarts under the same run name."),
-                ("nonfinite_layers", "Layers with NaN/Inf gradient values in the last merged step."),
-                ("stalled_ranks", "Ranks missing from the last merged step (no report within the merge timeout)."),
-                ("noise_scale", "Gradient noise scale B_simple = tr(Sigma)/|G|^2 of the last merged step, in per-rank "
-                 "batches (McCandlish et al. 2018): one step's two-batch estimate from the DDP ranks' local norms, "
-                 "noisy; only for runs with 2+ ranks reporting local norms."),
-            )
-        }
-        depth = GaugeMetricFamily("gradflow_depth_grad_rms",
-                                  "RMS gradient of contiguous depth buckets, 00 = input side.",
-                                  labels=["run", "bucket"])
-        layer = GaugeMetricFamily("gradflow_layer_grad_norm",
-                                  "L2 gradient norm of a capped, evenly spaced set of layers and of the layers "
-                                  "named in active findings.", labels=["run", "layer"])
-        findings_total = CounterMetricFamily("gradflow_findings", "Findings raised.",
-                                             labels=["run", "detector", "severity"])
-        active = GaugeMetricFamily("gradflow_active_findings", "Findings active now.",
-                                   labels=["run", "detector", "severity"])
-        finding = GaugeMetricFamily(
-            "gradflow_finding",
-            "One series per active finding (and per finding cleared less than finding_linger_s ago); "
-            "the value is the step at which it was first raised.",
-            labels=["run", "detector", "severity", "key", "layers", "ranks"],
-        )
-        dropped = CounterMetricFamily("gradflow_reports_dropped",
-                                      "Reports the run's senders dropped before they reached the service.",
-                                      labels=["run"])
+    def _format_run(self, run: RunView, out: _Samples) -> None:
+        name = run.name
+        st = run.latest
         buckets = self.config.depth_buckets
         width = max(2, len(str(buckets - 1)))
-        for run in snap.runs:
-            name = run.name
-            st = run.latest
-            if st is not None:
-                grads = st.grads
-                g["grad_norm"].add_metric([name], st.global_norm)
-                for key, v in (("loss", st.loss), ("learning_rate", st.lr), ("loss_scale", st.loss_scale)):
-                    if v is not None:
-                        g[key].add_metric([name], v)
-                if st.rank_norm is not None:  # DDP: each rank's local (pre-allreduce) norm, scaled by a GradScaler
-                    local_sq = np.asarray(st.rank_norm, dtype=np.float64) ** 2 / (st.loss_scale or 1.0) ** 2
-                    b_simple = noise_scale(local_sq, st.global_norm**2)[0]
-                    if np.isfinite(b_simple):
-                        g["noise_scale"].add_metric([name], b_simple)
-                bad = (grads.nonfinite > 0) | ~np.isfinite(grads.sum_sq)
-                g["nonfinite_layers"].add_metric([name], float(np.count_nonzero(bad)))
-                for b, v in enumerate(depth_buckets(grads.sum_sq, grads.count, buckets)):
-                    if v is not None:
-                        depth.add_metric([name, f"{b:0{width}d}"], v)
-                index = {n: i for i, n in enumerate(grads.layers)} if run.active else {}
-                wanted = [index[n] for f in run.active for n in f.layers if n in index]
-                norms = grads.norm
-                for i in layer_selection(len(grads.layers), self.config.max_layer_series, wanted):
-                    layer.add_metric([name, grads.layers[i]], float(norms[i]))
-            if run.last_step >= 0:
-                g["last_step"].add_metric([name], run.last_step)
-                g["last_step_timestamp_seconds"].add_metric([name], run.last_time)
-            g["run_finished"].add_metric([name], 1.0 if run.finished else 0.0)
-            g["run_world_size"].add_metric([name], run.world_size)
-            g["run_attempt"].add_metric([name], run.attempts)
-            g["stalled_ranks"].add_metric([name], run.stalled_ranks)
-            dropped.add_metric([name], run.sender_dropped)
-            counts: dict[tuple[str, str], int] = dict.fromkeys(run.findings_total, 0)
-            for f in run.active:
-                k = (f.detector, f.severity.value)
-                counts[k] = counts.get(k, 0) + 1
-            for (det, sev), n in sorted(run.findings_total.items()):
-                findings_total.add_metric([name, det, sev], n)
-            for (det, sev), n in sorted(counts.items()):
-                active.add_metric([name, det, sev], n)
-            for labels, first_step in _finding_series(run).items():
-                finding.add_metric(list(labels), first_step)
-        yield from g.values()
-        yield from (depth, layer, findings_total, active, finding, dropped)
+        if st is not None:
+            grads = st.grads
+            out.add("grad_norm", [name], st.global_norm)
+            for key, v in (("loss", st.loss), ("learning_rate", st.lr), ("loss_scale", st.loss_scale)):
+                if v is not None:
+                    out.add(key, [name], v)
+            if st.rank_norm is not None:  # DDP: each rank's local (pre-allreduce) norm, scaled by a GradScaler
+                scale = np.float64(st.loss_scale or 1.0)
+                local_sq = np.asarray(st.rank_norm, dtype=np.float64) ** 2 / scale**2
+                b_simple = noise_scale(local_sq, np.float64(st.global_norm) ** 2)[0]
+                if np.isfinite(b_simple):
+                    out.add("noise_scale", [name], b_simple)
+            bad = (grads.nonfinite > 0) | ~np.isfinite(grads.sum_sq)
+            out.add("nonfinite_layers", [name], np.count_nonzero(bad))
+            for b, v in enumerate(depth_buckets(grads.sum_sq, grads.count, buckets)):
+                if v is not None:
+                    out.add("depth_grad_rms", [name, f"{b:0{width}d}"], v)
+            index = {n: i for i, n in enumerate(grads.layers)} if run.active else {}
+            wanted = [index[n] for f in run.active for n in f.layers if n in index]
+            norms = grads.norm
+            for i in layer_selection(len(grads.layers), self.config.max_layer_series, wanted):
+                out.add("layer_grad_norm", [name, grads.layers[i]], norms[i])
+        if run.last_step >= 0:
+            out.add("last_step", [name], run.last_step)
+            out.add("last_step_timestamp_seconds", [name], run.last_time)
+        out.add("run_finished", [name], 1.0 if run.finished else 0.0)
+        out.add("run_world_size", [name], run.world_size)
+        out.add("run_attempt", [name], run.attempts)
+        out.add("stalled_ranks", [name], run.stalled_ranks)
+        out.add("reports_dropped", [name], run.sender_dropped)
+        out.add("run_memory_bytes", [name], run.memory_bytes)
+        for reason, n in sorted(run.rejected.items()):
+            out.add("run_messages_rejected", [name, reason], n)
+        for det, why in sorted(run.disabled_detectors.items()):
+            out.add("detector_disabled", [name, det, why], 1)
+        counts: dict[tuple[str, str], int] = dict.fromkeys(run.findings_total, 0)
+        for f in run.active:
+            k = (f.detector, f.severity.value)
+            counts[k] = counts.get(k, 0) + 1
+        for (det, sev), n in sorted(run.findings_total.items()):
+            out.add("findings", [name, det, sev], n)
+        for (det, sev), n in sorted(counts.items()):
+            out.add("active_findings", [name, det, sev], n)
+        for labels, (first_step, rank) in _finding_series(run).items():
+            out.add("finding", list(labels), first_step, rank)
 
-    def _health_metrics(self, snap: AggregatorView) -> Iterator[Metric]:
-        accepted = CounterMetricFamily("gradflow_messages_accepted", "Messages the aggregator took.")
-        accepted.add_metric([], snap.accepted)
-        rejected = CounterMetricFamily("gradflow_messages_rejected", "Messages the aggregator refused, by reason.",
-                                       labels=["reason"])
+    def _format_service(self, snap: AggregatorView, out: _Samples) -> None:
+        out.add("messages_accepted", [], snap.accepted)
         for reason in sorted({*KNOWN_REJECTIONS, *snap.rejected}):
-            rejected.add_metric([reason], snap.rejected.get(reason, 0))
-        latency = SummaryMetricFamily("gradflow_ingest_latency_seconds", "Time the aggregator spent on a message.",
-                                      count_value=snap.ingest_count, sum_value=snap.ingest_seconds)
+            out.add("messages_rejected", [reason], snap.rejected.get(reason, 0))
+        out.summary("ingest_latency_seconds", snap.ingest_count, snap.ingest_seconds)
         seconds, errors = snap.detector_seconds, snap.detector_errors
-        det_s = CounterMetricFamily("gradflow_detector_seconds", "Time spent in each detector, all runs.",
-                                    labels=["detector"])
-        det_e = CounterMetricFamily("gradflow_detector_errors", "Exceptions raised by each detector, all runs.",
-                                    labels=["detector"])
         for det in sorted(set(seconds) | set(errors)):
-            det_s.add_metric([det], seconds.get(det, 0.0))
-            det_e.add_metric([det], errors.get(det, 0))
-        runs = GaugeMetricFamily("gradflow_runs", "Runs the service tracks.")
-        runs.add_metric([], len(snap.runs))
-        build = GaugeMetricFamily("gradflow_build_info", "gfservice version (always 1).", labels=["version"])
-        build.add_metric([self.version], 1)
-        yield from (accepted, rejected, latency, det_s, det_e, runs, build)
+            out.add("detector_seconds", [det], seconds.get(det, 0.0))
+            out.add("detector_errors", [det], errors.get(det, 0))
+        out.add("runs", [], len(snap.runs))
+        for reason in sorted({*KNOWN_EVICTIONS, *snap.evicted}):
+            out.add("runs_evicted", [reason], snap.evicted.get(reason, 0))
+        out.add("memory_bytes", [], snap.memory_bytes)
+        if snap.memory_limit_bytes > 0:  # absent when unbounded: a ratio against 0 would read as +Inf
+            out.add("memory_limit_bytes", [], snap.memory_limit_bytes)
 
 
-def _snapshot_metrics(health: Mapping[str, float | None]) -> Iterator[Metric]:
-    failures = CounterMetricFamily("gradflow_snapshot_failures", "Snapshot writes of the service that failed "
-                                   "(submits are taken regardless; the state is not durable meanwhile).")
-    failures.add_metric([], health.get("failures") or 0.0)
-    yield failures
+#: Every family the collector writes: name (without ``gradflow_`` and ``_total``) -> (type, help, labels),
+#: in the order of the exposition.
+FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "grad_norm": ("gauge", "Global L2 gradient norm of the last merged step.", ("run",)),
+    "loss": ("gauge", "Loss of the last merged step.", ("run",)),
+    "learning_rate": ("gauge", "Learning rate of the first parameter group at the last merged step.", ("run",)),
+    "loss_scale": ("gauge", "GradScaler loss scale at the last merged step.", ("run",)),
+    "last_step": ("gauge", "Last merged step.", ("run",)),
+    "last_step_timestamp_seconds": ("gauge", "Unix time at which the service merged the last step.", ("run",)),
+    "run_finished": ("gauge", "1 once the training job closed its monitors, else 0.", ("run",)),
+    "run_world_size": ("gauge", "Ranks (processes) of the run.", ("run",)),
+    "run_attempt": ("gauge", "Attempts (starts) of the run so far, 1 for the first: one more each time the training "
+                    "job restarts under the same run name.", ("run",)),
+    "nonfinite_layers": ("gauge", "Layers with NaN/Inf gradient values in the last merged step.", ("run",)),
+    "stalled_ranks": ("gauge", "Ranks missing from the last merged step (no report within the merge timeout).",
+                      ("run",)),
+    "noise_scale": ("gauge", "Gradient noise scale B_simple = tr(Sigma)/|G|^2 of the last merged step, in per-rank "
+                    "batches (McCandlish et al. 2018): one step's two-batch estimate from the DDP ranks' local norms, "
+                    "noisy; only for runs with 2+ ranks reporting local norms.", ("run",)),
+    "depth_grad_rms": ("gauge", "RMS gradient of contiguous depth buckets, 00 = input side.", ("run", "bucket")),
+    "layer_grad_norm": ("gauge", "L2 gradient norm of a capped, evenly spaced set of layers and of the layers "
+                        "named in active findings.", ("run", "layer")),
+    "findings": ("counter", "Findings raised.", ("run", "detector", "severity")),
+    "active_findings": ("gauge", "Findings active now.", ("run", "detector", "severity")),
+    "finding": ("gauge", "One series per active finding (and per finding cleared less than finding_linger_s ago); "
+                "the value is the step at which it was first raised.",
+                ("run", "detector", "severity", "key", "layers", "ranks")),
+    "reports_dropped": ("counter", "Reports the run's senders dropped before they reached the service.", ("run",)),
+    "run_memory_bytes": ("gauge", "Bytes the run holds in the service (history, pending steps, detector state).",
+                         ("run",)),
+    "run_messages_rejected": ("counter", "Messages of the run the aggregator refused, by reason (reasons seen so "
+                              "far only; gradflow_messages_rejected_total has every reason).", ("run", "reason")),
+    "detector_disabled": ("gauge", "1 for each detector switched off for the run, by why (errors: past its error "
+                          "budget; time: past its time budget).", ("run", "detector", "reason")),
+    "messages_accepted": ("counter", "Messages the aggregator took.", ()),
+    "messages_rejected": ("counter", "Messages the aggregator refused, by reason.", ("reason",)),
+    "ingest_latency_seconds": ("summary", "Time the aggregator spent on a message.", ()),
+    "detector_seconds": ("counter", "Time spent in each detector, all runs.", ("detector",)),
+    "detector_errors": ("counter", "Exceptions raised by each detector, all runs.", ("detector",)),
+    "runs": ("gauge", "Runs the service tracks.", ()),
+    "runs_evicted": ("counter", "Runs the service forgot to stay within its limits, or retired, by reason.",
+                     ("reason",)),
+    "memory_bytes": ("gauge", "Bytes all runs hold in the service, as the aggregator accounts them.", ()),
+    "memory_limit_bytes": ("gauge", "The aggregator's memory budget (max_memory_bytes); absent when unbounded.", ()),
+    "build_info": ("gauge", "gfservice version (always 1).", ("version",)),
+    "snapshot_failures": ("counter", "Snapshot writes of the service that failed (submits are taken regardless; the "
+                          "state is not durable meanwhile).", ()),
+    "snapshot_last_success_timestamp_seconds": ("gauge", "Unix time of the service's last successful snapshot "
+                                                "write.", ()),
+    "export_errors": ("counter", "Series the exporter could not build and left out of a scrape, per scrape, by reason "
+                      "(run: one run's series; service: service-wide series; duplicate_series: a label set that "
+                      "appeared twice, e.g. after label values were cut to length).", ("reason",)),
+}
+
+#: Reasons of ``gradflow_export_errors_total``.
+EXPORT_ERRORS = ("run", "service", "duplicate_series")
+#: Eviction reasons exported at 0 from the start (others appear when the aggregator reports them).
+KNOWN_EVICTIONS = ("finished_ttl", "max_runs", "memory")
+#: At most one log line per this many seconds for export failures (with a count of those not logged).
+LOG_EVERY_S = 60.0
+_MAX_INT_FLOAT = 2.0**1023
+
+
+def _number(v: Any) -> float:
+    """A sample value as a float, whatever its size: integers beyond the float range become +-Inf.
+
+    >>> _number(10**400), _number(-10**400), _number(np.int64(3)), _number(True)
+    (inf, -inf, 3.0, 1.0)
+    """
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+def clean_label(value: str, limit: int) -> str:
+    """A label value that always encodes: unpaired surrogates and control characters become U+FFFD, and a value
+    longer than ``limit`` UTF-8 bytes is cut to ``limit`` bytes, ending in ``...`` and 8 hex digits of a hash of
+    the whole value (so that cut values stay distinct).
+
+    >>> clean_label("a\\ud800b\\x00c", 64) == "a\\ufffdb\\ufffdc"
+    True
+    >>> cut = clean_label("x" * 300, 64)
+    >>> len(cut.encode()), cut[-11:]
+    (64, '...b12499e1')
+    >>> clean_label("x" * 300, 64) != clean_label("x" * 299 + "y", 64)
+    True
+    """
+    value = str(value)
+    if _BAD_CHARS.search(value):
+        value = _BAD_CHARS.sub("\ufffd", value)
+    raw = value.encode("utf-8")
+    if len(raw) <= limit:
+        return value
+    digest = hashlib.blake2b(raw, digest_size=4).hexdigest()
+    return raw[: limit - 11].decode("utf-8", "ignore") + "..." + digest
+
+
+_BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+class _Samples:
+    """The samples of one scrape (or one run's share of it), one per family and label set."""
+
+    def __init__(self, limit: int, cleaned: dict[str, str] | None = None):
+        self.limit = limit
+        self.samples: dict[str, dict[tuple[str, ...], tuple[float, float, float]]] = {}
+        self.summaries: dict[str, tuple[float, float]] = {}
+        self.duplicates = 0
+        self._clean: dict[str, str] = {} if cleaned is None else cleaned  # raw label value -> clean, shared
+
+    def add(self, family: str, labels: Sequence[Any], value: Any, rank: float = 0.0, age: float = 0.0) -> None:
+        """Add a sample; of two with one label set the one with the higher ``(rank, age)`` stays (the later on a
+        tie) and the other is counted in ``duplicates``."""
+        key = tuple(self._label(v) for v in labels)
+        if len(key) != len(FAMILIES[family][2]):
+            raise ValueError(f"gradflow_{family}: {len(key)} label values for {FAMILIES[family][2]}")
+        self._put(family, key, _number(value), rank, age)
+
+    def _put(self, family: str, key: tuple[str, ...], value: float, rank: float, age: float) -> None:
+        series = self.samples.setdefault(family, {})
+        old = series.get(key)
+        if old is not None:
+            self.duplicates += 1
+            if (old[1], old[2]) > (rank, age):
+                return
+        series[key] = (value, rank, age)
+
+    def summary(self, family: str, count: Any, total: Any) -> None:
+        self.summaries[family] = (_number(count), _number(total))
+
+    def merge(self, other: _Samples, age: float) -> None:
+        """Take ``other``'s samples (one run's), aged ``age`` (the run's last update) against those already here."""
+        for family, series in other.samples.items():
+            for key, (value, rank, _age) in series.items():
+                self._put(family, key, value, rank, age)
+        self.summaries.update(other.summaries)
+        self.duplicates += other.duplicates
+
+    def _label(self, value: Any) -> str:
+        text = value if isinstance(value, str) else str(value)
+        clean = self._clean.get(text)
+        if clean is None:
+            clean = self._clean[text] = clean_label(text, self.limit)
+        return clean
+
+    def families(self) -> Iterator[Metric]:
+        kinds: dict[str, type[GaugeMetricFamily] | type[CounterMetricFamily]] = {
+            "gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+        for name, (kind, doc, labels) in FAMILIES.items():
+            if kind == "summary":
+                if name in self.summaries:
+                    count, total = self.summaries[name]
+                    yield SummaryMetricFamily(f"gradflow_{name}", doc, count_value=count,  # type: ignore[arg-type]
+                                              sum_value=total)
+                continue
+            series = self.samples.get(name)
+            if series is None and name in _OPTIONAL:
+                continue
+            family = kinds[kind](f"gradflow_{name}", doc, labels=list(labels))
+            for key, (value, _rank, _age) in (series or {}).items():
+                family.add_metric(list(key), value)
+            yield family
+
+
+#: Families left out of the exposition when they have no samples (the others always show their HELP and TYPE).
+_OPTIONAL = frozenset({"snapshot_failures", "snapshot_last_success_timestamp_seconds", "memory_limit_bytes"})
+
+
+class _RateLimitedLog:
+    """Logs at most one error every ``every_s`` seconds, with the number of those left out since."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._last = -math.inf
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def error(self, what: str, exc: BaseException) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.every_s:
+                self._skipped += 1
+                return
+            self._last, skipped, self._skipped = now, self._skipped, 0
+        more = f" ({skipped} more export failures since the last message)" if skipped else ""
+        log.error("gfservice exporter: %s left out of the scrape: %s: %s%s", what, type(exc).__name__, exc, more,
+                  exc_info=exc)
+
+
+def _snapshot_samples(health: Mapping[str, float | None], out: _Samples) -> None:
+    out.add("snapshot_failures", [], health.get("failures") or 0.0)
     last = health.get("last_success")
     if last is not None:  # absent until the first snapshot is written
-        success = GaugeMetricFamily("gradflow_snapshot_last_success_timestamp_seconds",
-                                    "Unix time of the service's last successful snapshot write.")
-        success.add_metric([], last)
-        yield success
+        out.add("snapshot_last_success_timestamp_seconds", [], last)
 
 
-def _finding_series(run: RunView) -> dict[tuple[str, ...], float]:
+def _finding_series(run: RunView) -> dict[tuple[str, ...], tuple[float, float]]:
     """One ``gradflow_finding`` series per finding, active or recently cleared, labelled as first raised (its
     layers and ranks stay put while it is active, so the alert it drives keeps its identity) with the severity
-    it has now; the value is the step at which it was first raised. A finding that fired again with the same
-    labels shows once, as its newest occurrence (Prometheus would drop duplicate series).
+    it has now: label set -> (the step at which it was first raised, its rank: active and more severe is higher).
+    A finding that fired again with the same labels shows once, as its newest occurrence (Prometheus would drop
+    duplicate series).
     """
-    series: dict[tuple[str, ...], float] = {}
+    series: dict[tuple[str, ...], tuple[float, float]] = {}
     for f in [*run.recently_cleared, *run.active]:  # active last: they win over a cleared twin
         labels = (run.name, f.detector, f.severity.value, f.key, _describe(f.layers), format_ranks(f.ranks))
-        series[labels] = float(f.since)
+        series[labels] = (_number(f.since), (10.0 if f.active else 0.0) + f.severity.rank)
     return series
 
 
@@ -317,7 +520,8 @@ def serve_metrics(aggregator: Aggregator, config: ExporterConfig | None = None,
                   **collector_options: Any) -> tuple[Any, threading.Thread, int]:
     """Serve ``/metrics`` for ``aggregator`` on its own registry; returns ``(server, thread, port)``.
 
-    Bound to 127.0.0.1 unless ``config.address`` says otherwise; HTTPS when ``config.certfile`` is set.
+    Bound to 127.0.0.1 unless ``config.address`` says otherwise; HTTPS when ``config.certfile`` is set (mutual
+    TLS with ``client_cafile``). No client can stall it (see :mod:`gfservice.observability.metrics_server`).
     Stop it with ``server.shutdown(); server.server_close()``.
 
     >>> import urllib.request
@@ -330,10 +534,11 @@ def serve_metrics(aggregator: Aggregator, config: ExporterConfig | None = None,
     config = config or ExporterConfig()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GradflowCollector(aggregator, config, **collector_options))
-    tls: dict[str, Any] = {}
-    if config.certfile:
-        tls = {"certfile": config.certfile, "keyfile": config.keyfile}
-        if config.client_cafile:
-            tls.update(client_cafile=config.client_cafile, client_auth_required=True)
-    server, thread = start_http_server(config.port, addr=config.address, registry=registry, **tls)
-    return server, thread, int(server.server_port)
+    context = None
+    if config.certfile and config.keyfile:
+        context = tls_context(config.certfile, config.keyfile, config.client_cafile)
+    server = MetricsServer(registry, config.address, config.port, ssl_context=context,
+                           timeout_s=config.connection_timeout_s, max_threads=config.max_threads,
+                           max_connections=config.max_connections)
+    thread = server.start()
+    return server, thread, server.server_port

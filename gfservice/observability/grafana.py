@@ -24,6 +24,7 @@ turns its groups into the API's rule objects:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, Union
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -192,9 +194,71 @@ def load_alert_rules(path: Source | None, folder_uid: str) -> tuple[dict[str, in
     return rules_from_provisioning(doc, folder_uid, str(p))
 
 
+# ---- credentials: never shown, never sent in the clear without a word -----------------------------------------
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its ``user:password@`` part: what gfservice shows of a URL.
+
+    >>> redact_url("http://admin:s3cret@grafana.example:3000/g/")
+    'http://grafana.example:3000/g/'
+    >>> redact_url("https://grafana.example")
+    'https://grafana.example'
+    """
+    return _USERINFO.sub(r"\1", url)
+
+
+def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
+    """``text`` with every URL's credentials stripped and each of ``secrets`` replaced by ``***``.
+
+    >>> redact("GET http://u:pw@h/x failed: token glsa_123 refused", ("glsa_123",))
+    'GET http://h/x failed: token *** refused'
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return redact_url(text)
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is this machine by its very name: ``localhost`` (and ``*.localhost``) or a loopback
+    address (127.0.0.0/8, ::1). Names are not resolved: a name that resolves to 127.0.0.1 still counts as remote.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("localhost"), is_loopback("grafana.internal")
+    (True, True, True, False)
+    """
+    if not host:
+        return False
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_warning(url: str, token: str | None) -> str | None:
+    """The warning to print before a token or password goes to ``url`` over plain http to another machine, else
+    ``None`` (https, or a loopback host: the secret never leaves this machine).
+
+    >>> plain_http_warning("http://grafana.example:3000", "t")[:60]
+    'warning: sending the Grafana token over plain http to grafan'
+    >>> plain_http_warning("https://grafana.example", "t"), plain_http_warning("http://127.0.0.1:3000", "t")
+    (None, None)
+    """
+    parsed = urlsplit(url)
+    what = "token" if token else "password" if parsed.password else None
+    if what is None or parsed.scheme.lower() != "http" or is_loopback(parsed.hostname):
+        return None
+    return (f"warning: sending the Grafana {what} over plain http to {parsed.hostname}: anyone on the network path "
+            "can read it; use an https:// URL")
+
+
 # ---- talking to Grafana --------------------------------------------------------------------------------------
 class _Grafana:
-    """grafana-client with gfservice's error messages."""
+    """grafana-client with gfservice's error messages (which never show the token or a URL's password)."""
 
     def __init__(self, url: str, token: str, timeout: float):
         try:
@@ -202,11 +266,16 @@ class _Grafana:
             from grafana_client.client import TokenAuth
         except ImportError as exc:
             raise GrafanaError("gfservice grafana push needs grafana-client: pip install 'gfservice[grafana]'") from exc
-        if not token:
+        parsed = urlsplit(url)
+        if token:
+            credential: Any = TokenAuth(token)
+        elif parsed.username and parsed.password:  # basic auth from the URL (grafana-client's own convention)
+            credential = (parsed.username, parsed.password)
+        else:
             raise GrafanaAuthError("no Grafana token: pass --token or set GRAFANA_TOKEN (a service account token "
                                    "with the Editor role)")
-        self.url = url.rstrip("/")
-        self.api = GrafanaApi.from_url(self.url, credential=TokenAuth(token), timeout=timeout)
+        self.url = redact_url(url.rstrip("/"))  # what messages show
+        self.api = GrafanaApi.from_url(url.rstrip("/"), credential=credential, timeout=timeout)
         self.timeout = timeout
 
     def close(self) -> None:
@@ -287,6 +356,9 @@ def push(
     boards = load_dashboards(dashboards_dir)
     groups, rules = load_alert_rules(alerts_file, folder_uid) if alerts else ({}, [])
     g = _Grafana(url, token, timeout)
+    warning = plain_http_warning(url, token)
+    if warning:
+        print(f"gfservice grafana push: {warning}", file=sys.stderr, flush=True)
     try:
         summary = PushSummary(url=g.url)
         uid = _ensure_folder(g, folder_uid, folder_title, summary)
@@ -341,7 +413,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "Grafana, idempotently. Needs a service account token with the Editor role.",
     )
     push_p.add_argument("--url", default=os.environ.get("GRAFANA_URL", DEFAULT_URL),
-                        help=f"Grafana's URL (default $GRAFANA_URL or {DEFAULT_URL})")
+                        help=f"Grafana's URL (default $GRAFANA_URL or {DEFAULT_URL}); a user:password@ in it is "
+                             "basic auth when there is no token, and is never printed")
     push_p.add_argument("--token", default=os.environ.get("GRAFANA_TOKEN", ""),
                         help="service account token (default $GRAFANA_TOKEN; prefer the variable: a flag shows in ps)")
     push_p.add_argument("--dashboards", metavar="DIR",
@@ -362,9 +435,10 @@ def run(args: argparse.Namespace) -> int:
         summary = push(args.url, args.token, args.dashboards, args.alerts, args.folder, alerts=not args.no_alerts,
                        timeout=args.timeout)
     except GrafanaError as exc:
-        print(f"gfservice grafana push: {exc}", file=sys.stderr)
+        print(f"gfservice grafana push: {redact(str(exc), (args.token, urlsplit(args.url).password))}",
+              file=sys.stderr)
         return 1
-    print(summary)
+    print(redact(str(summary), (args.token,)))
     return 0
 
 

@@ -1,8 +1,11 @@
 """The long-lived service: the aggregator core in a detached, named Ray actor, with snapshots, a merge
 ticker, the Prometheus endpoint and the file-based service-discovery file.
 
-:class:`ServiceCore` is plain Python (tested without Ray); :func:`start` wraps it in a Ray actor placed
-on the head node that Ray restarts when it dies, and which restores its snapshot when it comes back.
+:class:`ServiceCore` is plain Python (tested without Ray); :func:`start` wraps it in a :class:`ServiceActor`,
+a Ray actor placed on the head node that Ray restarts when it dies, and which restores its snapshot when it
+comes back. Ray lets any holder of the handle call any method of the actor's class, private ones included, so
+the actor class is a thin wrapper that has only the calls meant for clients, each checked against the optional
+service token (:mod:`gfservice.service.auth`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from gfservice import __version__
 from gfservice.api import Finding, StepStats
 from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE, Settings, load_settings
+from gfservice.service import auth
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.state import (
     SnapshotError,
@@ -27,6 +31,7 @@ from gfservice.service.state import (
     set_aside,
     write_snapshot,
 )
+from gfservice.wire import RejectReason
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +281,62 @@ def _advertised_host(addr: str) -> str:
 
 
 # ---- Ray ------------------------------------------------------------------------------------------
+class ServiceActor:
+    """What Ray runs: a :class:`ServiceCore` behind the service token. Only these methods can be called through
+    the actor handle; every one but :meth:`ping` refuses a caller without the token when the service has one.
+
+    ``token_digest`` is the SHA-256 of the token (:func:`gfservice.service.auth.digest`), never the token: Ray
+    keeps the actor's arguments to restart it.
+    """
+
+    def __init__(self, settings: dict[str, Any] | Settings | None = None, token_digest: str | None = None):
+        self._guard = auth.Guard(token_digest)
+        self._core = ServiceCore(settings)
+
+    def ping(self) -> str:
+        """Liveness, open to every caller (it says nothing about runs)."""
+        return "pong"
+
+    def submit(self, messages: list[Any], dropped: dict[str, int] | None = None,
+               token: str | None = None) -> dict[str, Any]:
+        """:meth:`ServiceCore.submit`; a batch without the token is refused whole and counted as ``unauthorized``
+        (the answer has the same shape, so a sender's batching stays fire-and-forget)."""
+        if not self._guard.allows(token):
+            n = len(messages) if isinstance(messages, list | tuple) else 1
+            self._core.aggregator.note_rejected(RejectReason.unauthorized, n)
+            return {"rejected": [(i, RejectReason.unauthorized.value) for i in range(n)], "stop": {}}
+        return self._core.submit(messages, dropped)
+
+    def runs(self, token: str | None = None) -> list[dict[str, Any]]:
+        self._guard.check(token, "runs()")
+        return self._core.runs()
+
+    def findings(self, run: str, since_step: int = 0, active_only: bool = False,
+                 token: str | None = None) -> list[Finding]:
+        self._guard.check(token, "findings()")
+        return self._core.findings(run, since_step, active_only)
+
+    def latest(self, run: str, token: str | None = None) -> StepStats | None:
+        self._guard.check(token, "latest()")
+        return self._core.latest(run)
+
+    def history(self, run: str, token: str | None = None) -> list[StepStats]:
+        self._guard.check(token, "history()")
+        return self._core.history(run)
+
+    def configure(self, run: str, settings: dict[str, dict[str, Any]], token: str | None = None) -> dict[str, Any]:
+        self._guard.check(token, "configure()")
+        return self._core.configure(run, settings)
+
+    def status(self, token: str | None = None) -> dict[str, Any]:
+        self._guard.check(token, "status()")
+        return {**self._core.status(), "auth": "token" if self._guard.enabled else "none"}
+
+    def shutdown(self, token: str | None = None) -> None:
+        self._guard.check(token, "shutdown()")
+        self._core.shutdown()
+
+
 def _head_node_strategy():
     """Soft affinity to the head node, so the service sits next to the GCS and survives worker churn."""
     import ray
@@ -297,19 +358,23 @@ def find(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE):
         return None
 
 
-def start(settings: Settings | None = None, wait_s: float = 60.0):
+def start(settings: Settings | None = None, wait_s: float = 60.0, token: str | None = None):
     """Start the service on the connected Ray cluster, or return the one already running (same name).
 
+    ``token`` (default: :func:`gfservice.service.auth.load_token`, i.e. ``$GFSERVICE_TOKEN`` or
+    ``[service] token_file``) is the token every caller must then present; none: every caller is taken.
     Returns ``(handle, created)``.
     """
     import ray
 
     settings = settings or load_settings()
     cfg = settings.service
+    if token is None:
+        token = auth.load_token(cfg.token_file)
     existing = find(cfg.name, cfg.namespace)
     if existing is not None:
         return existing, False
-    actor_cls = ray.remote(ServiceCore)
+    actor_cls = ray.remote(ServiceActor)
     handle = actor_cls.options(
         name=cfg.name,
         namespace=cfg.namespace,
@@ -320,20 +385,28 @@ def start(settings: Settings | None = None, wait_s: float = 60.0):
         num_cpus=0,
         get_if_exists=True,
         scheduling_strategy=_head_node_strategy(),
-    ).remote(settings.model_dump())
+    ).remote(settings.model_dump(), auth.digest(token) if token else None)
     ray.get(handle.ping.remote(), timeout=wait_s)  # type: ignore[union-attr]  # an actor handle
     return handle, True
 
 
-def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> bool:
-    """End the running service (after a last snapshot). Returns False when none was running."""
+def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, token: str | None = None) -> bool:
+    """End the running service (after a last snapshot). Returns False when none was running.
+
+    Raises :class:`~gfservice.service.auth.Unauthorized` (and leaves the service running) when the service has
+    a token and ``token`` (default: ``$GFSERVICE_TOKEN`` or ``$GFSERVICE_SERVICE__TOKEN_FILE``) is not it.
+    """
     import ray
 
     handle = find(name, namespace)
     if handle is None:
         return False
+    if token is None:
+        token = auth.load_token()
     try:
-        ray.get(handle.shutdown.remote(), timeout=30)
+        ray.get(handle.shutdown.remote(token=token), timeout=30)
+    except PermissionError as exc:
+        raise auth.Unauthorized(*getattr(exc, "cause", exc).args) from None
     except Exception:
         log.warning("gfservice did not shut down cleanly; killing it")
     ray.kill(handle, no_restart=True)

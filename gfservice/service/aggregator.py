@@ -1,9 +1,26 @@
 """The aggregator core (plain Python, no Ray, no torch): validate messages, merge ranks into steps, run
 detectors, keep findings with their lifecycle and a bounded history per run.
 
-The aggregator owns its state and its lock. Readers (the exporter, ``status``, the client, reports) get a
-frozen, consistent :class:`AggregatorView` copied under the lock (:meth:`Aggregator.view`), or copies of
-findings: nothing they hold changes under them, and nothing they do holds the lock.
+Locks: one short global lock guards the run table and the service-wide counters; each run has its own lock for
+its state (ingest, merge, findings) and a second one that orders the judging of its steps. Detectors never run
+under a lock that another run or a reader needs: they run on worker threads, one call at a time per run, and
+the caller waits for each call at most ``AggregatorConfig.detector_time_budget_s``. Readers (the exporter,
+``status``, the client, reports) get a frozen :class:`AggregatorView` (:meth:`Aggregator.view`) built from
+each run's published snapshot (replaced whenever the run changes), or copies of findings: nothing they hold
+changes under them, and nothing they do waits for a detector.
+
+Isolated detectors: a detector that raises or returns anything but ``None`` or a list of this run's
+:class:`~gfservice.api.Finding` makes an error; one that takes longer than the time budget on a step, or makes
+``detector_error_budget`` errors on a run, is disabled for that run and a ``detector_disabled`` finding (key:
+the detector's name) says so; the step's other findings are always kept. ``gfservice configure RUN --set
+NAME.enabled=true`` (or a restart of the service) re-enables it. A hung detector's thread is abandoned (one
+thread per hung detector and run: it is never called again), and the run's later steps go on without it.
+
+Admission checks that need the run (the stateless ones are :func:`~gfservice.wire.parse`'s): a step at most
+``max_step_jump`` ahead of the run's newest step (``step_jump``; an attempt's first step may be anything), a
+``RunEnd`` or report only from a rank that sent a layout (``unknown_rank``), a layout that agrees with the
+other ranks' on layers, sharded flags, sizes, units and (for senders with attempt ids) world size
+(``layout_mismatch``). Refusals are counted service-wide and on the run they name (``RunView.rejected``).
 
 >>> from gfservice.wire import Layout, RunEnd, StepReport
 >>> agg = Aggregator()
@@ -23,13 +40,16 @@ Ack(accepted=True, reason=None, new_findings=())
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,15 +58,32 @@ from gfservice import registry
 from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats
 from gfservice.config import AggregatorConfig
 from gfservice.registry import ConfigError
+from gfservice.service.memory import (
+    Layouts,
+    Ledger,
+    PendingSteps,
+    RecordLog,
+    RunMemory,
+    Standing,
+    StepHistory,
+    victims,
+)
+from gfservice.service.state import encode
 from gfservice.stats import Array, merge_shards
 from gfservice.wire import Layout, Rejected, RejectReason, RunEnd, StepReport, parse
 
-__all__ = ["Ack", "Aggregator", "AggregatorConfig", "AggregatorView", "RunView"]
+__all__ = ["DETECTOR_DISABLED", "Ack", "Aggregator", "AggregatorConfig", "AggregatorView", "RunView"]
 
 log = logging.getLogger(__name__)
 
 #: Attempts of a run remembered to tell a late message of an old attempt (stale_attempt) from a new one.
 _ATTEMPTS_KEPT = 64
+#: The detector name of the finding that says a detector was disabled for a run (its key: that detector's name).
+DETECTOR_DISABLED = "detector_disabled"
+#: Seconds between the summary lines of a detector's repeated errors on one run (the first one logs in full).
+_ERROR_LOG_INTERVAL_S = 60.0
+#: Seconds a snapshot waits for a run busy judging a step before it keeps that run's previous detector states.
+_SNAPSHOT_WAIT_S = 0.1
 
 
 class Ack(NamedTuple):
@@ -147,6 +184,26 @@ class _Run:
     #: The previous attempt's layers until the current attempt's first layout with layers arrives (then its
     #: detectors keep their state when the layers are the same, else start fresh); None once decided.
     prior_layers: tuple[str, ...] | None = None
+    #: Messages of this run refused, by reason.
+    rejected: dict[str, int] = field(default_factory=dict)
+    #: Detectors disabled for this run: name -> "errors" or "time".
+    disabled: dict[str, str] = field(default_factory=dict)
+    #: Errors of each enabled detector counted against its budget (since it was last enabled).
+    strikes: dict[str, int] = field(default_factory=dict)
+    #: Rate limit of error logs: detector -> [start of the current window, errors not logged in it, last error].
+    error_log: dict[str, list[Any]] = field(default_factory=dict)
+    #: Detector states of the last snapshot, reused when the run is busy judging at the next one.
+    saved_detectors: dict[str, Any] = field(default_factory=dict)
+    #: Detectors whose state could not be saved (logged once).
+    unsaveable: set[str] = field(default_factory=set)
+    #: Bytes the run holds, as accounted (see ``RunView.memory_bytes`` and :mod:`gfservice.service.memory`).
+    memory: RunMemory = field(default_factory=lambda: RunMemory(Ledger(), 0))
+    #: Guards the run's state; never held while a detector runs.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Held while the run's steps are judged, so that they are judged one at a time, in order.
+    judging: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: What readers see of the run (see :class:`_Published`), replaced whenever the run changes.
+    published: _Published | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +253,144 @@ class RunView:
         }
 
 
+class _Published:
+    """A run as readers see it: the fields of its :class:`RunView` and frozen copies of its finding records,
+    made into a view (and :class:`Finding` copies) only when a reader asks: a step costs a few copies, not a
+    view. Never changed once published, but for the view it caches."""
+
+    __slots__ = ("_view", "active", "cleared", "fields")
+
+    def __init__(self, fields: dict[str, Any], active: tuple[_Record, ...], cleared: tuple[_Record, ...]):
+        self.fields = fields
+        self.active = active
+        #: Cleared records, oldest first (cleared records never change).
+        self.cleared = cleared
+        self._view: RunView | None = None
+
+    @property
+    def view(self) -> RunView:
+        """The run's view without its findings (built once; two readers racing build the same one)."""
+        if self._view is None:
+            self._view = RunView(**self.fields, active=(), recently_cleared=())
+        return self._view
+
+    def run_view(self, since: float) -> RunView:
+        cleared: list[Finding] = []
+        for rec in reversed(self.cleared):  # newest first; cleared times only grow
+            if rec.cleared_time is None or rec.cleared_time < since:
+                break
+            cleared.append(rec.copy())
+        active = sorted((rec.copy() for rec in self.active), key=lambda f: -f.severity.rank)
+        if not active and not cleared:
+            return self.view
+        return replace(self.view, active=tuple(active), recently_cleared=tuple(reversed(cleared)))
+
+
+class _Outcome(NamedTuple):
+    """What one detector call gave: findings (or None), or an error, or nothing in time."""
+
+    name: str
+    found: list[Finding] | None
+    error: BaseException | None
+    seconds: float
+    timed_out: bool = False
+
+
+def _call(name: str, det: Detector, stats: StepStats) -> _Outcome:
+    """Call ``det`` on ``stats``; every failure, a bad return value included, is an error of the outcome."""
+    t0 = time.perf_counter()
+    try:
+        found = det.update(stats)
+        if found is not None:
+            if not isinstance(found, list):
+                raise TypeError(f"update returned {type(found).__name__}, not a list of Finding")
+            for f in found:
+                if not isinstance(f, Finding):
+                    raise TypeError(f"update returned a list holding a {type(f).__name__}, not Finding")
+                if f.run != stats.run:
+                    raise ValueError(f"update returned a finding of run {f.run!r} for run {stats.run!r}")
+        return _Outcome(name, found, None, time.perf_counter() - t0)
+    except BaseException as exc:  # a plugin's SystemExit must not end a worker silently either
+        return _Outcome(name, None, exc, time.perf_counter() - t0)
+
+
+class _Job:
+    """The detector calls of one step, made in order on a worker thread. The waiting caller abandons the job
+    when a call runs past its time budget; the worker then drops whatever that call returns and stops."""
+
+    def __init__(self, stats: StepStats, detectors: Sequence[tuple[str, Detector]]):
+        self.stats = stats
+        self.detectors = detectors
+        self.cond = threading.Condition()
+        self.outcomes: list[_Outcome] = []
+        #: When the current call began (``time.perf_counter``); None between calls.
+        self.started: float | None = None
+        self.abandoned = False
+
+    def run(self) -> None:
+        for name, det in self.detectors:
+            with self.cond:
+                if self.abandoned:
+                    return
+                self.started = time.perf_counter()
+                self.cond.notify_all()
+            outcome = _call(name, det, self.stats)
+            with self.cond:
+                if self.abandoned:
+                    return
+                self.outcomes.append(outcome)
+                self.started = None
+                self.cond.notify_all()
+
+
+class _Workers:
+    """Daemon threads that run :class:`_Job` s, started on demand and stopped after a minute idle. A thread
+    stuck in a hung detector is simply written off: it no longer counts, and a new thread takes the next job."""
+
+    def __init__(self, idle_s: float = 60.0):
+        self._idle_s = idle_s
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every thread (a forked child has none of its parent's)."""
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        #: Threads waiting for a job, less the jobs queued for them.
+        self._idle = 0
+
+    def start(self, job: _Job) -> None:
+        with self._lock:
+            spawn = self._idle <= 0
+            if not spawn:
+                self._idle -= 1
+        if spawn:
+            try:
+                threading.Thread(target=self._loop, name="gfservice-detectors", daemon=True).start()
+            except RuntimeError:  # no thread to be had: run the job on the caller's thread
+                job.run()
+                return
+        self._jobs.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # more threads wait than there are jobs: this one may go
+                        self._idle -= 1
+                        return
+                continue
+            job.run()
+            with self._lock:
+                self._idle += 1
+
+
+#: The detector threads of every aggregator of this process.
+_WORKERS = _Workers()
+os.register_at_fork(after_in_child=_WORKERS.reset)
+
+
 @dataclass(frozen=True)
 class AggregatorView:
     """A frozen, consistent picture of the aggregator: every run, and the service-wide counters."""
@@ -223,7 +418,8 @@ class Aggregator:
 
     ``detector_settings`` maps detector names to field overrides (see :mod:`gfservice.registry`);
     ``detector_factory`` replaces the registry entirely (tests, embedding). ``clock`` (like
-    :func:`time.time`) stamps merges and cleared findings.
+    :func:`time.time`) stamps merges and cleared findings. ``submit`` returns the findings its message
+    raised, synchronously, whichever thread the detectors ran on.
     """
 
     def __init__(
@@ -241,7 +437,10 @@ class Aggregator:
         self._factory = detector_factory or (lambda: registry.build(settings))
         self._clock = clock
         self._runs: dict[str, _Run] = {}
+        #: The run table and the service-wide counters; held briefly, never while a detector runs. Taken after
+        #: a run's own locks, never before them.
         self._lock = threading.Lock()
+        self._workers = _WORKERS
         self._accepted = 0
         self._rejected: dict[str, int] = {}
         self._layer_stats_merged = 0
@@ -250,36 +449,95 @@ class Aggregator:
         self._retired_seconds: dict[str, float] = {}
         self._retired_errors: dict[str, int] = {}
         self._runs_forgotten = 0
+        #: Bytes all runs hold (see :mod:`gfservice.service.memory`), and runs evicted or retired by reason.
+        self._ledger = Ledger()
+        self._evicted: dict[str, int] = {}
 
     # ---- ingest ---------------------------------------------------------------------------------
     def submit(self, message: Layout | StepReport | RunEnd | Mapping[str, Any]) -> Ack:
         """Validate and take one message (a message object or a plain dict); never raises for bad input."""
         t0 = time.perf_counter()
         try:
-            msg = parse(message)  # outside the lock: validation is the costly part
+            msg = parse(message, self.config)  # outside any lock: validation is the costly part
+            new: list[Finding] = []
+            if isinstance(msg, Layout):
+                self._take_layout(msg)
+            else:
+                run = self._find(msg.run)
+                with run.judging:  # waits only for this run's own detectors
+                    with run.lock:
+                        self._check_current(run)
+                        if isinstance(msg, RunEnd):
+                            steps = self._end(run, msg)
+                            self._publish(run)
+                        else:  # what readers see changes only with a merged step: published once judged
+                            steps = self._ingest(run, msg)
+                    new = self._judge_steps(run, steps)
             with self._lock:
-                new: list[Finding] = []
-                if isinstance(msg, Layout):
-                    self._register(msg)
-                elif isinstance(msg, RunEnd):
-                    new = self._end(msg)
-                else:
-                    new = self._ingest(msg)
                 self._accepted += 1
                 self._count_ingest(t0)
+            self._enforce_memory()
             return Ack(True, None, tuple(new))
         except Rejected as exc:
-            with self._lock:
-                self._rejected[exc.reason.value] = self._rejected.get(exc.reason.value, 0) + 1
-                self._count_ingest(t0)
+            self._count_rejected(exc.reason, message, t0)
             log.debug("rejected message: %s", exc)
             return Ack(False, exc.reason)
+
+    def _count_rejected(self, reason: RejectReason, message: Any, t0: float) -> None:
+        """Count a refused message service-wide, and on its run when it names one the aggregator has."""
+        try:  # a hostile object may lack the field, or raise when asked for it
+            name = (message.run if isinstance(message, Layout | StepReport | RunEnd)
+                    else dict.get(message, "run") if isinstance(message, dict) else None)  # nothing else is trusted
+        except Exception:
+            name = None
+        with self._lock:
+            self._rejected[reason.value] = self._rejected.get(reason.value, 0) + 1
+            self._count_ingest(t0)
+            run = self._runs.get(name) if type(name) is str else None
+        if run is not None:
+            with run.lock:
+                run.rejected[reason.value] = run.rejected.get(reason.value, 0) + 1
+                if run.published is not None:
+                    self._publish(run)
 
     def _count_ingest(self, t0: float) -> None:
         self._ingest_seconds += time.perf_counter() - t0
         self._ingest_count += 1
 
-    def _register(self, lay: Layout) -> None:
+    def _find(self, name: str) -> _Run:
+        with self._lock:
+            run = self._runs.get(name)
+        if run is None:
+            raise Rejected(RejectReason.unknown_run, f"no layout for run {name!r}; send the Layout first")
+        return run
+
+    def _check_current(self, run: _Run) -> None:
+        """Raise ``unknown_run`` when ``run`` left the run table while the caller waited for its locks."""
+        if self._runs.get(run.name) is not run:
+            raise Rejected(RejectReason.unknown_run, f"run {run.name!r} was forgotten meanwhile")
+
+    def _take_layout(self, lay: Layout) -> None:
+        """Register ``lay`` holding the current run's locks (if any), then the global lock: a replaced or new
+        run is built and published before anyone else can see it."""
+        while True:
+            with self._lock:
+                run = self._runs.get(lay.run)
+            with contextlib.ExitStack() as held:
+                if run is not None:
+                    held.enter_context(run.judging)
+                    held.enter_context(run.lock)
+                with self._lock:
+                    if self._runs.get(lay.run) is not run:
+                        continue  # replaced meanwhile: start over with the current one
+                    target = self._register(lay)
+                    if target is not run:
+                        with target.lock:
+                            self._publish(target)
+                if run is not None and target is run:
+                    self._publish(run)
+                return
+
+    def _register(self, lay: Layout) -> _Run:
         if len(lay.layers) > self.config.max_layers:
             raise Rejected(RejectReason.oversized, f"{len(lay.layers)} layers, limit {self.config.max_layers}")
         run = self._runs.get(lay.run)
@@ -288,11 +546,17 @@ class Aggregator:
             self._new_attempt(run, lay)
         elif run is None or run.world_size != lay.world_size:
             if run is not None:
+                if lay.attempt and any(r != lay.rank for r in run.layouts):
+                    # senders that tell attempts apart start a new attempt to change the world size
+                    raise Rejected(RejectReason.layout_mismatch,
+                                   f"rank {lay.rank} of {lay.run} reports world size {lay.world_size}, "
+                                   f"the run's other ranks {run.world_size}")
                 log.info("run %s restarted with world size %d", lay.run, lay.world_size)
             run = self._new_run(lay.run, lay.world_size, lay.attempt)
         if lay.reports_layers:
             if run.layers and tuple(lay.layers) != run.layers:
                 raise Rejected(RejectReason.layout_mismatch, f"rank {lay.rank} of {lay.run} reports other layers")
+            _check_consistent(run, lay)
             if run.prior_layers is not None:
                 if tuple(lay.layers) != run.prior_layers:  # another model: its detectors start afresh
                     log.info("run %s attempt %s reports other layers: fresh detectors", run.name, run.attempt)
@@ -304,6 +568,7 @@ class Aggregator:
         run.layouts[lay.rank] = lay
         run.ended.discard(lay.rank)
         run.finished = False
+        return run
 
     @staticmethod
     def _check_attempt(run: _Run, msg: Layout | StepReport | RunEnd) -> None:
@@ -325,7 +590,7 @@ class Aggregator:
         run.attempts.append(lay.attempt)
         run.attempt_count += 1
         run.world_size = lay.world_size
-        run.layouts = {}
+        run.layouts.clear()
         run.pending.clear()
         run.pending_since.clear()
         run.rank_last_step.clear()
@@ -344,34 +609,79 @@ class Aggregator:
         run.active.clear()
 
     def _new_run(self, name: str, world_size: int, attempt: str = "") -> _Run:
-        if name not in self._runs and len(self._runs) >= self.config.max_runs:
-            oldest = min(self._runs.values(), key=lambda r: r.last_time)
-            log.warning("forgetting run %s: more than %d runs", oldest.name, self.config.max_runs)
-            self._retire(oldest)
+        """A fresh run ``name`` (caller holds ``self._lock``), replacing the one of that name. Past ``max_runs``,
+        runs are evicted first, in the order of :func:`~gfservice.service.memory.eviction_order`."""
         old = self._runs.get(name)
         if old is not None:
             self._retire(old)
+        excess = len(self._runs) + 1 - self.config.max_runs
+        if excess > 0:  # a batch at a time (1/64 of the table): each choice weighs every run
+            self._evict("max_runs", count=max(excess, self.config.max_runs // 64))
+        detectors = self._factory()
+        memory = RunMemory(self._ledger, len(detectors), created=self._clock())
         cap = self.config.findings_history
-        run = _Run(name=name, world_size=world_size, detectors=self._factory(),
-                   history=deque(maxlen=self.config.history), log=deque(maxlen=cap), cleared=deque(maxlen=cap),
-                   attempt=attempt)
+        run = _Run(name=name, world_size=world_size, detectors=detectors,
+                   history=StepHistory(memory, self.config.history), log=RecordLog(memory, cap),
+                   cleared=deque(maxlen=cap), layouts=Layouts(memory), pending=PendingSteps(memory),
+                   attempt=attempt, memory=memory)
         run.attempts.append(attempt)
         self._runs[name] = run
         return run
 
-    def _retire(self, run: _Run) -> None:
-        """Forget ``run``, keeping its detector time and errors in the service-wide totals."""
-        for d, v in run.detector_seconds.items():
+    def _retire(self, run: _Run, reason: str | None = None) -> None:
+        """Forget ``run``, keeping its detector time and errors in the service-wide totals; ``reason`` counts
+        an eviction (``AggregatorView.evicted``)."""
+        for d, v in dict(run.detector_seconds).items():  # copied: it may be judging
             self._retired_seconds[d] = self._retired_seconds.get(d, 0.0) + v
-        for d, n in run.detector_errors.items():
+        for d, n in dict(run.detector_errors).items():  # copied: it may be judging
             self._retired_errors[d] = self._retired_errors.get(d, 0) + n
         del self._runs[run.name]
+        run.memory.detach()
         self._runs_forgotten += 1
+        if reason is not None:
+            self._evicted[reason] = self._evicted.get(reason, 0) + 1
 
-    def _end(self, msg: RunEnd) -> list[Finding]:
-        run = self._runs.get(msg.run)
-        if run is None:
-            raise Rejected(RejectReason.unknown_run, f"no layout for run {msg.run!r}")
+    @staticmethod
+    def _standing(r: _Run) -> Standing:
+        return Standing(r.name, r.finished, r.last_time, active=len(r.active), stopping=r.stop_reason is not None,
+                        steps=len(r.history), nbytes=r.memory.total, created=r.memory.created)
+
+    def _evict(self, reason: str, count: int = 0, free_bytes: int = 0) -> None:
+        """Evict at least ``count`` runs and enough to free ``free_bytes`` (caller holds ``self._lock``)."""
+        chosen = victims([self._standing(r) for r in self._runs.values()], self._clock(), self.config.idle_after_s,
+                         count=count, free_bytes=free_bytes)
+        if chosen:
+            log.warning("forgetting %d runs (%s: %d runs, %d bytes held; limits %d runs, %d bytes): %s%s",
+                        len(chosen), reason, len(self._runs), self._ledger.total, self.config.max_runs,
+                        self.config.max_memory_bytes, ", ".join(s.name for s in chosen[:5]),
+                        "..." if len(chosen) > 5 else "")
+        for s in chosen:
+            self._retire(self._runs[s.name], reason)
+
+    def _enforce_memory(self) -> None:
+        """Evict runs while the runs hold more than ``max_memory_bytes`` (a little more, so as not to evict at
+        every message near the limit); the only run left is kept."""
+        limit = self.config.max_memory_bytes
+        if not limit or self._ledger.total <= limit:
+            return
+        with self._lock:
+            over = self._ledger.total - limit
+            if over > 0:
+                self._evict("memory", free_bytes=over + limit // 32)
+
+    def _retire_finished(self, now: float) -> None:
+        """Forget runs finished ``finished_ttl_s`` ago or more (caller holds ``self._lock``); the time runs from
+        the first tick that saw the run finished."""
+        for r in list(self._runs.values()):
+            if not r.finished:
+                r.memory.finished_at = None
+            elif r.memory.finished_at is None:
+                r.memory.finished_at = now
+            elif now - r.memory.finished_at >= self.config.finished_ttl_s:
+                log.info("run %s finished %.0f s ago: forgotten", r.name, now - r.memory.finished_at)
+                self._retire(r, "finished_ttl")
+
+    def _end(self, run: _Run, msg: RunEnd) -> list[StepStats]:
         if msg.attempt != run.attempt:
             self._check_attempt(run, msg)
             raise Rejected(RejectReason.unknown_rank, f"rank {msg.rank} of {msg.run} sent no layout for attempt "
@@ -388,13 +698,17 @@ class Aggregator:
         """Add reports that ``run``'s senders dropped before they reached the aggregator."""
         with self._lock:
             r = self._runs.get(run)
-            if r is not None and dropped > 0:
+        if r is not None and dropped > 0:
+            with r.lock:
                 r.sender_dropped += int(dropped)
+                self._publish(r)
 
-    def _ingest(self, rep: StepReport) -> list[Finding]:
-        run = self._runs.get(rep.run)
-        if run is None:
-            raise Rejected(RejectReason.unknown_run, f"no layout for run {rep.run!r}; send the Layout first")
+    def note_rejected(self, reason: RejectReason, n: int = 1) -> None:
+        """Count ``n`` messages refused before they reached the aggregator (``unauthorized``: no run is touched)."""
+        with self._lock:
+            self._rejected[reason.value] = self._rejected.get(reason.value, 0) + int(n)
+
+    def _ingest(self, run: _Run, rep: StepReport) -> list[StepStats]:
         if rep.attempt != run.attempt:  # a late report of an old attempt, or of one whose layout the service lost
             self._check_attempt(run, rep)
             raise Rejected(RejectReason.unknown_rank, f"rank {rep.rank} of {rep.run} sent no layout for attempt "
@@ -407,6 +721,10 @@ class Aggregator:
             raise Rejected(RejectReason.shape_mismatch, f"{rep.n_layers} layers, layout has {expected}")
         if rep.step <= run.last_step:
             raise Rejected(RejectReason.stale_step, f"step {rep.step} of {rep.run} is already merged")
+        newest = max(run.last_step, max(run.rank_last_step.values(), default=-1))
+        if newest >= 0 and rep.step - newest > self.config.max_step_jump:
+            raise Rejected(RejectReason.step_jump, f"step {rep.step} of {rep.run} is more than "
+                                                   f"{self.config.max_step_jump} ahead of its step {newest}")
         slot = run.pending.setdefault(rep.step, {})
         if rep.rank in slot:
             raise Rejected(RejectReason.duplicate, f"rank {rep.rank} already reported step {rep.step}")
@@ -416,8 +734,9 @@ class Aggregator:
         return self._merge_ready(run)
 
     # ---- merging --------------------------------------------------------------------------------
-    def _merge_ready(self, run: _Run, force: bool = False) -> list[Finding]:
-        new: list[Finding] = []
+    def _merge_ready(self, run: _Run, force: bool = False) -> list[StepStats]:
+        """Merge the run's steps that are ready (caller holds ``run.lock``); returns them, to be judged."""
+        merged: list[StepStats] = []
         now = self._clock()
         while run.pending:
             step = min(run.pending)
@@ -431,13 +750,16 @@ class Aggregator:
                 break
             reports = run.pending.pop(step)
             run.pending_since.pop(step, None)
-            new.extend(self._merge_step(run, step, reports))
-        return new
+            stats = self._merge_step(run, step, reports)
+            if stats is not None:
+                self._begin_step(run, stats)
+                merged.append(stats)
+        return merged
 
-    def _merge_step(self, run: _Run, step: int, reports: dict[int, StepReport]) -> list[Finding]:
+    def _merge_step(self, run: _Run, step: int, reports: dict[int, StepReport]) -> StepStats | None:
         layer_reports = [r for rank, r in sorted(reports.items()) if run.layouts[rank].reports_layers]
         if not layer_reports:  # heartbeats only: nothing to judge
-            return []
+            return None
         grads = merge_shards([r.grad_stats(run.layers, run.units) for r in layer_reports], run.sharded)
         first = layer_reports[0]
         ws = run.world_size
@@ -468,35 +790,89 @@ class Aggregator:
             compute_time=compute_time if np.isfinite(compute_time).any() else None,
             missing_ranks=tuple(sorted(set(range(ws)) - set(reports))),
         )
-        self._layer_stats_merged += len(grads) * len(layer_reports)
-        return self._run_detectors(run, stats)
+        with self._lock:
+            self._layer_stats_merged += len(grads) * len(layer_reports)
+        return stats
 
-    def _run_detectors(self, run: _Run, stats: StepStats) -> list[Finding]:
+    def _begin_step(self, run: _Run, stats: StepStats) -> None:
+        """Take a merged step into the run's history (caller holds ``run.lock``), before it is judged."""
         run.history.append(stats)
         run.last_step = stats.step
         run.last_time = self._clock()
+
+    # ---- detectors ------------------------------------------------------------------------------
+    def _judge_steps(self, run: _Run, steps: Sequence[StepStats]) -> list[Finding]:
+        """Run the detectors on ``steps`` in order and settle their findings. The caller holds ``run.judging``
+        and not ``run.lock``: the detectors run without any lock that another run or a reader needs."""
+        new: list[Finding] = []
+        for stats in steps:
+            with run.lock:
+                detectors = [(n, d) for n, d in run.detectors.items() if n not in run.disabled]
+            outcomes = self._call_detectors(stats, detectors)
+            with run.lock:
+                new.extend(self._settle(run, stats, outcomes))
+                self._publish(run)
+        return new
+
+    def _call_detectors(self, stats: StepStats, detectors: Sequence[tuple[str, Detector]]) -> list[_Outcome]:
+        """Each detector's outcome on ``stats``, in order; a call past the time budget is given up on."""
+        budget = self.config.detector_time_budget_s
+        outcomes: list[_Outcome] = []
+        while detectors:
+            job = _Job(stats, detectors)
+            self._workers.start(job)
+            with job.cond:
+                idle_waits = 0
+                while len(job.outcomes) < len(detectors):
+                    started = job.started
+                    if started is None:  # between calls, or the worker has not picked the job up yet
+                        done = len(job.outcomes)
+                        job.cond.wait(budget)
+                        idle_waits = idle_waits + 1 if len(job.outcomes) == done and job.started is None else 0
+                        if idle_waits < 2:
+                            continue
+                    elif (left := started + budget - time.perf_counter()) > 0:
+                        job.cond.wait(left)
+                        continue
+                    job.abandoned = True
+                    break
+                done_outcomes = list(job.outcomes)
+            outcomes.extend(done_outcomes)
+            if len(done_outcomes) == len(detectors):
+                break
+            name = detectors[len(done_outcomes)][0]
+            outcomes.append(_Outcome(name, None, None, budget, timed_out=True))
+            detectors = detectors[len(done_outcomes) + 1:]
+        return outcomes
+
+    def _settle(self, run: _Run, stats: StepStats, outcomes: Sequence[_Outcome]) -> list[Finding]:
+        """Take the detectors' outcomes on ``stats`` into the run's findings (caller holds ``run.lock``)."""
         raised: dict[tuple[str, str], Finding] = {}
-        silent: set[str] = set()
-        for name, det in run.detectors.items():
-            t0 = time.perf_counter()
-            try:
-                found = det.update(stats)
-                if found is not None and not (isinstance(found, list)
-                                              and all(isinstance(f, Finding) for f in found)):
-                    raise TypeError(f"update returned {type(found).__name__}, not a list of Finding")
-            except Exception:
-                run.detector_errors[name] = run.detector_errors.get(name, 0) + 1
-                if run.detector_errors[name] <= 3:
-                    log.exception("detector %s failed on run %s step %d", name, run.name, stats.step)
-                silent.add(name)
+        silent: set[str] = {DETECTOR_DISABLED}
+        budget = self.config.detector_error_budget
+        for o in outcomes:
+            run.detector_seconds[o.name] = run.detector_seconds.get(o.name, 0.0) + o.seconds
+            if o.found is not None:
+                for f in o.found:
+                    raised[f.identity] = f
                 continue
-            finally:
-                run.detector_seconds[name] = run.detector_seconds.get(name, 0.0) + time.perf_counter() - t0
-            if found is None:  # the detector did not evaluate this step: its findings stay as they are
-                silent.add(name)
-                continue
-            for f in found:
+            silent.add(o.name)  # no verdict on this step: its findings stay as they are
+            if o.timed_out:
+                run.detector_errors[o.name] = run.detector_errors.get(o.name, 0) + 1
+                why = (f"it took more than its time budget of {self.config.detector_time_budget_s:g} s "
+                       f"(detector_time_budget_s) on step {stats.step}")
+                f = self._disable(run, stats, o.name, "time", why)
                 raised[f.identity] = f
+            elif o.error is not None:
+                run.detector_errors[o.name] = run.detector_errors.get(o.name, 0) + 1
+                run.strikes[o.name] = run.strikes.get(o.name, 0) + 1
+                self._log_error(run, o.name, stats.step, o.error)
+                if run.strikes[o.name] >= budget:
+                    why = (f"{run.strikes[o.name]} errors, its budget (detector_error_budget); the last: "
+                           f"{type(o.error).__name__}: {o.error}")
+                    f = self._disable(run, stats, o.name, "errors", why)
+                    raised[f.identity] = f
+        silent.update(run.disabled)
         new: list[Finding] = []
         for ident, f in raised.items():
             rec = run.active.get(ident)
@@ -514,27 +890,84 @@ class Aggregator:
                 run.stop_reason = f"{f.detector}: {f.message}"
         now = self._clock()
         for ident in [i for i in run.active if i not in raised and i[0] not in silent]:
-            rec = run.active.pop(ident)
-            rec.active = False
-            rec.cleared_time = now
-            run.cleared.append(rec)
+            self._clear(run, ident, now)
         return new
+
+    @staticmethod
+    def _clear(run: _Run, ident: tuple[str, str], now: float) -> None:
+        rec = run.active.pop(ident)
+        rec.active = False
+        rec.cleared_time = now
+        run.cleared.append(rec)
+
+    @staticmethod
+    def _disable(run: _Run, stats: StepStats, name: str, reason: str, why: str) -> Finding:
+        """Disable detector ``name`` for ``run``; returns the ``detector_disabled`` finding that says so."""
+        run.disabled[name] = reason
+        run.strikes.pop(name, None)
+        log.warning("detector %s is disabled for run %s: %s", name, run.name, why)
+        return Finding(
+            detector=DETECTOR_DISABLED, severity=Severity.warning, run=stats.run, step=stats.step, key=name,
+            message=f"detector {name} is disabled for this run: {why}. Its findings are no longer updated; fix or "
+                    f"remove the plugin, then re-enable it with `gfservice configure {run.name} --set "
+                    f"{name}.enabled=true` or by restarting the service.",
+        )
+
+    @staticmethod
+    def _log_error(run: _Run, name: str, step: int, exc: BaseException) -> None:
+        """Log a detector's first error on ``run`` in full; later ones as one summary line a minute."""
+        now = time.monotonic()
+        entry = run.error_log.get(name)
+        if entry is None:
+            run.error_log[name] = [now, 0, ""]
+            log.error("detector %s failed on run %s step %d (later errors of it on this run are summarised "
+                      "once a minute)", name, run.name, step, exc_info=exc)
+            return
+        entry[1] += 1
+        entry[2] = f"{type(exc).__name__}: {exc}"
+        if now - entry[0] >= _ERROR_LOG_INTERVAL_S:
+            log.error("detector %s failed %d more times on run %s in the last %.0f s (the last at step %d: %s)",
+                      name, entry[1], run.name, now - entry[0], step, entry[2])
+            entry[0], entry[1] = now, 0
 
     def flush(self, run: str | None = None) -> list[Finding]:
         """Merge every waiting step now (all runs, or one), missing ranks or not."""
         with self._lock:
             runs = [self._runs[run]] if run else list(self._runs.values())
-            return [f for r in runs for f in self._merge_ready(r, force=True)]
+        new: list[Finding] = []
+        for r in runs:
+            with r.judging:
+                with r.lock:
+                    steps = self._merge_ready(r, force=True)
+                    self._publish(r)
+                new.extend(self._judge_steps(r, steps))
+        return new
 
     def tick(self) -> list[Finding]:
-        """Merge the steps whose ranks are overdue and retire long-idle runs; call it periodically."""
+        """Merge the steps whose ranks are overdue and retire long-idle runs; call it periodically.
+
+        A run busy judging a step is left for the next tick.
+        """
         with self._lock:
             now = self._clock()
-            for r in self._runs.values():
-                if not r.finished and r.last_time and now - r.last_time > self.config.idle_finish_s:
-                    log.warning("run %s sent nothing for %.0f s: taking it as over", r.name, now - r.last_time)
-                    r.finished = True
-            return [f for r in list(self._runs.values()) for f in self._merge_ready(r)]
+            self._retire_finished(now)
+            runs = list(self._runs.values())
+        self._enforce_memory()
+        new: list[Finding] = []
+        for r in runs:
+            if not r.judging.acquire(blocking=False):
+                continue
+            try:
+                with r.lock:
+                    if not r.finished and r.last_time and now - r.last_time > self.config.idle_finish_s:
+                        log.warning("run %s sent nothing for %.0f s: taking it as over", r.name, now - r.last_time)
+                        r.finished = True
+                        self._publish(r)
+                    steps = self._merge_ready(r)
+                new.extend(self._judge_steps(r, steps))
+            finally:
+                r.judging.release()
+        return new
 
     # ---- replay and live reconfiguration -------------------------------------------------------
     def replay(self, run: str, steps: Sequence[StepStats],
@@ -559,11 +992,15 @@ class Aggregator:
             if steps:
                 r.layers = tuple(steps[0].grads.layers)
                 r.units = steps[0].grads.units
+            with r.lock:
+                self._publish(r)
         for i, stats in enumerate(steps, 1):
-            with self._lock:
-                if stats.step <= r.last_step:  # a restarted attempt of the run: its steps start again
-                    r.last_step = -1
-                self._run_detectors(r, stats)
+            with r.judging:
+                with r.lock:
+                    if stats.step <= r.last_step:  # a restarted attempt of the run: its steps start again
+                        r.last_step = -1
+                    self._begin_step(r, stats)
+                self._judge_steps(r, [stats])
             if progress is not None:
                 progress(i)
         return self.findings(run)
@@ -576,27 +1013,31 @@ class Aggregator:
         ``enabled = false`` removes a detector from the run and ``enabled = true`` adds one. A changed detector
         is built anew and takes the state of the one it replaces where the detector allows it (same class,
         :meth:`~gfservice.api.Detector.load_state_dict`), else it starts fresh and the summary says so.
+        A detector disabled for the run (past its error or time budget) that is named comes back, fresh.
         Findings raised afterwards carry the new configuration version.
 
         Everything is validated before anything changes: ``ConfigError`` names the detector and the field;
         ``KeyError`` for an unknown run. Returns a plain summary: ``run``, ``step`` (the first step judged
         with it), ``version``, ``changed`` and, per named detector, ``fields`` (field -> [old, new]) and
-        ``state`` ("carried over", "fresh: why", "added", "removed", "unchanged" or "not running").
+        ``state`` ("carried over", "fresh: why", "added", "removed", "unchanged", "re-enabled" or "not running").
         """
         with self._lock:
             r = self._get(run)
+        with r.judging, r.lock:
             plan = self._plan(r, detector_settings)
             summary = self._apply(r, plan, carry=True)
             changed = {name: given for name, (_, _, given, fields) in plan.items() if fields}
             if changed:
                 r.config_changes.append((r.last_step + 1, changed))
+            self._publish(r)
             return {"run": run, "step": r.last_step + 1, "version": len(r.config_changes),
                     "changed": bool(changed), "detectors": summary}
 
     def config_changes(self, run: str) -> list[tuple[int, dict[str, dict[str, Any]]]]:
         """The detector configuration changes of ``run``: (first step, detector -> fields set), oldest first."""
-        with self._lock:
-            return copy.deepcopy(self._get(run).config_changes)
+        r = self._get_locked(run)
+        with r.lock:
+            return copy.deepcopy(r.config_changes)
 
     def _plan(self, r: _Run, settings: Mapping[str, Mapping[str, Any]]
               ) -> dict[str, tuple[Detector | None, Detector, dict[str, Any], dict[str, list[Any]]]]:
@@ -642,6 +1083,17 @@ class Aggregator:
         summary: dict[str, Any] = {}
         for name, (old, new, _given, changes) in plan.items():
             enabled = new.config.enabled
+            if name in r.disabled:  # named again: it comes back, fresh (its old self may still be stuck)
+                del r.disabled[name]
+                r.error_log.pop(name, None)
+                if (DETECTOR_DISABLED, name) in r.active:
+                    self._clear(r, (DETECTOR_DISABLED, name), self._clock())
+                if enabled:
+                    r.detectors[name] = new
+                else:
+                    r.detectors.pop(name, None)
+                summary[name] = {"fields": changes, "state": "re-enabled" if enabled else "removed"}
+                continue
             if not changes:
                 state = "unchanged" if old is not None else "not running"
             elif not enabled:
@@ -666,57 +1118,67 @@ class Aggregator:
         return summary
 
     # ---- the read view --------------------------------------------------------------------------
+    def _publish(self, r: _Run) -> None:
+        """Replace what readers see of ``r`` (caller holds ``r.lock``): cheap copies, no findings built."""
+        fields = dict(
+            name=r.name, world_size=r.world_size, layers=len(r.layers), last_step=r.last_step,
+            last_time=r.last_time, finished=r.finished, stop_reason=r.stop_reason, sender_dropped=r.sender_dropped,
+            latest=r.history[-1] if r.history else None, findings_total=dict(r.findings_total),
+            detector_seconds=dict(r.detector_seconds), detector_errors=dict(r.detector_errors),
+            detector_configs={n: d.config for n, d in r.detectors.items()},
+            attempt=r.attempt, attempts=r.attempt_count, rejected=dict(r.rejected),
+            disabled_detectors=dict(r.disabled), memory_bytes=r.memory.total,
+        )
+        r.published = _Published(fields, tuple(copy.copy(rec) for rec in r.active.values()), tuple(r.cleared))
+
     def view(self, since: float | None = None) -> AggregatorView:
-        """A frozen copy of every run and counter, taken under the lock.
+        """A frozen copy of every run and counter; never waits for a run's detectors.
 
         ``since`` (a Unix time) bounds the cleared findings each run carries: those cleared at or after it.
         """
         with self._lock:
             now = self._clock()
-            cutoff = now if since is None else since
-            runs = tuple(self._run_view(r, cutoff) for r in self._runs.values())
+            published = [r.published for r in self._runs.values()]
             seconds = dict(self._retired_seconds)
             errors = dict(self._retired_errors)
-            for r in self._runs.values():
-                for d, v in r.detector_seconds.items():
-                    seconds[d] = seconds.get(d, 0.0) + v
-                for d, n in r.detector_errors.items():
-                    errors[d] = errors.get(d, 0) + n
-            return AggregatorView(
-                runs=runs, accepted=self._accepted, rejected=dict(self._rejected),
-                ingest_seconds=self._ingest_seconds, ingest_count=self._ingest_count,
-                layer_stats_merged=self._layer_stats_merged, detector_seconds=seconds, detector_errors=errors,
-                runs_forgotten=self._runs_forgotten, taken=now,
-            )
-
-    @staticmethod
-    def _run_view(r: _Run, since: float) -> RunView:
-        cleared: list[Finding] = []
-        for rec in reversed(r.cleared):  # newest first; cleared times only grow
-            if rec.cleared_time is None or rec.cleared_time < since:
-                break
-            cleared.append(rec.copy())
-        active = sorted((rec.copy() for rec in r.active.values()), key=lambda f: -f.severity.rank)
-        return RunView(
-            name=r.name, world_size=r.world_size, layers=len(r.layers), last_step=r.last_step,
-            last_time=r.last_time, finished=r.finished, stop_reason=r.stop_reason, sender_dropped=r.sender_dropped,
-            latest=r.history[-1] if r.history else None, findings_total=dict(r.findings_total),
-            active=tuple(active), recently_cleared=tuple(reversed(cleared)),
-            detector_seconds=dict(r.detector_seconds), detector_errors=dict(r.detector_errors),
-            detector_configs={n: d.config for n, d in r.detectors.items()},
-            attempt=r.attempt, attempts=r.attempt_count,
+            counters = (self._accepted, dict(self._rejected), self._ingest_seconds, self._ingest_count,
+                        self._layer_stats_merged, self._runs_forgotten)
+            evicted, memory = dict(self._evicted), self._ledger.total
+        cutoff = now if since is None else since
+        runs = tuple(p.run_view(cutoff) for p in published if p is not None)
+        for rv in runs:
+            for d, v in rv.detector_seconds.items():
+                seconds[d] = seconds.get(d, 0.0) + v
+            for d, n in rv.detector_errors.items():
+                errors[d] = errors.get(d, 0) + n
+        accepted, rejected, ingest_seconds, ingest_count, merged, forgotten = counters
+        return AggregatorView(
+            runs=runs, accepted=accepted, rejected=rejected, ingest_seconds=ingest_seconds,
+            ingest_count=ingest_count, layer_stats_merged=merged, detector_seconds=seconds, detector_errors=errors,
+            runs_forgotten=forgotten, taken=now, evicted=evicted, memory_bytes=memory,
+            memory_limit_bytes=self.config.max_memory_bytes,
         )
 
     def run_view(self, run: str, since: float | None = None) -> RunView:
         """One run's view; raises ``KeyError`` for an unknown run."""
         with self._lock:
-            return self._run_view(self._get(run), self._clock() if since is None else since)
+            r = self._get(run)
+            now = self._clock()
+        if r.published is None:
+            with r.lock:
+                self._publish(r)
+        assert r.published is not None
+        return r.published.run_view(now if since is None else since)
 
     def _get(self, run: str) -> _Run:
         try:
             return self._runs[run]
         except KeyError:
             raise KeyError(f"unknown run {run!r}") from None
+
+    def _get_locked(self, run: str) -> _Run:
+        with self._lock:
+            return self._get(run)
 
     # ---- queries --------------------------------------------------------------------------------
     def runs(self) -> list[dict[str, Any]]:
@@ -725,22 +1187,24 @@ class Aggregator:
 
     def findings(self, run: str, since_step: int = 0, active_only: bool = False) -> list[Finding]:
         """Copies of the findings of ``run`` first raised at or after ``since_step``, oldest first."""
-        with self._lock:
-            recs = [rec for rec in self._get(run).log if rec.first_step >= since_step]
-            return [rec.copy() for rec in recs if rec.active or not active_only]
+        r = self._get_locked(run)
+        with r.lock:
+            recs = [copy.copy(rec) for rec in r.log if rec.first_step >= since_step]
+        return [rec.copy() for rec in recs if rec.active or not active_only]
 
     def active_findings(self, run: str) -> list[Finding]:
         """Copies of the active findings of ``run``, most severe first."""
         return list(self.run_view(run).active)
 
     def latest(self, run: str) -> StepStats | None:
-        with self._lock:
-            h = self._get(run).history
-            return h[-1] if h else None
+        r = self._get_locked(run)
+        with r.lock:
+            return r.history[-1] if r.history else None
 
     def history(self, run: str) -> list[StepStats]:
-        with self._lock:
-            return list(self._get(run).history)
+        r = self._get_locked(run)
+        with r.lock:
+            return list(r.history)
 
     def should_stop(self, run: str) -> str | None:
         """Why ``run`` should stop (a detector with ``stop_run`` fired), or ``None``."""
@@ -760,22 +1224,55 @@ class Aggregator:
 
     # ---- snapshots ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Detector state, findings and layouts of every run (not the step history): enough to resume."""
+        """Detector state, findings and layouts of every run (not the step history): enough to resume.
+
+        Never breaks on one run: a detector whose state cannot be saved is left out (it starts fresh on
+        restore), and a run still busy judging a step after a short wait keeps the detector states of its last
+        snapshot. Disabled detectors are left out too.
+        """
         with self._lock:
-            return {
-                "runs": {r.name: self._run_state(r) for r in self._runs.values()},
-                "accepted": self._accepted,
-                "rejected": dict(self._rejected),
-            }
+            runs = list(self._runs.values())
+            accepted, rejected = self._accepted, dict(self._rejected)
+        return {"runs": {r.name: self._run_state(r) for r in runs}, "accepted": accepted, "rejected": rejected}
+
+    def _run_state(self, r: _Run) -> dict[str, Any]:
+        judging = r.judging.acquire(timeout=_SNAPSHOT_WAIT_S)
+        try:
+            with r.lock:
+                if judging:
+                    r.saved_detectors = {n: s for n, d in r.detectors.items() if n not in r.disabled
+                                         if (s := self._detector_state(r, n, d)) is not None}
+                else:
+                    log.warning("run %s is busy judging a step: its snapshot keeps the detector states of the "
+                                "previous one", r.name)
+                return self._run_state_locked(r)
+        finally:
+            if judging:
+                r.judging.release()
 
     @staticmethod
-    def _run_state(r: _Run) -> dict[str, Any]:
+    def _detector_state(r: _Run, name: str, det: Detector) -> dict[str, Any] | None:
+        """A copy of ``det``'s state that a snapshot can hold, or None (logged once per run) when there is none."""
+        try:
+            state = copy.deepcopy(det.state_dict())  # copied now: the snapshot is written later, on another thread
+            if not isinstance(state, Mapping):
+                raise TypeError(f"state_dict returned {type(state).__name__}, not a mapping")
+            encode(state, f"detector {name} of run {r.name}")
+            return dict(state)
+        except Exception as exc:
+            if name not in r.unsaveable:
+                r.unsaveable.add(name)
+                log.error("the state of detector %s of run %s cannot be saved (it restarts fresh after a restore): "
+                          "%s: %s", name, r.name, type(exc).__name__, exc)
+            return None
+
+    @staticmethod
+    def _run_state_locked(r: _Run) -> dict[str, Any]:
         logged = {id(rec) for rec in r.log}
         return {
             "world_size": r.world_size,
             **_layouts_state(r.layouts.values()),
-            # copied under the lock: the snapshot is written later, on another thread
-            "detectors": {n: copy.deepcopy(d.state_dict()) for n, d in r.detectors.items()},
+            "detectors": dict(r.saved_detectors),
             "log": [rec.to_dict() for rec in r.log],
             # active findings old enough to have left the bounded log
             "active": [rec.to_dict() for rec in r.active.values() if id(rec) not in logged],
@@ -790,6 +1287,7 @@ class Aggregator:
             "attempt": r.attempt,
             "attempts": list(r.attempts),
             "attempt_count": r.attempt_count,
+            "rejected": dict(r.rejected),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -803,16 +1301,26 @@ class Aggregator:
                 tables = s.get("layout_tables", [])
                 for lay in s["layouts"]:
                     body = tables[lay["table"]] if "table" in lay else {}
-                    self._register(Layout.model_validate({**{k: v for k, v in lay.items() if k != "table"}, **body}))
+                    try:
+                        saved = parse({**{k: v for k, v in lay.items() if k != "table"}, **body}, self.config)
+                        if isinstance(saved, Layout):  # validated like a live one: a Rejected, never a crash
+                            self._register(saved)
+                    except Rejected as exc:  # saved before the checks of today: the run goes on without it
+                        log.warning("run %s: a saved layout is refused now: %s", name, exc)
                 for step, settings in s.get("config_changes", []):  # the run's live reconfigurations, in order
                     try:
                         self._apply(run, self._plan(run, settings), carry=False)
                     except ConfigError as exc:
                         log.warning("run %s: configuration change at step %d no longer applies: %s", name, step, exc)
                     run.config_changes.append((int(step), dict(settings)))
-                for n, d in run.detectors.items():
+                for n, d in list(run.detectors.items()):
                     if n in s["detectors"]:
-                        d.load_state_dict(s["detectors"][n])
+                        try:
+                            d.load_state_dict(s["detectors"][n])
+                        except Exception as exc:  # a plugin that cannot take its saved state starts fresh
+                            log.error("detector %s of run %s cannot load its saved state (it starts fresh): %s: %s",
+                                      n, name, type(exc).__name__, exc)
+                            run.detectors[n] = type(d)(d.config)
                 logged = [_Record.from_dict(d) for d in s["log"]]
                 run.log.extend(logged)
                 for rec in [*logged, *(_Record.from_dict(d) for d in s.get("active", []))]:
@@ -827,8 +1335,30 @@ class Aggregator:
                 run.sender_dropped = s.get("sender_dropped", 0)
                 run.finished = s.get("finished", False)
                 run.ended = {int(rank) for rank in s.get("ended", [])}
+                run.rejected = {str(k): int(v) for k, v in s.get("rejected", {}).items()}
+                for ident in [i for i in run.active if i[0] == DETECTOR_DISABLED]:  # a restart re-enables them
+                    self._clear(run, ident, self._clock())
+                with run.lock:
+                    self._publish(run)
             self._accepted = state.get("accepted", 0)
             self._rejected = dict(state.get("rejected", {}))
+
+
+def _check_consistent(run: _Run, lay: Layout) -> None:
+    """Raise ``layout_mismatch`` when ``lay`` disagrees with another rank's layout of ``run`` on what all ranks
+    share: the sharded flags, the full sizes (``numel``) and the output units of every layer."""
+    ref = next((o for r, o in run.layouts.items() if r != lay.rank and o.reports_layers), None)
+    if ref is None:
+        return
+    for what, mine, theirs in (("sharded flags", lay.sharded, ref.sharded), ("sizes (numel)", lay.numel, ref.numel),
+                               ("units", lay.units, ref.units)):
+        if mine != theirs and (what != "units" or (mine and theirs)):
+            i = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), min(len(mine),
+                                                                                                    len(theirs)))
+            layer = lay.layers[i] if i < len(lay.layers) else "?"
+            raise Rejected(RejectReason.layout_mismatch,
+                           f"rank {lay.rank} of {lay.run} reports other {what} than rank {ref.rank} "
+                           f"(first at layer {layer})")
 
 
 _LAYOUT_BODY = ("layers", "numel", "sharded", "units")

@@ -13,21 +13,29 @@ from typing import Any
 from gfservice.api import Finding, StepStats
 from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE
 from gfservice.registry import ConfigError
+from gfservice.service import auth
 from gfservice.service.actor import find
 from gfservice.service.ray_cluster import attach_ray
 
 
 class Client:
-    """A handle on the service; every call is a Ray actor call with a timeout."""
+    """A handle on the service; every call is a Ray actor call with a timeout, carrying ``token`` (the service
+    token, when the service has one). A refused call raises :class:`~gfservice.service.auth.Unauthorized` (a
+    ``PermissionError``) that says how to pass the token."""
 
-    def __init__(self, handle, timeout_s: float = 30.0):
+    def __init__(self, handle, timeout_s: float = 30.0, token: str | None = None):
         self.handle = handle
         self.timeout_s = timeout_s
+        self.token = token
 
     def _call(self, method: str, *args):
         import ray
 
-        return ray.get(getattr(self.handle, method).remote(*args), timeout=self.timeout_s)
+        kwargs = {"token": self.token} if self.token is not None else {}
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args, **kwargs), timeout=self.timeout_s)
+        except PermissionError as exc:  # Ray wraps the service's refusal: raise it plainly, without traceback
+            raise auth.Unauthorized(*getattr(exc, "cause", exc).args) from None
 
     def runs(self) -> list[dict[str, Any]]:
         """One row per run: last step, world size, active findings, whether it finished."""
@@ -70,12 +78,18 @@ def attach(address: str | None = None) -> None:
 
 
 def connect(address: str | None = None, name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE,
-            timeout_s: float = 30.0) -> Client:
-    """A :class:`Client` for the service on the Ray cluster at ``address`` (default: the one running here)."""
+            timeout_s: float = 30.0, token: str | None = None) -> Client:
+    """A :class:`Client` for the service on the Ray cluster at ``address`` (default: the one running here).
+
+    ``token``: the service token, if the service has one (default ``$GFSERVICE_TOKEN``, else the file named by
+    ``$GFSERVICE_SERVICE__TOKEN_FILE``).
+    """
+    if token is None:
+        token = auth.load_token()
     attach(address)
     handle = find(name, namespace)
     if handle is None:
         raise ConnectionError(
             f"no gfservice service named {namespace}/{name} on this Ray cluster; start one with `gfservice serve`"
         )
-    return Client(handle, timeout_s)
+    return Client(handle, timeout_s, token)

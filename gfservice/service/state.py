@@ -44,7 +44,8 @@ import numpy as np
 from gfservice.registry import ConfigError
 
 __all__ = ["FORMAT", "VERSION", "SnapshotError", "SnapshotTooNew", "StateDirError", "decode", "encode",
-           "ensure_private_dir", "prev_path", "read_snapshot", "set_aside", "write_snapshot"]
+           "ensure_private_dir", "prev_path", "read_private_json", "read_snapshot", "set_aside",
+           "write_private_json", "write_snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,50 @@ def write_snapshot(path: str | os.PathLike[str], state: Mapping[str, Any], now: 
         raise
     _fsync_dir(directory)
     return target
+
+
+def write_private_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically, mode 0600, in a private directory (markers and the like).
+
+    >>> import tempfile, stat
+    >>> p = write_private_json(Path(tempfile.mkdtemp()) / "d" / "m.json", {"a": 1})
+    >>> read_private_json(p), oct(stat.S_IMODE(p.stat().st_mode))
+    ({'a': 1}, '0o600')
+    """
+    target = Path(path)
+    directory = ensure_private_dir(target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def read_private_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON in ``path``, a regular file of this user (not a symlink); ``FileNotFoundError`` when missing,
+    :class:`SnapshotError` when it is not this user's or not JSON."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SnapshotError(f"{path} is a symlink; not following it") from None
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise SnapshotError(f"{path} is not a regular file of this user")
+        raw = fh.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SnapshotError(f"{path} is not JSON ({exc})") from None
 
 
 def read_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -27,9 +27,12 @@ class RaySender:
     """A :class:`~gfservice.training.transport.Transport` to the service actor ``handle``."""
 
     def __init__(self, handle, run: str, queue_size: int = 256, max_in_flight: int = 1, batch_max: int = 32,
-                 linger_s: float = 0.2, query_timeout_s: float = 10.0):
+                 linger_s: float = 0.2, query_timeout_s: float = 10.0, token: str | None = None):
         self.handle = handle
         self.run = run
+        #: The service token sent with every batch and query (``None``: the service has none).
+        self._auth = {"token": token} if token is not None else {}
+        self._warned_unauthorized = False
         self.queue_size = queue_size
         self.max_in_flight = max_in_flight
         self.batch_max = batch_max
@@ -82,7 +85,7 @@ class RaySender:
             if not batch and not drops:
                 continue
             try:
-                ref = self.handle.submit.remote(batch, {self.run: drops} if drops else None)
+                ref = self.handle.submit.remote(batch, {self.run: drops} if drops else None, **self._auth)
                 self._in_flight.append((ref, len(batch)))
                 self.sent += len(batch)
             except Exception:
@@ -130,6 +133,10 @@ class RaySender:
             self.rejected[why.value] = self.rejected.get(why.value, 0) + 1
             resend |= why in _RESEND_LAYOUT
             lost += 1
+        if self.rejected.get(RejectReason.unauthorized.value) and not self._warned_unauthorized:
+            self._warned_unauthorized = True
+            log.warning("gfservice: the service refused this job's reports (unauthorized): it has a token; set "
+                        "GFSERVICE_TOKEN (or GFSERVICE_SERVICE__TOKEN_FILE) in the training workers' environment")
         if lost:  # a rejected report is a lost one: count it with the drops the service reports
             with self._cond:
                 self._count_lost(lost)
@@ -143,7 +150,7 @@ class RaySender:
         import ray
 
         try:
-            return ray.get(getattr(self.handle, method).remote(*args), timeout=self.query_timeout_s)
+            return ray.get(getattr(self.handle, method).remote(*args, **self._auth), timeout=self.query_timeout_s)
         except Exception as exc:
             log.warning("gfservice: %s query failed: %s", method, exc)
             return default
