@@ -233,8 +233,8 @@ def test_service_health_metrics(served):
 
 def _lingering(linger_s: float):
     """An aggregator with a two-layer run, a collector on a clock the test moves, and helpers."""
-    now = [time.time()]  # the aggregator stamps findings with the wall clock; the test moves only forward
-    agg = Aggregator()
+    now = [time.time()]  # one clock for both: the aggregator stamps clearings with it, the collector lingers on it
+    agg = Aggregator(clock=lambda: now[0])
     reg = CollectorRegistry(auto_describe=False)
     reg.register(GradflowCollector(agg, ExporterConfig(finding_linger_s=linger_s), clock=lambda: now[0]))
     agg.submit(Layout(run="r", rank=0, world_size=1, layers=["a", "b"], numel=[2, 2], sharded=[False, False]))

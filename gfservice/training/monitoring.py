@@ -21,6 +21,7 @@ import re
 import secrets
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,9 +32,14 @@ from gfservice.config import load_settings
 from gfservice.service.aggregator import Aggregator, AggregatorConfig
 from gfservice.training.collect import Collected, GradCollector, LocalNormHook, Pending, has_sharded_parameters, is_ddp
 from gfservice.training.transport import InProcessTransport, Transport
+from gfservice.training.watch import Sink, Watch, make_sinks
 from gfservice.wire import Layout, RunEnd, StepReport
 
 log = logging.getLogger(__name__)
+
+#: Collected steps whose device-to-host copy may still be in flight before ``monitor.step()`` waits for the
+#: oldest (a CPU that runs this many steps ahead of its GPU).
+MAX_IN_FLIGHT = 8
 
 
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.:\-]+")
@@ -156,6 +162,23 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def _register_step_pre_hook(optimizer: Any, hook: Any) -> Any:
+    """``hook`` before each step of ``optimizer``, or of the torch optimizer it wraps (Accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, DeepSpeed's ZeRO optimizers: ``.optimizer`` or
+    ``._optimizer``). None, logged, when there is none: the weight and update norms are then not collected.
+    """
+    seen: set[int] = set()
+    inner = optimizer
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        if isinstance(getattr(inner, "_optimizer_step_pre_hooks", None), dict):
+            return inner.register_step_pre_hook(hook)
+        inner = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
+    log.info("gfservice: %s has no optimizer step hook; weight and update norms are not collected",
+             type(optimizer).__name__)
+    return None
+
+
 class Monitor:
     """Collects gradient statistics every ``every`` steps (deep ones every ``deep_every``) and ships them.
 
@@ -181,6 +204,7 @@ class Monitor:
         local_norm_hook: LocalNormHook | None = None,
         attempt: str = "",
         step: int = 0,
+        sinks: Sequence[str | Sink] = (),
     ):
         if every < 1:
             raise ValueError("every must be at least 1")
@@ -208,10 +232,13 @@ class Monitor:
         self.overhead_s = 0.0  # time spent inside the monitor's own calls and hooks
         self._last_scale: float | None = None
         self._last_time: float | None = None
-        self._in_flight: tuple[int, Pending, dict[str, Any]] | None = None
+        #: Collected steps whose copy to the host has not been shipped yet, oldest first (CUDA: the copies land
+        #: while training goes on; CPU: at most the step being collected).
+        self._in_flight: deque[tuple[int, Pending, dict[str, Any]]] = deque()
         self._hook = None
+        self._warned_no_gradient = False
         if optimizer is not None and deep_every:
-            self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+            self._hook = _register_step_pre_hook(optimizer, self._before_optimizer_step)
         self.layout = Layout(
             run=run,
             attempt=attempt,
@@ -224,6 +251,22 @@ class Monitor:
             reports_layers=reports_layers,
         )
         self.transport.send(self.layout)
+        self._watch = self._start_watch(sinks) if rank == 0 else None
+
+    def _start_watch(self, sinks: Sequence[str | Sink]) -> Watch:
+        """Rank 0 logs findings as they open and clear, and feeds the sinks, off the training thread."""
+        run, transport = self.run, self.transport
+        agg = getattr(transport, "aggregator", None)
+        if agg is not None:  # in this process: every merged step, cheaply
+            def source() -> tuple[Sequence[StepStats], Sequence[Finding]]:
+                return agg.history(run), agg.findings(run)
+            interval = 1.0
+        else:  # a service: the latest step, every few seconds
+            def source() -> tuple[Sequence[StepStats], Sequence[Finding]]:
+                latest = transport.latest(run)
+                return ([latest] if latest is not None else []), transport.findings(run)
+            interval = 5.0
+        return Watch(run, source, make_sinks(sinks, run), interval_s=interval).start()
 
     # ---- the training loop's calls --------------------------------------------------------------
     def is_collected(self, step: int) -> bool:
@@ -247,7 +290,7 @@ class Monitor:
         step = self.steps
         self.steps += 1
         try:
-            self._finish_in_flight()
+            self._finish_in_flight(wait=False)  # ship the earlier steps whose copies have landed: never waits
             if self.is_collected(step):
                 self._collect(step, loss)
                 if self._synchronous:  # on CPU the copy is done: ship now, with exact NaN counts
@@ -263,9 +306,12 @@ class Monitor:
         if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: False)():
             scale = getattr(self.scaler, "_scale", None)
         lr = None
-        if self.optimizer is not None and self.optimizer.param_groups:
-            lr_v = self.optimizer.param_groups[0].get("lr")
-            lr = float(lr_v) if lr_v is not None else None
+        groups = getattr(self.optimizer, "param_groups", None)  # any optimizer wrapper: it may have none
+        if groups:
+            lr_v = groups[0].get("lr")
+            # a learning rate held in a device tensor (capturable optimizers) would cost a host sync: not read
+            on_device = isinstance(lr_v, torch.Tensor) and lr_v.device.type != "cpu"
+            lr = float(lr_v) if lr_v is not None and not on_device else None
         deep = self.is_deep(step) and self.reports_layers
         hook = self.local_norm_hook
         local_sq = hook.take() if hook is not None else None
@@ -275,21 +321,45 @@ class Monitor:
         meta = {
             "time": now,
             "lr": lr,
-            "step_time": None if self._last_time is None else now - self._last_time,
+            # the wall clock may step back (NTP): a negative step time would get the whole report refused
+            "step_time": None if self._last_time is None else max(0.0, now - self._last_time),
             "compute_time": None if first_bucket is None or self._last_end is None else first_bucket - self._last_end,
         }
         self._last_time = now
-        self._in_flight = (step, pending, meta)
+        self._in_flight.append((step, pending, meta))
 
-    def _finish_in_flight(self, exact: bool = False) -> None:
-        if self._in_flight is None:
-            return
-        step, pending, meta = self._in_flight
-        self._in_flight = None
-        got: Collected = pending.resolve()
+    def _finish_in_flight(self, exact: bool = False, wait: bool = True) -> None:
+        """Ship the collected steps in flight, oldest first: all of them, or with ``wait=False`` those whose
+        copy has landed (and the oldest ones beyond :data:`MAX_IN_FLIGHT`, the only case that waits)."""
+        while self._in_flight:
+            step, pending, meta = self._in_flight[0]
+            if not wait and len(self._in_flight) <= MAX_IN_FLIGHT and not pending.ready():
+                return
+            self._in_flight.popleft()
+            self._ship(step, pending.resolve(), meta, exact)
+
+    def _ship(self, step: int, got: Collected, meta: dict[str, Any], exact: bool) -> None:
         if exact:
             self.collector.make_exact(got.grads)
+        if not self._warned_no_gradient and self.reports_layers:
+            self._warn_if_no_gradient(step, got.grads)
         self.transport.send(self._report(step, got, meta))
+
+    def _warn_if_no_gradient(self, step: int, g: Any) -> None:
+        """Log once when no layer has a gradient at a collected step: the monitor is misplaced or blind.
+
+        The ``no_gradient`` detector turns the same symptom into a finding (key ``all``) after its window.
+        """
+        if g.count.any() and (g.sum_sq.any() or g.max_abs.any() or g.nonfinite.any()):
+            return
+        self._warned_no_gradient = True
+        what = "no layer has a gradient (.grad is None)" if not g.count.any() else "every gradient is exactly zero"
+        log.warning(
+            "gfservice: run %s step %d: %s at monitor.step(). Call monitor.step() after optimizer.step() and "
+            "before optimizer.zero_grad() (with gradient accumulation: once per optimizer step, after the last "
+            "micro-batch). Under DeepSpeed ZeRO the gradients live in the engine: use "
+            "gfservice.integrations.deepspeed. Logged once; the no_gradient detector reports it as a finding.",
+            self.run, step, what)
 
     def _report(self, step: int, got: Collected, meta: dict[str, Any]) -> StepReport:
         x = got.extras
@@ -344,7 +414,8 @@ class Monitor:
 
     @property
     def should_stop(self) -> bool:
-        """True once a detector configured to stop the run has fired; never blocks."""
+        """True once a detector configured to stop the run has fired; never blocks. At most one step late: the
+        detectors judge step N off the training thread while step N+1 trains."""
         return self.stop_reason is not None
 
     def latest(self) -> StepStats | None:
@@ -362,6 +433,53 @@ class Monitor:
             self._hook.remove()
             self._hook = None
         self.transport.close()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
+    # ---- in a notebook --------------------------------------------------------------------------
+    def history(self, per_layer: bool = False) -> list[dict[str, Any]]:
+        """The run's merged steps as rows, ready for ``pandas.DataFrame(monitor.history())``.
+
+        One row per step (step, time, loss, lr, loss_scale, grad_norm, max_abs, nonfinite), or with
+        ``per_layer=True`` one row per step and layer (step, layer, norm, rms, max_abs, nonfinite, count).
+        From the in-process aggregator every merged step it keeps; from a service, its history of the run.
+        """
+        steps = self._merged_steps()
+        if per_layer:
+            return [{"step": s.step, "layer": name, "norm": float(norm), "rms": float(rms), "max_abs": float(mx),
+                     "nonfinite": int(bad), "count": int(cnt)}
+                    for s in steps
+                    for name, norm, rms, mx, bad, cnt in zip(s.layers, s.grads.norm, s.grads.rms, s.grads.max_abs,
+                                                             s.grads.nonfinite, s.grads.count, strict=True)]
+        return [{"step": s.step, "time": s.time, "loss": s.loss, "lr": s.lr, "loss_scale": s.loss_scale,
+                 "grad_norm": float(s.global_norm) if len(s.layers) else None,
+                 "max_abs": float(s.grads.max_abs.max()) if len(s.layers) else None,
+                 "nonfinite": int(s.grads.nonfinite.sum())} for s in steps]
+
+    def _merged_steps(self) -> list[StepStats]:
+        agg = getattr(self.transport, "aggregator", None)
+        if agg is not None:
+            agg.flush(self.run)
+            try:
+                return agg.history(self.run)
+            except KeyError:
+                return []
+        query = getattr(self.transport, "history", None)
+        return list(query(self.run)) if query is not None else []
+
+    def plot(self) -> Any:
+        """A matplotlib figure of the gradient flow so far (per-layer RMS over steps, findings marked)."""
+        from gfservice.observability.report import figure
+
+        return figure(self._merged_steps(), self.findings)
+
+    def _repr_png_(self) -> bytes | None:
+        """Shown inline by Jupyter when the monitor is the value of a cell."""
+        from gfservice.observability.report import png_bytes
+
+        steps = self._merged_steps()
+        return png_bytes(steps, self.findings) if steps else None
 
     def __enter__(self) -> Monitor:
         return self
@@ -384,16 +502,22 @@ def monitor(
     detectors: dict[str, dict[str, Any]] | None = None,
     service: str | None = "auto",
     step: int = 0,
+    sinks: Sequence[str | Sink] | None = None,
 ) -> Monitor:
     """Watch ``model``'s gradients during training.
 
     ``service="auto"`` ships statistics to a running gfservice service when one is reachable; with
     ``service=None``, or when none is found, an in-process aggregator runs the detectors (chosen by
-    ``config``, a TOML/YAML file, and ``detectors``, name -> field overrides).
+    ``config``, a TOML/YAML file, and ``detectors``, name -> field overrides). Under torchrun or Slurm (a
+    process group of 2+ ranks) that aggregator runs on rank 0 for every rank of the job, which send to it on
+    their own TCP connections (see :mod:`gfservice.training.peer_sender`).
 
     Every call starts a new attempt of the run (a restarted or resubmitted job under the same run name is
     monitored afresh: see :func:`attempt_id`). ``step`` is the index of the first step: a job resumed from a
-    checkpoint at step N passes ``step=N`` to continue its run's step numbers. Without a ``run``, the name is
+    checkpoint at step N passes ``step=N`` to continue its run's step numbers. Rank 0 logs every finding
+    as it opens and clears (logger ``gfservice.findings``) and feeds ``sinks`` (``"tensorboard[:DIR]"``,
+    ``"wandb"``, ``"mlflow"`` or sink objects; default: ``sinks`` of the configuration), see
+    :mod:`gfservice.training.watch`. Without a ``run``, the name is
     the same on every rank of one job (see :func:`default_run_name`). When a process group is initialised,
     every rank must call this (it may send rank 0's run name or attempt id to the others).
     """
@@ -409,9 +533,14 @@ def monitor(
         settings = load_settings(config) if config else load_settings(data={})
         det = {name: {**settings.detectors.get(name, {}), **(fields or {})}
                for name, fields in {**settings.detectors, **(detectors or {})}.items()}
-        agg = Aggregator(AggregatorConfig.model_validate(settings.aggregator.model_dump()), det)
-        transport = InProcessTransport(agg)
-        rank, world = 0, 1  # an in-process aggregator sees only this process
+        if _process_group():  # torchrun or Slurm without a service: rank 0 aggregates the job's ranks
+            from gfservice.training.peer_sender import connect_peers
+
+            transport = connect_peers(run, attempt, settings.model_copy(update={"detectors": det}))
+        if transport is None:
+            agg = Aggregator(AggregatorConfig.model_validate(settings.aggregator.model_dump()), det)
+            transport = InProcessTransport(agg)
+            rank, world = 0, 1  # an in-process aggregator sees only this process
     # DDP ranks hold identical reduced gradients: one rank reports the layers, every rank a heartbeat with
     # its own pre-allreduce norm. Sharded (FSDP2) ranks each report their shard.
     reports_layers = True
@@ -423,4 +552,6 @@ def monitor(
         reports_layers = rank == 0
     return Monitor(model, optimizer, transport, run, every=every, deep_every=deep_every, include=include,
                    exclude=exclude, scaler=scaler, rank=rank, world_size=world, reports_layers=reports_layers,
-                   local_norm_hook=hook, attempt=attempt, step=step)
+                   local_norm_hook=hook, attempt=attempt, step=step,
+                   sinks=(load_settings(config) if config else load_settings(data={})).sinks if sinks is None
+                   else sinks)

@@ -8,6 +8,8 @@ training loop for a lost message: it counts it in ``dropped``.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from typing import Protocol
 
 from gfservice.api import Finding, StepStats
@@ -32,18 +34,90 @@ class Transport(Protocol):
 
 
 class InProcessTransport:
-    """Hands messages straight to an :class:`Aggregator` living in this process."""
+    """Hands messages to an :class:`Aggregator` living in this process, on a background thread.
 
-    def __init__(self, aggregator: Aggregator):
-        self.aggregator = aggregator
+    ``send`` only queues the message: merging and the detectors run off the training thread. At most one
+    message is in flight: ``send`` first waits until the previous one has been judged (no wait when the
+    detectors keep up with the training steps), so ``stop_reason`` is at most one step late. ``findings``,
+    ``latest``, :meth:`flush` and the ``aggregator`` attribute wait for the messages sent so far; ``close``
+    ships everything. ``background=False`` submits on the caller's thread.
+
+    >>> from gfservice.wire import Layout
+    >>> t = InProcessTransport(Aggregator())
+    >>> t.send(Layout(run="r", rank=0, world_size=1, layers=["w"], numel=[4], sharded=[False]))
+    >>> t.latest("r"), t.findings("r"), t.rejected
+    (None, [], 0)
+    >>> t.close()
+    """
+
+    def __init__(self, aggregator: Aggregator, background: bool = True):
+        self._aggregator = aggregator
+        self.background = background
         self.dropped = 0
         self.rejected = 0
+        self.errors = 0  # submissions that raised (logged; the training loop never sees them)
+        self._cond = threading.Condition()
+        self._queue: deque[Layout | StepReport | RunEnd] = deque()
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def aggregator(self) -> Aggregator:
+        """The aggregator, once every message sent so far has reached it."""
+        self.flush()
+        return self._aggregator
 
     def send(self, message: Layout | StepReport | RunEnd) -> None:
-        ack = self.aggregator.submit(message)
+        if not self.background or self._closed:
+            self._submit(message)
+            return
+        with self._cond:
+            self._wait_idle()  # at most one message in flight: the verdict is at most one step late
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="gfservice-inprocess", daemon=True)
+                self._thread.start()
+            self._queue.append(message)
+            self._cond.notify_all()
+
+    def _wait_idle(self) -> None:
+        """Wait (holding ``_cond``) until the worker has handled every queued message, or is gone."""
+        while (self._queue or self._busy) and self._thread is not None and self._thread.is_alive():
+            self._cond.wait(0.5)
+        while self._queue:  # the worker died (it never should): hand over what is left on this thread
+            self._submit(self._queue.popleft())
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                message = self._queue.popleft()
+                self._busy = True
+            try:
+                self._submit(message)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _submit(self, message: Layout | StepReport | RunEnd) -> None:
+        try:
+            ack = self._aggregator.submit(message)
+        except Exception:
+            self.errors += 1
+            log.exception("gfservice: the in-process aggregator failed on a message; training continues")
+            return
         if not ack.accepted:
             self.rejected += 1
             log.warning("gfservice: aggregator rejected a message: %s", ack.reason)
+
+    def flush(self) -> None:
+        """Wait until every message sent so far has been merged and judged."""
+        with self._cond:
+            self._wait_idle()
 
     def findings(self, run: str) -> list[Finding]:
         try:
@@ -52,7 +126,7 @@ class InProcessTransport:
             return []
 
     def stop_reason(self, run: str) -> str | None:
-        return self.aggregator.should_stop(run)
+        return self._aggregator.should_stop(run)
 
     def latest(self, run: str) -> StepStats | None:
         try:
@@ -61,16 +135,24 @@ class InProcessTransport:
             return None
 
     def close(self) -> None:
-        self.aggregator.flush()
+        with self._cond:
+            self._wait_idle()
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._aggregator.flush()
 
 
 def connect_service(service: str, run: str) -> Transport | None:
     """A transport to a running gfservice service, or ``None`` when none is reachable.
 
     ``service`` is ``"auto"`` (the default service, only when this process is attached to a Ray cluster or
-    ``RAY_ADDRESS`` is set), or ``"NAME"`` / ``"NAMESPACE/NAME"`` of a service actor.
+    ``RAY_ADDRESS`` is set), or ``"NAME"`` / ``"NAMESPACE/NAME"`` of a service actor. The service token, if
+    any, comes from ``$GFSERVICE_TOKEN`` or the file named by ``$GFSERVICE_SERVICE__TOKEN_FILE``.
     """
     from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE
+    from gfservice.service.auth import TokenFileError, load_token
     from gfservice.service.ray_cluster import attach_ray, ray_reachable
 
     name, namespace = DEFAULT_NAME, DEFAULT_NAMESPACE
@@ -83,12 +165,20 @@ def connect_service(service: str, run: str) -> Transport | None:
         attach_ray()
         from gfservice.service.actor import find
     except (ImportError, ConnectionError) as exc:
-        log.info("gfservice: no Ray cluster to attach to (%s); using an in-process aggregator", exc)
+        from gfservice.service.ray_cluster import RayAuthError
+
+        level = logging.WARNING if isinstance(exc, RayAuthError) else logging.INFO  # a refusal is not an absence
+        log.log(level, "gfservice: no Ray cluster to attach to (%s); using an in-process aggregator", exc)
         return None
     handle = find(name, namespace)
     if handle is None:
         log.info("gfservice: no service %s/%s; using an in-process aggregator", namespace, name)
         return None
+    try:
+        token = load_token()
+    except TokenFileError as exc:
+        log.warning("gfservice: %s; using an in-process aggregator", exc)
+        return None
     from gfservice.training.ray_sender import RaySender
 
-    return RaySender(handle, run)
+    return RaySender(handle, run, token=token)

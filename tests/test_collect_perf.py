@@ -1,0 +1,211 @@
+"""The fast collection path: the large-tensor CPU kernels against the float64 reference (NaN, Inf, overflow,
+fp16, strided), the in-process aggregator off the training thread (verdict at most one step late, findings
+flushed), a torch.compile'd model, and no host synchronisation in ``monitor.step()`` on CUDA."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import gfservice
+from gfservice.service.aggregator import Aggregator
+from gfservice.stats import GradStats
+from gfservice.training.collect import _CHUNK, _SMALL, GradCollector
+from gfservice.training.monitoring import Monitor
+from gfservice.training.transport import InProcessTransport
+
+torch.set_num_threads(1)
+
+BIG = _SMALL + 17  # above the threshold: the dot + aminmax path
+
+
+def _params(grads: dict[str, torch.Tensor]) -> list[tuple[str, torch.nn.Parameter]]:
+    out = []
+    for name, g in grads.items():
+        p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
+        p.grad = g
+        out.append((name, p))
+    return out
+
+
+def _reference(grads: dict[str, torch.Tensor]) -> GradStats:
+    return GradStats.from_arrays({k: v.double().numpy() for k, v in grads.items()})
+
+
+def test_large_tensors_match_the_float64_reference():
+    gen = torch.Generator().manual_seed(0)
+    strided = (torch.randn(BIG, 2, generator=gen) * 1e-3)[:, 0]  # not contiguous: the foreach path
+    grads = {
+        "big32": torch.randn(BIG, generator=gen) * torch.exp2(torch.randint(-30, 10, (BIG,), generator=gen)).float(),
+        "big64": torch.randn(BIG, generator=gen, dtype=torch.float64) * 1e5,
+        "big16": (torch.randn(BIG, generator=gen) * 100).half(),
+        "neg": -torch.rand(BIG, generator=gen) - 7.0,  # the largest |g| is a negative value
+        "strided": strided,
+        "small": torch.randn(5, generator=gen),
+    }
+    got = gfservice.grad_stats(_params(grads))
+    ref = _reference(grads)
+    np.testing.assert_allclose(got.sum_sq, ref.sum_sq, rtol=1e-5)
+    np.testing.assert_array_equal(got.max_abs, ref.max_abs)
+    assert got.nonfinite.tolist() == [0] * 6
+
+
+@pytest.mark.parametrize("size", [BIG, 3 * _CHUNK + 5], ids=["one chunk", "chunks"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_values_in_a_large_tensor_are_counted(bad, size):
+    g = torch.ones(size)
+    g[123] = bad
+    g[size - 1] = bad
+    got = gfservice.grad_stats(_params({"ok": torch.ones(size), "bad": g}))
+    assert got.nonfinite.tolist() == [0, 2]
+    assert not np.isfinite(got.sum_sq[1]) and not np.isfinite(got.max_abs[1])
+    assert got.sum_sq[0] == size and got.max_abs[0] == 1.0
+
+
+def test_chunked_sums_and_maxima_match_the_float64_reference():
+    gen = torch.Generator().manual_seed(3)
+    grads = {"w": torch.randn(2 * _CHUNK + 999, generator=gen) * 1e-4, "v": torch.randn(_CHUNK + 1, generator=gen)}
+    grads["w"][_CHUNK + 7] = -5.0  # the largest |g| sits in the second chunk
+    got = gfservice.grad_stats(_params(grads))
+    ref = _reference(grads)
+    np.testing.assert_allclose(got.sum_sq, ref.sum_sq, rtol=1e-5)  # float32 accumulation, as _foreach_norm
+    np.testing.assert_array_equal(got.max_abs, ref.max_abs)
+
+
+def test_float32_overflow_of_the_sum_is_a_huge_gradient_not_a_nonfinite_one():
+    """The float32 sum of squares overflows while every value is finite: recomputed in float64, not flagged."""
+    g = torch.full((BIG,), 3e18)
+    got = gfservice.grad_stats(_params({"huge": g}))
+    assert got.nonfinite.tolist() == [0]
+    assert got.max_abs[0] == pytest.approx(3e18, rel=1e-6)
+    assert got.sum_sq[0] == pytest.approx(BIG * float(g[0]) ** 2, rel=1e-6)
+
+
+def test_missing_gradients_count_zero_between_large_ones():
+    p = [torch.nn.Parameter(torch.zeros(BIG)) for _ in range(3)]
+    p[0].grad, p[2].grad = torch.full((BIG,), 2.0), torch.full((BIG,), -3.0)
+    stats = GradCollector([(f"p{i}", q) for i, q in enumerate(p)]).launch().resolve().grads
+    assert stats.count.tolist() == [BIG, 0, BIG]
+    assert stats.max_abs.tolist() == [2.0, 0.0, 3.0]
+    np.testing.assert_allclose(stats.sum_sq, [4.0 * BIG, 0.0, 9.0 * BIG])
+
+
+class _ThreadNotingAggregator(Aggregator):
+    """A real aggregator that notes on which thread each message arrives."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.threads: set[int] = set()
+
+    def submit(self, message):
+        self.threads.add(threading.get_ident())
+        return super().submit(message)
+
+
+def _train(mon, model, opt, steps: int, nan_at: int | None = None, check=None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for i in range(steps):
+        loss = model(torch.randn(8, 6, generator=gen)).pow(2).mean()
+        loss.backward()
+        if i == nan_at:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        opt.step()
+        mon.step(loss=loss)
+        opt.zero_grad()
+        if check is not None:
+            check(i)
+
+
+def test_detectors_run_off_the_training_thread_and_the_verdict_is_at_most_one_step_late():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agg = _ThreadNotingAggregator(detector_settings={"nonfinite": {"stop_run": True}})
+    transport = InProcessTransport(agg)
+    mon = Monitor(model, opt, transport, "bg", deep_every=0)
+    seen: dict[int, bool] = {}
+    _train(mon, model, opt, steps=8, nan_at=4, check=lambda i: seen.__setitem__(i, mon.should_stop))
+    assert not any(seen[i] for i in range(4))
+    assert seen[5] and seen[7]  # the NaN at step 4 stops the run by the next step at the latest
+    assert {f.detector for f in mon.findings} == {"nonfinite"}  # findings flush what is in flight
+    mon.close()
+    assert threading.get_ident() not in agg.threads and len(agg.threads) == 1
+    assert transport.rejected == 0 and transport.errors == 0 and mon.errors == 0
+
+
+def test_findings_right_after_the_loop_and_after_close():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = gfservice.monitor(model, opt, run="flush", service=None, deep_every=0)
+    _train(mon, model, opt, steps=3, nan_at=2)
+    assert {f.detector for f in mon.findings} == {"nonfinite"}
+    assert mon.latest().step == 2
+    mon.close()
+    assert {f.detector for f in mon.findings} == {"nonfinite"}
+
+
+def test_a_failing_aggregator_never_reaches_the_training_loop():
+    class Broken(Aggregator):
+        def submit(self, message):
+            raise RuntimeError("boom")
+
+    transport = InProcessTransport(Broken())
+    model = torch.nn.Linear(6, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = Monitor(model, opt, transport, "broken", deep_every=0)
+    _train(mon, model, opt, steps=2)
+    mon.close()
+    assert transport.errors == 4 and mon.errors == 0  # layout, two steps, run end: each logged and counted
+
+
+def test_a_compiled_model_is_monitored_from_outside_the_graph():
+    """torch.compile (the aot_eager backend: dynamo and AOT autograd, no C++ build) wraps the model; the monitor
+    sees the original parameter names and the compiled backward's gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = torch.compile(eager, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = gfservice.monitor(model, opt, run="compiled", service=None, deep_every=2)
+    _train(mon, model, opt, steps=3)
+    latest = mon.latest()
+    mon.close()
+    assert latest is not None and latest.step == 2 and mon.errors == 0
+    assert list(latest.layers) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert np.all(latest.grads.sum_sq > 0) and latest.grads.deep
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (CI has none): run on a GPU machine, or benchmarks/gpu.py")
+def test_no_host_sync_cuda():
+    """Under ``set_sync_debug_mode("error")`` any host synchronisation inside ``monitor.step()`` raises (the
+    monitor would log and count it in ``errors``): core, deep and update statistics, loss, AMP loss scale."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    mon = gfservice.monitor(model, opt, run="nosync", service=None, deep_every=3, scaler=scaler)
+    x = torch.randn(32, 64, device=dev)
+    for i in range(10):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # the scaler's own inf check syncs (and the weight snapshot of deep steps runs here)
+        scaler.update()
+        torch.cuda.synchronize()
+        if i >= 3:  # after a warm-up (allocator, kernels, the Triton self-check): the monitor must not sync
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            mon.step(loss=loss.detach())
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        opt.zero_grad()
+    assert mon.errors == 0
+    mon.close()
+    latest = mon.latest()
+    assert latest is not None and latest.step == 9 and latest.loss is not None
