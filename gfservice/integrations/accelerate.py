@@ -23,48 +23,24 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from gfservice.integrations.common import TrainingWatch, agree_to_stop
-from gfservice.training.monitoring import Monitor, _clean_name
+from gfservice.integrations.common import TrainingWatch, WatchedLoop
+from gfservice.training.monitoring import _clean_name
 
 __all__ = ["AcceleratedMonitor", "monitor"]
 
 
-class AcceleratedMonitor:
+class AcceleratedMonitor(WatchedLoop):
     """A monitor that steps with an ``Accelerator``'s optimizer steps. Make one with :func:`monitor`."""
 
     def __init__(self, accelerator: Accelerator, watch: TrainingWatch):
+        super().__init__(watch)
         self.accelerator = accelerator
-        self.watch = watch
-        #: True on every rank once the ranks agreed to stop (a detector configured with ``stop_run`` fired).
-        self.should_stop = False
-
-    @property
-    def monitor(self) -> Monitor | None:
-        """The underlying :class:`gfservice.Monitor` (findings, latest, history...); None once closed."""
-        return self.watch.monitor
-
-    @property
-    def findings(self) -> list[Any]:
-        mon = self.watch.monitor
-        return mon.findings if mon is not None else []
 
     def step(self, loss: torch.Tensor | float | None = None) -> bool:
         """Record this optimizer step when the gradients were synchronised (else nothing); True to stop."""
         if not self.accelerator.sync_gradients:
             return self.should_stop
-        device = self.accelerator.device
-        if self.watch.after_optimizer_step(loss, agree=lambda flag: agree_to_stop(flag, device)):
-            self.should_stop = True
-        return self.should_stop
-
-    def close(self) -> None:
-        self.watch.close()
-
-    def __enter__(self) -> AcceleratedMonitor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        return self._record(loss, self.accelerator.device)
 
 
 def monitor(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any = None, run: str | None = None, *,

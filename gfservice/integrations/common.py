@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -115,3 +115,42 @@ class TrainingWatch:
         if self.monitor is not None and not self.closed:
             self.closed = True
             self.monitor.close()
+
+
+class WatchedLoop:
+    """What a loop-level helper (Accelerate, DeepSpeed) shares: the watch, the agreed verdict, the findings.
+
+    Subclasses decide when a call is an optimizer step and call :meth:`_record` then.
+    """
+
+    def __init__(self, watch: TrainingWatch):
+        self.watch = watch
+        #: True on every rank once the ranks agreed to stop (a detector configured with ``stop_run`` fired).
+        self.should_stop = False
+
+    @property
+    def monitor(self) -> Monitor | None:
+        """The underlying :class:`gfservice.Monitor` (findings, latest, history...); None before it starts."""
+        return self.watch.monitor
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.watch.findings
+
+    def _record(self, loss: torch.Tensor | float | None, device: Any) -> bool:
+        if self.watch.after_optimizer_step(loss, agree=lambda flag: agree_to_stop(flag, device)):
+            self.should_stop = True
+        return self.should_stop
+
+    def close(self) -> None:
+        self.watch.close()
+
+    def __enter__(self: _Loop) -> _Loop:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+_Loop = TypeVar("_Loop", bound=WatchedLoop)
+

@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from gfservice.integrations.common import TrainingWatch, agree_to_stop
-from gfservice.training.monitoring import Monitor
+from gfservice.integrations.common import TrainingWatch, WatchedLoop
 
 __all__ = ["DeepSpeedMonitor", "ZeroPartition", "local_grad", "monitor"]
 
@@ -118,40 +117,19 @@ class _Partitions:
         return (p for _, p in self._named)
 
 
-class DeepSpeedMonitor:
+class DeepSpeedMonitor(WatchedLoop):
     """A monitor stepping with a ``DeepSpeedEngine``. Make one with :func:`monitor`."""
 
     def __init__(self, engine: Any, watch: TrainingWatch):
+        super().__init__(watch)
         self.engine = engine
-        self.watch = watch
-        #: True on every rank once the ranks agreed to stop (a detector configured with ``stop_run`` fired).
-        self.should_stop = False
-
-    @property
-    def monitor(self) -> Monitor | None:
-        return self.watch.monitor
-
-    @property
-    def findings(self) -> list[Any]:
-        return self.watch.findings
 
     def step(self, loss: torch.Tensor | float | None = None) -> bool:
         """Record this step at a gradient-accumulation boundary (call after ``engine.backward()``, before
         ``engine.step()``); True when the run must stop (after ``engine.step()``, on every rank alike)."""
         if not self.engine.is_gradient_accumulation_boundary():
             return self.should_stop
-        if self.watch.after_optimizer_step(loss, agree=lambda flag: agree_to_stop(flag, self.engine.device)):
-            self.should_stop = True
-        return self.should_stop
-
-    def close(self) -> None:
-        self.watch.close()
-
-    def __enter__(self) -> DeepSpeedMonitor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        return self._record(loss, self.engine.device)
 
 
 def monitor(engine: Any, run: str | None = None, *, stop: bool = True, sync_every: int = 1, step: int | None = None,

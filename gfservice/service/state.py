@@ -221,31 +221,9 @@ def write_private_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return target
 
 
-def read_private_json(path: str | os.PathLike[str]) -> Any:
-    """The JSON in ``path``, a regular file of this user (not a symlink); ``FileNotFoundError`` when missing,
-    :class:`SnapshotError` when it is not this user's or not JSON."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SnapshotError(f"{path} is a symlink; not following it") from None
-        raise
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise SnapshotError(f"{path} is not a regular file of this user")
-        raw = fh.read()
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SnapshotError(f"{path} is not JSON ({exc})") from None
-
-
-def read_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The saved document at ``path`` (``state`` decoded), or :class:`FileNotFoundError`.
-
-    Raises :class:`SnapshotError` for anything that is not a whole gfservice snapshot (set it aside) and
-    :class:`SnapshotTooNew` for a snapshot of a newer format (leave it alone)."""
+def _read_own_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of ``path``, a regular file of this user opened without following a symlink;
+    ``FileNotFoundError`` when missing, :class:`SnapshotError` otherwise."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
@@ -258,7 +236,25 @@ def read_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise SnapshotError(f"{path} is not a regular file")
         if st.st_uid != os.geteuid():
             raise SnapshotError(f"{path} is owned by uid {st.st_uid}, not by this user")
-        raw = fh.read()
+        return fh.read()
+
+
+def read_private_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON in ``path``, a regular file of this user (not a symlink); ``FileNotFoundError`` when missing,
+    :class:`SnapshotError` when it is not this user's or not JSON."""
+    raw = _read_own_file(path)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SnapshotError(f"{path} is not JSON ({exc})") from None
+
+
+def read_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The saved document at ``path`` (``state`` decoded), or :class:`FileNotFoundError`.
+
+    Raises :class:`SnapshotError` for anything that is not a whole gfservice snapshot (set it aside) and
+    :class:`SnapshotTooNew` for a snapshot of a newer format (leave it alone)."""
+    raw = _read_own_file(path)
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
