@@ -19,7 +19,9 @@ reference is ``critical``, a smaller one a ``warning``:
   the next one.
 - ``abs``: the largest |g| reaches ``max_abs`` (65504, the largest finite float16 value: a gradient that could
   not even be represented in half precision; the zoo's healthy runs stay under 0.6). This is what judges the very
-  first step, which has no history; critical from ``critical_orders`` above the bound. A global norm that
+  first step, which has no history; critical from ``critical_orders`` above the bound. On CPU the monitor reads
+  the maximum on deep steps and wherever a layer's norm reaches 448 (``PEAK_BOUND``; ``max |g| <= ||g||``), so a
+  bound of at least 448 misses nothing. A global norm that
   overflowed float64 while every value is finite is reported here too (critical): a huge gradient, not a
   non-finite one.
 - ``cap``: the global norm exceeds an absolute ``max_norm`` (off by default: a sensible cap depends on the model;
@@ -101,12 +103,14 @@ class Exploding(Detector):
         if not len(g.layers) or not (g.count > 0).any():
             return None  # no gradient at all: nothing to judge (no_gradient's)
         with np.errstate(invalid="ignore"):
-            if (g.nonfinite > 0).any() or not np.isfinite(g.max_abs).all():
+            if (g.nonfinite > 0).any() or (g.max_abs is not None and not np.isfinite(g.max_abs).all()):
                 return None  # the nonfinite detector speaks for such steps
         cfg = self.config
         out: list[Finding] = []
         norm = step.global_norm
-        max_abs = float(g.max_abs.max())
+        # max |g| <= the layer's norm: a step without it (CPU core steps) has every layer's norm below
+        # PEAK_BOUND, so no value can reach a bound of at least that (the collector reads it on other steps)
+        max_abs = float(g.max_abs.max()) if g.max_abs is not None else float(g.norm.max())
         if not math.isfinite(norm):  # every value finite, yet the sum of squares overflowed float64
             out.append(self.finding(
                 step, "critical",
@@ -117,7 +121,7 @@ class Exploding(Detector):
         spike = self._spike(step, norm)
         if spike is not None:
             out.append(spike)
-        elif cfg.max_abs is not None and max_abs >= cfg.max_abs:
+        elif cfg.max_abs is not None and g.max_abs is not None and max_abs >= cfg.max_abs:
             orders = math.log10(max_abs / cfg.max_abs)
             out.append(self.finding(
                 step, self._severity(orders),

@@ -64,7 +64,9 @@ class NoGradient(Detector):
             return None
         missing = g.count == 0
         with np.errstate(invalid="ignore"):
-            zero = (g.count > 0) & (g.nonfinite == 0) & (g.sum_sq == 0) & (g.max_abs == 0)
+            zero = (g.count > 0) & (g.nonfinite == 0) & (g.sum_sq == 0)
+            if g.max_abs is not None:  # a float32 sum of squares underflows to 0 for |g| below ~1e-23
+                zero &= g.max_abs == 0
         judged = np.ones(n, dtype=bool) if g.units is None else np.asarray(g.units) > 0
         none = (missing | zero) & judged
         if self._streak is None or self._streak.shape != none.shape:

@@ -46,7 +46,9 @@ class NonFinite(Detector):
         g = step.grads
         counts = np.asarray(g.nonfinite, dtype=np.int64)
         with np.errstate(invalid="ignore"):
-            bad = (counts > 0) | ~np.isfinite(g.max_abs)
+            bad = counts > 0
+            if g.max_abs is not None:  # a sender that flags NaN/Inf by the maximum alone
+                bad |= ~np.isfinite(g.max_abs)
         ranks: list[int] = []
         if step.rank_nonfinite is not None:
             ranks = np.flatnonzero(np.asarray(step.rank_nonfinite, dtype=bool)).tolist()

@@ -2,9 +2,11 @@
 
 Each statistic is a field of :class:`GradStats` declared with :func:`statistic`: its dtype, how it merges
 across ranks (``sum`` adds, ``max`` takes the maximum, a histogram adds bin by bin) and when it is
-collected (``core`` every collected step, ``deep`` on deep steps, ``update`` on deep steps that saw the
-optimizer step). The wire model, the merge, the history file format, the plugin kit's ``make_step`` and
-the collector's packing all read :data:`STATISTICS`; adding a statistic is one field here plus its kernel.
+collected (``core`` every collected step; ``peak``, the largest |g|, every collected step where it costs no
+second read of the gradients (the fused CUDA kernel) and on deep steps everywhere; ``deep`` on deep steps;
+``update`` on deep steps that saw the optimizer step). The wire model, the merge, the history file format, the
+plugin kit's ``make_step`` and the collector's packing all read :data:`STATISTICS`; adding a statistic is one
+field here plus its kernel.
 Norms, means, ratios and underflow fractions are derived here, never shipped.
 
 >>> a = GradStats.from_arrays({"w": np.array([3.0, -4.0]), "b": np.array([0.0])}, deep=True)
@@ -14,7 +16,7 @@ Norms, means, ratios and underflow fractions are derived here, never shipped.
 >>> both.count.tolist(), both.sum_sq.tolist()
 ([4, 1], [50.0, 0.0])
 >>> [s.name for s in STATISTICS if s.tier == "core"]
-['count', 'sum_sq', 'max_abs', 'nonfinite']
+['count', 'sum_sq', 'nonfinite']
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy.typing as npt
 __all__ = [
     "EXP_BINS",
     "FORMAT_LIMITS",
+    "PEAK_BOUND",
     "STATISTICS",
     "GradStats",
     "Statistic",
@@ -51,6 +54,11 @@ FORMAT_LIMITS: dict[str, tuple[int, int]] = {
     "fp8_e5m2": (-14, -16),
 }
 
+#: Below this L2 norm no element of a layer can reach the largest finite value of any format in
+#: :data:`FORMAT_MAX` (``max |g| <= ||g||``): where every layer's norm is below it, a step without ``max_abs``
+#: loses nothing a bound on |g| needs. The collector reads the maximum on the other steps.
+PEAK_BOUND = 448.0
+
 #: Largest finite magnitude of each low-precision format; larger values overflow to Inf (fp8 e4m3 has no Inf:
 #: they become NaN or saturate).
 FORMAT_MAX: dict[str, float] = {
@@ -62,11 +70,11 @@ FORMAT_MAX: dict[str, float] = {
 __test__: dict[str, str] = {"FORMAT_MAX": """
 >>> FORMAT_MAX["fp16"], FORMAT_MAX["fp8_e4m3"], FORMAT_MAX["fp8_e5m2"], f"{FORMAT_MAX['bf16']:.3e}"
 (65504.0, 448.0, 57344.0, '3.390e+38')
->>> sorted(FORMAT_MAX) == sorted(FORMAT_LIMITS)
-True
+>>> sorted(FORMAT_MAX) == sorted(FORMAT_LIMITS), PEAK_BOUND == min(FORMAT_MAX.values())
+(True, True)
 """}
 
-Tier = Literal["core", "deep", "update"]
+Tier = Literal["core", "peak", "deep", "update"]
 Reduce = Literal["sum", "max"]
 Array = npt.NDArray[Any]
 
@@ -104,16 +112,18 @@ def statistic(dtype: type[np.generic], reduce: Reduce, tier: Tier, doc: str, bin
 class GradStats:
     """Statistics of the gradients of a list of layers (parameter tensors), one entry per layer.
 
-    Core statistics are always there; ``deep`` ones only on deep steps, ``update`` ones only on deep steps
-    that saw the optimizer step (otherwise ``None``). ``units`` (rows of each parameter, its output units)
+    Core statistics are always there; ``max_abs`` (tier ``peak``) wherever it was read (CUDA: every step; CPU:
+    deep steps, and any step with a non-finite sum or a layer norm of at least :data:`PEAK_BOUND`); ``deep``
+    ones only on deep steps, ``update`` ones only on deep steps that saw the optimizer step (otherwise ``None``).
+    ``units`` (rows of each parameter, its output units)
     is layout, not a statistic.
     """
 
     layers: tuple[str, ...]
     count: Array = statistic(np.int64, "sum", "core", "gradient elements (0: no gradient at this step)")
     sum_sq: Array = statistic(np.float64, "sum", "core", "sum of g**2 (Inf or NaN when some g is)")
-    max_abs: Array = statistic(np.float64, "max", "core", "largest |g|")
     nonfinite: Array = statistic(np.int64, "sum", "core", "NaN or Inf elements")
+    max_abs: Array | None = statistic(np.float64, "max", "peak", "largest |g|")
     sum_abs: Array | None = statistic(np.float64, "sum", "deep", "sum of |g|")
     zeros: Array | None = statistic(np.int64, "sum", "deep", "exactly zero elements")
     exp_hist: Array | None = statistic(np.int64, "sum", "deep", "histogram of the fp32 exponent of |g|",
@@ -265,7 +275,7 @@ STATISTICS: tuple[Statistic, ...] = _declared()
 BY_NAME: dict[str, Statistic] = {s.name: s for s in STATISTICS}
 #: Names of the statistics of each tier.
 TIERS: dict[str, tuple[str, ...]] = {t: tuple(s.name for s in STATISTICS if s.tier == t)
-                                     for t in ("core", "deep", "update")}
+                                     for t in ("core", "peak", "deep", "update")}
 
 
 def unit_rows(shape: Sequence[int]) -> int:

@@ -35,7 +35,7 @@ gfservice.wire.Rejected: invalid: step.step: Input should be less than 900719925
 ...        "max_abs": [0.5], "nonfinite": [0]}})
 Traceback (most recent call last):
 ...
-gfservice.wire.Rejected: invalid: step: sum_sq is NaN in layer 0 while its nonfinite count is 0 and its max_abs finite
+gfservice.wire.Rejected: invalid: step: sum_sq is NaN in layer 0 while its nonfinite count is 0 and ...
 >>> parse({"kind": "layout", "run": "r", "rank": 0, "world_size": 1, "layers": ["w" * 300], "numel": [1],
 ...        "sharded": [False]}, Limits(max_layer_name=256))
 Traceback (most recent call last):
@@ -386,7 +386,8 @@ class StepReport(_Message):
 
     def _nan_explained(self) -> None:
         """A NaN sum of a layer (``sum_sq``, ``sum_abs``) needs a NaN/Inf gradient value in that layer: a non-zero
-        ``nonfinite`` count or a NaN/Inf ``max_abs`` (what the collector reports for one). +Inf sums are allowed
+        ``nonfinite`` count or, where it was read, a NaN/Inf ``max_abs`` (what the collector reports for one). +Inf
+        sums are allowed
         (a float32 accumulator overflows on huge finite gradients: ``exploding`` reports those), and so are NaN
         weight and update sums (the weights themselves can hold NaN).
         """
@@ -394,11 +395,14 @@ class StepReport(_Message):
             a = self.stats.get(name)
             if a is None or not a.size or not math.isnan(a.sum()):  # one pass; no -Inf here (refused above)
                 continue
-            unexplained = np.isnan(a) & (self.stats["nonfinite"] == 0) & np.isfinite(self.stats["max_abs"])
+            unexplained = np.isnan(a) & (self.stats["nonfinite"] == 0)
+            peak = self.stats.get("max_abs")
+            if peak is not None:
+                unexplained &= np.isfinite(peak)
             if unexplained.any():
                 i = int(np.flatnonzero(unexplained)[0])
                 raise PydanticCustomError("invalid", "{name} is NaN in layer {i} while its nonfinite count is 0 "
-                                          "and its max_abs finite", {"name": name, "i": i})
+                                          "and its max_abs finite or absent", {"name": name, "i": i})
 
     @property
     def n_layers(self) -> int:

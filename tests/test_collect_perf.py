@@ -87,10 +87,57 @@ def test_float32_overflow_of_the_sum_is_a_huge_gradient_not_a_nonfinite_one():
 def test_missing_gradients_count_zero_between_large_ones():
     p = [torch.nn.Parameter(torch.zeros(BIG)) for _ in range(3)]
     p[0].grad, p[2].grad = torch.full((BIG,), 2.0), torch.full((BIG,), -3.0)
-    stats = GradCollector([(f"p{i}", q) for i, q in enumerate(p)]).launch().resolve().grads
-    assert stats.count.tolist() == [BIG, 0, BIG]
-    assert stats.max_abs.tolist() == [2.0, 0.0, 3.0]
-    np.testing.assert_allclose(stats.sum_sq, [4.0 * BIG, 0.0, 9.0 * BIG])
+    for peak in (True, False):
+        stats = GradCollector([(f"p{i}", q) for i, q in enumerate(p)]).launch(peak=peak).resolve().grads
+        assert stats.count.tolist() == [BIG, 0, BIG]
+        assert stats.max_abs.tolist() == [2.0, 0.0, 3.0] if peak else stats.max_abs is None
+        np.testing.assert_allclose(stats.sum_sq, [4.0 * BIG, 0.0, 9.0 * BIG])
+
+
+def _sums_only(grads: dict[str, torch.Tensor]) -> GradStats:
+    """What a CPU core step ships: the one-read sums, made exact as the monitor does before shipping."""
+    collector = GradCollector(_params(grads))
+    stats = collector.launch().resolve().grads  # CPU, not deep: no maximum read
+    collector.make_exact(stats)
+    return stats
+
+
+def test_cpu_core_steps_read_the_sums_once_and_match_the_float64_reference():
+    gen = torch.Generator().manual_seed(5)
+    grads = {  # small and large layers interleaved: the sums come back in the layers' order
+        "small": torch.randn(7, generator=gen),
+        "chunks": torch.randn(3 * (1 << 20) + 11, generator=gen) * 1e-3,
+        "big64": torch.randn(BIG, generator=gen, dtype=torch.float64),
+        "half": torch.randn(BIG, generator=gen).half(),
+        "tail": torch.randn(BIG, generator=gen),
+    }
+    got = _sums_only(grads)
+    ref = _reference(grads)
+    np.testing.assert_allclose(got.sum_sq, ref.sum_sq, rtol=1e-5)  # float32 within a chunk, as _foreach_norm
+    assert got.nonfinite.tolist() == [0] * 5
+    assert got.max_abs is None  # every norm below PEAK_BOUND: no value can reach any format's bound
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cpu_core_steps_count_nonfinite_values_and_then_read_the_maximum(bad):
+    g = torch.ones(3 * (1 << 20))
+    g[5] = g[-1] = bad
+    got = _sums_only({"ok": torch.ones(BIG), "bad": g, "small": torch.ones(3)})
+    assert got.nonfinite.tolist() == [0, 2, 0]
+    assert got.max_abs is not None and got.max_abs[0] == 1.0 and not np.isfinite(got.max_abs[1])
+
+
+def test_cpu_core_steps_read_the_maximum_when_a_norm_reaches_the_peak_bound():
+    """max |g| <= ||g||: below PEAK_BOUND no value can reach any format's largest value; at it, it is read."""
+    from gfservice.stats import PEAK_BOUND
+
+    quiet = _sums_only({"w": torch.full((BIG,), 0.5 * PEAK_BOUND / BIG**0.5)})
+    assert quiet.max_abs is None
+    loud = _sums_only({"w": torch.full((BIG,), 2 * PEAK_BOUND / BIG**0.5), "v": torch.full((5,), -3.0)})
+    np.testing.assert_allclose(loud.max_abs, [2 * PEAK_BOUND / BIG**0.5, 3.0], rtol=1e-6)
+    huge = _sums_only({"w": torch.full((BIG,), 3e18)})  # the float32 sum overflows; every value finite
+    assert huge.nonfinite.tolist() == [0] and huge.max_abs[0] == pytest.approx(3e18, rel=1e-6)
+    assert huge.sum_sq[0] == pytest.approx(BIG * float(torch.tensor(3e18)) ** 2, rel=1e-6)
 
 
 class _ThreadNotingAggregator(Aggregator):
@@ -209,3 +256,23 @@ def test_no_host_sync_cuda():
     mon.close()
     latest = mon.latest()
     assert latest is not None and latest.step == 9 and latest.loss is not None
+
+
+def test_weight_and_update_sums_match_the_float64_reference():
+    """Deep steps that saw the optimizer step: sums of squares of the weights after it and of the update."""
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in ((300, 400), (7,), (BIG,))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    collector = GradCollector([(f"p{i}", p) for i, p in enumerate(params)])
+    before = [p.detach().double().clone() for p in params]
+    collector.snapshot_weights()
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
+    got = collector.launch(deep=True).resolve().grads
+    after = [p.detach().double() for p in params]
+    np.testing.assert_allclose(got.weight_sq, [float(a.square().sum()) for a in after], rtol=1e-5)
+    np.testing.assert_allclose(got.update_sq, [float((a - b).square().sum())
+                                               for a, b in zip(after, before, strict=True)],
+                               rtol=1e-4)

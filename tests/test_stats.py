@@ -55,6 +55,7 @@ def _assert_same(got: GradStats, ref: GradStats, rtol: float = 1e-5) -> None:
         np.testing.assert_allclose(got.sum_abs, ref.sum_abs, rtol=rtol)
         np.testing.assert_array_equal(got.zeros, ref.zeros)
         np.testing.assert_array_equal(got.exp_hist, ref.exp_hist)
+        np.testing.assert_array_equal(got.dead_units, ref.dead_units)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -69,6 +70,23 @@ def test_grad_stats_match_float64_reference(dtype):
     np.testing.assert_allclose(got.mean_abs, ref.sum_abs / ref.count, rtol=1e-5)
     assert got.zero_fraction[1] == 1.0  # enc.bias is all zeros
     assert got.global_norm == pytest.approx(np.sqrt(ref.sum_sq.sum()), rel=1e-5)
+
+
+def test_zeros_and_dead_units_read_only_where_the_histogram_allows_them():
+    """On CPU zeros and dead rows are counted only in gradients whose exponent bin 0 is not empty, and dead rows
+    only where a row's worth of zeros exists: every case against the reference."""
+    gen = torch.Generator().manual_seed(7)
+    dead = torch.randn(300, 400, generator=gen)
+    dead[[3, 7]] = 0.0  # two dead output units
+    few = torch.randn(300, 400, generator=gen)
+    few[5, :399] = 0.0  # 399 zeros: not a dead row
+    subnormal = torch.randn(300, 400, generator=gen)
+    subnormal[0, :5] = 1e-40  # bin 0 without a single zero
+    grads = {"dead": dead, "few": few, "subnormal": subnormal, "dense": torch.randn(300, 400, generator=gen),
+             "bias": torch.zeros(400)}
+    got = gfservice.grad_stats(_params_with_grads(grads), deep=True)
+    _assert_same(got, _reference(grads))
+    assert got.dead_units.tolist() == [2, 0, 0, 0, 400] and got.zeros.tolist() == [800, 399, 0, 0, 400]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -154,7 +154,8 @@ def _draw_profile(ax: Any, history: Sequence[StepStats], chosen: Sequence[int]) 
     values = []
     for s in by_step.values():
         for arr in (s.grads.rms, s.grads.max_abs):
-            values.append(arr[np.isfinite(arr) & (arr > 0)])
+            if arr is not None:
+                values.append(arr[np.isfinite(arr) & (arr > 0)])
     pos = np.concatenate(values) if values else np.zeros(0)
     floor = float(pos.min()) / 10 if pos.size else 1e-12
     bad_seen = zero_seen = False
@@ -164,8 +165,8 @@ def _draw_profile(ax: Any, history: Sequence[StepStats], chosen: Sequence[int]) 
         g = s.grads
         deep = g.mean_abs is not None
         mean = g.mean_abs if g.mean_abs is not None else g.rms
-        peak = g.max_abs
-        ok = np.isfinite(mean) & np.isfinite(peak) & (g.nonfinite == 0)
+        peak = g.max_abs if g.max_abs is not None else np.full(len(mean), np.nan)  # not read on CPU core steps
+        ok = np.isfinite(mean) & (g.nonfinite == 0)
         m = np.where(ok & (mean > 0), mean, np.nan)
         p = np.where(ok & (peak > 0), peak, np.nan)
         what = "mean |g|" if deep else "RMS"
@@ -173,7 +174,7 @@ def _draw_profile(ax: Any, history: Sequence[StepStats], chosen: Sequence[int]) 
                 label=f"step {step}: {what}")
         ax.plot(x, p, "--", color=color, linewidth=1.0, alpha=0.9, label=f"step {step}: max |g|")
         ax.fill_between(x, m, p, color=color, alpha=0.12, linewidth=0)
-        zero = ok & (peak == 0)
+        zero = ok & (peak == 0) if g.max_abs is not None else ok & (g.sum_sq == 0)
         if zero.any():
             zero_seen = True
             ax.plot(x[zero], np.full(zero.sum(), floor), "v", color=color, markersize=7)

@@ -350,7 +350,7 @@ class Monitor:
 
         The ``no_gradient`` detector turns the same symptom into a finding (key ``all``) after its window.
         """
-        if g.count.any() and (g.sum_sq.any() or g.max_abs.any() or g.nonfinite.any()):
+        if g.count.any() and (g.sum_sq.any() or g.nonfinite.any() or (g.max_abs is not None and g.max_abs.any())):
             return
         self._warned_no_gradient = True
         what = "no layer has a gradient (.grad is None)" if not g.count.any() else "every gradient is exactly zero"
@@ -443,18 +443,20 @@ class Monitor:
 
         One row per step (step, time, loss, lr, loss_scale, grad_norm, max_abs, nonfinite), or with
         ``per_layer=True`` one row per step and layer (step, layer, norm, rms, max_abs, nonfinite, count).
+        ``max_abs`` is ``None`` at steps that did not read it (CPU core steps: see :class:`~gfservice.GradStats`).
         From the in-process aggregator every merged step it keeps; from a service, its history of the run.
         """
         steps = self._merged_steps()
         if per_layer:
-            return [{"step": s.step, "layer": name, "norm": float(norm), "rms": float(rms), "max_abs": float(mx),
+            return [{"step": s.step, "layer": name, "norm": float(norm), "rms": float(rms),
+                     "max_abs": None if s.grads.max_abs is None else float(s.grads.max_abs[i]),
                      "nonfinite": int(bad), "count": int(cnt)}
                     for s in steps
-                    for name, norm, rms, mx, bad, cnt in zip(s.layers, s.grads.norm, s.grads.rms, s.grads.max_abs,
-                                                             s.grads.nonfinite, s.grads.count, strict=True)]
+                    for i, (name, norm, rms, bad, cnt) in enumerate(zip(s.layers, s.grads.norm, s.grads.rms,
+                                                                        s.grads.nonfinite, s.grads.count, strict=True))]
         return [{"step": s.step, "time": s.time, "loss": s.loss, "lr": s.lr, "loss_scale": s.loss_scale,
                  "grad_norm": float(s.global_norm) if len(s.layers) else None,
-                 "max_abs": float(s.grads.max_abs.max()) if len(s.layers) else None,
+                 "max_abs": float(s.grads.max_abs.max()) if len(s.layers) and s.grads.max_abs is not None else None,
                  "nonfinite": int(s.grads.nonfinite.sum())} for s in steps]
 
     def _merged_steps(self) -> list[StepStats]:
