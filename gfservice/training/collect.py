@@ -135,6 +135,13 @@ class GradCollector:
         self.sharded: list[bool] = [is_sharded(p) for p in self.params]
         self.units: list[int] = [unit_rows(p.shape) for p in self.params]
         self._any_dtensor = DTensor is not None and any(isinstance(p, DTensor) for p in self.params)
+        # the fast path of _gradients: plain tensors, none empty (a gradient has its parameter's shape)
+        self._plain = not self._any_dtensor and all(self.numel)
+        self._all = list(range(len(self.params)))
+        self._counts = np.asarray(self.numel, np.int64)
+        self._units = np.asarray(self.units, np.int64)
+        self._large = _large_cpu(self.params)
+        self._acc = _acc(self.params)
         self._before: list[torch.Tensor] | None = None
         device = _local(self.params[0]).device
         if device.type == "cuda" and "checked" not in _triton_state:  # once per process, before the first step
@@ -163,23 +170,11 @@ class GradCollector:
         """
         extras = extras or {}
         with torch.no_grad():
-            grads, have = [], []
-            counts = np.zeros(len(self.params), np.int64)
-            local = _local if self._any_dtensor else None
-            for i, p in enumerate(self.params if layers else ()):
-                g = p.grad  # no detach needed: nothing below records autograd history (no_grad)
-                if g is not None:
-                    if local is not None:
-                        g = local(g)
-                    n = g.numel()
-                    if n:
-                        grads.append(g)
-                        have.append(i)
-                        counts[i] = n
+            grads, have, counts, large = self._gradients(layers)
             device = grads[0].device if grads else self.params[0].device
             if peak is None:
                 peak = deep or device.type != "cpu"
-            pieces = [_core(grads, device, peak)]
+            pieces = [_core(grads, device, peak, large, self._acc if large is not None else None)]
             before = self._before
             with_weights = deep and before is not None
             if deep:
@@ -201,13 +196,37 @@ class GradCollector:
         return Pending(host, event, lambda a: self._unpack(a, have, counts, peak, deep, with_weights, names,
                                                              list(on_device), host_extras))
 
+    def _gradients(self, layers: bool) -> tuple[list[torch.Tensor], list[int], np.ndarray, tuple[int, ...] | None]:
+        """This step's non-empty gradients, their layers' positions, every layer's count, and the positions of
+        the large ones when known (:func:`_large_cpu`). The usual step, every layer with its gradient, takes no
+        per-layer Python work beyond reading ``.grad``."""
+        if not layers:
+            return [], [], np.zeros(len(self.params), np.int64), None
+        # no detach needed: nothing below records autograd history (no_grad)
+        grads = [p.grad for p in self.params]
+        if self._plain and not any(g is None for g in grads):
+            return grads, self._all, self._counts.copy(), self._large
+        kept, have = [], []
+        counts = np.zeros(len(self.params), np.int64)
+        local = _local if self._any_dtensor else None
+        for i, g in enumerate(grads):
+            if g is not None:
+                if local is not None:
+                    g = local(g)
+                n = g.numel()
+                if n:
+                    kept.append(g)
+                    have.append(i)
+                    counts[i] = n
+        return kept, have, counts, None
+
     def _unpack(self, a: np.ndarray, have: list[int], counts: np.ndarray, peak: bool, deep: bool,
                 with_weights: bool, names: list[str], present: list[str], host_extras: dict[str, float]) -> Collected:
         L, n = len(self.params), len(have)
 
         def scatter(v: np.ndarray, dtype: type = np.float64) -> np.ndarray:
             if n == L:  # every layer has a gradient (the usual case)
-                return v.astype(dtype)
+                return v if v.dtype == dtype else v.astype(dtype)  # a view of this step's own buffer
             out: np.ndarray = np.zeros(L, dtype)
             out[have] = v
             return out
@@ -232,7 +251,7 @@ class GradCollector:
             sum_sq=scatter(sums),
             max_abs=None if max_abs is None else scatter(max_abs),
             nonfinite=scatter(flagged.astype(np.int64), np.int64),
-            units=np.asarray(self.units, np.int64),
+            units=self._units.copy(),
         )
         # deep and update statistics come packed in their tier's declaration order (see _packed)
         for tier, rows, present_rows in (("deep", n, have), ("update", L, None)):
@@ -308,22 +327,28 @@ _SMALL = 1 << 16
 #: Large CPU tensors are read in chunks of this many elements (1 MiB of float32): ``dot`` then ``aminmax`` per
 #: chunk, the second pass from the cache (measured 1.6-1.7x the one-norm floor against 2.0x unchunked, 1 thread).
 _CHUNK = 1 << 18
-#: Chunk of a sum-only read (:func:`_sums_cpu`): 4 MiB of float32, float64 between chunks.
+#: Chunk of a sum-only read (:func:`_sums_cpu`): 4 MiB of float32, float64 between chunks. Smaller tensors
+#: go through one ``_foreach_norm`` (as fast there, and no reordering).
 _SUM_CHUNK = 1 << 20
 
 
-def _acc(tensors: list[torch.Tensor]) -> torch.dtype:
+def _acc(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     """Accumulation dtype of the norms: float32, or float64 when a tensor is float64 (no narrowing)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    f64 = torch.float64
+    return f64 if any(t.dtype is f64 for t in tensors) else torch.float32
 
 
-def _core(grads: list[torch.Tensor], device: torch.device, peak: bool = True) -> torch.Tensor:
+_BLAS_DTYPES = (torch.float32, torch.float64)
+
+
+def _core(grads: list[torch.Tensor], device: torch.device, peak: bool = True,
+          large: tuple[int, ...] | None = None, acc: torch.dtype | None = None) -> torch.Tensor:
     """Per-layer sums of squares then, with ``peak``, max |g|: float64, flat ((2 if peak else 1) * n,), on
     ``device``."""
     if not grads:
         return torch.zeros(0, dtype=torch.float64, device=device)
     if device.type == "cpu" and not peak:
-        return _sums_cpu(grads)
+        return _sums_cpu(grads, large, acc)
     if device.type == "cuda":
         fused = _fused_core_cuda(grads)
         if fused is not None:
@@ -338,19 +363,34 @@ def _core(grads: list[torch.Tensor], device: torch.device, peak: bool = True) ->
     return torch.cat([sq, maxes])
 
 
-def _sums_cpu(grads: list[torch.Tensor]) -> torch.Tensor:
+def _large_cpu(grads: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """Positions of the gradients that take the BLAS path of :func:`_sums_cpu`."""
+    return tuple(i for i, g in enumerate(grads) if g.numel() >= _SUM_CHUNK and g.dtype in _BLAS_DTYPES)
+
+
+def _sums_cpu(grads: list[torch.Tensor], large: tuple[int, ...] | None = None,
+              acc: torch.dtype | None = None) -> torch.Tensor:
     """Sums of squares on CPU from one read of each gradient, float64, in the layers' order.
 
-    Large float32/float64 tensors: BLAS ``dot(g, g)`` per :data:`_SUM_CHUNK` elements, chunk sums added in
-    float64 (measured: 0.75x the time of one ``_foreach_norm`` and 100x closer to the float64 sum, whose float32
-    accumulator drifts by 5e-5 on 1.6M elements); the others: one ``_foreach_norm`` for all.
+    Float32/float64 tensors of :data:`_SUM_CHUNK` elements or more (``large``: their positions, see
+    :func:`_large_cpu`; the collector keeps them from one step to the next): BLAS ``dot(g, g)`` per
+    :data:`_SUM_CHUNK` elements, chunk sums added in float64 (measured: 0.75x the time of one ``_foreach_norm``
+    and 100x closer to the float64 sum, whose float32 accumulator drifts by 5e-5 on 1.6M elements); the others:
+    one ``_foreach_norm`` for all, accumulating in ``acc`` (:func:`_acc` when not given).
     """
-    large = [i for i, g in enumerate(grads)
-             if g.numel() > _SMALL and g.dtype in (torch.float32, torch.float64) and g.is_contiguous()]
-    small = [g for i, g in enumerate(grads) if i not in set(large)] if large else grads
+    if large is None:
+        large = _large_cpu(grads)
+    if large and not all(grads[i].is_contiguous() and grads[i].dtype in _BLAS_DTYPES for i in large):
+        large = tuple(i for i in large if grads[i].is_contiguous() and grads[i].dtype in _BLAS_DTYPES)
+    if large:
+        big = set(large)
+        small = [g for i, g in enumerate(grads) if i not in big]
+    else:
+        small = grads
     parts = []
     if small:
-        parts.append(torch.stack(torch._foreach_norm(small, 2, dtype=_acc(small))).double().square())
+        norms = torch._foreach_norm(small, 2, dtype=acc or _acc(small))
+        parts.append(torch.stack(norms).double().square())
     if large:
         dots = []
         for i in large:
