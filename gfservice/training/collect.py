@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,7 +204,7 @@ class GradCollector:
         if not layers:
             return [], [], np.zeros(len(self.params), np.int64), None
         # no detach needed: nothing below records autograd history (no_grad)
-        grads = [p.grad for p in self.params]
+        grads: list[Any] = [p.grad for p in self.params]
         if self._plain and not any(g is None for g in grads):
             return grads, self._all, self._counts.copy(), self._large
         kept, have = [], []
