@@ -53,13 +53,14 @@ def test_large_tensors_match_the_float64_reference():
     assert got.nonfinite.tolist() == [0] * 6
 
 
+@pytest.mark.parametrize("deep", [False, True], ids=["core", "deep"])
 @pytest.mark.parametrize("size", [BIG, 3 * _CHUNK + 5], ids=["one chunk", "chunks"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_values_in_a_large_tensor_are_counted(bad, size):
+def test_nonfinite_values_in_a_large_tensor_are_counted(bad, size, deep):
     g = torch.ones(size)
     g[123] = bad
     g[size - 1] = bad
-    got = gfservice.grad_stats(_params({"ok": torch.ones(size), "bad": g}))
+    got = gfservice.grad_stats(_params({"ok": torch.ones(size), "bad": g}), deep=deep)
     assert got.nonfinite.tolist() == [0, 2]
     assert not np.isfinite(got.sum_sq[1]) and not np.isfinite(got.max_abs[1])
     assert got.sum_sq[0] == size and got.max_abs[0] == 1.0

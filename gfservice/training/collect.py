@@ -176,13 +176,13 @@ class GradCollector:
             if peak is None:
                 peak = deep or device.type != "cpu"
             pieces = [_core(grads, device, peak, large, self._acc if large is not None else None)]
-            before = self._before
-            with_weights = deep and before is not None
             if deep:
                 pieces.append(_packed(_deep(grads, device), "deep", device))
-                if before is not None:
-                    weights = [_local(p.detach()) for p in self.params]
-                    pieces.append(_packed(_weight_sums(weights, before, device), "update", device))
+            before = self._before
+            with_weights = deep and before is not None
+            if deep and before is not None:
+                weights = [_local(p.detach()) for p in self.params]
+                pieces.append(_packed(_weight_sums(weights, before, device), "update", device))
             self._before = None
             present = {k: v for k, v in extras.items() if v is not None}
             # numbers and CPU tensors are read here (no copy); device tensors ride in the one copy to the host
@@ -642,6 +642,20 @@ def _deep(grads: list[torch.Tensor], device: torch.device) -> dict[str, torch.Te
     return {"sum_abs": sum_abs, "zeros": zeros, "exp_hist": hist, "dead_units": dead}
 
 
+def _dead_from_exponents(g: torch.Tensor, e: torch.Tensor, zeros: int, bin0: int) -> int:
+    """Dead rows of ``g`` given its exact zero count and its one-byte exponents ``e``: a dead row is a row of
+    bin-0 exponents (zeros and fp32 subnormals), checked on the values only when bin 0 holds subnormals."""
+    if g.dim() < 2:  # the units of a 1-d parameter are its elements
+        return zeros
+    if zeros < g[0].numel():
+        return 0
+    rows = g.reshape(g.shape[0], -1)
+    maybe = e.view(rows.shape).any(dim=1).logical_not()  # any() of uint8 is uint8
+    if zeros == bin0:  # bin 0 holds no subnormal: those rows are all zeros
+        return int(maybe.sum())
+    return int((~rows[maybe].any(dim=1)).sum()) if maybe.any() else 0
+
+
 def _dead_rows(g: torch.Tensor) -> torch.Tensor:
     """Rows (output units) of ``g`` whose gradient is exactly zero: dim 0 for 2-d and larger, elements for 1-d."""
     rows = g.reshape(g.shape[0], -1) if g.dim() >= 2 else g.reshape(-1, 1)
@@ -679,15 +693,7 @@ def _histogram_zeros_dead_cpu(grads: list[torch.Tensor]) -> tuple[torch.Tensor, 
         if not int(hist[0]):
             continue
         zeros[i] = int(g.numel() - torch.count_nonzero(g))
-        if g.dim() < 2:  # the units of a 1-d parameter are its elements
-            dead[i] = zeros[i]
-        elif zeros[i] >= g[0].numel():
-            rows = g.reshape(g.shape[0], -1)
-            maybe = e.view(rows.shape).any(dim=1).logical_not()  # rows of zeros and fp32 subnormals
-            if zeros[i] == int(hist[0]):  # bin 0 holds no subnormal: those rows are all zeros
-                dead[i] = int(maybe.sum())
-            elif maybe.any():
-                dead[i] = int((~rows[maybe].any(dim=1)).sum())
+        dead[i] = _dead_from_exponents(g, e, zeros[i], int(hist[0]))
     return torch.stack(hists), torch.tensor(zeros, dtype=torch.int64), torch.tensor(dead, dtype=torch.int64)
 
 

@@ -35,7 +35,7 @@ class Transport(Protocol):
 
 
 #: How long the in-process worker lets the training thread run before it judges a message it was just sent.
-_YIELD_S = 0.001
+_YIELD_S = 0.005
 
 
 class InProcessTransport:
