@@ -2,7 +2,9 @@
 
 Per collected step, every reduction runs as fused multi-tensor kernels on the device and all results
 are packed into one float64 vector, copied to the host once. Nothing syncs per parameter. On CUDA the
-copy is asynchronous (pinned memory and an event), so the training thread does not wait for it.
+copy is asynchronous (pinned memory and an event), so the training thread does not wait for it. On CPU a core
+step reads the gradients once, for the sums of squares; max |g| is read where it can matter (see
+:meth:`GradCollector.make_exact`).
 
 >>> import torch
 >>> model = torch.nn.Linear(3, 2)
