@@ -201,6 +201,7 @@ def test_a_restarted_job_is_a_new_attempt_that_the_aggregator_takes():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     first = Monitor(model, opt, InProcessTransport(agg), "job", attempt=attempt_id(), deep_every=0)
     _train(first, model, opt, 5)  # then the job dies without closing its monitor
+    first.transport.flush()  # what it sent reached the service before it died (later ones are stale_attempt)
     second = Monitor(model, opt, InProcessTransport(agg), "job", attempt=attempt_id(), deep_every=0)
     _train(second, model, opt, 3)
     second.close()
