@@ -102,9 +102,8 @@ class Exploding(Detector):
         g = step.grads
         if not len(g.layers) or not (g.count > 0).any():
             return None  # no gradient at all: nothing to judge (no_gradient's)
-        with np.errstate(invalid="ignore"):
-            if (g.nonfinite > 0).any() or (g.max_abs is not None and not np.isfinite(g.max_abs).all()):
-                return None  # the nonfinite detector speaks for such steps
+        if g.nonfinite_layers.any():
+            return None  # the nonfinite detector speaks for such steps
         cfg = self.config
         out: list[Finding] = []
         norm = step.global_norm

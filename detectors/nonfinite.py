@@ -45,10 +45,7 @@ class NonFinite(Detector):
     def update(self, step: StepStats) -> list[Finding]:
         g = step.grads
         counts = np.asarray(g.nonfinite, dtype=np.int64)
-        with np.errstate(invalid="ignore"):
-            bad = counts > 0
-            if g.max_abs is not None:  # a sender that flags NaN/Inf by the maximum alone
-                bad |= ~np.isfinite(g.max_abs)
+        bad = g.nonfinite_layers  # also a sender that flags NaN/Inf by the maximum alone
         ranks: list[int] = []
         if step.rank_nonfinite is not None:
             ranks = np.flatnonzero(np.asarray(step.rank_nonfinite, dtype=bool)).tolist()

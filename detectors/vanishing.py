@@ -85,7 +85,7 @@ class Vanishing(Detector):
         g = step.grads
         n = len(g.layers)
         with np.errstate(invalid="ignore"):
-            if n == 0 or (g.nonfinite > 0).any() or (g.max_abs is not None and not np.isfinite(g.max_abs).all()):
+            if n == 0 or g.nonfinite_layers.any():
                 return None  # NaN/Inf: nonfinite's step
             rms = g.rms
             valid = (g.count > 0) & (g.sum_sq > 0) & np.isfinite(rms)

@@ -193,6 +193,18 @@ class GradStats:
         return np.sqrt(_safe_div(self.sum_sq, self.count))
 
     @property
+    def nonfinite_layers(self) -> Array:
+        """Per layer: holds a NaN/Inf value (a non-zero count, or a NaN/Inf maximum where it was read).
+
+        >>> GradStats.from_arrays({"a": np.array([1.0]), "b": np.array([np.inf])}).nonfinite_layers.tolist()
+        [False, True]
+        """
+        bad: Array = self.nonfinite > 0
+        if self.max_abs is not None:
+            bad |= ~np.isfinite(self.max_abs)
+        return bad
+
+    @property
     def mean_abs(self) -> Array | None:
         """Mean |g| per layer (deep steps only)."""
         return None if self.sum_abs is None else _safe_div(self.sum_abs, self.count)

@@ -178,13 +178,13 @@ class GradCollector:
             if peak is None:
                 peak = deep or device.type != "cpu"
             pieces = [_core(grads, device, peak, large, self._acc if large is not None else None)]
-            if deep:
-                pieces.append(_packed(_deep(grads, device), "deep", device))
             before = self._before
             with_weights = deep and before is not None
-            if deep and before is not None:
-                weights = [_local(p.detach()) for p in self.params]
-                pieces.append(_packed(_weight_sums(weights, before, device), "update", device))
+            if deep:
+                pieces.append(_packed(_deep(grads, device), "deep", device))
+                if before is not None:
+                    weights = [_local(p.detach()) for p in self.params]
+                    pieces.append(_packed(_weight_sums(weights, before, device), "update", device))
             self._before = None
             present = {k: v for k, v in extras.items() if v is not None}
             # numbers and CPU tensors are read here (no copy); device tensors ride in the one copy to the host
@@ -302,14 +302,11 @@ class GradCollector:
     def peaks(self) -> np.ndarray:
         """max |g| of every layer now (0 without a gradient; NaN where a value is NaN), float64."""
         out = np.zeros(len(self.params), np.float64)
+        grads, have, _, _ = self._gradients(True)
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                g = p.grad
-                if g is not None:
-                    g = _local(g)
-                    if g.numel():
-                        lo, hi = torch.aminmax(g)
-                        out[i] = max(float(hi), -float(lo)) if not (hi.isnan() or lo.isnan()) else float("nan")
+            for i, g in zip(have, grads, strict=True):
+                lo, hi = torch.aminmax(g)
+                out[i] = float(torch.maximum(hi, lo.neg()))  # NaN propagates
         return out
 
     def count_nonfinite(self, stats: GradStats) -> None:
@@ -383,8 +380,7 @@ def _sums_cpu(grads: list[torch.Tensor], large: tuple[int, ...] | None = None,
     """
     if large is None:
         large = _large_cpu(grads)
-    if large and not all(grads[i].is_contiguous() and grads[i].dtype in _BLAS_DTYPES for i in large):
-        large = tuple(i for i in large if grads[i].is_contiguous() and grads[i].dtype in _BLAS_DTYPES)
+    large = tuple(i for i in large if grads[i].is_contiguous() and grads[i].dtype in _BLAS_DTYPES)
     if large:
         big = set(large)
         small = [g for i, g in enumerate(grads) if i not in big]
