@@ -143,8 +143,7 @@ class GradCollector:
         self._all = list(range(len(self.params)))
         self._counts = np.asarray(self.numel, np.int64)
         self._units = np.asarray(self.units, np.int64)
-        self._large = _large_cpu(self.params)
-        self._acc = _acc(self.params)
+        self._plan = SumPlan.of(self.params)
         self._before: list[torch.Tensor] | None = None
         device = _local(self.params[0]).device
         if device.type == "cuda" and "checked" not in _triton_state:  # once per process, before the first step
@@ -173,11 +172,11 @@ class GradCollector:
         """
         extras = extras or {}
         with torch.no_grad():
-            grads, have, counts, large = self._gradients(layers)
+            grads, have, counts, plan = self._gradients(layers)
             device = grads[0].device if grads else self.params[0].device
             if peak is None:
                 peak = deep or device.type != "cpu"
-            pieces = [_core(grads, device, peak, large, self._acc if large is not None else None)]
+            pieces = [_core(grads, device, peak, plan)]
             before = self._before
             with_weights = deep and before is not None
             if deep:
@@ -193,22 +192,22 @@ class GradCollector:
             host_extras = _host_floats({k: v for k, v in present.items() if k not in on_device})
             if on_device:
                 pieces.append(_extras(list(on_device.values()), device))
-            packed = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0].reshape(-1)
+            packed = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0]  # flat already
             host, event = _to_host(packed)
         names = list(extras)
         return Pending(host, event, lambda a: self._unpack(a, have, counts, peak, deep, with_weights, names,
                                                              list(on_device), host_extras))
 
-    def _gradients(self, layers: bool) -> tuple[list[torch.Tensor], list[int], np.ndarray, tuple[int, ...] | None]:
-        """This step's non-empty gradients, their layers' positions, every layer's count, and the positions of
-        the large ones when known (:func:`_large_cpu`). The usual step, every layer with its gradient, takes no
-        per-layer Python work beyond reading ``.grad``."""
+    def _gradients(self, layers: bool) -> tuple[list[torch.Tensor], list[int], np.ndarray, SumPlan | None]:
+        """This step's non-empty gradients, their layers' positions, every layer's count, and how
+        :func:`_sums_cpu` reads them when known (:class:`SumPlan`). The usual step, every layer with its
+        gradient, takes no per-layer Python work beyond reading ``.grad``."""
         if not layers:
             return [], [], np.zeros(len(self.params), np.int64), None
         # no detach needed: nothing below records autograd history (no_grad)
         grads: list[Any] = [p.grad for p in self.params]
         if self._plain and not any(g is None for g in grads):
-            return grads, self._all, self._counts.copy(), self._large
+            return grads, self._all, self._counts.copy(), self._plan
         kept, have = [], []
         counts = np.zeros(len(self.params), np.int64)
         local = _local if self._any_dtensor else None
@@ -291,12 +290,16 @@ class GradCollector:
 
         The maximum is read when some layer holds NaN/Inf or has a norm of at least
         :data:`~gfservice.stats.PEAK_BOUND` (``max |g| <= ||g||``: below it no value reaches any format's bound).
+        The usual step costs one comparison: every sum finite and below the bound (a NaN/Inf value makes its
+        layer's sum NaN/Inf) leaves nothing to count, mend or read.
         """
+        if not stats.sum_sq.size or stats.sum_sq.max() < PEAK_BOUND ** 2:  # NaN/Inf fail the comparison
+            return
         if stats.nonfinite.any():
             self.count_nonfinite(stats)
         if not np.all(np.isfinite(stats.sum_sq)):
             self.fix_overflow(stats)
-        if stats.max_abs is None and (stats.nonfinite.any() or not np.all(stats.sum_sq < PEAK_BOUND ** 2)):
+        if stats.max_abs is None:
             stats.max_abs = self.peaks()
 
     def peaks(self) -> np.ndarray:
@@ -327,9 +330,13 @@ _SMALL = 1 << 16
 #: Large CPU tensors are read in chunks of this many elements (1 MiB of float32): ``dot`` then ``aminmax`` per
 #: chunk, the second pass from the cache (measured 1.6-1.7x the one-norm floor against 2.0x unchunked, 1 thread).
 _CHUNK = 1 << 18
-#: Chunk of a sum-only read (:func:`_sums_cpu`): 4 MiB of float32, float64 between chunks. Smaller tensors
-#: go through one ``_foreach_norm`` (as fast there, and no reordering).
+#: Chunk of a sum-only read of a large tensor (:func:`_sums_cpu`): 4 MiB of float32, float64 between chunks.
 _SUM_CHUNK = 1 << 20
+#: Gradients up to this many elements (biases, norms, small embeddings) are summed together by
+#: :func:`_sums_cpu`: one copy into a float64 buffer and one segmented sum, where a kernel each costs 4-10 µs
+#: of dispatch (measured on the 303 tensors of ``benchmarks/peers.py``'s transformer: 0.92x the one-norm floor
+#: at 4,096, 1.2x at 8,192 as the copy outgrows the dispatch it saves, 1.22x with one ``_foreach_norm``).
+_TINY = 4096
 
 
 def _acc(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -342,13 +349,13 @@ _BLAS_DTYPES = (torch.float32, torch.float64)
 
 
 def _core(grads: list[torch.Tensor], device: torch.device, peak: bool = True,
-          large: tuple[int, ...] | None = None, acc: torch.dtype | None = None) -> torch.Tensor:
+          plan: SumPlan | None = None) -> torch.Tensor:
     """Per-layer sums of squares then, with ``peak``, max |g|: float64, flat ((2 if peak else 1) * n,), on
     ``device``."""
     if not grads:
         return torch.zeros(0, dtype=torch.float64, device=device)
     if device.type == "cpu" and not peak:
-        return _sums_cpu(grads, large, acc)
+        return _sums_cpu(grads, plan)
     if device.type == "cuda":
         fused = _fused_core_cuda(grads)
         if fused is not None:
@@ -363,46 +370,68 @@ def _core(grads: list[torch.Tensor], device: torch.device, peak: bool = True,
     return torch.cat([sq, maxes])
 
 
-def _large_cpu(grads: Sequence[torch.Tensor]) -> tuple[int, ...]:
-    """Positions of the gradients that take the BLAS path of :func:`_sums_cpu`."""
-    return tuple(i for i, g in enumerate(grads) if g.numel() >= _SUM_CHUNK and g.dtype in _BLAS_DTYPES)
+@dataclass(frozen=True)
+class SumPlan:
+    """How :func:`_sums_cpu` reads each gradient of a list, by position.
 
+    ``tiny``: floating tensors of 1 to :data:`_TINY` elements, copied together into one float64 buffer and
+    summed segment by segment (``offsets``: where each starts); ``large``: float32/float64 tensors of
+    :data:`_SUM_CHUNK` elements or more, BLAS ``dot`` chunk by chunk; ``rest``: one ``_foreach_norm``. The
+    collector keeps its plan from one step to the next.
 
-def _sums_cpu(grads: list[torch.Tensor], large: tuple[int, ...] | None = None,
-              acc: torch.dtype | None = None) -> torch.Tensor:
-    """Sums of squares on CPU from one read of each gradient, float64, in the layers' order.
-
-    Float32/float64 tensors of :data:`_SUM_CHUNK` elements or more (``large``: their positions, see
-    :func:`_large_cpu`; the collector keeps them from one step to the next): BLAS ``dot(g, g)`` per
-    :data:`_SUM_CHUNK` elements, chunk sums added in float64 (measured: 0.75x the time of one ``_foreach_norm``
-    and 100x closer to the float64 sum, whose float32 accumulator drifts by 5e-5 on 1.6M elements); the others:
-    one ``_foreach_norm`` for all, accumulating in ``acc`` (:func:`_acc` when not given).
+    >>> plan = SumPlan.of([torch.zeros(3), torch.zeros(_TINY + 1), torch.zeros(5), torch.zeros(_SUM_CHUNK)])
+    >>> plan.tiny.tolist(), plan.offsets.tolist(), plan.rest.tolist(), plan.large
+    ([0, 2], [0, 3], [1], (3,))
     """
-    if large is None:
-        large = _large_cpu(grads)
-    large = tuple(i for i in large if grads[i].is_contiguous() and grads[i].dtype in _BLAS_DTYPES)
-    if large:
-        big = set(large)
-        small = [g for i, g in enumerate(grads) if i not in big]
-    else:
-        small = grads
-    parts = []
-    if small:
-        norms = torch._foreach_norm(small, 2, dtype=acc or _acc(small))
-        parts.append(torch.stack(norms).double().square())
-    if large:
-        dots = []
-        for i in large:
-            flat = grads[i].view(-1)
-            if flat.numel() <= _SUM_CHUNK:
-                dots.append(torch.dot(flat, flat).double())
+
+    tiny: np.ndarray
+    offsets: np.ndarray
+    rest: np.ndarray
+    large: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor]) -> SumPlan:
+        tiny, sizes, rest, large = [], [], [], []
+        for i, t in enumerate(tensors):
+            n = t.numel()
+            if 0 < n <= _TINY and t.is_floating_point():
+                tiny.append(i)
+                sizes.append(n)
+            elif n >= _SUM_CHUNK and t.dtype in _BLAS_DTYPES:
+                large.append(i)
             else:
-                dots.append(torch.stack([torch.dot(c, c) for c in flat.split(_SUM_CHUNK)]).double().sum())
-        parts.append(torch.stack(dots))
-    if not large or not small:
-        return parts[0]
-    order = _cpu_order(len(grads), tuple(large))[: len(grads)]  # small layers first, then large: layer order
-    return torch.cat(parts)[order]
+                rest.append(i)
+        offsets = np.cumsum([0, *sizes[:-1]], dtype=np.int64) if sizes else np.zeros(0, np.int64)
+        return cls(np.asarray(tiny, np.int64), offsets, np.asarray(rest, np.int64), tuple(large))
+
+
+def _sums_cpu(grads: Sequence[torch.Tensor], plan: SumPlan | None = None) -> torch.Tensor:
+    """Sums of squares on CPU from one read of each gradient, float64, in the list's order.
+
+    Tiny tensors (:class:`SumPlan`) together: one ``cat``, squares and per-tensor sums in float64 (exact to
+    1e-13); large float32/float64 ones: BLAS ``dot(g, g)`` per :data:`_SUM_CHUNK` elements, chunk sums added in
+    float64 (measured: 0.75x the time of one ``_foreach_norm`` and 100x closer to the float64 sum, whose
+    float32 accumulator drifts by 5e-5 on 1.6M elements); the others: one ``_foreach_norm`` accumulating in
+    float32 (float64 when one is float64).
+
+    >>> g = [torch.tensor([3.0, 4.0]), torch.ones(_TINY + 1), torch.tensor([1.0], dtype=torch.bfloat16)]
+    >>> _sums_cpu(g).round(decimals=3).tolist()
+    [25.0, 4097.0, 1.0]
+    """
+    plan = plan or SumPlan.of(grads)
+    out = np.empty(len(grads))
+    if plan.tiny.size:
+        flat = torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in map(grads.__getitem__, plan.tiny)])
+        a = flat.to(torch.float64, copy=True).numpy()  # our own buffer: squared in place
+        with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf pass through; make_exact counts them
+            out[plan.tiny] = np.add.reduceat(np.square(a, out=a), plan.offsets)
+    if plan.rest.size:
+        rest = [grads[i] for i in plan.rest]
+        out[plan.rest] = torch.stack(torch._foreach_norm(rest, 2, dtype=_acc(rest))).double().square().numpy()
+    for i in plan.large:
+        flat = grads[i].reshape(-1)
+        out[i] = sum(float(torch.dot(c, c)) for c in flat.split(_SUM_CHUNK))  # float64 between chunks
+    return torch.from_numpy(out)
 
 
 def _core_cpu(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -708,9 +737,15 @@ def _weight_sums(weights: list[torch.Tensor], before: list[torch.Tensor], device
 
 
 def _host_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
-    """Loss, scale ... of CPU tensors or numbers as floats, by name."""
-    return {k: float(_local(v.detach()).reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
-            for k, v in values.items()}
+    """Loss, scale ... of CPU tensors or numbers as floats, by name (a tensor's first element)."""
+    return {k: _host_float(v) for k, v in values.items()}
+
+
+def _host_float(v: torch.Tensor | float) -> float:
+    if not isinstance(v, torch.Tensor):
+        return float(v)
+    v = _local(v).detach()
+    return v.item() if v.numel() == 1 else float(v.reshape(-1)[0])
 
 
 def _extras(values: Sequence[torch.Tensor | float], device) -> torch.Tensor:
