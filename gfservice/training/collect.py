@@ -427,7 +427,8 @@ def _sums_cpu(grads: Sequence[torch.Tensor], plan: SumPlan | None = None) -> tor
             out[plan.tiny] = np.add.reduceat(np.square(a, out=a), plan.offsets)
     if plan.rest.size:
         rest = [grads[i] for i in plan.rest]
-        out[plan.rest] = torch.stack(torch._foreach_norm(rest, 2, dtype=_acc(rest))).double().square().numpy()
+        norms = torch.stack(torch._foreach_norm(rest, 2, dtype=_acc(rest))).numpy().astype(np.float64)
+        out[plan.rest] = norms * norms
     for i in plan.large:
         flat = grads[i].reshape(-1)
         out[i] = sum(float(torch.dot(c, c)) for c in flat.split(_SUM_CHUNK))  # float64 between chunks

@@ -350,8 +350,8 @@ class Monitor:
 
         The ``no_gradient`` detector turns the same symptom into a finding (key ``all``) after its window.
         """
-        if g.count.any() and (g.sum_sq.any() or g.nonfinite.any() or (g.max_abs is not None and g.max_abs.any())):
-            return
+        if g.sum_sq.any() or g.nonfinite.any() or (g.max_abs is not None and g.max_abs.any()):
+            return  # some layer has a non-zero gradient (a layer without one has a count and sums of 0)
         self._warned_no_gradient = True
         what = "no layer has a gradient (.grad is None)" if not g.count.any() else "every gradient is exactly zero"
         log.warning(
