@@ -376,8 +376,8 @@ class SumPlan:
 
     ``tiny``: floating tensors of 1 to :data:`_TINY` elements, copied together into one float64 buffer and
     summed segment by segment (``offsets``: where each starts); ``large``: float32/float64 tensors of
-    :data:`_SUM_CHUNK` elements or more, BLAS ``dot`` chunk by chunk; ``rest``: one ``_foreach_norm``. The
-    collector keeps its plan from one step to the next.
+    :data:`_SUM_CHUNK` elements or more, BLAS ``dot`` chunk by chunk; ``rest``: one ``_foreach_norm``
+    accumulating in ``rest_acc`` (:func:`_acc`). The collector keeps its plan from one step to the next.
 
     >>> plan = SumPlan.of([torch.zeros(3), torch.zeros(_TINY + 1), torch.zeros(5), torch.zeros(_SUM_CHUNK)])
     >>> plan.tiny.tolist(), plan.offsets.tolist(), plan.rest.tolist(), plan.large
@@ -387,6 +387,7 @@ class SumPlan:
     tiny: np.ndarray
     offsets: np.ndarray
     rest: np.ndarray
+    rest_acc: torch.dtype
     large: tuple[int, ...]
 
     @classmethod
@@ -402,7 +403,8 @@ class SumPlan:
             else:
                 rest.append(i)
         offsets = np.cumsum([0, *sizes[:-1]], dtype=np.int64) if sizes else np.zeros(0, np.int64)
-        return cls(np.asarray(tiny, np.int64), offsets, np.asarray(rest, np.int64), tuple(large))
+        return cls(np.asarray(tiny, np.int64), offsets, np.asarray(rest, np.int64),
+                   _acc([tensors[i] for i in rest]), tuple(large))
 
 
 def _sums_cpu(grads: Sequence[torch.Tensor], plan: SumPlan | None = None) -> torch.Tensor:
@@ -421,13 +423,13 @@ def _sums_cpu(grads: Sequence[torch.Tensor], plan: SumPlan | None = None) -> tor
     plan = plan or SumPlan.of(grads)
     out = np.empty(len(grads))
     if plan.tiny.size:
-        flat = torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in map(grads.__getitem__, plan.tiny)])
-        a = flat.to(torch.float64, copy=True).numpy()  # our own buffer: squared in place
+        flat = torch.cat([grads[i] if grads[i].dim() == 1 else grads[i].reshape(-1) for i in plan.tiny])
+        a = flat.to(torch.float64).numpy()  # cat's own new buffer (converted or not): squared in place
         with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf pass through; make_exact counts them
             out[plan.tiny] = np.add.reduceat(np.square(a, out=a), plan.offsets)
     if plan.rest.size:
         rest = [grads[i] for i in plan.rest]
-        norms = torch.stack(torch._foreach_norm(rest, 2, dtype=_acc(rest))).numpy().astype(np.float64)
+        norms = torch.stack(torch._foreach_norm(rest, 2, dtype=plan.rest_acc)).numpy().astype(np.float64)
         out[plan.rest] = norms * norms
     for i in plan.large:
         flat = grads[i].reshape(-1)
