@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from gfservice.api import describe_layers
 from gfservice.config import ExporterConfig
 from gfservice.observability.metrics_server import MetricsServer, tls_context
-from gfservice.service.aggregator import Aggregator, AggregatorView, RunView
+from gfservice.service.view import AggregatorView, RunView, ViewSource
 from gfservice.stats import noise_scale
 from gfservice.wire import RejectReason
 
@@ -144,7 +144,7 @@ def format_ranks(ranks: Sequence[int], limit: int = LABEL_LIMIT) -> str:
 
 
 class GradflowCollector:
-    """Builds the ``gradflow_*`` metrics from an :class:`~gfservice.service.aggregator.Aggregator` at scrape time.
+    """Builds the ``gradflow_*`` metrics from a :class:`~gfservice.service.view.ViewSource` at scrape time.
 
     ``clock`` (seconds, like :func:`time.time`) drives the finding linger; tests pass their own.
     ``service_health``, when given, is called at each scrape for the service's snapshot health
@@ -161,7 +161,7 @@ class GradflowCollector:
     That counter is the collector's only state.
     """
 
-    def __init__(self, aggregator: Aggregator, config: ExporterConfig | None = None,
+    def __init__(self, aggregator: ViewSource, config: ExporterConfig | None = None,
                  clock: Callable[[], float] = time.time, version: str | None = None,
                  service_health: Callable[[], Mapping[str, float | None]] | None = None):
         self.aggregator = aggregator
@@ -516,7 +516,7 @@ def _describe(layers: Sequence[str]) -> str:
     return text if len(text) <= LABEL_LIMIT else text[: LABEL_LIMIT - 3] + "..."
 
 
-def serve_metrics(aggregator: Aggregator, config: ExporterConfig | None = None,
+def serve_metrics(aggregator: ViewSource, config: ExporterConfig | None = None,
                   **collector_options: Any) -> tuple[Any, threading.Thread, int]:
     """Serve ``/metrics`` for ``aggregator`` on its own registry; returns ``(server, thread, port)``.
 
@@ -525,6 +525,7 @@ def serve_metrics(aggregator: Aggregator, config: ExporterConfig | None = None,
     Stop it with ``server.shutdown(); server.server_close()``.
 
     >>> import urllib.request
+    >>> from gfservice.service.aggregator import Aggregator
     >>> server, thread, port = serve_metrics(Aggregator())
     >>> body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     >>> "gradflow_build_info" in body
