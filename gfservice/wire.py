@@ -74,6 +74,8 @@ __all__ = [
     "MAX_LAYERS",
     "MAX_STEP",
     "PROTOCOL_VERSION",
+    "SNAPSHOT_MAX_DEPTH",
+    "SNAPSHOT_MAX_ITEMS",
     "DisableReason",
     "EvictionReason",
     "Layout",

@@ -33,7 +33,7 @@ from gfservice.service.reconfigure import apply, plan
 from gfservice.service.runs import Run, Table, log
 from gfservice.service.state import encode
 from gfservice.service.view import publish
-from gfservice.wire import Layout, Rejected, SnapshotState, check_nesting, parse
+from gfservice.wire import SNAPSHOT_MAX_DEPTH, Layout, Rejected, SnapshotState, check_nesting, parse
 
 __all__ = ["SNAPSHOT_WAIT_S", "detector_state", "layouts_state", "load_state_dict", "run_state", "state_dict"]
 
@@ -76,8 +76,8 @@ def detector_state(r: Run, name: str, det: Detector) -> dict[str, Any] | None:
         state = copy.deepcopy(det.state_dict())  # copied now: the snapshot is written later, on another thread
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict returned {type(state).__name__}, not a mapping")
-        check_nesting(state)  # a restore would refuse the whole snapshot for it
-        encode(state, f"detector {name} of run {r.name}")
+        # as saved (encoded), with room for its place in the snapshot: a restore would refuse the whole snapshot
+        check_nesting(encode(state, f"detector {name} of run {r.name}"), SNAPSHOT_MAX_DEPTH - 8)
         return dict(state)
     except Exception as exc:
         if name not in r.unsaveable:
