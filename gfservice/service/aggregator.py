@@ -24,11 +24,9 @@ the detector's name) says so; the step's other findings are always kept. ``gfser
 NAME.enabled=true`` (or a restart of the service) re-enables it. A hung detector's thread is abandoned (one
 thread per hung detector and run: it is never called again), and the run's later steps go on without it.
 
-Admission checks that need the run (the stateless ones are :func:`~gfservice.wire.parse`'s): a step at most
-``max_step_jump`` ahead of the run's newest step (``step_jump``; an attempt's first step may be anything), a
-``RunEnd`` or report only from a rank that sent a layout (``unknown_rank``), a layout that agrees with the
-other ranks' on layers, sharded flags, sizes, units and (for senders with attempt ids) world size
-(``layout_mismatch``). Refusals are counted service-wide and on the run they name (``RunView.rejected``).
+Admission checks that need the run (a step too far ahead, a rank without a layout, ranks that disagree, a late
+message of an earlier attempt) are :mod:`~gfservice.service.admission`'s; the stateless ones are
+:func:`~gfservice.wire.parse`'s. Refusals are counted service-wide and on the run they name (``RunView.rejected``).
 
 >>> from gfservice.wire import Layout, RunEnd, StepReport
 >>> agg = Aggregator()

@@ -56,7 +56,8 @@ class RunView:
     attempts: int = 1
     #: Messages of this run refused, by :class:`~gfservice.wire.RejectReason` value.
     rejected: Mapping[str, int] = field(default_factory=dict)
-    #: Detectors switched off for this run (past their error or time budget): name -> "errors" or "time".
+    #: Detectors switched off for this run (past their error or time budget): name -> a DisableReason value
+    #: ("errors" or "time").
     disabled_detectors: Mapping[str, str] = field(default_factory=dict)
     #: Bytes this run holds (history, pending steps, detector state), as accounted by the aggregator.
     memory_bytes: int = 0
