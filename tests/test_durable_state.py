@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from gfservice.config import Settings
-from gfservice.service import state as st
 from gfservice.hosting.actor import ServiceHost
+from gfservice.service import state as st
 from gfservice.service.aggregator import Aggregator
 
 

@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gfservice.config import ServiceConfig, Settings
-from gfservice.service import auth
 from gfservice.hosting.actor import ServiceHost
+from gfservice.service import auth
 from gfservice.service.state import set_aside, write_private_json
 from gfservice.wire import parse
 
