@@ -6,10 +6,10 @@ from __future__ import annotations
 import pydantic
 import pytest
 
+from gfservice.saved import SNAPSHOT_MAX_DEPTH, DisableReason, EvictionReason, SnapshotState, check_nesting
 from gfservice.service import state as st
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.memory import BoundedLog, Ledger, RunMemory
-from gfservice.wire import SNAPSHOT_MAX_DEPTH, DisableReason, EvictionReason, SnapshotState, check_nesting
 
 
 def _nested(depth: int) -> dict:

@@ -20,13 +20,14 @@ from typing import Any
 
 from gfservice.api import Finding, StepStats
 from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE, Settings, load_settings
+from gfservice.envelopes import BatchAnswer
 from gfservice.hosting.scrape import scrape_host
 from gfservice.observability.discovery import remove_sd_file, write_sd_file
 from gfservice.observability.exporter import serve_metrics
 from gfservice.service import auth
 from gfservice.service.client import find
 from gfservice.service.core import ServiceCore
-from gfservice.wire import BatchAnswer, RejectReason
+from gfservice.wire import RejectReason
 
 __all__ = ["DEFAULT_NAME", "DEFAULT_NAMESPACE", "ServiceActor", "ServiceHost", "ServiceSettings", "find",
            "load_service_settings", "start", "stop"]
@@ -96,7 +97,7 @@ class ServiceActor:
 
     def submit(self, messages: list[Any], dropped: dict[str, int] | None = None,
                token: str | None = None) -> dict[str, Any]:
-        """:meth:`ServiceCore.submit`, answered as a plain :class:`~gfservice.wire.BatchAnswer`; a batch without
+        """:meth:`ServiceCore.submit`, answered as a plain :class:`~gfservice.envelopes.BatchAnswer`; a batch without
         the token is refused whole and counted as ``unauthorized`` (the answer has the same shape, so a sender's
         batching stays fire-and-forget)."""
         if not self._guard.allows(token):
@@ -127,7 +128,7 @@ class ServiceActor:
         return self._core.configure(run, settings)
 
     def status(self, token: str | None = None) -> dict[str, Any]:
-        """A :class:`~gfservice.wire.ServiceStatus` as plain data."""
+        """A :class:`~gfservice.envelopes.ServiceStatus` as plain data."""
         self._guard.check(token, "status()")
         status = self._core.status().model_copy(update={"auth": "token" if self._guard.enabled else "none"})
         return status.model_dump()

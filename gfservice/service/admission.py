@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 
 from gfservice.api import StepStats
+from gfservice.saved import EvictionReason
 from gfservice.service.eviction import evict, retire
 from gfservice.service.findings import clear_all
 from gfservice.service.memory import Layouts, PendingSteps, RecordLog, RunMemory, StepHistory
 from gfservice.service.merging import merge_ready
 from gfservice.service.runs import Run, Table, log
 from gfservice.service.view import publish
-from gfservice.wire import EvictionReason, Layout, Rejected, RejectReason, RunEnd, StepReport
+from gfservice.wire import Layout, Rejected, RejectReason, RunEnd, StepReport
 
 __all__ = ["check_attempt", "check_consistent", "check_current", "count_rejected", "end", "find", "ingest",
            "new_attempt", "new_run", "register", "take_layout"]

@@ -54,12 +54,13 @@ from typing import Any, NamedTuple
 from gfservice import registry
 from gfservice.api import Detector, Finding, StepStats
 from gfservice.config import AggregatorConfig
+from gfservice.saved import SnapshotState
 from gfservice.service import admission, eviction, judging, reconfigure, snapshot
 from gfservice.service.findings import DETECTOR_DISABLED
 from gfservice.service.merging import merge_ready
 from gfservice.service.runs import Lineup, Run, Table, log
 from gfservice.service.view import AggregatorView, RunView, publish, run_view, take_view
-from gfservice.wire import Layout, Rejected, RejectReason, RunEnd, SnapshotState, StepReport, parse
+from gfservice.wire import Layout, Rejected, RejectReason, RunEnd, StepReport, parse
 
 __all__ = ["DETECTOR_DISABLED", "Ack", "Aggregator", "AggregatorConfig", "AggregatorView", "RunView"]
 
@@ -292,6 +293,6 @@ class Aggregator:
         return snapshot.state_dict(self._table)
 
     def load_state_dict(self, state: Mapping[str, Any] | SnapshotState) -> None:
-        """Take a saved state (validated as a :class:`~gfservice.wire.SnapshotState` first: pydantic's
+        """Take a saved state (validated as a :class:`~gfservice.saved.SnapshotState` first: pydantic's
         ``ValidationError`` when it is not one, and nothing is taken)."""
         snapshot.load_state_dict(self._table, state)

@@ -51,7 +51,7 @@ class Client:
         return self._call("history", run)
 
     def status(self) -> dict[str, Any]:
-        """The service's :class:`~gfservice.wire.ServiceStatus` as plain data (``gfservice status --json``)."""
+        """The service's :class:`~gfservice.envelopes.ServiceStatus` as plain data (``gfservice status --json``)."""
         return self._call("status")
 
     def configure(self, run: str, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -69,7 +69,7 @@ class Client:
 
     def submit(self, messages: list[Any]) -> dict[str, Any]:
         """Send raw messages (tests and tools); training jobs use ``gfservice.monitor``. Answers a
-        :class:`~gfservice.wire.BatchAnswer` as plain data."""
+        :class:`~gfservice.envelopes.BatchAnswer` as plain data."""
         return self._call("submit", messages)
 
 

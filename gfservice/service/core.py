@@ -25,6 +25,7 @@ from typing import Any
 from gfservice import __version__
 from gfservice.api import Finding, StepStats
 from gfservice.config import Settings
+from gfservice.envelopes import BatchAnswer, ServiceStatus, SnapshotHealth
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.ingest import take
 from gfservice.service.state import (
@@ -35,7 +36,6 @@ from gfservice.service.state import (
     set_aside,
     write_snapshot,
 )
-from gfservice.wire import BatchAnswer, ServiceStatus, SnapshotHealth
 
 __all__ = ["ServiceCore"]
 

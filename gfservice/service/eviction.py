@@ -13,9 +13,9 @@ findings last). Every function here expects the table's lock held unless it says
 
 from __future__ import annotations
 
+from gfservice.saved import EvictionReason
 from gfservice.service.memory import Standing, victims
 from gfservice.service.runs import Run, Table, log
-from gfservice.wire import EvictionReason
 
 __all__ = ["enforce_memory", "evict", "retire", "retire_finished", "standing"]
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 from gfservice.api import Finding, Severity, StepStats
 from gfservice.config import AggregatorConfig
+from gfservice.saved import DisableReason
 from gfservice.service.runs import Run, log
-from gfservice.wire import DisableReason
 
 if TYPE_CHECKING:
     from gfservice.service.judging import Outcome

@@ -1,7 +1,7 @@
 """One batch into the aggregator: what the Ray service and the peer server both do with what a sender submits.
 
 Every message is submitted on its own (a bad one costs only itself), the sender's drops are counted, and the
-answer is one :class:`~gfservice.wire.BatchAnswer`: the refusals by index and the stop verdict of every run the
+answer is one :class:`~gfservice.envelopes.BatchAnswer`: the refusals by index and the stop verdict of every run the
 batch names.
 
 >>> from gfservice.service.aggregator import Aggregator
@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from gfservice.envelopes import BatchAnswer
 from gfservice.service.aggregator import Aggregator
-from gfservice.wire import BatchAnswer, RejectReason
+from gfservice.wire import RejectReason
 
 __all__ = ["take"]
 

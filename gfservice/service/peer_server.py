@@ -3,8 +3,8 @@
 Each rank (rank 0 too) holds one TCP connection to rank 0's :class:`PeerServer` (never the training process
 group's collectives). Frames are length-prefixed JSON (4 bytes big-endian, then UTF-8; NaN/Inf travel as the
 JSON constants ``NaN``/``Infinity``). The first frame is a hello, answered ``{"ok": true}`` or refused; then each
-request is a :class:`~gfservice.wire.Batch` (``{"run": RUN, "messages": [wire messages], "dropped": N}``) and
-each answer a :class:`~gfservice.wire.BatchAnswer`, as on the Ray path (``{"rejected": [[i, reason]], "stop":
+request is a :class:`~gfservice.envelopes.Batch` (``{"run": RUN, "messages": [wire messages], "dropped": N}``) and
+each answer a :class:`~gfservice.envelopes.BatchAnswer`, as on the Ray path (``{"rejected": [[i, reason]], "stop":
 {RUN: REASON or null}}``, plus ``"findings"``, the run's findings, whenever they changed). An empty request is a
 poll: it brings verdicts to ranks that have nothing to send. (Protocol 2; protocol 1 answered ``"stop"`` as a
 bare reason.) Every message is validated by the
@@ -47,9 +47,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from gfservice.api import Finding
+from gfservice.envelopes import Batch
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.ingest import take
-from gfservice.wire import Batch
 
 __all__ = ["MAX_FRAME", "PEER_PROTOCOL", "FrameError", "PeerServer", "encode_frame", "hello", "read_frame"]
 
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 256 * 2**20
 #: What a hello says; a connection that says something else is refused.
 HELLO = "gfservice-peer"
-#: The peer protocol; 2 answers every batch with a :class:`~gfservice.wire.BatchAnswer`.
+#: The peer protocol; 2 answers every batch with a :class:`~gfservice.envelopes.BatchAnswer`.
 PEER_PROTOCOL = 2
 _HEADER = struct.Struct(">I")
 

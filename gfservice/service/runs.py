@@ -25,9 +25,9 @@ import numpy as np
 
 from gfservice.api import Detector, StepStats
 from gfservice.config import AggregatorConfig
+from gfservice.saved import DisableReason
 from gfservice.service.memory import Layouts, Ledger, PendingSteps, RecordLog, RunMemory, StepHistory
 from gfservice.stats import Array
-from gfservice.wire import DisableReason
 
 if TYPE_CHECKING:
     from gfservice.service.findings import ErrorLog, Record
@@ -164,7 +164,7 @@ class Table:
     retired_seconds: dict[str, float] = field(default_factory=dict)
     retired_errors: dict[str, int] = field(default_factory=dict)
     runs_forgotten: int = 0
-    #: Runs evicted or retired, by reason (an :class:`~gfservice.wire.EvictionReason` value).
+    #: Runs evicted or retired, by reason (an :class:`~gfservice.saved.EvictionReason` value).
     evicted: dict[str, int] = field(default_factory=dict)
 
     def get(self, run: str) -> Run:

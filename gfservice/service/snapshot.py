@@ -1,6 +1,6 @@
 """Snapshots: the aggregator's state as plain data (detector state, findings and layouts of every run, not
 the step history: enough to resume), and back. :mod:`gfservice.service.state` writes it to disk as JSON; a
-state to load is validated as a whole (:class:`~gfservice.wire.SnapshotState`: types, sizes, nesting) before
+state to load is validated as a whole (:class:`~gfservice.saved.SnapshotState`: types, sizes, nesting) before
 anything of it is taken, and its layouts are checked like live ones.
 
 >>> from gfservice.service.aggregator import Aggregator
@@ -27,13 +27,14 @@ from typing import Any
 
 from gfservice.api import Detector
 from gfservice.registry import ConfigError
+from gfservice.saved import SNAPSHOT_MAX_DEPTH, SnapshotState, check_nesting
 from gfservice.service.admission import new_run, register
 from gfservice.service.findings import DETECTOR_DISABLED, Record, clear
 from gfservice.service.reconfigure import apply, plan
 from gfservice.service.runs import Run, Table, log
 from gfservice.service.state import encode
 from gfservice.service.view import publish
-from gfservice.wire import SNAPSHOT_MAX_DEPTH, Layout, Rejected, SnapshotState, check_nesting, parse
+from gfservice.wire import Layout, Rejected, parse
 
 __all__ = ["SNAPSHOT_WAIT_S", "detector_state", "layouts_state", "load_state_dict", "run_state", "state_dict"]
 
@@ -113,7 +114,7 @@ def run_state_locked(r: Run) -> dict[str, Any]:
 
 def load_state_dict(table: Table, state: Mapping[str, Any] | SnapshotState) -> None:
     """Take the runs and counters of a saved ``state`` into ``table``; raises ``ValidationError`` (and takes
-    nothing) when ``state`` is not a :class:`~gfservice.wire.SnapshotState`."""
+    nothing) when ``state`` is not a :class:`~gfservice.saved.SnapshotState`."""
     saved = state if isinstance(state, SnapshotState) else SnapshotState.model_validate(state)
     with table.lock:
         for name, s in saved.runs.items():

@@ -13,8 +13,8 @@ One self-contained file rather than JSON plus an ``.npz`` beside it: a single re
 a crash can never leave the JSON and the arrays of two different snapshots side by side, and setting a bad
 snapshot aside is one rename. The arrays are small (per-layer vectors), so base64's third more is cheap.
 
-Reads refuse a state nested deeper than :data:`~gfservice.wire.SNAPSHOT_MAX_DEPTH` (a :class:`SnapshotError`,
-never a ``RecursionError``); the aggregator validates what it restores as a :class:`~gfservice.wire.SnapshotState`.
+Reads refuse a state nested deeper than :data:`~gfservice.saved.SNAPSHOT_MAX_DEPTH` (a :class:`SnapshotError`,
+never a ``RecursionError``); the aggregator validates what it restores as a :class:`~gfservice.saved.SnapshotState`.
 
 Writes go to a unique temporary file in the same directory (``mkstemp``: ``O_EXCL``, ``O_NOFOLLOW``, mode 0600),
 which is fsynced, then the current snapshot becomes ``<stem>.prev<suffix>``, the new one is renamed into place and
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from gfservice.registry import ConfigError
-from gfservice.wire import check_nesting
+from gfservice.saved import check_nesting
 
 __all__ = ["FORMAT", "VERSION", "SnapshotError", "SnapshotTooNew", "StateDirError", "decode", "encode",
            "ensure_private_dir", "prev_path", "read_private_json", "read_snapshot", "set_aside",

@@ -44,11 +44,12 @@ from pydantic import ValidationError
 
 from gfservice.api import Finding, StepStats
 from gfservice.config import Settings
+from gfservice.envelopes import Batch, BatchAnswer
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.auth import load_token
 from gfservice.service.peer_server import FrameError, encode_frame, hello, read_frame
 from gfservice.training.sending import QueuedSender
-from gfservice.wire import Batch, BatchAnswer, Layout, RunEnd, StepReport
+from gfservice.wire import Layout, RunEnd, StepReport
 
 if TYPE_CHECKING:
     from gfservice.hosting.peer_host import PeerHost

@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from gfservice.api import Finding, StepStats
+from gfservice.envelopes import Batch, BatchAnswer
 from gfservice.training.sending import QueuedSender
-from gfservice.wire import Batch, BatchAnswer
 
 log = logging.getLogger(__name__)
 

@@ -2,12 +2,13 @@
 
 :class:`QueuedSender` holds the queue (when it is full the oldest report is dropped and counted), the layouts
 (kept, and sent again first whenever the other side forgot them), the drops not yet reported, and the tally of
-what an answer (:class:`~gfservice.wire.BatchAnswer`) says: rejections, the stop verdict, layouts to send
+what an answer (:class:`~gfservice.envelopes.BatchAnswer`) says: rejections, the stop verdict, layouts to send
 again. A background thread runs the transport's :meth:`QueuedSender._loop`; ``flush`` and ``close`` wait for it.
 The transports are :class:`~gfservice.training.ray_sender.RaySender` and
 :class:`~gfservice.training.peer_sender.PeerSender`.
 
->>> from gfservice.wire import BatchAnswer, Layout, StepReport
+>>> from gfservice.envelopes import BatchAnswer
+>>> from gfservice.wire import Layout, StepReport
 >>> class Nowhere(QueuedSender):
 ...     def _loop(self) -> None:
 ...         pass
@@ -31,7 +32,8 @@ import threading
 import time
 from collections import deque
 
-from gfservice.wire import BatchAnswer, Layout, RejectReason, RunEnd, StepReport
+from gfservice.envelopes import BatchAnswer
+from gfservice.wire import Layout, RejectReason, RunEnd, StepReport
 
 __all__ = ["QueuedSender"]
 
