@@ -233,7 +233,7 @@ def parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     >>> parse_set(["exploding.z_threshold=8", "exploding.max_norm=none", "vanishing.enabled=false"])
     {'exploding': {'z_threshold': 8, 'max_norm': None}, 'vanishing': {'enabled': False}}
     """
-    from gfservice.registry import ConfigError
+    from gfservice.errors import ConfigError
 
     if sys.version_info >= (3, 11):
         import tomllib
@@ -260,7 +260,7 @@ def parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def _configure(args: argparse.Namespace) -> int:
-    from gfservice.registry import ConfigError
+    from gfservice.errors import ConfigError
 
     try:
         settings = _detector_settings(args.config) if args.config else {}

@@ -10,7 +10,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from gfservice import __version__
+from gfservice._version import __version__
 
 
 def _detectors(args: argparse.Namespace) -> int:
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
     except Exception as exc:  # a clear message, not a traceback, for expected failures
-        from gfservice.registry import ConfigError
+        from gfservice.errors import ConfigError
 
         if isinstance(exc, ConfigError | FileNotFoundError | ConnectionError):
             print(f"gfservice: error: {exc}", file=sys.stderr)
