@@ -559,7 +559,7 @@ def test_dockerfile_is_multi_stage_non_root_and_installs_what_setup_installs():
     assert build.index("torch==") < build.index('pip install ".[${EXTRAS}]"'), "torch first, then gfservice"
     assert "download.pytorch.org/whl/cpu" in build and "download.pytorch.org/whl/${TORCH_CUDA}" in build
     # The manifests' Ray is the image's, and their image tag is this version of gfservice.
-    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    from gfservice._version import __version__ as version  # the one place the version is written
     for where, spec in ray_cluster_specs():
         assert spec["rayVersion"] == args["RAY_VERSION"], where
     for where, c, _ in containers():

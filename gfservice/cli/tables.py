@@ -6,7 +6,7 @@ run       step
 a         12
 long-run  3
 >>> print(table(("run", "step"), [("a", "12")], rule=False, max_width=2))
-ru  step
+ru  st
 a   12
 """
 
