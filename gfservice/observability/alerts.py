@@ -39,11 +39,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gfservice.api import Severity
 from gfservice.observability.conventions import DATASOURCE_UID, STALL_AFTER_S
 
 __all__ = ["ALERTS", "DATASOURCE_UID", "STALL_AFTER_S", "Alert", "grafana_rules", "prometheus_rule",
@@ -73,7 +74,8 @@ class Alert(BaseModel):
     expr: str
     #: Pending period (Prometheus ``for``).
     pending: str = Field("0s", pattern=r"^\d+[smh]$")
-    severity: Literal["critical", "warning"]
+    #: ``critical`` or ``warning``: findings of severity ``info`` never alert.
+    severity: Severity
     #: The ``severity`` label follows the finding: ``critical`` (a page) when the finding is critical, else
     #: ``severity``. For detectors whose findings are warnings or critical by key (``loss_spike``: spike or
     #: diverged; ``loss_scale``: collapse and skips or floor); the expression must select warning and critical
@@ -84,7 +86,9 @@ class Alert(BaseModel):
 
     @model_validator(mode="after")
     def _escalates_from_warning(self) -> Alert:
-        if self.critical_finding_pages and self.severity != "warning":
+        if self.severity is Severity.info:
+            raise ValueError("info findings never alert: set severity='warning' or 'critical'")
+        if self.critical_finding_pages and self.severity is not Severity.warning:
             raise ValueError("critical_finding_pages escalates a warning alert: set severity='warning'")
         return self
 
@@ -95,12 +99,13 @@ class Alert(BaseModel):
         '{{ if eq $labels.severity "critical" }}critical{{ else }}warning{{ end }}'
         """
         if self.critical_finding_pages:
-            return '{{ if eq $labels.severity "critical" }}critical{{ else }}' + self.severity + "{{ end }}"
-        return self.severity
+            return '{{ if eq $labels.severity "critical" }}critical{{ else }}' + self.severity.value + "{{ end }}"
+        return self.severity.value
 
     def severities(self) -> tuple[str, ...]:
         """Every value the ``severity`` label can take (what Alertmanager routes on)."""
-        return ("critical", self.severity) if self.critical_finding_pages else (self.severity,)
+        own = self.severity.value
+        return (Severity.critical.value, own) if self.critical_finding_pages else (own,)
 
     def runbook_url(self, base: str = RUNBOOK_BASE) -> str:
         return f"{base}{self.name}.md"
@@ -145,7 +150,7 @@ ALERTS: tuple[Alert, ...] = (
     Alert(
         name="GradflowNonFiniteGradients",
         expr='gradflow_finding{detector="nonfinite", severity="critical"}',
-        severity="critical",
+        severity=Severity.critical,
         summary="Run {{ $labels.run }}: NaN/Inf gradients" + _LAYERS + _RANKS,
         description=(
             "The nonfinite detector found NaN or Inf values ({{ $labels.key }}) in run {{ $labels.run }}, "
@@ -156,7 +161,7 @@ ALERTS: tuple[Alert, ...] = (
     Alert(
         name="GradflowGradientExplosion",
         expr='gradflow_finding{detector="exploding", severity=~"warning|critical"}',
-        severity="critical",
+        severity=Severity.critical,
         summary="Run {{ $labels.run }}: gradient explosion ({{ $labels.key }})" + _LAYERS,
         description=(
             "The exploding detector fired ({{ $labels.key }}) in run {{ $labels.run }} at step {{ $value }}" + _LAYERS
@@ -172,7 +177,7 @@ ALERTS: tuple[Alert, ...] = (
             'and on (run, detector) (gradflow_active_findings{detector="vanishing"} > 0)'
         ),
         pending="10m",
-        severity="warning",
+        severity=Severity.warning,
         summary="Run {{ $labels.run }}: vanishing gradients" + _LAYERS,
         description=(
             "Layers of run {{ $labels.run }} have had vanishing gradients since step {{ $value }}" + _LAYERS
@@ -184,7 +189,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowTrainingStalled",
         expr=(f"(time() - gradflow_last_step_timestamp_seconds) > {STALL_AFTER_S} "
               "and on (run) gradflow_run_finished == 0"),
-        severity="critical",
+        severity=Severity.critical,
         summary="Run {{ $labels.run }}: no training step for {{ $value | humanizeDuration }}",
         description=(
             "Run {{ $labels.run }} has not finished (gradflow_run_finished is 0) but the service merged no step "
@@ -195,7 +200,7 @@ ALERTS: tuple[Alert, ...] = (
     Alert(
         name="GradflowStalledRank",
         expr='gradflow_finding{detector="stalled_rank"}',
-        severity="critical",
+        severity=Severity.critical,
         summary="Run {{ $labels.run }}: rank {{ $labels.ranks }} stopped reporting",
         description=(
             "In run {{ $labels.run }}, rank {{ $labels.ranks }} sent nothing for consecutive merged steps since "
@@ -215,7 +220,7 @@ ALERTS: tuple[Alert, ...] = (
     Alert(
         name="GradflowLossSpike",
         expr=_findings("loss_spike"),
-        severity="warning",
+        severity=Severity.warning,
         critical_finding_pages=True,
         summary=("Run {{ $labels.run }}: loss spike{{ if eq $labels.severity \"critical\" }} followed by NaN/Inf "
                  "gradients{{ end }}" + _LAYERS + _RANKS),
@@ -239,7 +244,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowRankDivergence",
         expr=_persisting("rank_divergence"),
         pending="10m",
-        severity="critical",
+        severity=Severity.critical,
         summary="Run {{ $labels.run }}: rank {{ $labels.ranks }} gradient norm diverges from the other ranks",
         description=(
             "In run {{ $labels.run }}, the local (pre-all-reduce) gradient norm of rank {{ $labels.ranks }} has "
@@ -256,7 +261,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowStraggler",
         expr=_persisting("straggler"),
         pending="10m",
-        severity="warning",
+        severity=Severity.warning,
         summary="Run {{ $labels.run }}: rank {{ $labels.ranks }} is a straggler",
         description=(
             "In run {{ $labels.run }}, rank {{ $labels.ranks }} has been slower than the other ranks since step "
@@ -273,7 +278,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowLossScaleCollapse",
         expr=_persisting("loss_scale"),
         pending="10m",
-        severity="warning",
+        severity=Severity.warning,
         critical_finding_pages=True,
         summary=("Run {{ $labels.run }}: GradScaler loss scale {{ if eq $labels.severity \"critical\" }}below "
                  "its floor, every step skipped{{ else }}collapsing or skipping steps{{ end }}" + _LAYERS + _RANKS),
@@ -294,7 +299,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowUpdateRatio",
         expr=_persisting("update_ratio"),
         pending="10m",
-        severity="warning",
+        severity=Severity.warning,
         summary="Run {{ $labels.run }}: update-to-weight ratio out of range" + _KEY + _LAYERS,
         description=(
             "In run {{ $labels.run }} the optimizer's updates are out of proportion to the weights" + _KEY
@@ -307,7 +312,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowDeadUnits",
         expr=_persisting("dead_units"),
         pending="10m",
-        severity="warning",
+        severity=Severity.warning,
         summary="Run {{ $labels.run }}: dead units" + _LAYERS,
         description=(
             "In run {{ $labels.run }} most of the output units get exactly zero gradient since step "
@@ -320,7 +325,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowPrecision",
         expr=_persisting("precision"),
         pending="10m",
-        severity="warning",
+        severity=Severity.warning,
         summary="Run {{ $labels.run }}: gradients out of the low-precision range" + _KEY + _LAYERS,
         description=(
             "In run {{ $labels.run }} gradient values fall outside the range of the low-precision format they "
@@ -337,7 +342,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowNoGradient",
         expr=_persisting("no_gradient"),
         pending="10m",
-        severity="warning",
+        severity=Severity.warning,
         summary="Run {{ $labels.run }}: no gradient" + _KEY + _LAYERS,
         description=(
             "In run {{ $labels.run }} layers have received no gradient since step {{ $value }}" + _LAYERS
@@ -351,7 +356,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowServiceDown",
         expr='up{job="gfservice"} == 0',
         pending="1m",
-        severity="critical",
+        severity=Severity.critical,
         summary="gfservice at {{ $labels.instance }} is down",
         description=(
             "Prometheus could not scrape the gfservice endpoint {{ $labels.instance }} for 1 minute "
@@ -363,7 +368,7 @@ ALERTS: tuple[Alert, ...] = (
         name="GradflowReportsDropped",
         expr="increase(gradflow_reports_dropped_total[5m]) > 0",
         pending="10m",
-        severity="warning",
+        severity=Severity.warning,
         summary="Run {{ $labels.run }}: monitors dropped {{ $value | humanize }} reports in 5 minutes",
         description=(
             "The monitors of run {{ $labels.run }} dropped {{ $value | humanize }} reports in the last 5 minutes "
@@ -380,7 +385,7 @@ ALERTS: tuple[Alert, ...] = (
     Alert(
         name="GradflowDetectorDisabled",
         expr="gradflow_detector_disabled == 1",
-        severity="warning",
+        severity=Severity.warning,
         summary=("Run {{ $labels.run }}: detector {{ $labels.detector }} switched off ({{ if eq $labels.reason "
                  "\"time\" }}past its time budget{{ else }}past its error budget{{ end }})"),
         description=(
@@ -397,7 +402,7 @@ ALERTS: tuple[Alert, ...] = (
     Alert(
         name="GradflowRunsEvicted",
         expr='increase(gradflow_runs_evicted_total{reason="memory"}[10m]) > 0',
-        severity="warning",
+        severity=Severity.warning,
         summary=("gfservice at {{ $labels.instance }}: runs evicted to stay within its memory budget "
                  "({{ $value | humanize }} in 10 minutes)"),
         description=(
@@ -414,7 +419,7 @@ ALERTS: tuple[Alert, ...] = (
     Alert(
         name="GradflowExportErrors",
         expr='increase(gradflow_export_errors_total{reason!="duplicate_series"}[10m]) > 0',
-        severity="warning",
+        severity=Severity.warning,
         summary=("gfservice at {{ $labels.instance }}: {{ if eq $labels.reason \"run\" }}a run's series{{ else }}"
                  "service-wide series{{ end }} left out of /metrics"),
         description=(

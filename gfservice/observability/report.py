@@ -38,7 +38,9 @@ import numpy as np
 
 from gfservice.api import Finding, Severity, StepStats, describe_layers
 
-SEVERITY_COLORS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
+SEVERITY_COLORS: dict[Severity, str] = {Severity.critical: "#d62728", Severity.warning: "#ff7f0e",
+                                        Severity.info: "#1f77b4"}
+_CRITICAL, _WARNING, _INFO = (SEVERITY_COLORS[s] for s in (Severity.critical, Severity.warning, Severity.info))
 INSTALL_HINT = "pip install 'gfservice[report]'"
 
 
@@ -87,7 +89,7 @@ def profile_steps(history: Sequence[StepStats], findings: Sequence[Finding], cou
     steps = [s.step for s in _aligned(history)]
     picks = [steps[round(i * (len(steps) - 1) / max(count - 1, 1))] for i in range(count)] if count > 1 else steps[-1:]
     if findings:
-        worst = max(findings, key=lambda f: (Severity(f.severity).rank, -(f.first_step or f.step)))
+        worst = max(findings, key=lambda f: (f.severity.rank, -(f.first_step or f.step)))
         start = worst.first_step if worst.first_step is not None else worst.step
         if start in steps:
             picks.append(start)
@@ -142,7 +144,7 @@ def _draw_heatmap(fig: Any, ax: Any, colors: Any, history: Sequence[StepStats], 
         start = _finding_start(f)
         if steps[0] <= start <= steps[-1]:
             ax.plot([start], [len(layers) - 0.5], marker="v", markersize=9, clip_on=False,
-                    color=SEVERITY_COLORS[Severity(f.severity).value], markeredgecolor="black", zorder=5)
+                    color=SEVERITY_COLORS[f.severity], markeredgecolor="black", zorder=5)
 
 
 def _draw_profile(ax: Any, history: Sequence[StepStats], chosen: Sequence[int]) -> None:
@@ -210,8 +212,8 @@ def _draw_norm(ax: Any, history: Sequence[StepStats], findings: Sequence[Finding
     ax.set_ylabel("global L2 norm")
     seen: set[tuple[str, str]] = set()
     for f in sorted(findings, key=_finding_start):
-        sev = Severity(f.severity).value
-        color = SEVERITY_COLORS[sev]
+        sev = f.severity.value
+        color = SEVERITY_COLORS[f.severity]
         start = _finding_start(f)
         label = f"{f.detector} ({sev})"
         ax.axvline(start, color=color, linestyle=":", linewidth=1.4,
@@ -279,8 +281,8 @@ def html_page(history: Sequence[StepStats], findings: Sequence[Finding] = (), st
     run = html.escape(aligned[-1].run)
     last = aligned[-1]
     rows = []
-    for f in sorted(findings, key=lambda f: (-Severity(f.severity).rank, _finding_start(f))):
-        sev = Severity(f.severity).value
+    for f in sorted(findings, key=lambda f: (-f.severity.rank, _finding_start(f))):
+        sev = f.severity.value
         rows.append(
             "<tr>"
             f'<td><span class="sev {sev}">{sev}</span></td><td>{html.escape(f.detector)}</td>'
@@ -308,8 +310,8 @@ table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }}
 th {{ background: #f4f4f4; }}
 .sev {{ font-weight: bold; padding: 0.1em 0.4em; border-radius: 3px; color: white; }}
-.critical {{ background: {SEVERITY_COLORS["critical"]}; }} .warning {{ background: {SEVERITY_COLORS["warning"]}; }}
-.info {{ background: {SEVERITY_COLORS["info"]}; }}
+.critical {{ background: {_CRITICAL}; }} .warning {{ background: {_WARNING}; }}
+.info {{ background: {_INFO}; }}
 </style>
 </head>
 <body>
