@@ -8,20 +8,20 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
+from gfservice.cli.argparsing import two_level
+
 __all__ = ["add_parser", "push_main"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``gfservice grafana push`` on an argparse ``subparsers`` object."""
+    """Register ``gfservice grafana push`` on an argparse ``subparsers`` object; returns the ``push`` parser."""
     from gfservice.observability.grafana import DEFAULT_URL
 
-    p = subparsers.add_parser("grafana", help="work with a Grafana server",
-                              description="Work with a Grafana server.")
-    sub = p.add_subparsers(dest="grafana_command", required=True, metavar="COMMAND")
-    push_p = sub.add_parser(
-        "push", help="create or update the gfservice folder, dashboards and alert rules in a Grafana",
-        description="Create or update the gfservice folder, dashboards and Grafana-managed alert rules in a "
-                    "Grafana, idempotently. Needs a service account token with the Editor role.",
+    push_p = two_level(
+        subparsers, "grafana", "work with a Grafana server", "Work with a Grafana server.",
+        "push", "create or update the gfservice folder, dashboards and alert rules in a Grafana",
+        "Create or update the gfservice folder, dashboards and Grafana-managed alert rules in a Grafana, "
+        "idempotently. Needs a service account token with the Editor role.",
     )
     push_p.add_argument("--url", default=os.environ.get("GRAFANA_URL", DEFAULT_URL),
                         help=f"Grafana's URL (default $GRAFANA_URL or {DEFAULT_URL}); a user:password@ in it is "
@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     push_p.add_argument("--folder", default="gfservice", help="folder title (default gfservice)")
     push_p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
     push_p.set_defaults(func=run)
-    return p
+    return push_p
 
 
 def run(args: argparse.Namespace) -> int:

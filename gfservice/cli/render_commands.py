@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gfservice.cli.argparsing import two_level
 from gfservice.cli.generated import render_or_check
 
 __all__ = ["add_parsers"]
@@ -22,22 +23,21 @@ def add_parsers(sub: Any) -> None:
     _kubernetes_parser(sub)
 
 
-def _check_flag(p: argparse.ArgumentParser, where: str = "DIR") -> None:
+def _check_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true",
-                   help=f"write nothing; name the files under {where} that differ and exit 1 if any")
+                   help="write nothing; name the files under DIR that differ and exit 1 if any")
 
 
 # ---- alerts ----------------------------------------------------------------------------------------------------
 def _alerts_parser(sub: Any) -> None:
     from gfservice.observability import alerts
 
-    p = sub.add_parser("alerts", help="gfservice's alert rules (Prometheus and Grafana-managed)",
-                       description="gfservice's alerts, defined once in gfservice/observability/alerts.py.")
-    inner = p.add_subparsers(dest="alerts_command", required=True, metavar="COMMAND")
-    render = inner.add_parser(
-        "render", help="write the Prometheus rule file and the Grafana-managed alert rules",
-        description=f"Write DIR/{alerts.PROMETHEUS_RULES_FILE} (Prometheus) and DIR/{alerts.GRAFANA_RULES_FILE} "
-                    "(Grafana file provisioning) from the alert definitions.",
+    render = two_level(
+        sub, "alerts", "gfservice's alert rules (Prometheus and Grafana-managed)",
+        "gfservice's alerts, defined once in gfservice/observability/alerts.py.",
+        "render", "write the Prometheus rule file and the Grafana-managed alert rules",
+        f"Write DIR/{alerts.PROMETHEUS_RULES_FILE} (Prometheus) and DIR/{alerts.GRAFANA_RULES_FILE} (Grafana file "
+        "provisioning) from the alert definitions.",
     )
     render.add_argument("--out", default=None, metavar="DIR",
                         help=f"directory laid out like the repository's deploy/ (default ./{alerts.DEFAULT_OUT})")
@@ -84,14 +84,13 @@ def _prometheus_rule(args: argparse.Namespace) -> int:
 def _dashboards_parser(sub: Any) -> None:
     from gfservice.observability.dashboards import DEFAULT_OUT
 
-    p = sub.add_parser("dashboards", help="gfservice's Grafana dashboards",
-                       description="gfservice's Grafana dashboards (Run health, Fleet, Service).")
-    inner = p.add_subparsers(dest="dashboards_command", required=True, metavar="COMMAND")
-    render = inner.add_parser(
-        "render", help="write the dashboard JSON files",
-        description="Write gfservice's dashboards as Grafana JSON (run-health.json, fleet.json, service.json), "
-                    "built from gfservice/observability/dashboards.py when grafana-foundation-sdk is installed, "
-                    "else the JSON this gfservice ships.",
+    render = two_level(
+        sub, "dashboards", "gfservice's Grafana dashboards",
+        "gfservice's Grafana dashboards (Run health, Fleet, Service).",
+        "render", "write the dashboard JSON files",
+        "Write gfservice's dashboards as Grafana JSON (run-health.json, fleet.json, service.json), built from "
+        "gfservice/observability/dashboards.py when grafana-foundation-sdk is installed, else the JSON this "
+        "gfservice ships.",
     )
     render.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR",
                         help=f"directory to write into (default ./{DEFAULT_OUT})")
@@ -115,13 +114,14 @@ def _kubernetes_parser(sub: Any) -> None:
     from gfservice.observability import alerts
     from gfservice.observability.kubernetes import DEFAULT_OUT
 
-    p = sub.add_parser("kubernetes", help="the generated files of the Kubernetes bundle",
-                       description="The generated files of deploy/kubernetes/: dashboard ConfigMaps, the "
-                                   "PrometheusRule and the rule-file ConfigMap.")
-    inner = p.add_subparsers(dest="kubernetes_command", required=True, metavar="COMMAND")
-    render = inner.add_parser("render", help="write the generated manifests",
-                              description="Write the dashboard ConfigMaps, the PrometheusRule and the rule-file "
-                                          "ConfigMap under DIR, laid out like the repository's deploy/kubernetes/.")
+    render = two_level(
+        sub, "kubernetes", "the generated files of the Kubernetes bundle",
+        "The generated files of deploy/kubernetes/: dashboard ConfigMaps, the PrometheusRule and the rule-file "
+        "ConfigMap.",
+        "render", "write the generated manifests",
+        "Write the dashboard ConfigMaps, the PrometheusRule and the rule-file ConfigMap under DIR, laid out like the "
+        "repository's deploy/kubernetes/.",
+    )
     render.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR",
                         help=f"the bundle's directory (default ./{DEFAULT_OUT})")
     _check_flag(render)
