@@ -153,6 +153,6 @@ def check_detector(cls: type[Detector], steps: Sequence[StepStats]) -> None:
     rest_a = [f.model_dump(exclude={"time"}) for f in _checked_replay(original, steps[half:])]
     rest_b = [f.model_dump(exclude={"time"}) for f in _checked_replay(resumed, steps[half:])]
     assert rest_a == rest_b, (
-        f"{cls.name}: a detector restored from a snapshot behaves differently. The service saves state_dict() "
-        "as JSON: a deque comes back as a list (without its maxlen), other containers as plain data; rebuild "
-        "them in load_state_dict (e.g. deque(state['window'], maxlen=...))")
+        f"{cls.name}: a detector restored from state_dict() behaves differently. The service snapshots it as "
+        "JSON: a deque comes back as a list (without its maxlen); rebuild such containers in load_state_dict "
+        "(e.g. deque(state['window'], maxlen=...))")

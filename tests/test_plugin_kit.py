@@ -81,7 +81,7 @@ def test_the_broken_window_passes_a_pickle_round_trip_the_old_kit_did():
 
 
 def test_the_kit_catches_the_window_that_breaks_after_a_service_restart():
-    with pytest.raises(AssertionError, match=r"window: a detector restored from a snapshot behaves differently.*"
+    with pytest.raises(AssertionError, match=r"window: a detector restored from state_dict\(\) behaves differently.*"
                                              r"deque\(state\['window'\], maxlen=\.\.\.\)"):
         check_detector(BrokenWindow, _steps())
     check_detector(FixedWindow, _steps())
