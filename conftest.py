@@ -42,7 +42,7 @@ def service_settings(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def service(ray_cluster, service_settings):
-    from gfservice.service import actor as svc
+    from gfservice.hosting import actor as svc
     from gfservice.service.client import Client
 
     handle, _ = svc.start(service_settings)

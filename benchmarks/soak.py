@@ -1,6 +1,6 @@
 """Soak: one service under a large job's steady load for a set time; does it leak, lose data or slow down?
 
-A plain-Python ``ServiceCore`` (no Ray; state directory in a temporary directory, snapshots on, ``/metrics``
+A plain-Python ``ServiceHost`` (no Ray; state directory in a temporary directory, snapshots on, ``/metrics``
 served on a free loopback port) takes the reports of ``--ranks`` 256 simulated ranks x ``--layers`` 1,000 layers
 for ``--seconds`` 600 s, while the program scrapes ``/metrics`` once a second and samples its own memory.
 
@@ -9,7 +9,7 @@ The load is an FSDP-style sharded run: every rank reports all 1,000 layers (its 
 layer-statistics/s. It is the heaviest layout a 256-rank job sends (DDP ranks other than rank 0 send only
 heartbeats, 1/256 of this), at a step time typical of such jobs. ``--threads`` 4 sender threads each own a
 contiguous block of ranks and submit, at each step's due time, their ranks' reports ``--batch`` 16 messages per
-``ServiceCore.submit`` call. The messages come from ``rank_messages`` in ``benchmarks/transport.py``. Every
+``ServiceHost.submit`` call. The messages come from ``rank_messages`` in ``benchmarks/transport.py``. Every
 ``--flap-every`` 50 steps rank 0 reports a NaN in one layer for one step: a critical ``nonfinite`` finding is
 raised, cleared at the next step and snapshotted (findings request a snapshot; the ticker writes one every 5 s).
 
@@ -18,7 +18,7 @@ The aggregator keeps ``--history`` 100 merged steps (1,000 in the default config
 after it is the steady state.
 
 Reported: memory (RSS) over time and its growth from the end of the warm-up to the end of the run; ``/metrics``
-scrape latency p50/p99; snapshot write latency p50/p99 (``ServiceCore.snapshot``: state copy, JSON, fsync); messages
+scrape latency p50/p99; snapshot write latency p50/p99 (``ServiceHost.snapshot``: state copy, JSON, fsync); messages
 accepted/rejected/dropped, the sender threads' lag behind the schedule, and lost data: every accepted step merged
 (the run's ``last_step``) with every rank's layers (the aggregator's ``layer_stats_merged``).
 
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transport import rank_messages  # the one place that knows the wire format (imports torch)
 
 from gfservice.config import Settings
-from gfservice.service.actor import ServiceCore
+from gfservice.hosting.actor import ServiceHost
 
 RUN = "soak"
 TARGET_GROWTH, TARGET_SCRAPE_MS = 0.05, 100.0
@@ -62,7 +62,7 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * PAGE
 
 
-class TimedCore(ServiceCore):
+class TimedCore(ServiceHost):
     """The service, with each snapshot write timed (the ticker's, the findings' and the last one alike)."""
 
     def __init__(self, settings: Settings):
@@ -81,7 +81,7 @@ class TimedCore(ServiceCore):
 class Senders:
     """``threads`` threads, each submitting its block of ranks' reports at every step's due time."""
 
-    def __init__(self, core: ServiceCore, args: argparse.Namespace):
+    def __init__(self, core: ServiceHost, args: argparse.Namespace):
         self.core, self.args = core, args
         self.steps = int(args.seconds * args.rate)
         self.ranks = [rank_messages(RUN, r, args.ranks, args.layers, args.deep_every) for r in range(args.ranks)]
@@ -95,7 +95,7 @@ class Senders:
             ack = self.core.submit(messages[lo:lo + self.args.batch])
             with self.lock:
                 self.sent += len(messages[lo:lo + self.args.batch])
-                self.rejected += len(ack["rejected"])
+                self.rejected += len(ack.rejected)
 
     def report(self, rank: int, step: int) -> dict[str, Any]:
         msg = self.ranks[rank][1](step)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=1000)
     p.add_argument("--rate", type=float, default=1.0, help="steps per second per rank")
     p.add_argument("--threads", type=int, default=4, help="sender threads")
-    p.add_argument("--batch", type=int, default=16, help="messages per ServiceCore.submit call")
+    p.add_argument("--batch", type=int, default=16, help="messages per ServiceHost.submit call")
     p.add_argument("--deep-every", type=int, default=50)
     p.add_argument("--flap-every", type=int, default=50, help="a NaN layer (then cleared) every N steps")
     p.add_argument("--history", type=int, help="merged steps the aggregator keeps (default 100, quick 20)")

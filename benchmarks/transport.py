@@ -1,7 +1,7 @@
 """The Ray transport: what the training thread pays in ``monitor.step``, and what one service ingests.
 
 The program starts a private local Ray (``ray.init(address="local", num_cpus=2)``) and the service in it with
-``gfservice.service.actor.start`` (no metrics port, snapshots to a temporary directory), then measures:
+``gfservice.hosting.actor.start`` (no metrics port, snapshots to a temporary directory), then measures:
 
 (a) **Training thread.** A small MLP (8 parameter tensors, CPU, one torch thread) trains at ``--rate`` 10
     steps/s (sleeping between steps) with ``gfservice.monitor(model, opt, run=..., service="auto")``, which
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from gfservice.config import ServiceConfig, Settings
-    from gfservice.service import actor
+    from gfservice.hosting import actor
     from gfservice.service.client import Client
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)

@@ -19,6 +19,11 @@ import numpy as np
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats
 from gfservice.service.state import decode, encode
 from gfservice.stats import STATISTICS, GradStats
+from gfservice.wire import SNAPSHOT_MAX_DEPTH, check_nesting
+
+#: How deep a detector's encoded state may nest: gfservice.service.snapshot.detector_state leaves this much of
+#: SNAPSHOT_MAX_DEPTH for its place in the snapshot, and does not save a deeper one.
+DETECTOR_STATE_MAX_DEPTH = SNAPSHOT_MAX_DEPTH - 8
 
 __all__ = ["check_detector", "make_step", "replay", "restored_state"]
 
@@ -108,7 +113,8 @@ def restored_state(state: Mapping[str, Any], where: str = "state") -> Any:
     The service's own codec (:func:`gfservice.service.state.encode`, then the JSON text of the snapshot file, then
     :func:`~gfservice.service.state.decode`, what ``read_snapshot`` does on load): numpy arrays, tuples, sets and
     dicts with non-string keys come back as themselves, a ``deque`` comes back as a ``list``, and anything that is
-    not plain data is refused with a ``TypeError`` naming where it is.
+    not plain data, or nests too deep to restore, is refused with a ``TypeError`` naming where it is (the service
+    does not save such a state: the detector starts fresh after a restart).
 
     >>> from collections import deque
     >>> restored_state({"window": deque([1.0, 2.0], maxlen=2), "seen": (3, 4)})
@@ -118,7 +124,12 @@ def restored_state(state: Mapping[str, Any], where: str = "state") -> Any:
     ...
     TypeError: detector x.model: a object cannot be saved in a snapshot (plain data and numpy only)
     """
-    return decode(json.loads(json.dumps(encode(state, where))))
+    encoded = encode(state, where)
+    try:
+        check_nesting(encoded, DETECTOR_STATE_MAX_DEPTH)
+    except ValueError as exc:
+        raise TypeError(f"{where}: {exc}") from None
+    return decode(json.loads(json.dumps(encoded)))
 
 
 def check_detector(cls: type[Detector], steps: Sequence[StepStats]) -> None:

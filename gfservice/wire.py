@@ -66,6 +66,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from gfservice.api import Finding
 from gfservice.stats import BY_NAME, TIERS, Array, GradStats
 
 __all__ = [
@@ -73,6 +74,13 @@ __all__ = [
     "MAX_LAYERS",
     "MAX_STEP",
     "PROTOCOL_VERSION",
+    "RESEND_LAYOUT",
+    "SNAPSHOT_MAX_DEPTH",
+    "SNAPSHOT_MAX_ITEMS",
+    "Batch",
+    "BatchAnswer",
+    "DisableReason",
+    "EvictionReason",
     "Layout",
     "Limits",
     "LimitsLike",
@@ -80,7 +88,12 @@ __all__ = [
     "RejectReason",
     "Rejected",
     "RunEnd",
+    "RunState",
+    "ServiceStatus",
+    "SnapshotHealth",
+    "SnapshotState",
     "StepReport",
+    "check_nesting",
     "parse",
 ]
 
@@ -420,6 +433,106 @@ _MESSAGE: TypeAdapter[Layout | StepReport | RunEnd] = TypeAdapter(Message)
 _KINDS = ("layout", "step", "end")
 
 
+# ---- envelopes: what a sender submits in one call, what it hears back, what the service says of itself ----------
+
+#: Rejections that mean "the aggregator does not know this rank (any more)" (a restart without snapshot, a new
+#: rank 0): the sender sends its layouts again.
+RESEND_LAYOUT: frozenset[RejectReason] = frozenset({RejectReason.unknown_run, RejectReason.unknown_rank})
+
+
+class Batch(BaseModel):
+    """What a sender submits in one call: messages of its ``run`` (each one validated on its own by :func:`parse`,
+    so that a bad message costs only itself) and how many reports it ``dropped`` since its last batch. An empty
+    batch is a poll: it brings the run's verdict to a rank that has nothing to send.
+
+    >>> Batch.model_validate({"run": "exp-1", "messages": [{"kind": "step"}], "dropped": 2}).dropped
+    2
+    >>> Batch.model_validate({"run": "exp-1", "dropped": "2"})
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for Batch
+    ...
+    """
+
+    model_config = ConfigDict(frozen=True, strict=True)
+
+    run: str
+    messages: list[Any] = Field(default_factory=list)
+    dropped: int = 0
+
+    def dropped_by_run(self) -> dict[str, int] | None:
+        """The drops as the Ray service's ``submit`` takes them (``None`` when there are none)."""
+        return {self.run: self.dropped} if self.dropped else None
+
+
+class BatchAnswer(BaseModel):
+    """The answer to a :class:`Batch`, the same on the Ray and the peer paths: the messages refused (their index
+    in the batch, and why), the stop verdict of each run of the batch (a reason, or ``None`` to go on), and on the
+    peer path the run's findings whenever they changed since the connection last heard them.
+
+    >>> answer = BatchAnswer.model_validate({"rejected": [[0, "unknown_run"]], "stop": {"exp-1": None}})
+    >>> answer.resend_layout, answer.stop_reason("exp-1"), answer.findings
+    (True, None, None)
+    >>> answer.plain()
+    {'rejected': [[0, 'unknown_run']], 'stop': {'exp-1': None}}
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    rejected: list[tuple[int, RejectReason]] = Field(default_factory=list)
+    stop: dict[str, str | None] = Field(default_factory=dict)
+    findings: list[Finding] | None = None
+
+    def stop_reason(self, run: str) -> str | None:
+        return self.stop.get(run)
+
+    @property
+    def resend_layout(self) -> bool:
+        """Whether a rejection says the aggregator forgot the sender (see :data:`RESEND_LAYOUT`)."""
+        return any(reason in RESEND_LAYOUT for _, reason in self.rejected)
+
+    def plain(self) -> dict[str, Any]:
+        """As plain JSON-able data, what travels (any version of the other side reads it)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class SnapshotHealth(BaseModel):
+    """What the service says about its snapshots (exported as ``gradflow_snapshot_*``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    #: When the last snapshot was written (Unix time); ``None`` until the first one.
+    last_success: float | None = None
+    #: Snapshot writes that failed, all time.
+    failures: float = 0.0
+
+
+class ServiceStatus(BaseModel):
+    """What ``status()`` of the service answers (``gfservice status`` prints it).
+
+    >>> ServiceStatus(version="0", pid=1, uptime_s=2.0, restored_runs=0, snapshot=SnapshotHealth(), metrics=None,
+    ...               counters={}, runs=[]).model_dump()["snapshot"]
+    {'last_success': None, 'failures': 0.0}
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    pid: int
+    uptime_s: float
+    #: Runs restored from the snapshot when the service started.
+    restored_runs: int
+    snapshot: SnapshotHealth
+    #: ``host:port`` of ``/metrics``, or ``None`` when the service serves none.
+    metrics: str | None
+    #: The aggregator's ingest counters (accepted, rejected by reason...).
+    counters: dict[str, Any]
+    #: One row per run, with its active findings under ``active``.
+    runs: list[dict[str, Any]]
+    #: ``token`` when callers must present the service token, else ``none``.
+    auth: Literal["token", "none"] = "none"
+
+
 def parse(message: Any, limits: LimitsLike | None = None) -> Layout | StepReport | RunEnd:
     """Validate one message (a dict, or a message object: validated the same way, whatever was done to it since
     it was built); raises :class:`Rejected`, and nothing else, whatever ``message`` is.
@@ -476,3 +589,138 @@ def _parse(message: Any, limits: LimitsLike | None) -> Layout | StepReport | Run
         oversized = first["type"] in ("oversized", "too_long", "string_too_long")
         reason = RejectReason.oversized if oversized else RejectReason.invalid
         raise Rejected(reason, f"{where}: {first['msg']}") from None
+
+
+# ---- the saved state ---------------------------------------------------------------------------------------
+# What the service keeps across restarts (``Aggregator.state_dict``; :mod:`gfservice.service.state` writes it as
+# JSON), and the reasons it forgets runs and disables detectors (label values of its metrics).
+
+
+class EvictionReason(str, Enum):
+    """Why the aggregator forgot a run (``AggregatorView.evicted``; the ``reason`` label of runs_evicted)."""
+
+    finished_ttl = "finished_ttl"
+    memory = "memory"
+    max_runs = "max_runs"
+
+
+class DisableReason(str, Enum):
+    """Why a detector was disabled for a run (``RunView.disabled_detectors``)."""
+
+    errors = "errors"
+    time = "time"
+
+
+#: Nesting a saved state may have (a detector's state included): far below what recursion allows.
+SNAPSHOT_MAX_DEPTH = 100
+#: Items (container entries) a saved state may hold in all; numpy arrays count as one.
+SNAPSHOT_MAX_ITEMS = 100_000_000
+
+
+def check_nesting(obj: Any, max_depth: int = SNAPSHOT_MAX_DEPTH, max_items: int = SNAPSHOT_MAX_ITEMS) -> None:
+    """Raise ``ValueError`` when ``obj`` (plain data) nests deeper than ``max_depth`` or holds more than
+    ``max_items`` items; walks without recursion, so that a hostile document cannot exhaust the stack.
+
+    >>> deep: list = []
+    >>> for _ in range(1000):
+    ...     deep = [deep]
+    >>> check_nesting({"a": [1, (2, {3})]})
+    >>> check_nesting(deep)
+    Traceback (most recent call last):
+    ...
+    ValueError: nested more than 100 levels deep
+    """
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    items = 0
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            children: Any = [*node.keys(), *node.values()]
+        elif isinstance(node, list | tuple | set | frozenset):
+            children = node
+        else:
+            continue
+        if depth >= max_depth:
+            raise ValueError(f"nested more than {max_depth} levels deep")
+        items += len(children)
+        if items > max_items:
+            raise ValueError(f"more than {max_items} items")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _nesting_checked(value: Any) -> Any:
+    try:
+        check_nesting(value)
+    except ValueError as exc:
+        raise PydanticCustomError("snapshot_too_deep", "saved state {why}", {"why": str(exc)}) from None
+    return value
+
+
+class _Saved(BaseModel):
+    # keys a later gfservice may add are ignored; numpy arrays ride in detector states
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+
+
+class RunState(_Saved):
+    """One run as saved: detector states, findings, layouts and counters (not its step history)."""
+
+    world_size: int = Field(ge=1, le=MAX_WORLD_SIZE)
+    #: One entry per rank: a :class:`Layout` as plain data whose per-layer lists are in
+    #: ``layout_tables[entry["table"]]`` (each distinct table stored once). Validated as a live layout on load.
+    layouts: list[dict[str, Any]]
+    layout_tables: list[dict[str, list[Any]]] = Field(default_factory=list)
+    #: Detector name -> its ``state_dict()`` (disabled and unsaveable detectors left out).
+    detectors: dict[str, dict[Any, Any]]
+    #: The run's finding log, oldest first, and active findings old enough to have left it.
+    log: list[Finding]
+    active: list[Finding] = Field(default_factory=list)
+    last_step: int = Field(ge=-1, lt=MAX_STEP)
+    last_time: float
+    #: (detector, severity, count) triples.
+    findings_total: list[tuple[str, str, int]]
+    stop_reason: str | None
+    sender_dropped: int = Field(0, ge=0)
+    finished: bool = False
+    ended: list[int] = Field(default_factory=list)
+    #: The run's live reconfigurations: (first step judged with it, detector -> fields set), oldest first.
+    config_changes: list[tuple[int, dict[str, dict[str, Any]]]] = Field(default_factory=list)
+    attempt: AttemptId = ""
+    attempts: list[str] = Field(default_factory=list)
+    attempt_count: int = 1
+    rejected: dict[str, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _tables_exist(self) -> RunState:
+        for lay in self.layouts:
+            table = lay.get("table")
+            if table is not None and not (type(table) is int and 0 <= table < len(self.layout_tables)):
+                raise ValueError(f"a layout names layer table {table!r} of {len(self.layout_tables)}")
+        return self
+
+
+class SnapshotState(_Saved):
+    """The aggregator's whole saved state (``Aggregator.state_dict``), validated before anything is restored:
+    a damaged or hostile one raises ``ValidationError`` (never ``RecursionError``), and nothing of it is taken.
+
+    >>> SnapshotState.model_validate({"runs": {}, "accepted": 3}).accepted
+    3
+    >>> nested: dict = {}
+    >>> for _ in range(500):
+    ...     nested = {"x": nested}
+    >>> SnapshotState.model_validate({"runs": {"r": {"detectors": {"d": nested}}}})
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for SnapshotState
+      saved state nested more than 100 levels deep ...
+    """
+
+    runs: dict[str, RunState] = Field(default_factory=dict)
+    accepted: int = Field(0, ge=0)
+    rejected: dict[str, int] = Field(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _bounded(cls, value: Any, handler: Any) -> Any:
+        if not isinstance(value, SnapshotState):
+            _nesting_checked(value)
+        return handler(value)

@@ -35,7 +35,7 @@ import ray._private.state as ray_state
 from ray.cluster_utils import Cluster
 
 from gfservice.config import Settings
-from gfservice.service.actor import ServiceCore, find
+from gfservice.hosting.actor import ServiceActor, find
 
 shared = sys.argv[1]
 out = {}
@@ -83,7 +83,7 @@ cluster.wait_for_nodes()
 ray.init(address=cluster.address, namespace="gf-chaos", log_to_driver=False, logging_level="ERROR")
 out["cluster_up_s"] = round(time.time() - t0, 1)
 try:
-    handle = ray.remote(ServiceCore).options(
+    handle = ray.remote(ServiceActor).options(
         name="gf-chaos", namespace="gf-chaos", lifetime="detached", max_restarts=-1, max_task_retries=0,
         max_concurrency=8, num_cpus=0, resources={"svc": 0.01},
     ).remote(settings.model_dump())

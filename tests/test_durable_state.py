@@ -1,7 +1,7 @@
 """The service's private, durable state under chaos: planted pickles, directories others own or can write,
 truncated and corrupt snapshots, a state directory that breaks mid-run, a Ray actor killed while it writes.
 
-Plain-Python :class:`ServiceCore` tests (fast), plus one real-Ray test with its own short-lived actor.
+Plain-Python :class:`ServiceHost` tests (fast), plus one real-Ray test with its own short-lived actor.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from gfservice.config import Settings
+from gfservice.hosting.actor import ServiceHost
 from gfservice.service import state as st
-from gfservice.service.actor import ServiceCore
 from gfservice.service.aggregator import Aggregator
 
 
@@ -30,7 +30,7 @@ def _settings(state_dir: Path, **service) -> dict:
                         "snapshot_interval_s": 0.1, **service}}
 
 
-def _run(core: ServiceCore, run: str, steps: range, nan_at: tuple[int, ...] = ()) -> None:
+def _run(core: ServiceHost, run: str, steps: range, nan_at: tuple[int, ...] = ()) -> None:
     lay = {"kind": "layout", "run": run, "rank": 0, "world_size": 1, "layers": ["w"], "numel": [2],
            "sharded": [False]}
     core.submit([lay])
@@ -38,10 +38,10 @@ def _run(core: ServiceCore, run: str, steps: range, nan_at: tuple[int, ...] = ()
         bad = s in nan_at
         ans = core.submit([{"kind": "step", "run": run, "rank": 0, "step": s, "count": [2],
                             "sum_sq": [float("nan") if bad else 1.0], "max_abs": [1.0], "nonfinite": [int(bad)]}])
-        assert ans["rejected"] == []
+        assert ans.rejected == []
 
 
-def _idents(core: ServiceCore, run: str) -> list[tuple]:
+def _idents(core: ServiceHost, run: str) -> list[tuple]:
     return [(f.detector, f.key, f.first_step) for f in core.findings(run)]
 
 
@@ -72,7 +72,7 @@ def test_default_state_dir_is_private_and_not_in_tmp(tmp_path, monkeypatch):
     cfg = Settings().service
     assert cfg.snapshot_path == str(tmp_path / "xdg/gfservice/snapshot.json")
     assert cfg.sd_file == str(tmp_path / "xdg/gfservice/prometheus-sd.json")
-    core = ServiceCore(Settings(service={"metrics_port": None}))
+    core = ServiceHost(Settings(service={"metrics_port": None}))
     core.shutdown()
     assert stat.S_IMODE(os.stat(tmp_path / "xdg/gfservice").st_mode) == 0o700
     assert json.loads((tmp_path / "xdg/gfservice/snapshot.json").read_text())["format"] == st.FORMAT
@@ -104,7 +104,7 @@ def test_a_state_dir_others_control_is_refused_with_a_clear_error(tmp_path, how)
         extra = {"sd_file": str(tmp_path / "shared/sd.json")}
         want = "shared is writable by group or others"
     with pytest.raises(st.StateDirError, match=want):
-        ServiceCore(_settings(d, **extra))
+        ServiceHost(_settings(d, **extra))
 
 
 # ---- never a pickle --------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_planted_pickles_are_never_loaded(tmp_path, monkeypatch):
         (state / "snapshot.json").write_bytes(pickle.dumps(Boom(marker)))  # at the snapshot path itself
         monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
         monkeypatch.chdir(tmp_path)
-        core = ServiceCore(Settings(service={"state_dir": str(state), "metrics_port": None}))
+        core = ServiceHost(Settings(service={"state_dir": str(state), "metrics_port": None}))
         core.shutdown()
         assert not marker.exists(), "a pickle was loaded"
         assert core.restored == 0
@@ -164,7 +164,7 @@ def test_state_round_trips_exactly_with_arrays_tuples_and_ended_ranks():
 
 def test_writes_are_atomic_private_and_keep_the_previous_snapshot(tmp_path):
     d = tmp_path / "state"
-    core = ServiceCore(_settings(d))
+    core = ServiceHost(_settings(d))
     _run(core, "r", range(3), nan_at=(1,))
     assert core.snapshot() and core.snapshot()
     core.shutdown()
@@ -177,13 +177,13 @@ def test_writes_are_atomic_private_and_keep_the_previous_snapshot(tmp_path):
 
 def test_a_symlink_at_the_snapshot_path_is_not_followed(tmp_path):
     d = tmp_path / "state"
-    core = ServiceCore(_settings(d))
+    core = ServiceHost(_settings(d))
     _run(core, "r", range(3), nan_at=(1,))
     core.shutdown()
     os.rename(d / "snapshot.json", tmp_path / "elsewhere.json")
     (d / "snapshot.prev.json").unlink(missing_ok=True)
     (d / "snapshot.json").symlink_to(tmp_path / "elsewhere.json")
-    core = ServiceCore(_settings(d))
+    core = ServiceHost(_settings(d))
     core.shutdown()
     assert core.restored == 0 and (tmp_path / "elsewhere.json").exists()
 
@@ -191,7 +191,7 @@ def test_a_symlink_at_the_snapshot_path_is_not_followed(tmp_path):
 # ---- restore ---------------------------------------------------------------------------------------
 def _two_snapshots(d: Path) -> list[tuple]:
     """A service that saved twice (the finding in both), then stopped; returns its findings."""
-    core = ServiceCore(_settings(d))
+    core = ServiceHost(_settings(d))
     _run(core, "r", range(3), nan_at=(1,))
     assert core.snapshot()
     _run(core, "r", range(3, 5))
@@ -216,8 +216,8 @@ def test_a_damaged_snapshot_is_set_aside_and_the_previous_restored(tmp_path, dam
         doc["state"]["runs"]["broken"] = {"world_size": 1}
         latest.write_text(json.dumps(doc))
     damaged = latest.read_bytes()
-    with caplog.at_level(logging.WARNING, "gfservice.service.actor"):
-        core = ServiceCore(_settings(d))
+    with caplog.at_level(logging.WARNING, "gfservice.service.core"):
+        core = ServiceHost(_settings(d))
     core.shutdown()
     (aside,) = d.glob("snapshot.corrupt-*.json")
     assert aside.read_bytes() == damaged, "the damaged snapshot is kept as it was, never overwritten"
@@ -231,7 +231,7 @@ def test_both_damaged_starts_empty_and_keeps_both(tmp_path):
     _two_snapshots(d)
     (d / "snapshot.json").write_text("{")
     (d / "snapshot.prev.json").write_text("")
-    core = ServiceCore(_settings(d))
+    core = ServiceHost(_settings(d))
     core.shutdown()
     assert core.restored == 0 and len(list(d.glob("*.corrupt-*.json"))) == 2
 
@@ -243,21 +243,21 @@ def test_a_snapshot_from_a_newer_version_is_refused_and_left_alone(tmp_path):
     doc["version"] = st.VERSION + 1
     (d / "snapshot.json").write_text(json.dumps(doc))
     with pytest.raises(st.SnapshotTooNew, match="newer gfservice"):
-        ServiceCore(_settings(d))
+        ServiceHost(_settings(d))
     assert json.loads((d / "snapshot.json").read_text())["version"] == st.VERSION + 1
 
 
 def test_findings_survive_stop_and_start(tmp_path):
     d = tmp_path / "state"
     before = _two_snapshots(d)
-    core = ServiceCore(_settings(d))
+    core = ServiceHost(_settings(d))
     core.shutdown()
     assert before and _idents(core, "r") == before
 
 
 def test_a_crash_between_write_and_rename_leaves_the_last_snapshot(tmp_path, monkeypatch):
     d = tmp_path / "state"
-    core = ServiceCore(_settings(d))
+    core = ServiceHost(_settings(d))
     _run(core, "r", range(3), nan_at=(1,))
     assert core.snapshot()
     monkeypatch.setattr(st.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(5, "power cut")))
@@ -266,7 +266,7 @@ def test_a_crash_between_write_and_rename_leaves_the_last_snapshot(tmp_path, mon
     monkeypatch.undo()
     core._stop.set()  # a crash: no last snapshot
     core._snapshot_wanted.set()
-    core2 = ServiceCore(_settings(d))
+    core2 = ServiceHost(_settings(d))
     core2.shutdown()
     assert core2.restored == 1 and _idents(core2, "r") == _idents(core, "r")
 
@@ -274,13 +274,13 @@ def test_a_crash_between_write_and_rename_leaves_the_last_snapshot(tmp_path, mon
 # ---- write failures never fail a submit ----------------------------------------------------------------
 def test_an_unwritable_state_dir_mid_run_is_counted_exported_and_recovered(tmp_path, caplog):
     d = tmp_path / "state"
-    core = ServiceCore(_settings(d, metrics_port=0))
+    core = ServiceHost(_settings(d, metrics_port=0))
     try:
         _run(core, "r", range(3), nan_at=(1,))
         _wait(lambda: core.snapshot_last_success is not None)
         os.rename(d, tmp_path / "away")
         d.write_text("not a directory any more")  # unwritable even for root
-        with caplog.at_level(logging.ERROR, "gfservice.service.actor"):
+        with caplog.at_level(logging.ERROR, "gfservice.service.core"):
             for s in range(3, 9):  # each new finding asks for a snapshot; the ticker retries too
                 _run(core, "r", range(s, s + 1), nan_at=(s,))
             _wait(lambda: core.snapshot_failures >= 3)
@@ -295,7 +295,7 @@ def test_an_unwritable_state_dir_mid_run_is_counted_exported_and_recovered(tmp_p
         os.rename(tmp_path / "away", d)
         _run(core, "r", range(9, 10), nan_at=(9,))
         _wait(lambda: (core.snapshot_last_success or 0) > t)
-        assert core.snapshot_failures >= failures and core.status()["snapshot"]["last_success"] > t
+        assert core.snapshot_failures >= failures and core.status().snapshot.last_success > t
         saved = st.read_snapshot(d / "snapshot.json")["state"]["runs"]["r"]
         assert saved["last_step"] == 9
     finally:
@@ -308,7 +308,7 @@ def test_an_unwritable_state_dir_mid_run_is_counted_exported_and_recovered(tmp_p
 def test_ray_actor_killed_while_writing_then_stopped_and_started_keeps_its_findings(ray_cluster, tmp_path):
     import ray
 
-    from gfservice.service import actor as svc
+    from gfservice.hosting import actor as svc
 
     settings = Settings.model_validate(_settings(tmp_path / "state", name="gf-durable", namespace="gf-durable"))
     lay = {"kind": "layout", "run": "k", "rank": 0, "world_size": 1, "layers": ["w"], "numel": [2],
@@ -360,9 +360,9 @@ def test_the_discovery_file_names_advertise_addr_and_https_when_the_exporter_ser
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=gf",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    tls = ServiceCore(_settings(tmp_path / "tls", metrics_port=0, advertise_addr="gf.example.internal",
+    tls = ServiceHost(_settings(tmp_path / "tls", metrics_port=0, advertise_addr="gf.example.internal",
                                 exporter={"certfile": str(cert), "keyfile": str(key)}))
-    plain = ServiceCore(_settings(tmp_path / "plain", metrics_port=0))
+    plain = ServiceHost(_settings(tmp_path / "plain", metrics_port=0))
     try:
         entry, = json.loads((tmp_path / "tls" / "prometheus-sd.json").read_text())
         assert entry == {"targets": [f"gf.example.internal:{tls.metrics_port}"],

@@ -106,3 +106,18 @@ def test_the_kit_refuses_state_the_service_cannot_snapshot():
     with pytest.raises(AssertionError, match=r"window: the service cannot snapshot this state \(window\.state_dict"
                                              r"\(\)\.last: a object cannot be saved"):
         check_detector(Opaque, _steps())
+
+
+class Deep(FixedWindow):
+    """Gradient norm above ``factor`` times its mean, with state nested too deep for a snapshot to restore."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"norms": self.norms}
+        for _ in range(200):
+            state = {"inner": state}
+        return state
+
+
+def test_the_kit_refuses_state_nested_too_deep_for_a_snapshot():
+    with pytest.raises(AssertionError, match=r"window: the service cannot snapshot this state .*nested more than"):
+        check_detector(Deep, _steps())

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from gfservice.cli.workload import WorkloadConfig, batch, build_model, dataset, fit
-from gfservice.service import actor as svc
+from gfservice.hosting import actor as svc
 from gfservice.service.client import Client
 from gfservice.stats import GradStats
 

@@ -1,6 +1,6 @@
 """A short, small soak of the service (the full one is a script: see benchmarks/README.md, ``soak.py``).
 
-About 35 s of 32 ranks x 1,000 layers into a plain-Python ``ServiceCore`` with snapshots and a scraped
+About 35 s of 32 ranks x 1,000 layers into a plain-Python ``ServiceHost`` with snapshots and a scraped
 ``/metrics``: every accepted report must be merged, and the scrape must stay responsive. The memory target
 is not checked here: a 35 s run on a loaded CI machine is too short to tell growth from noise.
 """

@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gfservice.config import ServiceConfig, Settings
+from gfservice.hosting.actor import ServiceHost
 from gfservice.service import auth
-from gfservice.service.actor import ServiceCore
 from gfservice.service.state import set_aside, write_private_json
 from gfservice.wire import parse
 
@@ -65,7 +65,7 @@ def test_only_the_token_itself_passes_the_guard(token, presented):
 
 def test_every_file_the_service_writes_is_owner_only(tmp_path):
     state = tmp_path / "state"
-    core = ServiceCore(Settings(service={"state_dir": str(state), "metrics_port": 0, "snapshot_interval_s": 60}))
+    core = ServiceHost(Settings(service={"state_dir": str(state), "metrics_port": 0, "snapshot_interval_s": 60}))
     try:
         core.submit([{"kind": "layout", "run": "m", "rank": 0, "world_size": 1, "layers": ["w"], "numel": [2],
                       "sharded": [False]}])
@@ -100,7 +100,7 @@ def _send_all(sender, run: str) -> None:
 @pytest.mark.ray
 def test_a_service_with_a_token_refuses_and_counts_callers_without_it(ray_cluster, tmp_path, monkeypatch, capsys):
     from gfservice.cli.main import main
-    from gfservice.service import actor as svc
+    from gfservice.hosting import actor as svc
     from gfservice.service.client import Client, connect
     from gfservice.training.ray_sender import RaySender
 

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from gfservice.cli.workload import WorkloadConfig
-    from gfservice.service import actor as svc
+    from gfservice.hosting import actor as svc
     from gfservice.service.client import Client
     from gfservice.service.ray_cluster import attach_ray
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from gfservice.cli.tables import table
-from gfservice.service import actor as svc
+from gfservice.hosting import actor as svc
 from gfservice.service import auth
 from gfservice.service.ray_cluster import RayAuthError, attach_ray
 from gfservice.service.state import SnapshotError, read_private_json, write_private_json

@@ -14,7 +14,6 @@ from gfservice.api import Finding, StepStats
 from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE
 from gfservice.registry import ConfigError
 from gfservice.service import auth
-from gfservice.service.actor import find
 from gfservice.service.ray_cluster import attach_ray
 
 
@@ -52,6 +51,7 @@ class Client:
         return self._call("history", run)
 
     def status(self) -> dict[str, Any]:
+        """The service's :class:`~gfservice.wire.ServiceStatus` as plain data (``gfservice status --json``)."""
         return self._call("status")
 
     def configure(self, run: str, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -68,8 +68,19 @@ class Client:
             raise
 
     def submit(self, messages: list[Any]) -> dict[str, Any]:
-        """Send raw messages (tests and tools); training jobs use ``gfservice.monitor``."""
+        """Send raw messages (tests and tools); training jobs use ``gfservice.monitor``. Answers a
+        :class:`~gfservice.wire.BatchAnswer` as plain data."""
         return self._call("submit", messages)
+
+
+def find(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE):
+    """The running service's actor handle, or ``None`` (found by name: whichever gfservice version started it)."""
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
 
 
 def attach(address: str | None = None) -> None:

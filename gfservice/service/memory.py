@@ -2,9 +2,10 @@
 
 Nothing here walks objects: each merged step, waiting report, layout and finding record is sized once, from
 its numpy arrays' ``nbytes`` plus a measured per-object overhead, when it enters one of a run's containers
-(:class:`StepHistory`, :class:`PendingSteps`, :class:`Layouts`, :class:`RecordLog`), and the same amount is
-taken off when it leaves. Detector state is an estimate from the number of detectors and layers. Every
-:class:`RunMemory` feeds one :class:`Ledger`, the service-wide total, until it is detached (its run evicted).
+(:class:`StepHistory` and :class:`RecordLog`, both a :class:`BoundedLog`; :class:`PendingSteps`,
+:class:`Layouts`), and the same amount is taken off when it leaves. Detector state is an estimate from the
+number of detectors and layers. Every :class:`RunMemory` feeds one :class:`Ledger`, the service-wide total,
+until it is detached (its run evicted).
 
 >>> ledger = Ledger()
 >>> run = RunMemory(ledger, detectors=0)
@@ -33,13 +34,14 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
-from gfservice.api import StepStats
+from gfservice.api import Finding, StepStats
 from gfservice.wire import Layout, StepReport
 
 __all__ = [
+    "BoundedLog",
     "Layouts",
     "Ledger",
     "PendingSteps",
@@ -74,6 +76,21 @@ DETECTOR_PER_LAYER = 64
 MISSING_RANK = 40
 
 
+T = TypeVar("T")
+#: The accounted parts of a run's bytes (the attributes of :class:`RunMemory`).
+Part = Literal["base", "layouts", "history", "pending", "findings", "detectors"]
+
+
+class Recorded(Protocol):
+    """A finding record as :func:`record_bytes` sizes it."""
+
+    @property
+    def raised(self) -> Finding: ...
+
+
+R = TypeVar("R", bound=Recorded)
+
+
 def step_bytes(s: StepStats) -> int:
     """Bytes one merged step holds: its arrays (per layer and per rank) and its objects."""
     n = STEP_OVERHEAD + MISSING_RANK * len(s.missing_ranks)
@@ -93,7 +110,7 @@ def layout_bytes(lay: Layout) -> int:
     return LAYOUT_OVERHEAD + len(lay.layers) * LAYOUT_PER_LAYER + sum(map(len, lay.layers))
 
 
-def record_bytes(rec: Any) -> int:
+def record_bytes(rec: Recorded) -> int:
     """Bytes one finding record holds (``rec.raised`` is its :class:`~gfservice.api.Finding`)."""
     f = rec.raised
     return RECORD_OVERHEAD + len(f.message) + 8 * len(f.layers or ())
@@ -135,13 +152,13 @@ class RunMemory:
     def total(self) -> int:
         return self.base + self.layouts + self.history + self.pending + self.findings + self.detectors
 
-    def add(self, part: str, delta: int) -> None:
+    def add(self, part: Part, delta: int) -> None:
         with self.ledger.lock:
             setattr(self, part, getattr(self, part) + delta)
             if self.attached:
                 self.ledger.total += delta
 
-    def set(self, part: str, value: int) -> None:
+    def set(self, part: Part, value: int) -> None:
         self.add(part, value - getattr(self, part))
 
     def detach(self) -> None:
@@ -152,60 +169,89 @@ class RunMemory:
                 self.ledger.total -= self.total
 
 
-class StepHistory(deque[StepStats]):
-    """A run's bounded history of merged steps that knows its bytes (``RunMemory.history``)."""
+class BoundedLog(Generic[T]):
+    """A bounded, oldest-first log of items that knows its bytes: one part of a :class:`RunMemory`.
 
-    def __init__(self, memory: RunMemory, maxlen: int):
-        super().__init__((), maxlen)
+    Not a ``deque`` subclass: every way in or out goes through :meth:`append` (dropping the oldest item past
+    ``maxlen``), :meth:`popleft` or :meth:`clear`, so nothing can bypass the accounting. Reads are those of a
+    sequence: ``len``, iteration (also reversed), indexing, truth.
+
+    >>> mem = RunMemory(Ledger(), detectors=0)
+    >>> names = BoundedLog(mem, "findings", len, maxlen=2)
+    >>> names.extend(["ab", "cde", "f"])
+    >>> list(names), mem.findings, names[-1]
+    (['cde', 'f'], 4, 'f')
+    >>> names.popleft(), mem.findings
+    ('cde', 1)
+    """
+
+    __slots__ = ("_items", "_part", "_size", "memory")
+
+    def __init__(self, memory: RunMemory, part: Part, size: Callable[[T], int], maxlen: int):
+        self._items: deque[T] = deque(maxlen=maxlen)
+        self._part = part
+        self._size = size
         self.memory = memory
 
-    def append(self, s: StepStats) -> None:
-        delta = step_bytes(s)
-        if self.maxlen is not None and len(self) == self.maxlen and self.maxlen > 0:
-            delta -= step_bytes(self[0])
-        super().append(s)
-        self.memory.add("history", delta)
+    @property
+    def maxlen(self) -> int | None:
+        return self._items.maxlen
 
-    def popleft(self) -> StepStats:
-        s = super().popleft()
-        self.memory.add("history", -step_bytes(s))
-        return s
+    def append(self, item: T) -> None:
+        delta = self._size(item)
+        if self._items.maxlen is not None and 0 < self._items.maxlen == len(self._items):
+            delta -= self._size(self._items[0])
+        self._items.append(item)
+        self.memory.add(self._part, delta)
+
+    def extend(self, items: Iterable[T]) -> None:
+        for item in items:
+            self.append(item)
+
+    def popleft(self) -> T:
+        item = self._items.popleft()
+        self.memory.add(self._part, -self._size(item))
+        return item
 
     def clear(self) -> None:
-        super().clear()
-        self.memory.set("history", 0)
+        self._items.clear()
+        self.memory.set(self._part, 0)
 
-    def extend(self, steps: Iterable[StepStats]) -> None:
-        for s in steps:
-            self.append(s)
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items)
+
+    def __reversed__(self) -> Iterator[T]:
+        return reversed(self._items)
+
+    def __getitem__(self, i: int) -> T:
+        return self._items[i]
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self._items)!r}, maxlen={self._items.maxlen})"
 
 
-class RecordLog(deque[Any]):
-    """A run's bounded log of finding records that knows its bytes (``RunMemory.findings``)."""
+class StepHistory(BoundedLog[StepStats]):
+    """A run's bounded history of merged steps (``RunMemory.history``)."""
+
+    __slots__ = ()
 
     def __init__(self, memory: RunMemory, maxlen: int):
-        super().__init__((), maxlen)
-        self.memory = memory
+        super().__init__(memory, "history", step_bytes, maxlen)
 
-    def append(self, rec: Any) -> None:
-        delta = record_bytes(rec)
-        if self.maxlen is not None and len(self) == self.maxlen and self.maxlen > 0:
-            delta -= record_bytes(self[0])
-        super().append(rec)
-        self.memory.add("findings", delta)
 
-    def popleft(self) -> Any:
-        rec = super().popleft()
-        self.memory.add("findings", -record_bytes(rec))
-        return rec
+class RecordLog(BoundedLog[R]):
+    """A run's bounded log of finding records (``RunMemory.findings``; a record's ``raised`` is its finding)."""
 
-    def clear(self) -> None:
-        super().clear()
-        self.memory.set("findings", 0)
+    __slots__ = ()
 
-    def extend(self, recs: Iterable[Any]) -> None:
-        for rec in recs:
-            self.append(rec)
+    def __init__(self, memory: RunMemory, maxlen: int):
+        super().__init__(memory, "findings", record_bytes, maxlen)
 
 
 class _Slot(dict[int, StepReport]):

@@ -3,9 +3,11 @@
 Each rank (rank 0 too) holds one TCP connection to rank 0's :class:`PeerServer` (never the training process
 group's collectives). Frames are length-prefixed JSON (4 bytes big-endian, then UTF-8; NaN/Inf travel as the
 JSON constants ``NaN``/``Infinity``). The first frame is a hello, answered ``{"ok": true}`` or refused; then each
-request is ``{"run": RUN, "messages": [wire messages], "dropped": N}`` and each answer ``{"rejected": [[i,
-reason]], "stop": REASON or null}`` plus ``"findings"`` (the run's findings) whenever they changed. An empty
-request is a poll: it brings verdicts to ranks that have nothing to send. Every message is validated by the
+request is a :class:`~gfservice.wire.Batch` (``{"run": RUN, "messages": [wire messages], "dropped": N}``) and
+each answer a :class:`~gfservice.wire.BatchAnswer`, as on the Ray path (``{"rejected": [[i, reason]], "stop":
+{RUN: REASON or null}}``, plus ``"findings"``, the run's findings, whenever they changed). An empty request is a
+poll: it brings verdicts to ranks that have nothing to send. (Protocol 2; protocol 1 answered ``"stop"`` as a
+bare reason.) Every message is validated by the
 aggregator (:func:`gfservice.wire.parse`); a frame that is not JSON, too big or of the wrong shape closes its
 connection and is counted in ``bad_frames``, never more.
 
@@ -25,8 +27,8 @@ is refused (compared with :func:`hmac.compare_digest`) and counted in ``refused`
 ...         "stats": {"count": [2], "sum_sq": [float("nan")], "max_abs": [float("nan")], "nonfinite": [1]}}
 >>> sock.sendall(encode_frame({"run": "doc", "messages": [lay, step, {"kind": "step"}], "dropped": 0}))
 >>> answer = read_frame(sock)
->>> answer["rejected"], [f["detector"] for f in answer["findings"]]
-([[2, 'invalid']], ['nonfinite'])
+>>> answer["rejected"], answer["stop"], [f["detector"] for f in answer["findings"]]
+([[2, 'invalid']], {'doc': None}, ['nonfinite'])
 >>> sock.close(); server.close()
 """
 
@@ -38,17 +40,18 @@ import logging
 import socket
 import socketserver
 import struct
-import sys
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from gfservice.config import Settings
-from gfservice.service.aggregator import Aggregator
+from pydantic import ValidationError
 
-__all__ = ["MAX_FRAME", "FrameError", "PeerHost", "PeerServer", "encode_frame", "hello", "read_frame"]
+from gfservice.api import Finding
+from gfservice.service.aggregator import Aggregator
+from gfservice.service.ingest import take
+from gfservice.wire import Batch
+
+__all__ = ["MAX_FRAME", "PEER_PROTOCOL", "FrameError", "PeerServer", "encode_frame", "hello", "read_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 256 * 2**20
 #: What a hello says; a connection that says something else is refused.
 HELLO = "gfservice-peer"
-PEER_PROTOCOL = 1
+#: The peer protocol; 2 answers every batch with a :class:`~gfservice.wire.BatchAnswer`.
+PEER_PROTOCOL = 2
 _HEADER = struct.Struct(">I")
 
 
@@ -140,7 +144,7 @@ class PeerServer:
         self.sockaddr: tuple[str, int] = self._tcp.server_address[:2]  # type: ignore[assignment]
         #: How often the findings sent back to the ranks are read again from the aggregator.
         self.findings_refresh_s = 0.1
-        self._cache: dict[str, tuple[float, tuple[tuple[int, int], list[dict[str, Any]]]]] = {}
+        self._cache: dict[str, tuple[float, tuple[tuple[int, int], list[Finding]]]] = {}
         self._cache_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
@@ -211,25 +215,19 @@ class PeerServer:
         ``seen`` (their count and how many are active)."""
         if not isinstance(request, dict):
             raise FrameError("a request must be a JSON object")
-        run, messages, dropped = request.get("run"), request.get("messages", []), request.get("dropped", 0)
-        if not isinstance(run, str) or not isinstance(messages, list) or not isinstance(dropped, int):
-            raise FrameError("a request needs run (a string), messages (a list) and dropped (an integer)")
-        rejected = []
-        for i, msg in enumerate(messages):
-            ack = self.aggregator.submit(msg)
-            if not ack.accepted:
-                rejected.append([i, ack.reason.value if ack.reason is not None else "invalid"])
-        if dropped > 0:
-            self.aggregator.note_dropped(run, dropped)
-        answer: dict[str, Any] = {"rejected": rejected, "stop": self.aggregator.should_stop(run)}
-        found = self._findings(run)
+        try:
+            batch = Batch.model_validate(request)
+        except ValidationError:
+            raise FrameError("a request needs run (a string), messages (a list) and dropped (an integer)") from None
+        answer, _ = take(self.aggregator, batch.messages, batch.dropped_by_run(), [batch.run])
+        found = self._findings(batch.run)
         if found is not None and found[0] != seen:
-            answer["findings"] = found[1]
-        return answer, found[0] if found is not None else seen
+            answer = answer.model_copy(update={"findings": found[1]})
+        return answer.plain(), found[0] if found is not None else seen
 
-    def _findings(self, run: str) -> tuple[tuple[int, int], list[dict[str, Any]]] | None:
-        """The findings of ``run`` as plain data, with their count and how many are active; read from the
-        aggregator at most once per ``findings_refresh_s`` whatever the number of ranks asking."""
+    def _findings(self, run: str) -> tuple[tuple[int, int], list[Finding]] | None:
+        """The findings of ``run``, with their count and how many are active; read from the aggregator at most
+        once per ``findings_refresh_s`` whatever the number of ranks asking."""
         now = time.monotonic()
         with self._cache_lock:
             cached = self._cache.get(run)
@@ -239,7 +237,7 @@ class PeerServer:
             findings = self.aggregator.findings(run)
         except KeyError:
             return None
-        value = ((len(findings), sum(f.active for f in findings)), [f.model_dump() for f in findings])
+        value = ((len(findings), sum(f.active for f in findings)), findings)
         with self._cache_lock:
             self._cache[run] = (now, value)
             if len(self._cache) > 64:  # runs come and go: forget the stalest
@@ -250,69 +248,3 @@ class PeerServer:
         self._stop.set()
         self._tcp.shutdown()
         self._tcp.server_close()
-
-
-class PeerHost:
-    """What rank 0 runs for its job: the aggregator, the :class:`PeerServer` on ``bind``, and ``/metrics``
-    (``[service] metrics_port``/``metrics_addr``; default a free port on 127.0.0.1) with its Prometheus discovery
-    entry: ``prometheus-sd-<tag>.json`` beside ``[service] sd_file`` (so that it never replaces the service's
-    own; ``""`` disables it). The metrics URL is printed once to stderr.
-    """
-
-    def __init__(self, settings: Settings, bind: str = "127.0.0.1", token: str | None = None, tag: str = "peer",
-                 announce: Callable[[str], None] | None = None):
-        from gfservice.observability.exporter import serve_metrics
-
-        cfg = settings.service
-        self.aggregator = Aggregator(settings.aggregator, settings.detectors)
-        self.server = PeerServer(self.aggregator, bind, 0, token, cfg.tick_interval_s)
-        exp = cfg.exporter_config(cfg.metrics_port if cfg.metrics_port is not None else 0)
-        try:
-            self._metrics, _thread, self.metrics_port = serve_metrics(self.aggregator, exp)
-        except BaseException:
-            self.server.close()
-            raise
-        host = _scrape_host(cfg.metrics_addr, cfg.advertise_addr)
-        scheme = "https" if exp.certfile else "http"
-        self.metrics_url = f"{scheme}://{host}:{self.metrics_port}/metrics"
-        self.sd_file: Path | None = None
-        if cfg.sd_file:
-            self.sd_file = _write_sd(Path(cfg.sd_file), tag, f"{host}:{self.metrics_port}", scheme)
-        (announce or _stderr)(f"gfservice: rank 0 aggregates this job's ranks (peers connect to "
-                              f"{self.server.address}); metrics at {self.metrics_url}"
-                              + (f", discovery file {self.sd_file}" if self.sd_file else ""))
-
-    def close(self) -> None:
-        """Stop serving and withdraw the discovery entry."""
-        from gfservice.observability.discovery import remove_sd_file
-
-        self.server.close()
-        self._metrics.shutdown()
-        self._metrics.server_close()
-        if self.sd_file is not None:
-            remove_sd_file(self.sd_file)
-        self.aggregator.flush()
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def _scrape_host(addr: str, advertise: str | None) -> str:
-    host = advertise or addr
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.gethostbyname(socket.gethostname())
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _write_sd(base: Path, tag: str, address: str, scheme: str) -> Path | None:
-    from gfservice.observability.discovery import write_sd_file
-    from gfservice.service.state import ensure_private_dir
-
-    path = base.with_name(f"{base.stem}-{tag}{base.suffix or '.json'}")
-    try:
-        ensure_private_dir(path.parent)
-        return write_sd_file(path, address, {"launcher": "torchrun"}, scheme=scheme)
-    except Exception as exc:  # monitoring goes on without discovery
-        log.warning("gfservice: could not write the discovery file %s: %s", path, exc)
-        return None

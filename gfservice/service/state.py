@@ -13,6 +13,9 @@ One self-contained file rather than JSON plus an ``.npz`` beside it: a single re
 a crash can never leave the JSON and the arrays of two different snapshots side by side, and setting a bad
 snapshot aside is one rename. The arrays are small (per-layer vectors), so base64's third more is cheap.
 
+Reads refuse a state nested deeper than :data:`~gfservice.wire.SNAPSHOT_MAX_DEPTH` (a :class:`SnapshotError`,
+never a ``RecursionError``); the aggregator validates what it restores as a :class:`~gfservice.wire.SnapshotState`.
+
 Writes go to a unique temporary file in the same directory (``mkstemp``: ``O_EXCL``, ``O_NOFOLLOW``, mode 0600),
 which is fsynced, then the current snapshot becomes ``<stem>.prev<suffix>``, the new one is renamed into place and
 the directory is fsynced. Reads open with ``O_NOFOLLOW`` and accept only a regular file owned by this user.
@@ -42,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from gfservice.registry import ConfigError
+from gfservice.wire import check_nesting
 
 __all__ = ["FORMAT", "VERSION", "SnapshotError", "SnapshotTooNew", "StateDirError", "decode", "encode",
            "ensure_private_dir", "prev_path", "read_private_json", "read_snapshot", "set_aside",
@@ -245,7 +249,7 @@ def read_private_json(path: str | os.PathLike[str]) -> Any:
     raw = _read_own_file(path)
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SnapshotError(f"{path} is not JSON ({exc})") from None
 
 
@@ -257,7 +261,7 @@ def read_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
     raw = _read_own_file(path)
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested past the stack
         raise SnapshotError(f"{path} is not a JSON snapshot ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("version"), int):
         raise SnapshotError(f"{path} is not a gfservice snapshot (unknown format)")
@@ -267,6 +271,10 @@ def read_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
                              "the file away to start empty")
     if not isinstance(doc.get("state"), dict):
         raise SnapshotError(f"{path} has no state")
+    try:
+        check_nesting(doc["state"])  # before decode, which recurses
+    except ValueError as exc:
+        raise SnapshotError(f"{path}: the saved state is {exc}") from None
     doc["state"] = decode(doc["state"])
     return doc
 

@@ -2,11 +2,11 @@
 
 When a process group is initialised (``world_size > 1``) and no service is reachable, :func:`connect_peers`
 makes rank 0 host the job's aggregator, ``/metrics`` and its discovery entry
-(:class:`~gfservice.service.peer_server.PeerHost`, once per process) and publish ``host:port`` in the process
+(:class:`~gfservice.hosting.peer_host.PeerHost`, once per process) and publish ``host:port`` in the process
 group's store (a key-value store on its own TCP connection, not a collective); every rank, rank 0 included,
-sends to it through a :class:`PeerSender`. The training thread only appends to a bounded queue; a background
-thread connects (reading the address from the store when it appears), ships batches, and drops the oldest
-report when the queue is full, counting it, as :class:`~gfservice.training.ray_sender.RaySender` does. The
+sends to it through a :class:`PeerSender`. The training thread only appends to a bounded queue
+(:class:`~gfservice.training.sending.QueuedSender`, as for :class:`~gfservice.training.ray_sender.RaySender`); a
+background thread connects (reading the address from the store when it appears) and ships batches. The
 answers bring the stop verdict and the findings back, so ``monitor.should_stop`` and ``monitor.findings`` work
 on every rank without waiting. If rank 0 goes away, the others keep training: their reports drop and count.
 
@@ -36,36 +36,31 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 
 from gfservice.api import Finding, StepStats
 from gfservice.config import Settings
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.auth import load_token
-from gfservice.service.peer_server import FrameError, PeerHost, encode_frame, hello, read_frame
-from gfservice.wire import Layout, RejectReason, RunEnd, StepReport
+from gfservice.service.peer_server import FrameError, encode_frame, hello, read_frame
+from gfservice.training.sending import QueuedSender
+from gfservice.wire import Batch, BatchAnswer, Layout, RunEnd, StepReport
+
+if TYPE_CHECKING:
+    from gfservice.hosting.peer_host import PeerHost
 
 __all__ = ["PeerSender", "connect_peers", "peer_host"]
 
 log = logging.getLogger(__name__)
-
-#: Rejections that mean "rank 0 does not know us (any more)": the layout is sent again.
-_RESEND_LAYOUT = {RejectReason.unknown_run.value, RejectReason.unknown_rank.value}
 #: The store key under which rank 0 publishes ``host:port`` ("" when it hosts nothing), per attempt.
 STORE_KEY = "gfservice/peer/{attempt}"
 
 
-def _urgent(report: StepReport) -> bool:
-    """A report with NaN/Inf gradients: it goes out at once rather than after ``linger_s``."""
-    bad = report.stats.get("nonfinite")
-    return report.local_nonfinite or (bad is not None and bool(bad.any()))
-
-
-class PeerSender:
+class PeerSender(QueuedSender):
     """A :class:`~gfservice.training.transport.Transport` to rank 0's peer server at ``address()``.
 
     ``address`` is called on the sender thread until it returns ``host:port`` (``None``: not known yet; ``""``:
@@ -75,63 +70,24 @@ class PeerSender:
     def __init__(self, run: str, address: Callable[[], str | None], token: str | None = None,
                  aggregator: Aggregator | None = None, queue_size: int = 256, batch_max: int = 32,
                  linger_s: float = 0.1, poll_s: float = 0.5, timeout_s: float = 10.0):
-        self.run = run
         self._address = address
         self.token = token
         self.aggregator = aggregator
-        self.queue_size = queue_size
-        self.batch_max = batch_max
-        self.linger_s = linger_s
         self.poll_s = poll_s
         self.timeout_s = timeout_s
-        self.dropped = 0  # reports lost so far: dropped from the queue, undelivered or rejected
-        self.sent = 0
-        self.rejected: dict[str, int] = {}
-        self._unreported = 0  # drops not yet told to rank 0
-        self._queue: deque[StepReport | RunEnd] = deque()
-        self._layouts: list[Layout] = []
-        self._resend_layouts = False
-        self._cond = threading.Condition()
-        self._closing = False
-        self._busy = False  # a batch is out, its answer not yet in
         self._sock: socket.socket | None = None
         self._gave_up = False
         self._unreachable = False  # the last try to connect failed
         self._last_exchange = 0.0
         self._retry_at = 0.0
-        self._stop_reason: str | None = None
         self._findings: list[Finding] = []
-        self._thread = threading.Thread(target=self._loop, name=f"gfservice-peer-{run}", daemon=True)
-        self._thread.start()
-
-    # ---- the training thread's side: append and return ------------------------------------------
-    def send(self, message: Layout | StepReport | RunEnd) -> None:
-        with self._cond:
-            if isinstance(message, Layout):  # kept, and sent first on every connection
-                self._layouts.append(message)
-                self._resend_layouts = True
-                self._cond.notify()
-                return
-            if len(self._queue) >= self.queue_size:
-                self._queue.popleft()
-                self._lose(1)
-            self._queue.append(message)
-            # Waking the sender costs more than the append: only for a full batch, or what must not wait.
-            if len(self._queue) >= self.batch_max or not isinstance(message, StepReport) or _urgent(message):
-                self._cond.notify()
-
-    def _lose(self, n: int) -> None:
-        """Count ``n`` reports that will not reach rank 0 (caller holds ``_cond``)."""
-        self.dropped += n
-        self._unreported += n
+        super().__init__(run, queue_size=queue_size, batch_max=batch_max, linger_s=linger_s,
+                         thread_name=f"gfservice-peer-{run}", join_timeout_s=timeout_s + 5)
 
     # ---- the sender thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                if len(self._queue) < self.batch_max and not self._closing and not self._resend_layouts:
-                    self._cond.wait(self.linger_s)
-                closing = self._closing
+            closing = self._wait_for_work()
             if self._sock is None and not self._connect():
                 with self._cond:
                     if closing or self._gave_up:  # nowhere to send: what is queued is lost
@@ -141,17 +97,11 @@ class PeerSender:
                         break
                     self._cond.wait(0.1)
                 continue
-            with self._cond:
-                batch: list[Any] = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
-                layouts = list(self._layouts) if self._resend_layouts else []
-                self._resend_layouts = False
-                self._busy = bool(batch or layouts)
-            if batch or layouts or time.monotonic() - self._last_exchange >= self.poll_s:
-                self._exchange(layouts, batch)
-            with self._cond:
-                self._busy = False
-                if closing and not self._queue:
-                    break
+            layouts, batch, drops = self._take()
+            if batch or layouts or drops or time.monotonic() - self._last_exchange >= self.poll_s:
+                self._exchange(layouts, batch, drops)
+            if closing and self._drained():
+                break
         self._disconnect()
 
     def _connect(self) -> bool:
@@ -201,55 +151,37 @@ class PeerSender:
                 self._sock.close()
             self._sock = None
 
-    def _exchange(self, layouts: list[Layout], batch: list[StepReport | RunEnd]) -> None:
+    def _exchange(self, layouts: list[Layout], batch: list[StepReport | RunEnd], drops: int) -> None:
         assert self._sock is not None
-        with self._cond:
-            drops, self._unreported = self._unreported, 0
         try:
-            frame = encode_frame({"run": self.run, "messages": [m.model_dump() for m in (*layouts, *batch)],
-                                  "dropped": drops})
+            out = Batch(run=self.run, messages=[m.model_dump() for m in (*layouts, *batch)], dropped=drops)
+            frame = encode_frame(out.model_dump())
         except (FrameError, ValueError, TypeError) as exc:  # a bug or an oversized batch, not the connection
             log.warning("gfservice: could not encode %d reports for rank 0 (%s); dropped", len(batch), exc)
-            with self._cond:
-                self._lose(len(batch))
-                self._unreported += drops
+            self._undelivered(layouts, batch, drops)
             return
         try:
             self._sock.sendall(frame)
-            answer = read_frame(self._sock)
+            raw = read_frame(self._sock)
         except (OSError, EOFError, FrameError, ValueError) as exc:
             log.info("gfservice: lost the connection to rank 0's aggregator (%s); %d reports dropped", exc,
                      len(batch))
             self._disconnect()
-            with self._cond:
-                self._lose(len(batch))
-                self._unreported += drops
-                self._resend_layouts = self._resend_layouts or bool(layouts)
+            self._undelivered(layouts, batch, drops)
             return
         self._last_exchange = time.monotonic()
-        self.sent += len(batch)
-        self._on_answer(answer, len(layouts))
+        try:
+            answer = BatchAnswer.model_validate(raw)
+        except ValidationError:
+            log.debug("gfservice: unreadable answer from rank 0", exc_info=True)
+        else:
+            if answer.findings is not None:
+                self._findings = answer.findings
+            self._note_answer(answer, len(layouts))
+        self._handed_over(layouts, batch)
 
-    def _on_answer(self, answer: Any, n_layouts: int) -> None:
-        if not isinstance(answer, dict):
-            return
-        if answer.get("stop"):
-            self._stop_reason = str(answer["stop"])
-        if isinstance(answer.get("findings"), list):
-            try:
-                self._findings = [Finding.model_validate(f) for f in answer["findings"]]
-            except ValueError:
-                log.debug("gfservice: unreadable findings from rank 0", exc_info=True)
-        lost = 0
-        for index, reason in answer.get("rejected", []):
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
-            if reason in _RESEND_LAYOUT:
-                with self._cond:
-                    self._resend_layouts = True
-            lost += index >= n_layouts  # a rejected report is a lost one
-        if lost:
-            with self._cond:
-                self._lose(lost)
+    def _hopeless(self) -> bool:
+        return self._gave_up or (self._sock is None and self._unreachable)
 
     # ---- queries: answered from what rank 0 pushed (or, on rank 0, its aggregator); never block --------
     def findings(self, run: str) -> list[Finding]:
@@ -260,9 +192,6 @@ class PeerSender:
                 return []
         return list(self._findings) if run == self.run else []
 
-    def stop_reason(self, run: str) -> str | None:
-        return self._stop_reason if run == self.run else None
-
     def latest(self, run: str) -> StepStats | None:
         if self.aggregator is None:
             return None  # only rank 0 holds the merged steps
@@ -271,27 +200,6 @@ class PeerSender:
         except KeyError:
             return None
 
-    def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything queued has been answered by rank 0 (or ``timeout_s``); True when it was."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._cond:
-                done = not self._queue and not self._busy and not self._resend_layouts
-                self._cond.notify()
-            if done:
-                return True
-            if self._gave_up or (self._sock is None and self._unreachable):
-                return False
-            time.sleep(0.01)
-        return False
-
-    def close(self) -> None:
-        self.flush()
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout=self.timeout_s + 5)
-
 
 # ---- choosing rank 0 and finding it -----------------------------------------------------------------
 _HOST: PeerHost | None = None
@@ -299,12 +207,14 @@ _HOST_LOCK = threading.Lock()
 
 
 def peer_host() -> PeerHost | None:
-    """Rank 0's :class:`~gfservice.service.peer_server.PeerHost` in this process, if it hosts one."""
+    """Rank 0's :class:`~gfservice.hosting.peer_host.PeerHost` in this process, if it hosts one."""
     return _HOST
 
 
 def _start_host(settings: Settings, token: str | None) -> PeerHost:
     global _HOST
+    from gfservice.hosting.peer_host import PeerHost  # /metrics and discovery: only where rank 0 hosts
+
     with _HOST_LOCK:
         if _HOST is None:
             _HOST = PeerHost(settings, bind=bind_address(), token=token, tag=f"{socket.gethostname()}-{os.getpid()}")

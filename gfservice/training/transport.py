@@ -177,7 +177,7 @@ def connect_service(service: str, run: str) -> Transport | None:
         return None
     try:
         attach_ray()
-        from gfservice.service.actor import find
+        from gfservice.service.client import find
     except (ImportError, ConnectionError) as exc:
         from gfservice.service.ray_cluster import RayAuthError
 

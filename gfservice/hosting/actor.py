@@ -1,0 +1,203 @@
+"""The long-lived service as Ray runs it: a detached, named actor on the head node hosting a
+:class:`~gfservice.service.core.ServiceCore` with its Prometheus endpoint and file-based discovery entry.
+
+:class:`ServiceHost` is plain Python (tested without Ray); :func:`start` wraps it in a :class:`ServiceActor`,
+a Ray actor placed on the head node that Ray restarts when it dies, and which restores its snapshot when it
+comes back. Ray lets any holder of the handle call any method of the actor's class, private ones included, so
+the actor class is a thin wrapper that has only the calls meant for clients, each checked against the optional
+service token (:mod:`gfservice.service.auth`). Answers travel as plain data (the wire models' ``model_dump``),
+so a client of another gfservice version reads them.
+
+The actor keeps its name and namespace (``[service] name``/``namespace``, default ``gfservice/gfservice``) and
+its class name (``ServiceActor``): a service started by an earlier version is found, and stopped, by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from gfservice.api import Finding, StepStats
+from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE, Settings, load_settings
+from gfservice.hosting.scrape import scrape_host
+from gfservice.observability.discovery import remove_sd_file, write_sd_file
+from gfservice.observability.exporter import serve_metrics
+from gfservice.service import auth
+from gfservice.service.client import find
+from gfservice.service.core import ServiceCore
+from gfservice.wire import BatchAnswer, RejectReason
+
+__all__ = ["DEFAULT_NAME", "DEFAULT_NAMESPACE", "ServiceActor", "ServiceHost", "ServiceSettings", "find",
+           "load_service_settings", "start", "stop"]
+
+log = logging.getLogger(__name__)
+
+#: The whole configuration of a service (one settings model: :class:`gfservice.config.Settings`).
+ServiceSettings = Settings
+
+
+def load_service_settings(path: str | os.PathLike[str] | None = None, **service_overrides: Any) -> Settings:
+    """The configuration file (and ``GFSERVICE_*`` variables) with command-line ``[service]`` overrides."""
+    return load_settings(path).with_service(**service_overrides)
+
+
+class ServiceHost(ServiceCore):
+    """A :class:`~gfservice.service.core.ServiceCore` with ``/metrics`` on ``[service] metrics_port`` (none when
+    unset) and its address in ``[service] sd_file`` for Prometheus; :meth:`shutdown` withdraws both."""
+
+    def __init__(self, settings: dict[str, Any] | Settings | None = None):
+        super().__init__(settings)
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
+        port = self.settings.service.metrics_port
+        if port is not None:
+            try:
+                self._serve_metrics(port)
+            except BaseException:
+                super().shutdown()
+                raise
+
+    def _serve_metrics(self, port: int) -> None:
+        cfg = self.settings.service
+        exp = cfg.exporter_config(port)
+        self._metrics_server, _thread, self.metrics_port = serve_metrics(
+            self.aggregator, exp, service_health=lambda: self.snapshot_health().model_dump())
+        self.metrics_address = f"{cfg.metrics_addr}:{self.metrics_port}"
+        if cfg.sd_file:  # where Prometheus should look: advertise_addr, else the bound address
+            host = scrape_host(cfg.metrics_addr, cfg.advertise_addr)
+            write_sd_file(cfg.sd_file, f"{host}:{self.metrics_port}", scheme="https" if exp.certfile else "http")
+
+    def shutdown(self) -> None:
+        """Stop background work, save a last snapshot, withdraw ``/metrics`` and the discovery entry."""
+        super().shutdown()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            if self.settings.service.sd_file:
+                remove_sd_file(self.settings.service.sd_file)
+
+
+class ServiceActor:
+    """What Ray runs: a :class:`ServiceHost` behind the service token. Only these methods can be called through
+    the actor handle; every one but :meth:`ping` refuses a caller without the token when the service has one.
+
+    ``token_digest`` is the SHA-256 of the token (:func:`gfservice.service.auth.digest`), never the token: Ray
+    keeps the actor's arguments to restart it.
+    """
+
+    def __init__(self, settings: dict[str, Any] | Settings | None = None, token_digest: str | None = None):
+        self._guard = auth.Guard(token_digest)
+        self._core = ServiceHost(settings)
+
+    def ping(self) -> str:
+        """Liveness, open to every caller (it says nothing about runs)."""
+        return "pong"
+
+    def submit(self, messages: list[Any], dropped: dict[str, int] | None = None,
+               token: str | None = None) -> dict[str, Any]:
+        """:meth:`ServiceCore.submit`, answered as a plain :class:`~gfservice.wire.BatchAnswer`; a batch without
+        the token is refused whole and counted as ``unauthorized`` (the answer has the same shape, so a sender's
+        batching stays fire-and-forget)."""
+        if not self._guard.allows(token):
+            n = len(messages) if isinstance(messages, list | tuple) else 1
+            self._core.aggregator.note_rejected(RejectReason.unauthorized, n)
+            return BatchAnswer(rejected=[(i, RejectReason.unauthorized) for i in range(n)]).plain()
+        return self._core.submit(messages, dropped).plain()
+
+    def runs(self, token: str | None = None) -> list[dict[str, Any]]:
+        self._guard.check(token, "runs()")
+        return self._core.runs()
+
+    def findings(self, run: str, since_step: int = 0, active_only: bool = False,
+                 token: str | None = None) -> list[Finding]:
+        self._guard.check(token, "findings()")
+        return self._core.findings(run, since_step, active_only)
+
+    def latest(self, run: str, token: str | None = None) -> StepStats | None:
+        self._guard.check(token, "latest()")
+        return self._core.latest(run)
+
+    def history(self, run: str, token: str | None = None) -> list[StepStats]:
+        self._guard.check(token, "history()")
+        return self._core.history(run)
+
+    def configure(self, run: str, settings: dict[str, dict[str, Any]], token: str | None = None) -> dict[str, Any]:
+        self._guard.check(token, "configure()")
+        return self._core.configure(run, settings)
+
+    def status(self, token: str | None = None) -> dict[str, Any]:
+        """A :class:`~gfservice.wire.ServiceStatus` as plain data."""
+        self._guard.check(token, "status()")
+        status = self._core.status().model_copy(update={"auth": "token" if self._guard.enabled else "none"})
+        return status.model_dump()
+
+    def shutdown(self, token: str | None = None) -> None:
+        self._guard.check(token, "shutdown()")
+        self._core.shutdown()
+
+
+def _head_node_strategy():
+    """Soft affinity to the head node, so the service sits next to the GCS and survives worker churn."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=True)
+    return "DEFAULT"
+
+
+def start(settings: Settings | None = None, wait_s: float = 60.0, token: str | None = None):
+    """Start the service on the connected Ray cluster, or return the one already running (same name).
+
+    ``token`` (default: :func:`gfservice.service.auth.load_token`, i.e. ``$GFSERVICE_TOKEN`` or
+    ``[service] token_file``) is the token every caller must then present; none: every caller is taken.
+    Returns ``(handle, created)``.
+    """
+    import ray
+
+    settings = settings or load_settings()
+    cfg = settings.service
+    if token is None:
+        token = auth.load_token(cfg.token_file)
+    existing = find(cfg.name, cfg.namespace)
+    if existing is not None:
+        return existing, False
+    actor_cls = ray.remote(ServiceActor)
+    handle = actor_cls.options(
+        name=cfg.name,
+        namespace=cfg.namespace,
+        lifetime="detached",
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=8,
+        num_cpus=0,
+        get_if_exists=True,
+        scheduling_strategy=_head_node_strategy(),
+    ).remote(settings.model_dump(), auth.digest(token) if token else None)
+    ray.get(handle.ping.remote(), timeout=wait_s)  # type: ignore[union-attr]  # an actor handle
+    return handle, True
+
+
+def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, token: str | None = None) -> bool:
+    """End the running service (after a last snapshot). Returns False when none was running.
+
+    Raises :class:`~gfservice.service.auth.Unauthorized` (and leaves the service running) when the service has
+    a token and ``token`` (default: ``$GFSERVICE_TOKEN`` or ``$GFSERVICE_SERVICE__TOKEN_FILE``) is not it.
+    """
+    import ray
+
+    handle = find(name, namespace)
+    if handle is None:
+        return False
+    if token is None:
+        token = auth.load_token()
+    try:
+        ray.get(handle.shutdown.remote(token=token), timeout=30)
+    except PermissionError as exc:
+        raise auth.Unauthorized(*getattr(exc, "cause", exc).args) from None
+    except Exception:
+        log.warning("gfservice did not shut down cleanly; killing it")
+    ray.kill(handle, no_restart=True)
+    return True
