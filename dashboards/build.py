@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gfservice.cli import generated
 from gfservice.observability.dashboards import (
     DASHBOARDS,
     DATASOURCE_UID,
@@ -21,9 +22,9 @@ from gfservice.observability.dashboards import (
     UIDS,
     build,
     render,
+    rendered_files,
     state_expr,
 )
-from gfservice.observability.dashboards import write as _write
 
 __all__ = ["DASHBOARDS", "DATASOURCE_UID", "HERE", "STALE_AFTER_S", "UIDS", "build", "main", "render", "state_expr",
            "write"]
@@ -34,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 
 def write(directory: str | Path = HERE) -> list[Path]:
     """Build every dashboard from the code and write it as ``<key>.json`` into ``directory``."""
-    return _write(directory, packaged=False)
+    return generated.write(directory, rendered_files(packaged=False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

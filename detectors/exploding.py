@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe_layers
+from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats, describe_layers
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this estimates its standard deviation
 FP16_MAX = 65504.0
@@ -95,8 +95,8 @@ class Exploding(Detector):
         self._history: deque[float] = deque(maxlen=self.config.window)
         self._layer_baseline: np.ndarray | None = None
 
-    def _severity(self, orders: float) -> str:
-        return "critical" if orders >= self.config.critical_orders else "warning"
+    def _severity(self, orders: float) -> Severity:
+        return Severity.critical if orders >= self.config.critical_orders else Severity.warning
 
     def update(self, step: StepStats) -> list[Finding] | None:
         g = step.grads

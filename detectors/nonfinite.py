@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe_layers
+from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats, describe_layers
 
 
 class NonFinite(Detector):
@@ -49,7 +49,7 @@ class NonFinite(Detector):
         ranks: list[int] = []
         if step.rank_nonfinite is not None:
             ranks = np.flatnonzero(np.asarray(step.rank_nonfinite, dtype=bool)).tolist()
-        severity = "info" if (step.skipped and self.config.scaler_skips_are_info) else "critical"
+        severity = Severity.info if (step.skipped and self.config.scaler_skips_are_info) else Severity.critical
         out: list[Finding] = []
         origin = f", from rank {', '.join(map(str, ranks))}" if ranks else ""
         advice = ("check the inputs and learning rate of that step, lower the loss scale or enable gradient "

@@ -12,8 +12,7 @@ and the service start fast.
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from gfservice._version import __version__
 from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats
 from gfservice.stats import GradStats
 

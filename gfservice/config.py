@@ -25,12 +25,12 @@ max_layer_series = 64
 >>> load_settings(p)
 Traceback (most recent call last):
 ...
-gfservice.registry.ConfigError: ...gf.toml: detector 'exploding': z_treshold: Extra inputs are not permitted
+gfservice.errors.ConfigError: ...gf.toml: detector 'exploding': z_treshold: Extra inputs are not permitted
 >>> _ = p.write_text("[service.exporter]\\ndepth_buckets = 0\\n")
 >>> load_settings(p)
 Traceback (most recent call last):
 ...
-gfservice.registry.ConfigError: ...gf.toml: service.exporter.depth_buckets: Input should be greater than or equal to 1
+gfservice.errors.ConfigError: ...gf.toml: service.exporter.depth_buckets: Input should be greater than or equal to 1
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gfservice import registry
-from gfservice.registry import ConfigError
+from gfservice.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

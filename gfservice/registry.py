@@ -10,7 +10,7 @@ True
 >>> build({"explodin": {}})
 Traceback (most recent call last):
 ...
-gfservice.registry.ConfigError: unknown detector 'explodin'; installed: ..., exploding, ...
+gfservice.errors.ConfigError: unknown detector 'explodin'; installed: ..., exploding, ...
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from gfservice.api import Detector
+from gfservice.errors import ConfigError
+
+__all__ = ["GROUP", "ConfigError", "available", "build", "describe", "validate"]
 
 log = logging.getLogger(__name__)
 
 GROUP = "gfservice.detectors"
-
-
-class ConfigError(ValueError):
-    """A configuration names something that does not exist or holds a value that does not fit."""
 
 
 @cache

@@ -35,6 +35,7 @@ __all__ = [
     "STATISTICS",
     "GradStats",
     "Statistic",
+    "depth_buckets",
     "exponent_histogram",
     "merge_shards",
     "statistic",
@@ -400,3 +401,36 @@ def noise_scale(local_sq: npt.ArrayLike, global_sq: float, per_rank_batch: float
     trace = (small - float(global_sq)) * b * w / (w - 1)
     b_simple = trace / grad_sq if grad_sq > 0 and trace >= 0 else nan
     return b_simple, grad_sq, trace
+
+
+def depth_buckets(sum_sq: npt.ArrayLike, count: npt.ArrayLike, buckets: int) -> list[float | None]:
+    """RMS gradient of ``buckets`` contiguous depth buckets: ``sqrt(sum sum_sq / sum count)`` per bucket.
+
+    Bucket ``b`` covers layers ``[b*n//B, (b+1)*n//B)``; with fewer layers than buckets each bucket holds
+    the one layer at its depth, so the picture keeps its shape. A bucket holding NaN/Inf gradients is NaN or
+    Inf; one without elements (no gradients at all) is ``None``. The exporter's ``gradflow_depth_rms`` and the
+    training-side sinks (``gfservice.training.watch``) draw the same picture with it.
+
+    >>> depth_buckets(np.array([4.0, 0.0, 9.0, 16.0]), np.array([1, 1, 1, 1]), 2)
+    [1.4142135623730951, 3.5355339059327378]
+    >>> depth_buckets(np.array([4.0, 9.0]), np.array([1, 1]), 4)
+    [2.0, 2.0, 3.0, 3.0]
+    >>> depth_buckets(np.array([np.nan, 1.0, 0.0]), np.array([1, 1, 0]), 3)
+    [nan, 1.0, None]
+    """
+    sum_sq = np.asarray(sum_sq)
+    n = len(sum_sq)
+    if n == 0:
+        return [None] * buckets
+    lo = np.arange(buckets) * n // buckets
+    hi = np.maximum((np.arange(buckets) + 1) * n // buckets, lo + 1)
+    csq = np.concatenate([[0.0], np.cumsum(sum_sq, dtype=np.float64)])
+    ccount = np.concatenate([[0], np.cumsum(count, dtype=np.int64)])
+    sq = csq[hi] - csq[lo]
+    cnt = ccount[hi] - ccount[lo]
+    # Non-finite sums poison the cumulative sums past them: recompute those buckets directly.
+    if not np.all(np.isfinite(sum_sq)):
+        sq = np.array([np.sum(sum_sq[a:b]) for a, b in zip(lo, hi, strict=True)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rms = np.sqrt(sq / np.maximum(cnt, 1))
+    return [float(v) if c > 0 else None for v, c in zip(rms, cnt, strict=True)]

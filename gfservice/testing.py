@@ -10,14 +10,22 @@
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats
+from gfservice.service.state import decode, encode
 from gfservice.stats import STATISTICS, GradStats
+from gfservice.wire import SNAPSHOT_MAX_DEPTH, check_nesting
+
+#: How deep a detector's encoded state may nest: gfservice.service.snapshot.detector_state leaves this much of
+#: SNAPSHOT_MAX_DEPTH for its place in the snapshot, and does not save a deeper one.
+DETECTOR_STATE_MAX_DEPTH = SNAPSHOT_MAX_DEPTH - 8
+
+__all__ = ["check_detector", "make_step", "replay", "restored_state"]
 
 
 def make_step(
@@ -99,13 +107,39 @@ def _checked_replay(detector: Detector, steps: Sequence[StepStats]) -> list[Find
     return out
 
 
+def restored_state(state: Mapping[str, Any], where: str = "state") -> Any:
+    """``state`` as a detector gets it back after the service snapshots it and restarts from the snapshot.
+
+    The service's own codec (:func:`gfservice.service.state.encode`, then the JSON text of the snapshot file, then
+    :func:`~gfservice.service.state.decode`, what ``read_snapshot`` does on load): numpy arrays, tuples, sets and
+    dicts with non-string keys come back as themselves, a ``deque`` comes back as a ``list``, and anything that is
+    not plain data, or nests too deep to restore, is refused with a ``TypeError`` naming where it is (the service
+    does not save such a state: the detector starts fresh after a restart).
+
+    >>> from collections import deque
+    >>> restored_state({"window": deque([1.0, 2.0], maxlen=2), "seen": (3, 4)})
+    {'window': [1.0, 2.0], 'seen': (3, 4)}
+    >>> restored_state({"model": object()}, "detector x")
+    Traceback (most recent call last):
+    ...
+    TypeError: detector x.model: a object cannot be saved in a snapshot (plain data and numpy only)
+    """
+    encoded = encode(state, where)
+    try:
+        check_nesting(encoded, DETECTOR_STATE_MAX_DEPTH)
+    except ValueError as exc:
+        raise TypeError(f"{where}: {exc}") from None
+    return decode(json.loads(json.dumps(encoded)))
+
+
 def check_detector(cls: type[Detector], steps: Sequence[StepStats]) -> None:
     """Assert the plugin contract on ``steps``; raises ``AssertionError`` naming what is wrong.
 
     - ``name`` set, a one-line docstring summary, ``Config`` a :class:`DetectorConfig` with defaults;
     - ``update`` returns a list of :class:`Finding` with this detector's name and the step's run;
-    - ``state_dict`` pickles, and a detector restored from it half-way produces the same findings
-      on the rest of the steps as the original.
+    - ``state_dict`` is what the service can snapshot, and a detector restored from it half-way, the way the
+      service restores one after a restart (:func:`restored_state`), produces the same findings on the rest of
+      the steps as the original.
     """
     assert cls.name, f"{cls.__qualname__} has no name"
     assert cls.summary(), f"{cls.name}: add a docstring whose first line says what it detects"
@@ -114,9 +148,22 @@ def check_detector(cls: type[Detector], steps: Sequence[StepStats]) -> None:
     half = len(steps) // 2
     original = cls()
     _checked_replay(original, steps[:half])
-    state = pickle.loads(pickle.dumps(original.state_dict()))
+    saved = original.state_dict()
+    assert isinstance(saved, Mapping), f"{cls.name}: state_dict returned {type(saved).__name__}, not a mapping"
+    try:
+        state = restored_state(saved, f"{cls.name}.state_dict()")
+    except TypeError as exc:
+        raise AssertionError(f"{cls.name}: the service cannot snapshot this state ({exc}): keep state_dict() to "
+                             "plain data (dicts, lists, tuples, sets, numbers, strings, numpy arrays)") from None
     resumed = cls()
-    resumed.load_state_dict(state)
+    try:
+        resumed.load_state_dict(state)
+    except Exception as exc:
+        raise AssertionError(f"{cls.name}: load_state_dict fails on the state as the service restores it "
+                             f"({type(exc).__name__}: {exc})") from exc
     rest_a = [f.model_dump(exclude={"time"}) for f in _checked_replay(original, steps[half:])]
     rest_b = [f.model_dump(exclude={"time"}) for f in _checked_replay(resumed, steps[half:])]
-    assert rest_a == rest_b, f"{cls.name}: a detector restored from state_dict() behaves differently"
+    assert rest_a == rest_b, (
+        f"{cls.name}: a detector restored from state_dict() behaves differently. The service snapshots it as "
+        "JSON: a deque comes back as a list (without its maxlen); rebuild such containers in load_state_dict "
+        "(e.g. deque(state['window'], maxlen=...))")

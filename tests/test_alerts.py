@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from gfservice.cli import generated
 from gfservice.cli.main import main as gfservice_main
 from gfservice.observability import alerts, assets
 from tests.promtools import amtool_bin, promtool_bin, run_tool
@@ -27,7 +28,7 @@ def _unit_tests() -> list[dict]:
 
 
 def test_committed_rule_files_match_the_code():
-    stale = alerts.drifted(ROOT / alerts.DEFAULT_OUT)
+    stale = generated.drifted(ROOT / alerts.DEFAULT_OUT, alerts.rendered_files())
     assert not stale, (f"{', '.join(map(str, stale))} drifted from gfservice/observability/alerts.py: "
                        "run gfservice alerts render (in the repository root)")
 
@@ -40,13 +41,13 @@ def test_shipped_rule_files_are_the_committed_ones():
     assert ROOT / alerts.PROMETHEUS_RULES == ROOT / "deploy" / alerts.PROMETHEUS_RULES_FILE
 
 
-def test_render_all_writes_both_files(tmp_path):
-    written = alerts.render_all(tmp_path, runbook_base="https://runbooks.example/")
+def test_render_writes_both_files(tmp_path):
+    written = generated.write(tmp_path, alerts.rendered_files(runbook_base="https://runbooks.example/"))
     assert sorted(p.relative_to(tmp_path) for p in written) == sorted(
         [Path("prometheus/rules/gfservice.rules.yml"), Path("grafana/provisioning/alerting/gfservice-alerts.yml")])
     assert "https://runbooks.example/GradflowServiceDown.md" in (tmp_path / alerts.PROMETHEUS_RULES_FILE).read_text()
-    assert alerts.drifted(tmp_path, runbook_base="https://runbooks.example/") == []
-    assert alerts.drifted(tmp_path) == written
+    assert generated.drifted(tmp_path, alerts.rendered_files(runbook_base="https://runbooks.example/")) == []
+    assert generated.drifted(tmp_path, alerts.rendered_files()) == written
 
 
 def test_gfservice_alerts_render_command(tmp_path, monkeypatch, capsys):
@@ -68,9 +69,9 @@ def test_gfservice_alerts_render_command(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert gfservice_main(["alerts", "render", "--runbook-base", "https://runbooks.example/"]) == 0
     assert "https://runbooks.example/GradflowStalledRank.md" in (tmp_path / alerts.PROMETHEUS_RULES).read_text()
-    # python -m gfservice.observability.alerts is the same command.
-    assert alerts.main(["render", "--check", "--runbook-base", "https://runbooks.example/"]) == 0
-    assert alerts.main(["render", "--check"]) == 1
+    # python -m gfservice is the same command.
+    assert gfservice_main(["alerts", "render", "--check", "--runbook-base", "https://runbooks.example/"]) == 0
+    assert gfservice_main(["alerts", "render", "--check"]) == 1
 
 
 def test_promtool_checks_the_rules():

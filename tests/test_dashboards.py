@@ -5,7 +5,7 @@ No Grafana server can be installed on these machines. The dashboards are checked
 their JSON and their panels, checking every query's metric names against the exporter's contract, parsing every
 query with the real ``promtool``, and evaluating the run-state expression with ``promtool test rules``. Running
 every panel's query against a live Prometheus during a training run is the end-to-end test's job
-(:func:`gfservice.observability.dashboards_check.panel_queries` lists the queries).
+(:func:`dashboards_check.panel_queries`, in this folder, lists the queries).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import yaml
 from gfservice.cli.main import main as gfservice_main
 from gfservice.observability import assets
 from gfservice.observability import dashboards as BUILD
-from gfservice.observability.dashboards_check import expected_empty, panel_queries, substitute
+from tests.dashboards_check import expected_empty, panel_queries, substitute
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"

@@ -33,8 +33,9 @@ from typing import Any
 import pytest
 import yaml
 
+from gfservice.cli.grafana import push_main
 from gfservice.observability import grafana
-from gfservice.observability.grafana import GrafanaAuthError, GrafanaRequestError, GrafanaUnreachable, push, push_main
+from gfservice.observability.grafana import GrafanaAuthError, GrafanaRequestError, GrafanaUnreachable, push
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"

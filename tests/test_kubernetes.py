@@ -26,6 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gfservice.cli import generated
 from gfservice.cli.main import main as gfservice_main
 from gfservice.config import load_settings
 from gfservice.observability import alerts, kubernetes
@@ -304,7 +305,7 @@ def _walk_routes(route: dict[str, Any]) -> list[dict[str, Any]]:
 
 # ---- generated files -----------------------------------------------------------------------------------------
 def test_generated_manifests_match_the_code():
-    stale = kubernetes.drifted(BUNDLE)
+    stale = generated.drifted(BUNDLE, kubernetes.rendered_files())
     assert not stale, (f"{', '.join(map(str, stale))} drifted from the code: run `gfservice kubernetes render` in "
                        "the repository root")
     assert gfservice_main(["alerts", "render", "--format", "prometheusrule", "--check",
@@ -558,7 +559,7 @@ def test_dockerfile_is_multi_stage_non_root_and_installs_what_setup_installs():
     assert build.index("torch==") < build.index('pip install ".[${EXTRAS}]"'), "torch first, then gfservice"
     assert "download.pytorch.org/whl/cpu" in build and "download.pytorch.org/whl/${TORCH_CUDA}" in build
     # The manifests' Ray is the image's, and their image tag is this version of gfservice.
-    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    from gfservice._version import __version__ as version  # the one place the version is written
     for where, spec in ray_cluster_specs():
         assert spec["rayVersion"] == args["RAY_VERSION"], where
     for where, c, _ in containers():

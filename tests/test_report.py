@@ -13,6 +13,7 @@ import torch
 
 import gfservice
 from gfservice.api import StepStats
+from gfservice.cli import report as report_command
 from gfservice.observability import history as hist
 from gfservice.observability import report
 
@@ -119,7 +120,7 @@ def test_command_line_from_a_history_file(trained, tmp_path, capsys):
     steps, findings = trained
     saved = hist.save(tmp_path / "run.npz", steps, findings)
     parser = argparse.ArgumentParser(prog="gfservice")
-    report.add_parser(parser.add_subparsers(dest="command"))
+    report_command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", "--history", str(saved), "--out", str(tmp_path / "r.png"),
                               "--steps", f"0,{NAN},59", "--dpi", "40"])
     assert args.func(args) == 0

@@ -75,7 +75,7 @@ def test_ray_run_pages_through_prometheus_and_every_panel_has_data(service: Clie
     real Ray Train run with a NaN injected into rank 1's batch: Alertmanager's webhook gets the page naming the
     run, layers and rank, then the resolution; afterwards every dashboard panel's query returns data."""
     from gfservice.observability import alerts
-    from gfservice.observability.dashboards_check import expected_empty, panel_queries
+    from tests.dashboards_check import expected_empty, panel_queries
     from tests.promtools import WebhookReceiver, http_get, query, start_alertmanager, start_prometheus, wait_until
 
     run, fault_step = "t-e2e", 25

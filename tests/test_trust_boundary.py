@@ -189,7 +189,7 @@ def test_stop_ray_leaves_a_ray_that_serve_did_not_start(ray_cluster, tmp_path, m
 
 
 def test_grafana_push_never_prints_credentials_and_warns_before_plain_http(capsys):
-    from gfservice.observability.grafana import push_main
+    from gfservice.cli.grafana import push_main
 
     secret, token = "pw-" + uuid.uuid4().hex, "glsa_" + uuid.uuid4().hex
     for host, warned in (("127.0.0.1", False), ("0.0.0.0", True)):  # nothing listens on port 1 of either

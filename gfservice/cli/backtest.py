@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gfservice.cli.tables import table
 from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE
 
 if TYPE_CHECKING:
@@ -153,14 +154,6 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
 def format_findings(findings: Sequence[Finding]) -> str:
     """One configuration's findings as a table: what fired, from which step to which, how often, where."""
     if not findings:
@@ -168,7 +161,7 @@ def format_findings(findings: Sequence[Finding]) -> str:
     header = ("detector", "severity", "key", "first", "last", "times", "layers/ranks", "message")
     rows = [(f.detector, f.severity.value, f.key or "-", str(f.since), str(f.last_step), str(f.occurrences),
              _cut(_where(f), WHERE_WIDTH), _cut(f.message, MESSAGE_WIDTH)) for f in findings]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def format_comparison(a: Sequence[Finding], b: Sequence[Finding], labels: Sequence[str] = ("A", "B")) -> str:
@@ -188,7 +181,7 @@ def format_comparison(a: Sequence[Finding], b: Sequence[Finding], labels: Sequen
     if not rows:
         return "nothing would have fired under either configuration"
     header = ("detector", "severity", "key", f"A {labels[0]}", f"B {labels[1]}", "B-A", "layers/ranks", "message")
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def _summary_line(tag: str, label: str, res: Backtest) -> str:
@@ -233,7 +226,7 @@ def parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     >>> parse_set(["exploding.z_threshold=8", "exploding.max_norm=none", "vanishing.enabled=false"])
     {'exploding': {'z_threshold': 8, 'max_norm': None}, 'vanishing': {'enabled': False}}
     """
-    from gfservice.registry import ConfigError
+    from gfservice.errors import ConfigError
 
     if sys.version_info >= (3, 11):
         import tomllib
@@ -260,7 +253,7 @@ def parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def _configure(args: argparse.Namespace) -> int:
-    from gfservice.registry import ConfigError
+    from gfservice.errors import ConfigError
 
     try:
         settings = _detector_settings(args.config) if args.config else {}

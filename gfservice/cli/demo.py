@@ -145,14 +145,9 @@ def _summary(findings) -> None:
     if not findings:
         print("no findings: the run looked healthy")
         return
-    rows = [("detector", "severity", "step", "layers", "ranks")]
-    for f in findings:
-        from gfservice.api import describe_layers
+    from gfservice.api import describe_layers
+    from gfservice.cli.tables import table
 
-        rows.append((f.detector, f.severity.value, str(f.first_step),
-                     describe_layers(f.layers) if f.layers else "-", ",".join(map(str, f.ranks)) or "-"))
-    widths = [min(60, max(len(r[i]) for r in rows)) for i in range(5)]
-    for i, r in enumerate(rows):
-        print("  ".join(c[:w].ljust(w) for c, w in zip(r, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    rows = [(f.detector, f.severity.value, str(f.first_step), describe_layers(f.layers) if f.layers else "-",
+             ",".join(map(str, f.ranks)) or "-") for f in findings]
+    print(table(("detector", "severity", "step", "layers", "ranks"), rows, max_width=60))

@@ -1,5 +1,6 @@
-"""The ``gfservice`` command line. Each subcommand lives in the module that does its job; this file only
-parses arguments and dispatches (heavy imports happen inside the subcommand).
+"""The ``gfservice`` command line. Each subcommand's arguments and output live in a module of ``gfservice.cli``
+that calls the library room doing the job; this file only assembles them and dispatches (heavy imports happen
+inside the subcommand).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from gfservice import __version__
+from gfservice._version import __version__
 
 
 def _detectors(args: argparse.Namespace) -> int:
@@ -43,16 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detectors", help="list installed detector plugins, their fields and defaults")
     p.set_defaults(func=_detectors)
 
-    from gfservice.cli import backtest, demo
-    from gfservice.observability import alerts, dashboards, grafana, kubernetes, report
+    from gfservice.cli import backtest, demo, grafana, render_commands, report
 
     demo.add_parser(sub)
     backtest.add_parsers(sub)  # gfservice backtest HISTORY.npz [--config A.toml] [--compare B.toml]; configure RUN
     report.add_parser(sub)  # gfservice report RUN --out report.png [--history FILE]
     grafana.add_parser(sub)  # gfservice grafana push --url URL --token TOKEN
-    alerts.add_parser(sub)  # gfservice alerts render [--out DIR] [--check]
-    dashboards.add_parser(sub)  # gfservice dashboards render [--out DIR] [--check]
-    kubernetes.add_parser(sub)  # gfservice kubernetes render [--out DIR] [--check]
+    render_commands.add_parsers(sub)  # gfservice {alerts,dashboards,kubernetes} render [--out DIR] [--check]
     try:
         from gfservice.cli import service_commands
     except ImportError:  # the Ray extra is not installed
@@ -77,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
     except Exception as exc:  # a clear message, not a traceback, for expected failures
-        from gfservice.registry import ConfigError
+        from gfservice.errors import ConfigError
 
         if isinstance(exc, ConfigError | FileNotFoundError | ConnectionError):
             print(f"gfservice: error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from gfservice.cli.tables import table
 from gfservice.hosting import actor as svc
 from gfservice.service import auth
 from gfservice.service.ray_cluster import RayAuthError, attach_ray
@@ -124,18 +125,14 @@ def format_status(status: dict) -> str:
         "",
     ]
     header = ("run", "world", "last step", "age", "findings", "dropped", "state")
-    rows = [header]
+    rows = []
     now = time.time()
     for r in status["runs"]:
         age = f"{now - r['last_time']:.0f}s" if r["last_time"] else "-"
         state = "finished" if r["finished"] else ("STOP" if r["stop_reason"] else "live")
         rows.append((r["run"], str(r["world_size"]), str(r["last_step"]), age, str(r["active_findings"]),
                      str(r["sender_dropped"]), state))
-    if len(rows) == 1:
-        lines.append("no runs yet")
-    else:
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    lines += table(header, rows, rule=False).splitlines() if rows else ["no runs yet"]
     for r in status["runs"]:
         for f in r["active"]:
             lines.append(f"  {r['run']}: [{f['severity']}] {f['detector']} since step {f['first_step']}: "

@@ -24,7 +24,7 @@ module built when it was released; :mod:`gfservice.observability.assets` reads i
 Every query uses only the metric names of the exporter's contract (prefix ``gradflow_``, label ``run``) plus
 Prometheus' own ``ALERTS``, ``up`` and ``scrape_*`` series. A panel whose query may rightly return nothing
 (no alert firing, no GradScaler) says so in its ``noValue`` text; its checker
-(:mod:`gfservice.observability.dashboards_check`) reads it.
+(``tests/dashboards_check.py``) reads it.
 
 >>> state_expr('run="a"')[:45]
 'max by (run) (gradflow_run_finished{run="a"})'
@@ -32,14 +32,13 @@ Prometheus' own ``ALERTS``, ``up`` and ``scrape_*`` series. A panel whose query 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gfservice.observability import assets
+from gfservice.observability.conventions import DATASOURCE_UID, STALL_AFTER_S
 
 if TYPE_CHECKING:  # imported for real by _load_sdk(), on first build: the command line starts without it
     from grafana_foundation_sdk.builders import common as cb
@@ -51,11 +50,9 @@ if TYPE_CHECKING:  # imported for real by _load_sdk(), on first build: the comma
     from grafana_foundation_sdk.models import heatmap as hm
     from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-#: uid of the Prometheus data source that deploy/grafana/provisioning/datasources/gfservice.yml provisions.
-DATASOURCE_UID = "gfservice-prometheus"
-#: A run that has not finished and has merged no step for this long counts as stale (the TrainingStalled alert
-#: of deploy/prometheus/rules uses the same 600 s).
-STALE_AFTER_S = 600
+#: A run that has not finished and has merged no step for this long counts as stale (the TrainingStalled alert's
+#: limit: both read :data:`gfservice.observability.conventions.STALL_AFTER_S`).
+STALE_AFTER_S = STALL_AFTER_S
 #: Dashboard uids (stable: links, provisioning and ``gfservice grafana push`` rely on them).
 UIDS = {"run-health": "gfservice-run-health", "fleet": "gfservice-fleet", "service": "gfservice-service"}
 TAGS = ["gfservice", "gradients"]
@@ -561,61 +558,3 @@ def rendered_files(*, packaged: bool | None = None) -> dict[str, str]:
         shipped = assets.dashboards()
         return {f"{key}.json": shipped[key].read_text(encoding="utf-8") for key in DASHBOARDS}
     return {f"{key}.json": render(key) for key in DASHBOARDS}
-
-
-def write(directory: str | Path = DEFAULT_OUT, *, packaged: bool | None = None) -> list[Path]:
-    """Write every dashboard as ``<key>.json`` into ``directory``; returns the paths written."""
-    out = []
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    for name, text in rendered_files(packaged=packaged).items():
-        path = Path(directory) / name
-        path.write_text(text, encoding="utf-8")
-        out.append(path)
-    return out
-
-
-def drifted(directory: str | Path = DEFAULT_OUT, *, packaged: bool | None = None) -> list[Path]:
-    """The dashboard files in ``directory`` that are missing or differ from what :func:`write` would write."""
-    stale = []
-    for name, text in rendered_files(packaged=packaged).items():
-        path = Path(directory) / name
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            stale.append(path)
-    return stale
-
-
-# ---- command line --------------------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``gfservice dashboards render`` on an argparse ``subparsers`` object; :func:`run` executes it."""
-    p = subparsers.add_parser("dashboards", help="gfservice's Grafana dashboards",
-                              description="gfservice's Grafana dashboards (Run health, Fleet, Service).")
-    sub = p.add_subparsers(dest="dashboards_command", required=True, metavar="COMMAND")
-    render_p = sub.add_parser(
-        "render", help="write the dashboard JSON files",
-        description="Write gfservice's dashboards as Grafana JSON (run-health.json, fleet.json, service.json), "
-                    "built from gfservice/observability/dashboards.py when grafana-foundation-sdk is installed, "
-                    "else the JSON this gfservice ships.",
-    )
-    render_p.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR",
-                          help=f"directory to write into (default ./{DEFAULT_OUT})")
-    render_p.add_argument("--check", action="store_true",
-                          help="write nothing; name the files in DIR that differ and exit 1 if any")
-    render_p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``gfservice dashboards render``; returns the exit status."""
-    if not sdk_available():
-        print("gfservice dashboards render: grafana-foundation-sdk is not installed (pip install "
-              "'gfservice[grafana]' to build from the code): using the dashboards this gfservice ships",
-              file=sys.stderr)
-    if args.check:
-        stale = drifted(args.out)
-        for path in stale:
-            print(f"{path} is out of date or missing: run gfservice dashboards render --out {args.out}",
-                  file=sys.stderr)
-        return 1 if stale else 0
-    for path in write(args.out):
-        print(path)
-    return 0

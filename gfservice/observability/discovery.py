@@ -16,14 +16,13 @@ PosixPath('...prometheus-sd.json')
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from gfservice.config import SD_NAME, default_state_dir
+from gfservice.files import atomic_write
 
 __all__ = ["DEFAULT_SD_FILE", "remove_sd_file", "sd_entries", "write_sd_file"]
 
@@ -58,22 +57,8 @@ def write_sd_file(path: str | os.PathLike, address: str, labels: Mapping[str, st
                   scheme: str = "http") -> Path:
     """Write (atomically replace) the discovery file at ``path`` for the target ``address`` ("host:port"),
     scraped over ``scheme`` (``"https"`` when the exporter serves TLS)."""
-    path = Path(path)
     text = json.dumps(sd_entries(address, labels, scheme), indent=2) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)  # owner-only, like every file the service writes (SECURITY.md)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, text)  # owner-only, like every file the service writes (SECURITY.md)
 
 
 def remove_sd_file(path: str | os.PathLike) -> bool:

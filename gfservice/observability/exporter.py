@@ -35,14 +35,15 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
+from gfservice._version import __version__
 from gfservice.api import describe_layers
 from gfservice.config import ExporterConfig
 from gfservice.observability.metrics_server import MetricsServer, tls_context
 from gfservice.service.view import AggregatorView, RunView, ViewSource
-from gfservice.stats import noise_scale
+from gfservice.stats import depth_buckets, noise_scale
 from gfservice.wire import RejectReason
 
-__all__ = ["ExporterConfig", "GradflowCollector", "depth_buckets", "format_ranks", "layer_selection", "serve_metrics"]
+__all__ = ["ExporterConfig", "GradflowCollector", "format_ranks", "layer_selection", "serve_metrics"]
 
 #: Rejection reasons the aggregator knows; exported at 0 from the start so that ``increase()`` sees the first one.
 KNOWN_REJECTIONS = tuple(r.value for r in RejectReason)
@@ -50,37 +51,6 @@ KNOWN_REJECTIONS = tuple(r.value for r in RejectReason)
 LABEL_LIMIT = 200
 
 log = logging.getLogger(__name__)
-
-
-def depth_buckets(sum_sq: np.ndarray, count: np.ndarray, buckets: int) -> list[float | None]:
-    """RMS gradient of ``buckets`` contiguous depth buckets: ``sqrt(sum sum_sq / sum count)`` per bucket.
-
-    Bucket ``b`` covers layers ``[b*n//B, (b+1)*n//B)``; with fewer layers than buckets each bucket holds
-    the one layer at its depth, so the picture keeps its shape. A bucket holding NaN/Inf gradients is NaN or
-    Inf; one without elements (no gradients at all) is ``None``.
-
-    >>> depth_buckets(np.array([4.0, 0.0, 9.0, 16.0]), np.array([1, 1, 1, 1]), 2)
-    [1.4142135623730951, 3.5355339059327378]
-    >>> depth_buckets(np.array([4.0, 9.0]), np.array([1, 1]), 4)
-    [2.0, 2.0, 3.0, 3.0]
-    >>> depth_buckets(np.array([np.nan, 1.0, 0.0]), np.array([1, 1, 0]), 3)
-    [nan, 1.0, None]
-    """
-    n = len(sum_sq)
-    if n == 0:
-        return [None] * buckets
-    lo = np.arange(buckets) * n // buckets
-    hi = np.maximum((np.arange(buckets) + 1) * n // buckets, lo + 1)
-    csq = np.concatenate([[0.0], np.cumsum(sum_sq, dtype=np.float64)])
-    ccount = np.concatenate([[0], np.cumsum(count, dtype=np.int64)])
-    sq = csq[hi] - csq[lo]
-    cnt = ccount[hi] - ccount[lo]
-    # Non-finite sums poison the cumulative sums past them: recompute those buckets directly.
-    if not np.all(np.isfinite(sum_sq)):
-        sq = np.array([np.sum(sum_sq[a:b]) for a, b in zip(lo, hi, strict=True)])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rms = np.sqrt(sq / np.maximum(cnt, 1))
-    return [float(v) if c > 0 else None for v, c in zip(rms, cnt, strict=True)]
 
 
 def layer_selection(n_layers: int, cap: int, wanted: Sequence[int] = ()) -> list[int]:
@@ -168,8 +138,6 @@ class GradflowCollector:
         self.service_health = service_health
         self.config = config or ExporterConfig()
         self.clock = clock
-        from gfservice import __version__
-
         self.version: str = version or __version__
         self._errors = dict.fromkeys(EXPORT_ERRORS, 0)
         self._errors_lock = threading.Lock()

@@ -1,8 +1,9 @@
-"""``gfservice grafana push``: put gfservice's folder, dashboards and alert rules into a running Grafana.
+"""Put gfservice's folder, dashboards and alert rules into a running Grafana.
 
 Idempotent: the folder is looked up (by uid, then by title) before it is created, dashboards are saved with
 ``overwrite``, and each alert rule is updated (``PUT``) when its uid exists and created (``POST``) otherwise,
-so a second push changes nothing but versions. Uses grafana-client (``pip install 'gfservice[grafana]'``) and
+so a second push changes nothing but versions. The command is ``gfservice grafana push``
+(:mod:`gfservice.cli.grafana`). Uses grafana-client (``pip install 'gfservice[grafana]'``) and
 Grafana's documented HTTP API: ``/api/folders``, ``/api/dashboards/db``, ``/api/datasources/uid/:uid`` and the
 alerting provisioning API ``/api/v1/provisioning/alert-rules`` and ``.../folder/:uid/rule-groups/:group``.
 
@@ -23,7 +24,6 @@ turns its groups into the API's rule objects:
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -399,52 +399,3 @@ def push(
         return summary
     finally:
         g.close()
-
-
-# ---- command line --------------------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``gfservice grafana push`` on an argparse ``subparsers`` object; :func:`run` executes it."""
-    p = subparsers.add_parser("grafana", help="work with a Grafana server",
-                              description="Work with a Grafana server.")
-    sub = p.add_subparsers(dest="grafana_command", required=True, metavar="COMMAND")
-    push_p = sub.add_parser(
-        "push", help="create or update the gfservice folder, dashboards and alert rules in a Grafana",
-        description="Create or update the gfservice folder, dashboards and Grafana-managed alert rules in a "
-                    "Grafana, idempotently. Needs a service account token with the Editor role.",
-    )
-    push_p.add_argument("--url", default=os.environ.get("GRAFANA_URL", DEFAULT_URL),
-                        help=f"Grafana's URL (default $GRAFANA_URL or {DEFAULT_URL}); a user:password@ in it is "
-                             "basic auth when there is no token, and is never printed")
-    push_p.add_argument("--token", default=os.environ.get("GRAFANA_TOKEN", ""),
-                        help="service account token (default $GRAFANA_TOKEN; prefer the variable: a flag shows in ps)")
-    push_p.add_argument("--dashboards", metavar="DIR",
-                        help="directory of dashboard JSON files (default: the dashboards gfservice ships)")
-    push_p.add_argument("--alerts", metavar="FILE",
-                        help="Grafana alert rule provisioning YAML (default: the rules gfservice ships, as written "
-                             "by gfservice alerts render)")
-    push_p.add_argument("--no-alerts", action="store_true", help="push the folder and dashboards only")
-    push_p.add_argument("--folder", default="gfservice", help="folder title (default gfservice)")
-    push_p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
-    push_p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``gfservice grafana push``; prints what changed, or the error; returns the exit status."""
-    try:
-        summary = push(args.url, args.token, args.dashboards, args.alerts, args.folder, alerts=not args.no_alerts,
-                       timeout=args.timeout)
-    except GrafanaError as exc:
-        print(f"gfservice grafana push: {redact(str(exc), (args.token, urlsplit(args.url).password))}",
-              file=sys.stderr)
-        return 1
-    print(redact(str(summary), (args.token,)))
-    return 0
-
-
-def push_main(argv: list[str] | None = None) -> int:
-    """``gfservice grafana push`` as a stand-alone entry point: ``push_main(["push", "--url", ...])``."""
-    parser = argparse.ArgumentParser(prog="gfservice")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["grafana", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)

@@ -23,8 +23,6 @@ The repository commits them and ``tests/test_kubernetes.py`` fails when they dri
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import yaml
 
 from gfservice.observability import alerts, dashboards
 
-__all__ = ["dashboard_configmaps", "drifted", "rendered_files", "rules_configmap", "write"]
+__all__ = ["dashboard_configmaps", "rendered_files", "rules_configmap"]
 
 #: ``render``'s default directory: the bundle in a checkout.
 DEFAULT_OUT = Path("deploy/kubernetes")
@@ -100,53 +98,3 @@ def rendered_files(runbook_base: str = alerts.RUNBOOK_BASE) -> dict[Path, str]:
         PROMETHEUS_RULE_FILE: alerts.render_prometheus_rule(runbook_base),
         RULES_CONFIGMAP_FILE: HEADER.format("alerts.py") + _dump(rules_configmap(runbook_base)),
     }
-
-
-def write(out: str | Path = DEFAULT_OUT, runbook_base: str = alerts.RUNBOOK_BASE) -> list[Path]:
-    """Write every generated file under ``out``; returns the paths."""
-    written = []
-    for rel, text in rendered_files(runbook_base).items():
-        path = Path(out) / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written
-
-
-def drifted(out: str | Path = DEFAULT_OUT, runbook_base: str = alerts.RUNBOOK_BASE) -> list[Path]:
-    """The generated files under ``out`` that are missing or differ from what :func:`write` would write."""
-    return [Path(out) / rel for rel, text in rendered_files(runbook_base).items()
-            if not (Path(out) / rel).is_file() or (Path(out) / rel).read_text(encoding="utf-8") != text]
-
-
-# ---- command line --------------------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``gfservice kubernetes render`` on an argparse ``subparsers`` object; :func:`run` executes it."""
-    p = subparsers.add_parser("kubernetes", help="the generated files of the Kubernetes bundle",
-                              description="The generated files of deploy/kubernetes/: dashboard ConfigMaps, the "
-                                          "PrometheusRule and the rule-file ConfigMap.")
-    sub = p.add_subparsers(dest="kubernetes_command", required=True, metavar="COMMAND")
-    render = sub.add_parser("render", help="write the generated manifests",
-                            description="Write the dashboard ConfigMaps, the PrometheusRule and the rule-file "
-                                        "ConfigMap under DIR, laid out like the repository's deploy/kubernetes/.")
-    render.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR",
-                        help=f"the bundle's directory (default ./{DEFAULT_OUT})")
-    render.add_argument("--check", action="store_true",
-                        help="write nothing; name the files under DIR that differ and exit 1 if any")
-    render.add_argument("--runbook-base", default=alerts.RUNBOOK_BASE, metavar="URL",
-                        help=f"URL prefix of the runbooks (default {alerts.RUNBOOK_BASE})")
-    render.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``gfservice kubernetes render``; returns the exit status."""
-    if args.check:
-        stale = drifted(args.out, args.runbook_base)
-        for path in stale:
-            print(f"{path} is out of date or missing: run gfservice kubernetes render --out {args.out}",
-                  file=sys.stderr)
-        return 1 if stale else 0
-    for path in write(args.out, args.runbook_base):
-        print(path)
-    return 0

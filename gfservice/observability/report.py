@@ -11,8 +11,9 @@
 The HTML page embeds the PNG (base64) and lists the findings in a table. matplotlib is an optional extra
 (``pip install 'gfservice[report]'``), imported only when a picture is drawn.
 
-Command line: ``gfservice report RUN --out report.png`` (the service's history of RUN) or
-``gfservice report --history run.npz --out report.html`` (a file :mod:`gfservice.observability.history` wrote).
+Command line (:mod:`gfservice.cli.report`): ``gfservice report RUN --out report.png`` (the service's history of
+RUN) or ``gfservice report --history run.npz --out report.html`` (a file :mod:`gfservice.observability.history`
+wrote). This module only draws: it reads no service.
 
 >>> from gfservice.testing import make_step
 >>> steps = [make_step(step=i, sum_sq=[1.0, 0.5 * 0.9**i]) for i in range(5)]
@@ -24,13 +25,11 @@ Command line: ``gfservice report RUN --out report.png`` (the service's history o
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import math
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,9 @@ import numpy as np
 
 from gfservice.api import Finding, Severity, StepStats, describe_layers
 
-SEVERITY_COLORS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
+SEVERITY_COLORS: dict[Severity, str] = {Severity.critical: "#d62728", Severity.warning: "#ff7f0e",
+                                        Severity.info: "#1f77b4"}
+_CRITICAL, _WARNING, _INFO = (SEVERITY_COLORS[s] for s in (Severity.critical, Severity.warning, Severity.info))
 INSTALL_HINT = "pip install 'gfservice[report]'"
 
 
@@ -88,7 +89,7 @@ def profile_steps(history: Sequence[StepStats], findings: Sequence[Finding], cou
     steps = [s.step for s in _aligned(history)]
     picks = [steps[round(i * (len(steps) - 1) / max(count - 1, 1))] for i in range(count)] if count > 1 else steps[-1:]
     if findings:
-        worst = max(findings, key=lambda f: (Severity(f.severity).rank, -(f.first_step or f.step)))
+        worst = max(findings, key=lambda f: (f.severity.rank, -(f.first_step or f.step)))
         start = worst.first_step if worst.first_step is not None else worst.step
         if start in steps:
             picks.append(start)
@@ -143,7 +144,7 @@ def _draw_heatmap(fig: Any, ax: Any, colors: Any, history: Sequence[StepStats], 
         start = _finding_start(f)
         if steps[0] <= start <= steps[-1]:
             ax.plot([start], [len(layers) - 0.5], marker="v", markersize=9, clip_on=False,
-                    color=SEVERITY_COLORS[Severity(f.severity).value], markeredgecolor="black", zorder=5)
+                    color=SEVERITY_COLORS[f.severity], markeredgecolor="black", zorder=5)
 
 
 def _draw_profile(ax: Any, history: Sequence[StepStats], chosen: Sequence[int]) -> None:
@@ -211,8 +212,8 @@ def _draw_norm(ax: Any, history: Sequence[StepStats], findings: Sequence[Finding
     ax.set_ylabel("global L2 norm")
     seen: set[tuple[str, str]] = set()
     for f in sorted(findings, key=_finding_start):
-        sev = Severity(f.severity).value
-        color = SEVERITY_COLORS[sev]
+        sev = f.severity.value
+        color = SEVERITY_COLORS[f.severity]
         start = _finding_start(f)
         label = f"{f.detector} ({sev})"
         ax.axvline(start, color=color, linestyle=":", linewidth=1.4,
@@ -280,8 +281,8 @@ def html_page(history: Sequence[StepStats], findings: Sequence[Finding] = (), st
     run = html.escape(aligned[-1].run)
     last = aligned[-1]
     rows = []
-    for f in sorted(findings, key=lambda f: (-Severity(f.severity).rank, _finding_start(f))):
-        sev = Severity(f.severity).value
+    for f in sorted(findings, key=lambda f: (-f.severity.rank, _finding_start(f))):
+        sev = f.severity.value
         rows.append(
             "<tr>"
             f'<td><span class="sev {sev}">{sev}</span></td><td>{html.escape(f.detector)}</td>'
@@ -309,8 +310,8 @@ table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }}
 th {{ background: #f4f4f4; }}
 .sev {{ font-weight: bold; padding: 0.1em 0.4em; border-radius: 3px; color: white; }}
-.critical {{ background: {SEVERITY_COLORS["critical"]}; }} .warning {{ background: {SEVERITY_COLORS["warning"]}; }}
-.info {{ background: {SEVERITY_COLORS["info"]}; }}
+.critical {{ background: {_CRITICAL}; }} .warning {{ background: {_WARNING}; }}
+.info {{ background: {_INFO}; }}
 </style>
 </head>
 <body>
@@ -349,59 +350,3 @@ def render(
     else:
         out.write_text(html_page(history, findings, steps, dpi), encoding="utf-8")
     return out
-
-
-# ---- command line --------------------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``gfservice report`` on an argparse ``subparsers`` object; :func:`run` executes it."""
-    p = subparsers.add_parser(
-        "report", help="draw a run's gradient flow to a PNG or HTML page",
-        description="Draw a run's gradient flow (layers by step), per-layer profiles and global norm with "
-                    "findings, from the running service's history of RUN or from a saved history file.",
-    )
-    p.add_argument("run", nargs="?", help="the run (omit with --history to take the file's run)")
-    p.add_argument("--out", required=True, help="output file: .png or .html")
-    p.add_argument("--history", metavar="FILE", help="read a history file (see --save-history) instead of the service")
-    p.add_argument("--save-history", metavar="FILE", help="also save the history fetched from the service to FILE")
-    p.add_argument("--address", default=None, help="Ray address of the service's cluster (default: the local one)")
-    p.add_argument("--steps", help="comma-separated steps for the per-layer profile, e.g. 0,500,1000")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of the picture (default 100)")
-    p.set_defaults(func=run)
-    return p
-
-
-def _from_service(run_name: str, address: str | None) -> tuple[list[StepStats], list[Finding]]:
-    from gfservice.service.client import connect
-
-    client = connect(address)  # ConnectionError, with a message, when no service runs
-    return list(client.history(run_name)), list(client.findings(run_name))
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``gfservice report``; prints what it wrote, or the error; returns the exit status."""
-    try:
-        return _run(args)
-    except (ReportError, ValueError) as exc:
-        print(f"gfservice report: {exc}", file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
-    from gfservice.observability import history as hist
-
-    if args.history:
-        steps, findings = hist.load(args.history)
-        if args.run and steps and steps[0].run != args.run:
-            raise ReportError(f"{args.history} holds run {steps[0].run!r}, not {args.run!r}")
-    elif args.run:
-        steps, findings = _from_service(args.run, args.address)
-        if not steps:
-            raise ReportError(f"the service has no merged steps of run {args.run!r}")
-        if args.save_history:
-            print(f"saved history to {hist.save(args.save_history, steps, findings)}")
-    else:
-        raise ReportError("name a RUN (from the service) or give --history FILE")
-    chosen = [int(s) for s in args.steps.split(",") if s.strip()] if args.steps else None
-    out = render(steps, findings, args.out, chosen, dpi=args.dpi)
-    print(f"wrote {out}")
-    return 0

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from gfservice.api import Finding, StepStats
-from gfservice.observability.exporter import depth_buckets
+from gfservice.stats import depth_buckets
 
 log = logging.getLogger("gfservice.findings")
 

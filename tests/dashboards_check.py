@@ -1,4 +1,4 @@
-"""Read the queries out of a Grafana dashboard, with its template variables filled in, to run them elsewhere.
+"""Test support: the queries of a Grafana dashboard, its template variables filled in, to run them elsewhere.
 
 No Grafana server runs in these tests, so the dashboards are checked by running every panel's PromQL against a
 real Prometheus. :func:`panel_queries` gives those queries; :func:`expected_empty` says which panels may rightly
@@ -28,6 +28,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from gfservice.observability.conventions import DATASOURCE_UID
+
 #: Values of Grafana's global variables used when the caller does not give one.
 BUILTINS: dict[str, str] = {
     "__rate_interval": "1m",
@@ -36,7 +38,7 @@ BUILTINS: dict[str, str] = {
     "__range": "1h",
     "__range_s": "3600",
     "__range_ms": "3600000",
-    "datasource": "gfservice-prometheus",
+    "datasource": DATASOURCE_UID,
 }
 
 # ${name}, ${name:format}, [[name]], [[name:format]], $name (longest alternatives first).
