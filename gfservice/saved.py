@@ -15,8 +15,8 @@ from pydantic_core import PydanticCustomError
 from gfservice.api import Finding
 from gfservice.wire import MAX_STEP, MAX_WORLD_SIZE, AttemptId
 
-__all__ = ["SNAPSHOT_MAX_DEPTH", "SNAPSHOT_MAX_ITEMS", "DisableReason", "EvictionReason", "RunState",
-           "SnapshotState", "check_nesting"]
+__all__ = ["DETECTOR_STATE_MAX_DEPTH", "SNAPSHOT_MAX_DEPTH", "SNAPSHOT_MAX_ITEMS", "DisableReason", "EvictionReason",
+           "RunState", "SnapshotState", "check_nesting"]
 
 
 
@@ -37,6 +37,8 @@ class DisableReason(str, Enum):
 
 #: Nesting a saved state may have (a detector's state included): far below what recursion allows.
 SNAPSHOT_MAX_DEPTH = 100
+#: Nesting a detector's saved state may use: the snapshot's depth less the levels around it (run, detectors...).
+DETECTOR_STATE_MAX_DEPTH = SNAPSHOT_MAX_DEPTH - 8
 #: Items (container entries) a saved state may hold in all; numpy arrays count as one.
 SNAPSHOT_MAX_ITEMS = 100_000_000
 

@@ -17,13 +17,11 @@ from typing import Any
 import numpy as np
 
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats
-from gfservice.service.state import decode, encode
+from gfservice.service.state import decode, encode_detector_state
 from gfservice.stats import STATISTICS, GradStats
-from gfservice.wire import SNAPSHOT_MAX_DEPTH, check_nesting
 
 #: How deep a detector's encoded state may nest: gfservice.service.snapshot.detector_state leaves this much of
 #: SNAPSHOT_MAX_DEPTH for its place in the snapshot, and does not save a deeper one.
-DETECTOR_STATE_MAX_DEPTH = SNAPSHOT_MAX_DEPTH - 8
 
 __all__ = ["check_detector", "make_step", "replay", "restored_state"]
 
@@ -124,9 +122,8 @@ def restored_state(state: Mapping[str, Any], where: str = "state") -> Any:
     ...
     TypeError: detector x.model: a object cannot be saved in a snapshot (plain data and numpy only)
     """
-    encoded = encode(state, where)
     try:
-        check_nesting(encoded, DETECTOR_STATE_MAX_DEPTH)
+        encoded = encode_detector_state(state, where)
     except ValueError as exc:
         raise TypeError(f"{where}: {exc}") from None
     return decode(json.loads(json.dumps(encoded)))

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gfservice.registry import ConfigError
+from gfservice.errors import ConfigError
 
 __all__ = ["HOW_TO_PASS", "TOKEN_ENV", "TOKEN_FILE_ENV", "Guard", "TokenFileError", "Unauthorized", "digest",
            "load_token", "read_token_file"]

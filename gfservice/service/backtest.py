@@ -24,7 +24,7 @@ from typing import Any
 from gfservice import registry
 from gfservice.api import Finding, Severity, StepStats
 from gfservice.config import AggregatorConfig
-from gfservice.registry import ConfigError
+from gfservice.errors import ConfigError
 from gfservice.service.aggregator import Aggregator
 
 __all__ = ["Backtest", "backtest", "pair", "severity_counts"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from gfservice.api import Finding, StepStats
 from gfservice.config import DEFAULT_NAME, DEFAULT_NAMESPACE
-from gfservice.registry import ConfigError
+from gfservice.errors import ConfigError
 from gfservice.service import auth
 from gfservice.service.ray_cluster import attach_ray
 

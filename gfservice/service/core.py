@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gfservice import __version__
+from gfservice._version import __version__
 from gfservice.api import Finding, StepStats
 from gfservice.config import Settings
 from gfservice.envelopes import BatchAnswer, ServiceStatus, SnapshotHealth

@@ -11,7 +11,7 @@ anything changes, each change recorded (the run's configuration version) and sav
 >>> agg.configure("r", {"exploding": {"factor": "big"}})
 Traceback (most recent call last):
 ...
-gfservice.registry.ConfigError: detector 'exploding': ...
+gfservice.errors.ConfigError: detector 'exploding': ...
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from gfservice import registry
 from gfservice.api import Detector
-from gfservice.registry import ConfigError
+from gfservice.errors import ConfigError
 from gfservice.service.findings import DETECTOR_DISABLED, clear
 from gfservice.service.runs import Run, Table, log
 from gfservice.service.view import publish

@@ -26,13 +26,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gfservice.api import Detector
-from gfservice.registry import ConfigError
-from gfservice.saved import SNAPSHOT_MAX_DEPTH, SnapshotState, check_nesting
+from gfservice.errors import ConfigError
+from gfservice.saved import SnapshotState
 from gfservice.service.admission import new_run, register
 from gfservice.service.findings import DETECTOR_DISABLED, Record, clear
 from gfservice.service.reconfigure import apply, plan
 from gfservice.service.runs import Run, Table, log
-from gfservice.service.state import encode
+from gfservice.service.state import encode_detector_state
 from gfservice.service.view import publish
 from gfservice.wire import Layout, Rejected, parse
 
@@ -77,8 +77,8 @@ def detector_state(r: Run, name: str, det: Detector) -> dict[str, Any] | None:
         state = copy.deepcopy(det.state_dict())  # copied now: the snapshot is written later, on another thread
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict returned {type(state).__name__}, not a mapping")
-        # as saved (encoded), with room for its place in the snapshot: a restore would refuse the whole snapshot
-        check_nesting(encode(state, f"detector {name} of run {r.name}"), SNAPSHOT_MAX_DEPTH - 8)
+        # as saved: a state a restore would refuse (it would refuse the whole snapshot) is not saved
+        encode_detector_state(state, f"detector {name} of run {r.name}")
         return dict(state)
     except Exception as exc:
         if name not in r.unsaveable:

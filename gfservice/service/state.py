@@ -29,13 +29,11 @@ the directory is fsynced. Reads open with ``O_NOFOLLOW`` and accept only a regul
 from __future__ import annotations
 
 import base64
-import contextlib
 import errno
 import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -44,8 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from gfservice.registry import ConfigError
-from gfservice.saved import check_nesting
+from gfservice.errors import ConfigError
+from gfservice.files import atomic_write
+from gfservice.saved import DETECTOR_STATE_MAX_DEPTH, check_nesting
 
 __all__ = ["FORMAT", "VERSION", "SnapshotError", "SnapshotTooNew", "StateDirError", "decode", "encode",
            "ensure_private_dir", "prev_path", "read_private_json", "read_snapshot", "set_aside",
@@ -129,6 +128,15 @@ def encode(obj: Any, where: str = "state") -> Any:
     raise TypeError(f"{where}: a {type(obj).__name__} cannot be saved in a snapshot (plain data and numpy only)")
 
 
+def encode_detector_state(state: Any, where: str = "state") -> Any:
+    """A detector's ``state_dict()`` as a snapshot holds it (:func:`encode`), with room for its place in the
+    snapshot: ``TypeError`` for what cannot be saved, ``ValueError`` for a state nested too deep to restore. The
+    service and the plugin kit (:func:`gfservice.testing.restored_state`) both save through this."""
+    encoded = encode(state, where)
+    check_nesting(encoded, DETECTOR_STATE_MAX_DEPTH)
+    return encoded
+
+
 def decode(obj: Any) -> Any:
     """The inverse of :func:`encode`; raises :class:`SnapshotError` on anything malformed."""
     if isinstance(obj, list):
@@ -169,36 +177,13 @@ def prev_path(path: str | os.PathLike[str]) -> Path:
     return p.with_name(f"{p.stem}.prev{p.suffix or '.json'}")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_snapshot(path: str | os.PathLike[str], state: Mapping[str, Any], now: float | None = None) -> Path:
     """Write ``state`` atomically to ``path``, keeping the one it replaces as :func:`prev_path`."""
     target = Path(path)
     directory = ensure_private_dir(target.parent)
     text = json.dumps({"format": FORMAT, "version": VERSION, "time": time.time() if now is None else now,
                        "state": encode(state)}, separators=(",", ":"))
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISREG(os.lstat(target).st_mode):
-                os.replace(target, prev_path(target))
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-    return target
+    return atomic_write(directory / target.name, text, previous=prev_path(target), sync_dir=True)
 
 
 def write_private_json(path: str | os.PathLike[str], obj: Any) -> Path:
@@ -211,18 +196,7 @@ def write_private_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """
     target = Path(path)
     directory = ensure_private_dir(target.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)  # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write(directory / target.name, json.dumps(obj))
 
 
 def _read_own_file(path: str | os.PathLike[str]) -> bytes:

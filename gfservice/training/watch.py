@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from gfservice.api import Finding, StepStats
+from gfservice.api import Finding, Severity, StepStats
 from gfservice.stats import depth_buckets
 
 log = logging.getLogger("gfservice.findings")
@@ -44,7 +44,7 @@ log = logging.getLogger("gfservice.findings")
 __all__ = ["MLflowSink", "Sink", "TensorBoardSink", "WandbSink", "Watch", "make_sinks", "scalars"]
 
 #: Log level of a finding as it opens, by severity.
-_LEVEL = {"critical": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
+_LEVEL = {Severity.critical: logging.ERROR, Severity.warning: logging.WARNING, Severity.info: logging.INFO}
 
 Source = Callable[[], tuple[Sequence[StepStats], Sequence[Finding]]]
 
@@ -86,11 +86,7 @@ def describe(f: Finding) -> str:
     """One line for a finding: ``critical nonfinite at step 40 [layers] (run r): message``."""
     where = f" [{', '.join(f.layers[:3])}{', ...' if len(f.layers) > 3 else ''}]" if f.layers else ""
     ranks = f" ranks {f.ranks}" if f.ranks else ""
-    return f"{_value(f.severity)} {f.detector} at step {f.since}{where}{ranks} (run {f.run}): {f.message}"
-
-
-def _value(severity: Any) -> str:
-    return str(getattr(severity, "value", severity))
+    return f"{f.severity.value} {f.detector} at step {f.since}{where}{ranks} (run {f.run}): {f.message}"
 
 
 class Watch:
@@ -139,12 +135,12 @@ class Watch:
                 if ident not in self._announced:
                     self._announced.add(ident)
                     self._open.add(ident)
-                    level = _LEVEL.get(_value(f.severity), logging.WARNING)
+                    level = _LEVEL[f.severity]
                     log.log(level, "gfservice finding opened: %s", describe(f))
                     self._each("opened", f)
                 if not f.active and ident in self._open:
                     self._open.discard(ident)
-                    log.info("gfservice finding cleared: %s %s (run %s) after step %s", _value(f.severity), f.detector,
+                    log.info("gfservice finding cleared: %s %s (run %s) after step %s", f.severity.value, f.detector,
                              f.run, f.last_step)
                     self._each("cleared", f)
 
@@ -185,7 +181,7 @@ class TensorBoardSink:
         self.writer.add_text("gradflow/findings", f"**opened** {describe(finding)}", finding.since or finding.step)
 
     def cleared(self, finding: Finding) -> None:
-        self.writer.add_text("gradflow/findings", f"cleared: {_value(finding.severity)} {finding.detector}",
+        self.writer.add_text("gradflow/findings", f"cleared: {finding.severity.value} {finding.detector}",
                              finding.last_step or finding.step)
 
     def close(self) -> None:
@@ -212,7 +208,7 @@ class WandbSink:
         self.run.log({"gradflow/step": stats.step, **scalars(stats)})
 
     def opened(self, finding: Finding) -> None:
-        if _value(finding.severity) == "critical":
+        if finding.severity is Severity.critical:
             self.run.alert(title=f"gfservice: {finding.detector} in {finding.run}", text=describe(finding),
                            level=self._wandb.AlertLevel.ERROR)  # type: ignore[attr-defined]
 
