@@ -11,7 +11,7 @@ Each run spawns ``world`` processes (``torch.multiprocessing``, one thread each)
 ReLU MLP on digits under ``DistributedDataParallel``, each rank on its own random batches. Every rank runs a real
 :class:`gfservice.training.monitoring.Monitor` set up as ``gfservice.monitor`` sets up DDP ranks (rank 0 reports
 the layers, every rank its pre-allreduce local norm and timings through a
-:class:`~gfservice.training.collect.LocalNormHook`); a small :class:`QueueTransport` puts their messages on one
+:class:`~gfservice.training.ddp_hook.LocalNormHook`); a small :class:`QueueTransport` puts their messages on one
 multiprocessing queue that feeds ONE :class:`~gfservice.service.aggregator.Aggregator` in this process, with every
 installed detector at its defaults (as ``gfservice.monitor(..., service=None)`` would run them). Faults, on one rank
 from step ``onset`` on:
@@ -137,7 +137,7 @@ def worker(rank: int, sc: RankScenario, seed: int, run: str, data: tuple[np.ndar
     """One DDP rank: train ``sc`` with a monitor whose messages go to ``q``."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gfservice.training.collect import LocalNormHook
+    from gfservice.training.ddp_hook import LocalNormHook
     from gfservice.training.monitoring import Monitor
 
     torch.set_num_threads(1)

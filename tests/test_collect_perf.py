@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 import gfservice
 from gfservice.service.aggregator import Aggregator
 from gfservice.stats import GradStats
-from gfservice.training.collect import _CHUNK, _SMALL, GradCollector
+from gfservice.training.collect import GradCollector
+from gfservice.training.kernels.cpu import CHUNK, SMALL
 from gfservice.training.monitoring import Monitor
 from gfservice.training.transport import InProcessTransport
 
 torch.set_num_threads(1)
 
-BIG = _SMALL + 17  # above the threshold: the dot + aminmax path
+BIG = SMALL + 17  # above the threshold: the dot + aminmax path
 
 
 def _params(grads: dict[str, torch.Tensor]) -> list[tuple[str, torch.nn.Parameter]]:
@@ -56,7 +57,7 @@ def test_large_tensors_match_the_float64_reference():
 
 
 @pytest.mark.parametrize("deep", [False, True], ids=["core", "deep"])
-@pytest.mark.parametrize("size", [BIG, 3 * _CHUNK + 5], ids=["one chunk", "chunks"])
+@pytest.mark.parametrize("size", [BIG, 3 * CHUNK + 5], ids=["one chunk", "chunks"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_values_in_a_large_tensor_are_counted(bad, size, deep):
     g = torch.ones(size)
@@ -70,8 +71,8 @@ def test_nonfinite_values_in_a_large_tensor_are_counted(bad, size, deep):
 
 def test_chunked_sums_and_maxima_match_the_float64_reference():
     gen = torch.Generator().manual_seed(3)
-    grads = {"w": torch.randn(2 * _CHUNK + 999, generator=gen) * 1e-4, "v": torch.randn(_CHUNK + 1, generator=gen)}
-    grads["w"][_CHUNK + 7] = -5.0  # the largest |g| sits in the second chunk
+    grads = {"w": torch.randn(2 * CHUNK + 999, generator=gen) * 1e-4, "v": torch.randn(CHUNK + 1, generator=gen)}
+    grads["w"][CHUNK + 7] = -5.0  # the largest |g| sits in the second chunk
     got = gfservice.grad_stats(_params(grads))
     ref = _reference(grads)
     np.testing.assert_allclose(got.sum_sq, ref.sum_sq, rtol=1e-5)  # float32 accumulation, as _foreach_norm

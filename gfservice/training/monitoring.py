@@ -30,7 +30,9 @@ import torch
 from gfservice.api import Finding, StepStats
 from gfservice.config import load_settings
 from gfservice.service.aggregator import Aggregator, AggregatorConfig
-from gfservice.training.collect import Collected, GradCollector, LocalNormHook, Pending, has_sharded_parameters, is_ddp
+from gfservice.training.collect import Collected, GradCollector, Pending
+from gfservice.training.ddp_hook import LocalNormHook, is_ddp
+from gfservice.training.parameters import has_sharded_parameters
 from gfservice.training.transport import InProcessTransport, Transport
 from gfservice.training.watch import Sink, Watch, make_sinks
 from gfservice.wire import Layout, RunEnd, StepReport
