@@ -57,6 +57,7 @@ else:  # run as a script: benchmarks/ is on sys.path
 from gfservice.api import Finding, StepStats
 from gfservice.service.aggregator import Aggregator
 from gfservice.stats import noise_scale
+from gfservice.training.transport import TransportBase
 from gfservice.wire import Layout, RunEnd, StepReport
 
 Fault = Literal["labels", "inputs", "sleep"]
@@ -109,7 +110,7 @@ SCENARIOS: list[RankScenario] = [
 BY_NAME = {sc.name: sc for sc in SCENARIOS}
 
 
-class QueueTransport:
+class QueueTransport(TransportBase):
     """A monitor's transport that puts every message on a multiprocessing queue read by one aggregator."""
 
     def __init__(self, q: Any) -> None:
@@ -138,7 +139,7 @@ def worker(rank: int, sc: RankScenario, seed: int, run: str, data: tuple[np.ndar
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from gfservice.training.ddp_hook import LocalNormHook
-    from gfservice.training.monitoring import Monitor
+    from gfservice.training.monitoring import Monitor, MonitorOptions
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=sc.world)
@@ -147,8 +148,8 @@ def worker(rank: int, sc: RankScenario, seed: int, run: str, data: tuple[np.ndar
     opt = torch.optim.SGD(model.parameters(), lr=sc.lr, momentum=0.9)
     batches = zoo.sample(torch.from_numpy(data[0]), torch.from_numpy(data[1]), sc.batch, seed * 1000 + rank)
     gen = torch.Generator().manual_seed(seed * 1000 + 500 + rank)
-    mon = Monitor(model, opt, QueueTransport(q), run, deep_every=deep_every, rank=rank, world_size=sc.world,
-                  reports_layers=rank == 0, local_norm_hook=LocalNormHook.install(model))
+    options = MonitorOptions(run=run, deep_every=deep_every, rank=rank, world_size=sc.world, reports_layers=rank == 0)
+    mon = Monitor(model, opt, QueueTransport(q), options, local_norm_hook=LocalNormHook.install(model))
     faulty = sc.fault is not None and rank == sc.fault_rank and sc.onset is not None
     for i in range(sc.steps):
         x, y = next(batches)

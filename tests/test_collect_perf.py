@@ -17,7 +17,7 @@ from gfservice.service.aggregator import Aggregator
 from gfservice.stats import GradStats
 from gfservice.training.collect import GradCollector
 from gfservice.training.kernels.cpu import CHUNK, SMALL
-from gfservice.training.monitoring import Monitor
+from gfservice.training.monitoring import Monitor, MonitorOptions
 from gfservice.training.transport import InProcessTransport
 
 torch.set_num_threads(1)
@@ -176,7 +176,7 @@ def test_detectors_run_off_the_training_thread_and_the_verdict_is_at_most_one_st
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     agg = _ThreadNotingAggregator(detector_settings={"nonfinite": {"stop_run": True}})
     transport = InProcessTransport(agg)
-    mon = Monitor(model, opt, transport, "bg", deep_every=0)
+    mon = Monitor(model, opt, transport, MonitorOptions(run="bg", deep_every=0))
     seen: dict[int, bool] = {}
     _train(mon, model, opt, steps=8, nan_at=4, check=lambda i: seen.__setitem__(i, mon.should_stop))
     assert not any(seen[i] for i in range(4))
@@ -207,7 +207,7 @@ def test_a_failing_aggregator_never_reaches_the_training_loop():
     transport = InProcessTransport(Broken())
     model = torch.nn.Linear(6, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    mon = Monitor(model, opt, transport, "broken", deep_every=0)
+    mon = Monitor(model, opt, transport, MonitorOptions(run="broken", deep_every=0))
     _train(mon, model, opt, steps=2)
     mon.close()
     assert transport.errors == 4 and mon.errors == 0  # layout, two steps, run end: each logged and counted

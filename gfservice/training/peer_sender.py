@@ -47,6 +47,7 @@ from gfservice.config import Settings
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.auth import load_token
 from gfservice.service.peer_server import FrameError, PeerHost, encode_frame, hello, read_frame
+from gfservice.training.transport import TransportBase
 from gfservice.wire import Layout, RejectReason, RunEnd, StepReport
 
 __all__ = ["PeerSender", "connect_peers", "peer_host"]
@@ -65,7 +66,7 @@ def _urgent(report: StepReport) -> bool:
     return report.local_nonfinite or (bad is not None and bool(bad.any()))
 
 
-class PeerSender:
+class PeerSender(TransportBase):
     """A :class:`~gfservice.training.transport.Transport` to rank 0's peer server at ``address()``.
 
     ``address`` is called on the sender thread until it returns ``host:port`` (``None``: not known yet; ``""``:

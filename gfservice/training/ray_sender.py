@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 from gfservice.api import Finding, StepStats
+from gfservice.training.transport import TransportBase
 from gfservice.wire import Layout, RejectReason, RunEnd, StepReport
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 _RESEND_LAYOUT = {RejectReason.unknown_run, RejectReason.unknown_rank}
 
 
-class RaySender:
+class RaySender(TransportBase):
     """A :class:`~gfservice.training.transport.Transport` to the service actor ``handle``."""
 
     def __init__(self, handle, run: str, queue_size: int = 256, max_in_flight: int = 1, batch_max: int = 32,
