@@ -16,6 +16,7 @@ import gfservice
 from gfservice.service.aggregator import Aggregator
 from gfservice.stats import GradStats
 from gfservice.training.collect import GradCollector
+from gfservice.training.ddp_hook import LocalNormHook
 from gfservice.training.kernels.cpu import CHUNK, SMALL
 from gfservice.training.monitoring import Monitor, MonitorOptions
 from gfservice.training.transport import InProcessTransport
@@ -313,3 +314,17 @@ def test_cpu_core_sums_match_the_float64_reference_in_any_mix(grads):
     finite = ref.nonfinite == 0
     np.testing.assert_allclose(got.sum_sq[finite], ref.sum_sq[finite], rtol=1e-5)
     assert got.nonfinite.tolist() == ref.nonfinite.tolist()
+
+
+def test_the_ddp_hook_passes_ddps_own_signature_check():
+    """``LocalNormHook.install`` registers a hook that DDP accepts (an annotation DDP does not know makes it
+    refuse the hook, and install would quietly give None: no rank would be named for a NaN)."""
+
+    class CheckingDDP:
+        def register_comm_hook(self, state, hook):
+            torch.nn.parallel.DistributedDataParallel._check_comm_hook(self, hook)  # type: ignore[arg-type]
+
+        def _log_and_throw(self, err_type, message):
+            raise err_type(message)
+
+    assert LocalNormHook.install(CheckingDDP()) is not None

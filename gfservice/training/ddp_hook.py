@@ -57,8 +57,11 @@ class LocalNormHook:
         return hook
 
 
-def _local_norm_then_allreduce(state: LocalNormHook, bucket: Any) -> Any:
-    """DDP comm hook: note the bucket's local squared norm, then DDP's default allreduce."""
+def _local_norm_then_allreduce(state: LocalNormHook, bucket):
+    """DDP comm hook: note the bucket's local squared norm, then DDP's default allreduce.
+
+    ``bucket`` and the result stay unannotated: ``register_comm_hook`` refuses any annotation but its own
+    classes, and ``LocalNormHook.install`` would then quietly install nothing."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     state.add(bucket.buffer())
