@@ -191,11 +191,11 @@ def kernel_alone(v: Variant, repeats: int) -> dict[str, Any]:
         floor = start.elapsed_time(end) / 1e3 / repeats
     else:
         floor = (time.perf_counter() - floor_t0) / repeats
-    from gfservice.training.collect import _triton_state
+    from gfservice.training.kernels.cuda import TRITON
 
     v.opt.zero_grad(set_to_none=True)
     return {"tensors": len(grads), "bytes": nbytes, "kernel_ms": sec * 1e3, "foreach_norm_ms": floor * 1e3,
-            "bytes_per_s": nbytes / sec, "triton": bool(_triton_state.get("kernel"))}
+            "bytes_per_s": nbytes / sec, "triton": TRITON.in_use}
 
 
 def main(argv: list[str] | None = None) -> int:

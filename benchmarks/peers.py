@@ -55,7 +55,8 @@ from torch import nn
 
 import gfservice
 from gfservice.api import Finding, StepStats
-from gfservice.training.monitoring import Monitor
+from gfservice.training.monitoring import Monitor, MonitorOptions
+from gfservice.training.transport import TransportBase
 from gfservice.wire import Layout, RunEnd, StepReport
 
 #: The peers that look at the gradients every step, as gf core does: the bar of "below every peer".
@@ -63,7 +64,7 @@ PEERS = ("item loop", "lightning", "wandb/1", "tb/1")
 HOOKED = ("wandb/1", "wandb/100")  # their work runs inside backward: call time = step - baseline step
 
 
-class EnqueueTransport:
+class EnqueueTransport(TransportBase):
     """A transport that only queues the messages: what a monitor with a service attached leaves on the
     training thread (the service's sender ships them from its own thread)."""
 
@@ -195,7 +196,7 @@ def make_tools(wl: Workload, names: list[str], deep_every: int, tmp: str, wandb_
                 mon.step(loss=loss)
             close = mon.close
         elif name == "gf enqueue":
-            mon = Monitor(model, opt, EnqueueTransport(), "peers-enqueue", deep_every=0)
+            mon = Monitor(model, opt, EnqueueTransport(), MonitorOptions(run="peers-enqueue", deep_every=0))
 
             def call(loss, i, mon=mon):
                 mon.step(loss=loss)

@@ -35,7 +35,7 @@ from peers import EnqueueTransport
 from transport import rank_messages
 
 import gfservice
-from gfservice.training.monitoring import Monitor
+from gfservice.training.monitoring import Monitor, MonitorOptions
 
 
 def many_tensors(n_tensors: int, calls: int, rounds: int) -> list[str]:
@@ -44,7 +44,7 @@ def many_tensors(n_tensors: int, calls: int, rounds: int) -> list[str]:
     for p in model:
         p.grad = torch.randn(256, generator=gen)
     grads = [p.grad for p in model]
-    enqueue = Monitor(model, None, EnqueueTransport(), "scale-enqueue", deep_every=0)
+    enqueue = Monitor(model, None, EnqueueTransport(), MonitorOptions(run="scale-enqueue", deep_every=0))
     inproc = gfservice.monitor(model, None, run="scale-inprocess", service=None, deep_every=0)
     loss = torch.tensor(1.0)
     variants = {

@@ -11,7 +11,7 @@ Each run spawns ``world`` processes (``torch.multiprocessing``, one thread each)
 ReLU MLP on digits under ``DistributedDataParallel``, each rank on its own random batches. Every rank runs a real
 :class:`gfservice.training.monitoring.Monitor` set up as ``gfservice.monitor`` sets up DDP ranks (rank 0 reports
 the layers, every rank its pre-allreduce local norm and timings through a
-:class:`~gfservice.training.collect.LocalNormHook`); a small :class:`QueueTransport` puts their messages on one
+:class:`~gfservice.training.ddp_hook.LocalNormHook`); a small :class:`QueueTransport` puts their messages on one
 multiprocessing queue that feeds ONE :class:`~gfservice.service.aggregator.Aggregator` in this process, with every
 installed detector at its defaults (as ``gfservice.monitor(..., service=None)`` would run them). Faults, on one rank
 from step ``onset`` on:
@@ -57,6 +57,7 @@ else:  # run as a script: benchmarks/ is on sys.path
 from gfservice.api import Finding, StepStats
 from gfservice.service.aggregator import Aggregator
 from gfservice.stats import noise_scale
+from gfservice.training.transport import TransportBase
 from gfservice.wire import Layout, RunEnd, StepReport
 
 Fault = Literal["labels", "inputs", "sleep"]
@@ -109,7 +110,7 @@ SCENARIOS: list[RankScenario] = [
 BY_NAME = {sc.name: sc for sc in SCENARIOS}
 
 
-class QueueTransport:
+class QueueTransport(TransportBase):
     """A monitor's transport that puts every message on a multiprocessing queue read by one aggregator."""
 
     def __init__(self, q: Any) -> None:
@@ -137,8 +138,8 @@ def worker(rank: int, sc: RankScenario, seed: int, run: str, data: tuple[np.ndar
     """One DDP rank: train ``sc`` with a monitor whose messages go to ``q``."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gfservice.training.collect import LocalNormHook
-    from gfservice.training.monitoring import Monitor
+    from gfservice.training.ddp_hook import LocalNormHook
+    from gfservice.training.monitoring import Monitor, MonitorOptions
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=sc.world)
@@ -147,8 +148,8 @@ def worker(rank: int, sc: RankScenario, seed: int, run: str, data: tuple[np.ndar
     opt = torch.optim.SGD(model.parameters(), lr=sc.lr, momentum=0.9)
     batches = zoo.sample(torch.from_numpy(data[0]), torch.from_numpy(data[1]), sc.batch, seed * 1000 + rank)
     gen = torch.Generator().manual_seed(seed * 1000 + 500 + rank)
-    mon = Monitor(model, opt, QueueTransport(q), run, deep_every=deep_every, rank=rank, world_size=sc.world,
-                  reports_layers=rank == 0, local_norm_hook=LocalNormHook.install(model))
+    options = MonitorOptions(run=run, deep_every=deep_every, rank=rank, world_size=sc.world, reports_layers=rank == 0)
+    mon = Monitor(model, opt, QueueTransport(q), options, local_norm_hook=LocalNormHook.install(model))
     faulty = sc.fault is not None and rank == sc.fault_rank and sc.onset is not None
     for i in range(sc.steps):
         x, y = next(batches)

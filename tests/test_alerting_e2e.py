@@ -20,7 +20,7 @@ from gfservice.observability import alerts
 from gfservice.observability.discovery import write_sd_file
 from gfservice.observability.exporter import ExporterConfig, serve_metrics
 from gfservice.service.aggregator import Aggregator
-from gfservice.training.monitoring import Monitor
+from gfservice.training.monitoring import Monitor, MonitorOptions
 from gfservice.training.transport import InProcessTransport
 from tests.promtools import WebhookReceiver, http_get, query, start_alertmanager, start_prometheus, wait_until
 
@@ -40,7 +40,7 @@ class Trainer(threading.Thread):
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05)
-        self.monitor = Monitor(self.model, self.opt, InProcessTransport(agg), RUN)
+        self.monitor = Monitor(self.model, self.opt, InProcessTransport(agg), MonitorOptions(run=RUN))
         self.x = torch.randn(64, 8)
         self.y = self.x.sum(dim=1, keepdim=True)
         self.stop = threading.Event()

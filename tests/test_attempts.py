@@ -18,7 +18,7 @@ from gfservice.api import Detector, DetectorConfig, StepStats
 from gfservice.observability.exporter import GradflowCollector
 from gfservice.service.aggregator import Aggregator, AggregatorConfig
 from gfservice.training import monitoring
-from gfservice.training.monitoring import Monitor, attempt_id, default_run_name
+from gfservice.training.monitoring import Monitor, MonitorOptions, attempt_id, default_run_name
 from gfservice.training.transport import InProcessTransport
 from gfservice.wire import RejectReason
 from gfservice_detectors.nonfinite import NonFinite
@@ -199,17 +199,18 @@ def test_a_restarted_job_is_a_new_attempt_that_the_aggregator_takes():
     agg = Aggregator(detector_factory=detectors)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    first = Monitor(model, opt, InProcessTransport(agg), "job", attempt=attempt_id(), deep_every=0)
+    first = Monitor(model, opt, InProcessTransport(agg), MonitorOptions(run="job", attempt=attempt_id(), deep_every=0))
     _train(first, model, opt, 5)  # then the job dies without closing its monitor
     first.transport.flush()  # what it sent reached the service before it died (later ones are stale_attempt)
-    second = Monitor(model, opt, InProcessTransport(agg), "job", attempt=attempt_id(), deep_every=0)
+    second = Monitor(model, opt, InProcessTransport(agg), MonitorOptions(run="job", attempt=attempt_id(), deep_every=0))
     _train(second, model, opt, 3)
     second.close()
     assert first.attempt != second.attempt
     assert second.transport.rejected == 0 and agg.view().rejected == {}
     run = agg.run_view("job")
     assert (run.attempts, run.last_step, run.finished) == (2, 2, True)
-    resumed = Monitor(model, opt, InProcessTransport(agg), "job", attempt=attempt_id(), deep_every=0, step=3)
+    resumed = Monitor(model, opt, InProcessTransport(agg),
+                      MonitorOptions(run="job", attempt=attempt_id(), deep_every=0, step=3))
     _train(resumed, model, opt, 2)
     resumed.close()
     assert agg.run_view("job").last_step == 4 and agg.view().rejected == {}

@@ -15,13 +15,15 @@ from hypothesis import strategies as st
 import gfservice
 from gfservice.service.aggregator import Aggregator
 from gfservice.stats import GradStats
-from gfservice.training.collect import _CHUNK, _SMALL, GradCollector
-from gfservice.training.monitoring import Monitor
+from gfservice.training.collect import GradCollector
+from gfservice.training.ddp_hook import LocalNormHook
+from gfservice.training.kernels.cpu import CHUNK, SMALL
+from gfservice.training.monitoring import Monitor, MonitorOptions
 from gfservice.training.transport import InProcessTransport
 
 torch.set_num_threads(1)
 
-BIG = _SMALL + 17  # above the threshold: the dot + aminmax path
+BIG = SMALL + 17  # above the threshold: the dot + aminmax path
 
 
 def _params(grads: dict[str, torch.Tensor]) -> list[tuple[str, torch.nn.Parameter]]:
@@ -56,7 +58,7 @@ def test_large_tensors_match_the_float64_reference():
 
 
 @pytest.mark.parametrize("deep", [False, True], ids=["core", "deep"])
-@pytest.mark.parametrize("size", [BIG, 3 * _CHUNK + 5], ids=["one chunk", "chunks"])
+@pytest.mark.parametrize("size", [BIG, 3 * CHUNK + 5], ids=["one chunk", "chunks"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_values_in_a_large_tensor_are_counted(bad, size, deep):
     g = torch.ones(size)
@@ -70,8 +72,8 @@ def test_nonfinite_values_in_a_large_tensor_are_counted(bad, size, deep):
 
 def test_chunked_sums_and_maxima_match_the_float64_reference():
     gen = torch.Generator().manual_seed(3)
-    grads = {"w": torch.randn(2 * _CHUNK + 999, generator=gen) * 1e-4, "v": torch.randn(_CHUNK + 1, generator=gen)}
-    grads["w"][_CHUNK + 7] = -5.0  # the largest |g| sits in the second chunk
+    grads = {"w": torch.randn(2 * CHUNK + 999, generator=gen) * 1e-4, "v": torch.randn(CHUNK + 1, generator=gen)}
+    grads["w"][CHUNK + 7] = -5.0  # the largest |g| sits in the second chunk
     got = gfservice.grad_stats(_params(grads))
     ref = _reference(grads)
     np.testing.assert_allclose(got.sum_sq, ref.sum_sq, rtol=1e-5)  # float32 accumulation, as _foreach_norm
@@ -175,7 +177,7 @@ def test_detectors_run_off_the_training_thread_and_the_verdict_is_at_most_one_st
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     agg = _ThreadNotingAggregator(detector_settings={"nonfinite": {"stop_run": True}})
     transport = InProcessTransport(agg)
-    mon = Monitor(model, opt, transport, "bg", deep_every=0)
+    mon = Monitor(model, opt, transport, MonitorOptions(run="bg", deep_every=0))
     seen: dict[int, bool] = {}
     _train(mon, model, opt, steps=8, nan_at=4, check=lambda i: seen.__setitem__(i, mon.should_stop))
     assert not any(seen[i] for i in range(4))
@@ -206,7 +208,7 @@ def test_a_failing_aggregator_never_reaches_the_training_loop():
     transport = InProcessTransport(Broken())
     model = torch.nn.Linear(6, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    mon = Monitor(model, opt, transport, "broken", deep_every=0)
+    mon = Monitor(model, opt, transport, MonitorOptions(run="broken", deep_every=0))
     _train(mon, model, opt, steps=2)
     mon.close()
     assert transport.errors == 4 and mon.errors == 0  # layout, two steps, run end: each logged and counted
@@ -312,3 +314,17 @@ def test_cpu_core_sums_match_the_float64_reference_in_any_mix(grads):
     finite = ref.nonfinite == 0
     np.testing.assert_allclose(got.sum_sq[finite], ref.sum_sq[finite], rtol=1e-5)
     assert got.nonfinite.tolist() == ref.nonfinite.tolist()
+
+
+def test_the_ddp_hook_passes_ddps_own_signature_check():
+    """``LocalNormHook.install`` registers a hook that DDP accepts (an annotation DDP does not know makes it
+    refuse the hook, and install would quietly give None: no rank would be named for a NaN)."""
+
+    class CheckingDDP:
+        def register_comm_hook(self, state, hook):
+            torch.nn.parallel.DistributedDataParallel._check_comm_hook(self, hook)  # type: ignore[arg-type]
+
+        def _log_and_throw(self, err_type, message):
+            raise err_type(message)
+
+    assert LocalNormHook.install(CheckingDDP()) is not None

@@ -23,7 +23,7 @@ import gfservice
 from gfservice.api import Detector, describe_layers
 from gfservice.observability.exporter import ExporterConfig, GradflowCollector, serve_metrics
 from gfservice.service.aggregator import Aggregator
-from gfservice.training.monitoring import Monitor
+from gfservice.training.monitoring import Monitor, MonitorOptions
 from gfservice.training.transport import InProcessTransport
 from gfservice.wire import Layout, StepReport
 from tests.promtools import promtool_bin, run_tool
@@ -37,7 +37,7 @@ def train(agg: Aggregator, run: str = RUN, steps: int = 30, nan_at: int | None =
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = Monitor(model, opt, InProcessTransport(agg), run, deep_every=10)
+    mon = Monitor(model, opt, InProcessTransport(agg), MonitorOptions(run=run, deep_every=10))
     x = torch.randn(128, 8)
     y = x.sum(dim=1, keepdim=True)
     for step in range(steps):

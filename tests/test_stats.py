@@ -10,7 +10,7 @@ from models import mlp
 
 import gfservice
 from gfservice.stats import FORMAT_LIMITS, GradStats, merge_shards
-from gfservice.training.collect import clean_name
+from gfservice.training.parameters import clean_name
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

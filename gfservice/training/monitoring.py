@@ -23,14 +23,17 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from gfservice.api import Finding, StepStats
 from gfservice.config import load_settings
-from gfservice.service.aggregator import Aggregator, AggregatorConfig
-from gfservice.training.collect import Collected, GradCollector, LocalNormHook, Pending, has_sharded_parameters, is_ddp
+from gfservice.service.aggregator import Aggregator
+from gfservice.training.collect import Collected, GradCollector, Pending
+from gfservice.training.ddp_hook import LocalNormHook, is_ddp
+from gfservice.training.parameters import has_sharded_parameters
 from gfservice.training.transport import InProcessTransport, Transport
 from gfservice.training.watch import Sink, Watch, make_sinks
 from gfservice.wire import Layout, RunEnd, StepReport
@@ -179,11 +182,64 @@ def _register_step_pre_hook(optimizer: Any, hook: Any) -> Any:
     return None
 
 
+class MonitorOptions(BaseModel):
+    """What a :class:`Monitor` collects, how often, and which rank of which run and attempt it speaks for.
+
+    :func:`gfservice.monitor` fills them in from its keywords and the process it runs in.
+
+    >>> MonitorOptions(run="exp", every=2, include=["encoder.*"]).include
+    ('encoder.*',)
+    >>> MonitorOptions(run="exp", every=0)
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for MonitorOptions
+    every
+      Input should be greater than or equal to 1 [type=greater_than_equal, input_value=0, input_type=int]
+    ...
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run: str
+    #: This start of the run, shared by its ranks (see :func:`attempt_id`).
+    attempt: str = ""
+    #: Collect every ``every``-th step.
+    every: int = Field(1, ge=1)
+    #: Deep statistics (and weight and update norms) every ``deep_every``-th step; 0: never.
+    deep_every: int = Field(50, ge=0)
+    #: Globs of the parameter names watched (all when empty), and of those left out.
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    rank: int = 0
+    world_size: int = 1
+    #: Whether this rank reports its layers (False: a heartbeat with its own norm, as DDP ranks other than 0).
+    reports_layers: bool = True
+    #: The index of the first step (a job resumed from a checkpoint at step N continues at N).
+    step: int = Field(0, ge=0)
+
+
+class _InFlight(NamedTuple):
+    """A collected step on its way to the host, with what the monitor read when it was collected."""
+
+    step: int
+    pending: Pending
+    #: ``time.time()`` at collection.
+    time: float
+    lr: float | None
+    #: Wall-clock seconds since the previous collected step (None at the first).
+    step_time: float | None
+    #: Seconds from the end of the previous ``monitor.step()`` to this step's first DDP bucket (None without).
+    compute_time: float | None
+
+
 class Monitor:
-    """Collects gradient statistics every ``every`` steps (deep ones every ``deep_every``) and ships them.
+    """Collects gradient statistics every ``options.every`` steps (deep ones every ``options.deep_every``) and
+    ships them through ``transport``.
 
     Use :func:`gfservice.monitor` to make one. ``step()`` is the only call in the training loop; it
-    never raises because of monitoring (errors are logged and counted in ``errors``).
+    never raises because of monitoring (errors are logged and counted in ``errors``). ``scaler``: the AMP
+    grad scaler whose loss scale is reported; ``local_norm_hook``: the DDP hook of this rank's own norm;
+    ``sinks``: where rank 0 also sends its findings (see :mod:`gfservice.training.watch`).
     """
 
     def __init__(
@@ -191,42 +247,28 @@ class Monitor:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None,
         transport: Transport,
-        run: str,
+        options: MonitorOptions,
         *,
-        every: int = 1,
-        deep_every: int = 50,
-        include: Sequence[str] = (),
-        exclude: Sequence[str] = (),
         scaler: Any = None,
-        rank: int = 0,
-        world_size: int = 1,
-        reports_layers: bool = True,
         local_norm_hook: LocalNormHook | None = None,
-        attempt: str = "",
-        step: int = 0,
         sinks: Sequence[str | Sink] = (),
     ):
-        if every < 1:
-            raise ValueError("every must be at least 1")
-        if deep_every < 0:
-            raise ValueError("deep_every must be 0 (never) or positive")
-        if step < 0:
-            raise ValueError("step must not be negative")
-        self.run = run
+        self.options = options
+        self.run = options.run
         #: This start of the run (shared by its ranks; see :func:`attempt_id`).
-        self.attempt = attempt
-        self.every = every
-        self.deep_every = deep_every
-        self.rank = rank
-        self.world_size = world_size
+        self.attempt = options.attempt
+        self.every = options.every
+        self.deep_every = options.deep_every
+        self.rank = options.rank
+        self.world_size = options.world_size
         self.transport = transport
         self.optimizer = optimizer
         self.scaler = scaler
-        self.reports_layers = reports_layers
+        self.reports_layers = options.reports_layers
         self.local_norm_hook = local_norm_hook
-        self.collector = GradCollector(model.named_parameters(), include, exclude)
+        self.collector = GradCollector(model.named_parameters(), options.include, options.exclude)
         self._synchronous = self.collector.params[0].device.type == "cpu"
-        self.steps = step  # index of the next step: ``step`` plus the monitor.step() calls so far
+        self.steps = options.step  # index of the next step: ``step`` plus the monitor.step() calls so far
         self._last_end: float | None = None  # perf_counter() when the previous monitor.step() returned
         self.errors = 0
         self.overhead_s = 0.0  # time spent inside the monitor's own calls and hooks
@@ -234,16 +276,17 @@ class Monitor:
         self._last_time: float | None = None
         #: Collected steps whose copy to the host has not been shipped yet, oldest first (CUDA: the copies land
         #: while training goes on; CPU: at most the step being collected).
-        self._in_flight: deque[tuple[int, Pending, dict[str, Any]]] = deque()
+        self._in_flight: deque[_InFlight] = deque()
         self._hook = None
         self._warned_no_gradient = False
-        if optimizer is not None and deep_every:
+        if optimizer is not None and self.deep_every:
             self._hook = _register_step_pre_hook(optimizer, self._before_optimizer_step)
+        reports_layers = self.reports_layers
         self.layout = Layout(
-            run=run,
-            attempt=attempt,
-            rank=rank,
-            world_size=world_size,
+            run=self.run,
+            attempt=self.attempt,
+            rank=self.rank,
+            world_size=self.world_size,
             layers=list(self.collector.layers) if reports_layers else [],
             numel=self.collector.numel if reports_layers else [],
             sharded=self.collector.sharded if reports_layers else [],
@@ -251,12 +294,12 @@ class Monitor:
             reports_layers=reports_layers,
         )
         self.transport.send(self.layout)
-        self._watch = self._start_watch(sinks) if rank == 0 else None
+        self._watch = self._start_watch(sinks) if self.rank == 0 else None
 
     def _start_watch(self, sinks: Sequence[str | Sink]) -> Watch:
         """Rank 0 logs findings as they open and clear, and feeds the sinks, off the training thread."""
         run, transport = self.run, self.transport
-        agg = getattr(transport, "aggregator", None)
+        agg = transport.aggregator
         if agg is not None:  # in this process: every merged step, cheaply
             def source() -> tuple[Sequence[StepStats], Sequence[Finding]]:
                 return agg.history(run), agg.findings(run)
@@ -318,32 +361,30 @@ class Monitor:
         first_bucket = hook.take_first_bucket_time() if hook is not None else None
         pending = self.collector.launch(deep=deep, extras={"loss": loss, "loss_scale": scale, "local_sq": local_sq},
                                         layers=self.reports_layers)
-        meta = {
-            "time": now,
-            "lr": lr,
+        self._in_flight.append(_InFlight(
+            step, pending, now, lr,
             # the wall clock may step back (NTP): a negative step time would get the whole report refused
-            "step_time": None if self._last_time is None else max(0.0, now - self._last_time),
-            "compute_time": None if first_bucket is None or self._last_end is None else first_bucket - self._last_end,
-        }
+            None if self._last_time is None else max(0.0, now - self._last_time),
+            None if first_bucket is None or self._last_end is None else first_bucket - self._last_end,
+        ))
         self._last_time = now
-        self._in_flight.append((step, pending, meta))
 
     def _finish_in_flight(self, exact: bool = False, wait: bool = True) -> None:
         """Ship the collected steps in flight, oldest first: all of them, or with ``wait=False`` those whose
         copy has landed (and the oldest ones beyond :data:`MAX_IN_FLIGHT`, the only case that waits)."""
         while self._in_flight:
-            step, pending, meta = self._in_flight[0]
-            if not wait and len(self._in_flight) <= MAX_IN_FLIGHT and not pending.ready():
+            oldest = self._in_flight[0]
+            if not wait and len(self._in_flight) <= MAX_IN_FLIGHT and not oldest.pending.ready():
                 return
             self._in_flight.popleft()
-            self._ship(step, pending.resolve(), meta, exact)
+            self._ship(oldest, oldest.pending.resolve(), exact)
 
-    def _ship(self, step: int, got: Collected, meta: dict[str, Any], exact: bool) -> None:
+    def _ship(self, collected: _InFlight, got: Collected, exact: bool) -> None:
         if exact:
             self.collector.make_exact(got.grads)
         if not self._warned_no_gradient and self.reports_layers:
-            self._warn_if_no_gradient(step, got.grads)
-        self.transport.send(self._report(step, got, meta))
+            self._warn_if_no_gradient(collected.step, got.grads)
+        self.transport.send(self._report(collected, got))
 
     def _warn_if_no_gradient(self, step: int, g: Any) -> None:
         """Log once when no layer has a gradient at a collected step: the monitor is misplaced or blind.
@@ -361,7 +402,7 @@ class Monitor:
             "gfservice.integrations.deepspeed. Logged once; the no_gradient detector reports it as a finding.",
             self.run, step, what)
 
-    def _report(self, step: int, got: Collected, meta: dict[str, Any]) -> StepReport:
+    def _report(self, collected: _InFlight, got: Collected) -> StepReport:
         x = got.extras
         g = got.grads
         local_sq = x["local_sq"]
@@ -382,17 +423,18 @@ class Monitor:
             run=self.run,
             attempt=self.attempt,
             rank=self.rank,
-            step=step,
-            time=meta["time"],
+            step=collected.step,
+            time=collected.time,
             stats=g.arrays() if self.reports_layers else {},
             loss=x["loss"],
-            lr=meta["lr"],
+            lr=collected.lr,
             loss_scale=scale,
             skipped=skipped,
             local_norm=local_norm if local_norm is not None and math.isfinite(local_norm) else None,
             local_nonfinite=local_bad,
-            step_time=meta["step_time"],
-            compute_time=meta["compute_time"] if meta["compute_time"] is None or meta["compute_time"] >= 0 else None,
+            step_time=collected.step_time,
+            compute_time=collected.compute_time if collected.compute_time is None or collected.compute_time >= 0
+            else None,
         )
 
     def _error(self, where: str) -> None:
@@ -460,15 +502,7 @@ class Monitor:
                  "nonfinite": int(s.grads.nonfinite.sum())} for s in steps]
 
     def _merged_steps(self) -> list[StepStats]:
-        agg = getattr(self.transport, "aggregator", None)
-        if agg is not None:
-            agg.flush(self.run)
-            try:
-                return agg.history(self.run)
-            except KeyError:
-                return []
-        query = getattr(self.transport, "history", None)
-        return list(query(self.run)) if query is not None else []
+        return self.transport.history(self.run)
 
     def plot(self) -> Any:
         """A matplotlib figure of the gradient flow so far (per-layer RMS over steps, findings marked)."""
@@ -526,13 +560,13 @@ def monitor(
     run = run or default_run_name()
     attempt = attempt_id()
     rank, world = distributed_rank()
+    settings = load_settings(config) if config else load_settings(data={})
     transport: Transport | None = None
     if service is not None:
         from gfservice.training.transport import connect_service
 
         transport = connect_service(service, run=run)
     if transport is None:
-        settings = load_settings(config) if config else load_settings(data={})
         det = {name: {**settings.detectors.get(name, {}), **(fields or {})}
                for name, fields in {**settings.detectors, **(detectors or {})}.items()}
         if _process_group():  # torchrun or Slurm without a service: rank 0 aggregates the job's ranks
@@ -540,8 +574,7 @@ def monitor(
 
             transport = connect_peers(run, attempt, settings.model_copy(update={"detectors": det}))
         if transport is None:
-            agg = Aggregator(AggregatorConfig.model_validate(settings.aggregator.model_dump()), det)
-            transport = InProcessTransport(agg)
+            transport = InProcessTransport(Aggregator(settings.aggregator, det))
             rank, world = 0, 1  # an in-process aggregator sees only this process
     # DDP ranks hold identical reduced gradients: one rank reports the layers, every rank a heartbeat with
     # its own pre-allreduce norm. Sharded (FSDP2) ranks each report their shard.
@@ -552,8 +585,8 @@ def monitor(
         hook = LocalNormHook.install(model)
     elif world > 1 and not has_sharded_parameters(model):
         reports_layers = rank == 0
-    return Monitor(model, optimizer, transport, run, every=every, deep_every=deep_every, include=include,
-                   exclude=exclude, scaler=scaler, rank=rank, world_size=world, reports_layers=reports_layers,
-                   local_norm_hook=hook, attempt=attempt, step=step,
-                   sinks=(load_settings(config) if config else load_settings(data={})).sinks if sinks is None
-                   else sinks)
+    options = MonitorOptions(run=run, attempt=attempt, every=every, deep_every=deep_every, include=tuple(include),
+                             exclude=tuple(exclude), rank=rank, world_size=world, reports_layers=reports_layers,
+                             step=step)
+    return Monitor(model, optimizer, transport, options, scaler=scaler, local_norm_hook=hook,
+                   sinks=settings.sinks if sinks is None else sinks)

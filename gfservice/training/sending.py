@@ -33,6 +33,7 @@ import time
 from collections import deque
 
 from gfservice.envelopes import BatchAnswer
+from gfservice.training.transport import TransportBase
 from gfservice.wire import Layout, RejectReason, RunEnd, StepReport
 
 __all__ = ["QueuedSender"]
@@ -46,7 +47,7 @@ def _urgent(report: StepReport) -> bool:
     return report.local_nonfinite or (bad is not None and bool(bad.any()))
 
 
-class QueuedSender:
+class QueuedSender(TransportBase):
     """The queue, the bookkeeping and the thread of a sender; a subclass adds its transport in :meth:`_loop`
     (and calls this ``__init__`` last: it starts the thread).
 

@@ -1,8 +1,10 @@
-"""How a monitor's messages reach an aggregator: in this process, or (later) a service.
+"""How a monitor's messages reach an aggregator: in this process (:class:`InProcessTransport`), a service
+(:class:`~gfservice.training.ray_sender.RaySender`) or rank 0 of the job
+(:class:`~gfservice.training.peer_sender.PeerSender`).
 
 A transport takes :class:`~gfservice.wire.Layout` and :class:`~gfservice.wire.StepReport` messages and
-answers the monitor's questions (findings, stop verdict, latest step). It never raises into the
-training loop for a lost message: it counts it in ``dropped``.
+answers the monitor's questions (findings, stop verdict, latest step, history): the :class:`Transport` protocol.
+It never raises into the training loop for a lost message: it counts it in ``dropped``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class Transport(Protocol):
+    """Everything a monitor asks of its transport. :class:`TransportBase` gives the optional parts to the
+    transports that lack them (no aggregator in this process, no history)."""
+
     dropped: int
+
+    @property
+    def aggregator(self) -> Aggregator | None:
+        """The aggregator in this process that the messages reach, once it has them; None when it is elsewhere."""
+        ...
 
     def send(self, message: Layout | StepReport | RunEnd) -> None: ...
 
@@ -31,7 +41,43 @@ class Transport(Protocol):
 
     def latest(self, run: str) -> StepStats | None: ...
 
+    def history(self, run: str) -> list[StepStats]:
+        """The run's merged steps that this transport can read ([] when it can read none)."""
+        ...
+
     def close(self) -> None: ...
+
+
+def merged_steps(aggregator: Aggregator | None, run: str) -> list[StepStats]:
+    """Every merged step of ``run`` that ``aggregator`` keeps, once its detectors have judged what is pending;
+    [] without an aggregator.
+
+    >>> merged_steps(None, "r")
+    []
+    """
+    if aggregator is None:
+        return []
+    aggregator.flush(run)
+    try:
+        return aggregator.history(run)
+    except KeyError:
+        return []
+
+
+class TransportBase:
+    """The optional parts of a :class:`Transport`: no aggregator in this process unless a subclass sets one, and
+    the merged steps of that aggregator as the history (none without it: a service keeps its own).
+
+    >>> TransportBase().history("r")
+    []
+    """
+
+    #: The aggregator in this process that the messages reach (rank 0 of a job that hosts it), or None.
+    aggregator: Aggregator | None = None
+
+    def history(self, run: str) -> list[StepStats]:
+        """The run's merged steps that this transport can read ([] when the aggregator is elsewhere)."""
+        return merged_steps(self.aggregator, run)
 
 
 #: How long the in-process worker lets the training thread run before it judges a message it was just sent.
@@ -147,6 +193,10 @@ class InProcessTransport:
             return self.aggregator.latest(run)
         except KeyError:
             return None
+
+    def history(self, run: str) -> list[StepStats]:
+        """Every merged step of ``run`` that the aggregator keeps, once the messages sent so far are judged."""
+        return merged_steps(self.aggregator, run)
 
     def close(self) -> None:
         with self._cond:
