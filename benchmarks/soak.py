@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         run = next(r for r in view.runs if r.name == RUN)
         nonfinite = [f for f in core.aggregator.findings(RUN) if f.detector == "nonfinite"]
         other = {f.detector for f in core.aggregator.findings(RUN)} - {"nonfinite"}
-        health = core.status()["snapshot"]
+        health = core.status().snapshot
         snap_size = os.path.getsize(core.settings.service.snapshot_path or "")
         core.shutdown()
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{1e3 * pct(apart, 99):.1f} ms")
     print(f"snapshots ({snap_size / 1024:.0f} KiB): {len(core.snapshot_s)} writes, p50 "
           f"{1e3 * pct(core.snapshot_s, 50):.1f} ms, p99 {1e3 * pct(core.snapshot_s, 99):.1f} ms, failures "
-          f"{health['failures']:.0f}")
+          f"{health.failures:.0f}")
     print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()} on {os.cpu_count()} CPUs")
     ok = ok_mem and ok_lost and ok_scrape
     print(f"verdict: {'PASS' if ok else 'MISS'}")

@@ -312,7 +312,9 @@ def test_cpu_core_sums_match_the_float64_reference_in_any_mix(grads):
     got = _sums_only(grads)
     ref = _reference(grads)
     finite = ref.nonfinite == 0
-    np.testing.assert_allclose(got.sum_sq[finite], ref.sum_sq[finite], rtol=1e-5)
+    # float32 accumulation (as in clip_grad_norm_) drifts ~sqrt(n) * 6e-8: 1.4e-5 was seen on 65,553 strided
+    # float32 elements. A sum in the wrong place is off by orders of magnitude, far past this tolerance.
+    np.testing.assert_allclose(got.sum_sq[finite], ref.sum_sq[finite], rtol=1e-4)
     assert got.nonfinite.tolist() == ref.nonfinite.tolist()
 
 
