@@ -7,8 +7,16 @@ the cluster starts on first use and stops at the end of the session.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The service's default state directory (``$XDG_STATE_HOME/gfservice``: snapshots, discovery files) is a
+    fresh one for each test session: no test, doctest or Ray worker reads or writes the user's own, and two
+    sessions on one machine never see each other's state."""
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="gfservice-test-state-")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ unit tests pin when each alert fires and resolves, and the Grafana rules say wha
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -133,7 +134,15 @@ def test_promtool_checks_the_prometheus_config():
     # files of torchrun jobs' rank 0 beside it
     files = job["file_sd_configs"][0]["files"]
     assert files == ["/root/.local/state/gfservice/prometheus-sd*.json"]
-    assert DEFAULT_SD_FILE.endswith("/gfservice/prometheus-sd.json") and not DEFAULT_SD_FILE.startswith("/tmp")
+    # in the state directory (the test session's own: conftest.py points XDG_STATE_HOME at a fresh one)
+    from gfservice.config import default_state_dir
+
+    assert str(default_state_dir() / "prometheus-sd.json") == DEFAULT_SD_FILE
+    xdg = os.environ.pop("XDG_STATE_HOME")
+    try:  # and without XDG_STATE_HOME, the user's ~/.local/state, which the shipped glob reads for root
+        assert str(default_state_dir()) == os.path.expanduser("~/.local/state/gfservice")
+    finally:
+        os.environ["XDG_STATE_HOME"] = xdg
     assert cfg["rule_files"] == ["rules/gfservice.rules.yml"]
 
 
