@@ -94,7 +94,7 @@ class Recipe:
 
 
 LLM = Recipe(lr=1e-3, weight_decay=0.1, clip=1.0, betas=(0.9, 0.95))  # Llama/GPT pretraining, scaled to tiny
-ENCODER = Recipe(lr=2e-3, weight_decay=0.01, clip=1.0)  # BERT-style (the Trainer's max_grad_norm=1.0); 2e-3 at tiny size
+ENCODER = Recipe(lr=2e-3, weight_decay=0.01, clip=1.0)  # BERT-style (the Trainer's max_grad_norm=1.0), tiny size
 SEQ2SEQ = Recipe(lr=1e-3, weight_decay=0.01, clip=1.0)
 VIT = Recipe(lr=1e-3, weight_decay=0.05, clip=1.0)  # ViT/DeiT/BEiT clip at 1.0
 SWIN = Recipe(lr=1e-3, weight_decay=0.05, clip=5.0)  # Swin's recipe clips at 5.0
