@@ -33,6 +33,17 @@ reference is ``critical``, a smaller one a ``warning``:
   (a layer far below the others that gets a little gradient back is not an explosion). It judges from the second
   step on; the zoo's healthy layers move at most 0.6 orders against the median layer in their first ten steps.
 
+- ``trend``: slow growth that never looks like a spike (gradients summed without ``zero_grad``, a parameter
+  left out of the optimizer whose ``.grad`` is never cleared): the level of the global norm (median of the last
+  ``trend_window`` steps) stands ``trend_ratio`` (10) times above its lowest level of the last ``trend_horizon``
+  (100) steps while the loss level has not risen (a GAN generator's gradient grows 75x in its first 30 steps
+  while its loss rises: healthy). On the zoo's healthy runs the largest such growth is 6.2x (lstm_clip) apart
+  from the GAN (76x, with a rising loss). One finding per rise.
+
+A spike is judged against the run's own scale too: a jump that stays below the median of the first
+``scale_steps`` (20) norms is the noise of a run that has all but converged (the zoo's ``converged_noise``: a
+38x jump to 0.21 against an early median of ~0.4) and is not reported.
+
 Steps with NaN/Inf gradient values are ``nonfinite``'s and are not judged here (``update`` returns ``None``).
 
 >>> from gfservice.testing import make_step, replay
@@ -89,11 +100,23 @@ class Exploding(Detector):
         layer_orders: float = Field(3.0, gt=0)
         #: ...and where it must end up, at least, above the median layer.
         layer_min_orders: float = Field(1.0, ge=0)
+        #: The run's own scale: the median of the first ``scale_steps`` global norms. A spike that stays below it
+        #: (a tiny norm jumping in a run that has all but converged) is not an explosion; 0 turns this off.
+        scale_steps: int = Field(20, ge=0)
+        #: ``trend``: the level of the global norm (median of the last ``trend_window`` steps) this many times
+        #: above its lowest level of the last ``trend_horizon`` steps, while the loss has not risen.
+        trend_ratio: float = Field(10.0, gt=1)
+        trend_window: int = Field(10, ge=2)
+        trend_horizon: int = Field(100, ge=2)
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self._history: deque[float] = deque(maxlen=self.config.window)
         self._layer_baseline: np.ndarray | None = None
+        self._early: list[float] = []  # the first scale_steps log norms
+        self._recent: deque[tuple[float, float]] = deque(maxlen=self.config.trend_window)  # (log norm, loss)
+        self._levels: deque[tuple[int, float, float]] = deque(maxlen=self.config.trend_horizon)  # (step, lvl, loss)
+        self._trend_open = False
 
     def _severity(self, orders: float) -> str:
         return "critical" if orders >= self.config.critical_orders else "warning"
@@ -118,8 +141,11 @@ class Exploding(Detector):
                 value=max_abs, threshold=cfg.max_abs, key="abs"))
             return out
         spike = self._spike(step, norm)
+        trend = self._trend(step, norm)
         if spike is not None:
             out.append(spike)
+        elif trend is not None:
+            out.append(trend)
         elif cfg.max_abs is not None and g.max_abs is not None and max_abs >= cfg.max_abs:
             orders = math.log10(max_abs / cfg.max_abs)
             out.append(self.finding(
@@ -149,6 +175,8 @@ class Exploding(Detector):
             med = float(np.median(hist))
             scale = max(MAD_TO_SIGMA * float(np.median(np.abs(hist - med))), cfg.min_log_scale)
             z = (x - med) / scale
+            if z > cfg.z_threshold and self._below_scale(x):
+                return None  # below the run's early scale: noise of a converged run, kept out of the history
             if z > cfg.z_threshold:
                 orders = (x - med) / math.log(10)
                 found = self.finding(
@@ -169,7 +197,52 @@ class Exploding(Detector):
                     value=math.exp(x - top), threshold=cfg.early_ratio, key="spike")
         if found is None:
             self._history.append(x)
+            if len(self._early) < cfg.scale_steps:
+                self._early.append(x)
         return found
+
+    def _below_scale(self, x: float) -> bool:
+        """Whether log norm ``x`` stays below the run's early scale (the median of its first norms)."""
+        return len(self._early) >= self.config.scale_steps > 0 and x < float(np.median(self._early))
+
+    def _trend(self, step: StepStats, norm: float) -> Finding | None:
+        """Slow growth: the level (rolling median) of log(norm) against its lowest level of the horizon.
+
+        Only while the loss level has not risen (a loss that grows with its gradient, as a GAN's generator loss
+        while its discriminator learns, is training, not a fault); without a loss, on the norm alone.
+        """
+        if norm <= 0:
+            return None
+        cfg = self.config
+        loss = step.loss if step.loss is not None and math.isfinite(step.loss) else math.nan
+        self._recent.append((math.log(norm), loss))
+        if len(self._recent) < cfg.trend_window:
+            return None
+        level = float(np.median([x for x, _ in self._recent]))
+        losses = [v for _, v in self._recent if not math.isnan(v)]
+        loss_level = float(np.median(losses)) if losses else math.nan
+        self._levels.append((step.step, level, loss_level))
+        past = list(self._levels)[: -cfg.trend_window] if len(self._levels) > cfg.trend_window else []
+        if not past:
+            return None
+        at, low, loss_low = min(past, key=lambda t: t[1])
+        grown = level - low
+        rising_loss = not math.isnan(loss_level) and not math.isnan(loss_low) and loss_level > loss_low
+        if grown < math.log(cfg.trend_ratio) or rising_loss:
+            self._trend_open = False
+            return None
+        if self._trend_open:
+            return None  # one finding per rise
+        self._trend_open = True
+        loss_note = ("" if math.isnan(loss_level)
+                     else f" while the loss did not rise ({loss_low:.3g} -> {loss_level:.3g})")
+        return self.finding(
+            step, self._severity(grown / math.log(10)),
+            f"the global gradient norm has grown steadily, {_times(grown)} in {step.step - at} steps (median of "
+            f"{cfg.trend_window} steps {math.exp(low):.3g} at step {at} -> {math.exp(level):.3g} at step "
+            f"{step.step}){loss_note}; check that the gradients are cleared every step (optimizer.zero_grad() "
+            "for every parameter, including any left out of the optimizer) and for a loss term that keeps growing",
+            value=math.exp(grown), threshold=cfg.trend_ratio, key="trend")
 
     def _layer_check(self, step: StepStats) -> list[Finding]:
         g = step.grads
@@ -207,11 +280,17 @@ class Exploding(Detector):
         return {
             "history": list(self._history),
             "layer_baseline": self._layer_baseline,
+            "early": list(self._early),
+            "recent": list(self._recent),
+            "levels": list(self._levels),
         }
 
     def load_state_dict(self, state: Any) -> None:
         self._history = deque(state.get("history", []), maxlen=self.config.window)
         self._layer_baseline = state.get("layer_baseline")
+        self._early = list(state.get("early", []))
+        self._recent = deque(map(tuple, state.get("recent", [])), maxlen=self.config.trend_window)
+        self._levels = deque(map(tuple, state.get("levels", [])), maxlen=self.config.trend_horizon)
 
 
 def _times(log_ratio: float) -> str:

@@ -1,0 +1,98 @@
+"""Issue 21's failure classes on synthetic steps (``gfservice.testing``): a miss or a false alarm fails them.
+
+Slow growth of the global norm (``exploding``, key ``trend``), a jump of a tiny norm in a converged run (no
+alarm), conditional computation (an expert that gets gradient on some steps is not detached), a layer whose
+units all died (``dead_units``, not ``no_gradient``), a NaN that recurs every k steps (one ``periodic`` finding,
+no clipping advice) and the message for a model that no gradient reaches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gfservice.testing import make_step, replay
+from gfservice_detectors.dead_units import DeadUnits
+from gfservice_detectors.exploding import Exploding
+from gfservice_detectors.no_gradient import NoGradient
+from gfservice_detectors.nonfinite import NonFinite
+
+
+def _norms(norms, losses=None):
+    return [make_step(step=i, sum_sq=[n**2 / 2, n**2 / 2], loss=None if losses is None else losses[i])
+            for i, n in enumerate(norms)]
+
+
+def test_trend_found_while_the_loss_does_not_rise():
+    rng = np.random.default_rng(0)
+    norms = np.exp(rng.normal(0, 0.1, 200))
+    norms[100:] *= np.arange(1, 101)               # gradients summed without zero_grad: linear growth
+    found = [f for f in replay(Exploding(), _norms(norms, [1.0] * 200)) if f.key == "trend"]
+    assert found and 100 < found[0].step <= 100 + 40, found
+    assert "zero_grad" in found[0].message
+
+
+def test_growth_with_a_rising_loss_is_not_a_trend():
+    norms = np.geomspace(1e-3, 1.0, 100)            # a GAN generator while its discriminator learns
+    losses = np.linspace(0.7, 2.0, 100)
+    assert not [f for f in replay(Exploding(), _norms(norms, losses)) if f.key == "trend"]
+
+
+def test_jump_of_a_tiny_norm_near_convergence_is_not_an_explosion():
+    norms = np.geomspace(1.0, 5e-3, 300)
+    norms[:20] = 0.5
+    norms[290] = 40 * norms[289]                    # 40x, still below the run's early scale
+    assert replay(Exploding(), _norms(norms)) == []
+    norms[295] = 2e3 * norms[294]                   # above the early scale: an explosion
+    assert [f.step for f in replay(Exploding(), _norms(norms))] == [295]
+
+
+def _moe_step(i, hit):
+    layers = ["router.weight", "experts.0.weight", "experts.1.weight", "experts.2.weight"]
+    return make_step(step=i, sum_sq=[1.0] + [1.0 if h else 0.0 for h in hit],
+                     count=[10] + [10 if h else 0 for h in hit], layers=layers)
+
+
+def test_idle_expert_is_not_a_detached_branch():
+    rng = np.random.default_rng(1)
+    steps = [_moe_step(i, [True, rng.random() < 0.7, rng.random() < 0.1 or i == 3]) for i in range(300)]
+    assert replay(NoGradient(), steps) == []
+
+
+def test_router_without_gradient_is_reported_among_experts():
+    rng = np.random.default_rng(2)
+    layers = ["router.weight", "experts.0.weight", "experts.1.weight"]
+    steps = [make_step(step=i, sum_sq=[0.0, 1.0, 1.0 if rng.random() < 0.5 else 0.0],
+                       count=[0, 10, 10], layers=layers) for i in range(40)]
+    f = replay(NoGradient(), steps)[0]
+    assert f.step == 9 and f.layers == ["router.weight"]
+
+
+def _dead_step(i, dead):
+    layers = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    z = [dead, dead, dead, False, False, False]
+    return make_step(step=i, sum_sq=[0.0 if d else 1.0 for d in z], max_abs=[0.0 if d else 0.1 for d in z],
+                     count=[8192, 128, 16384, 128, 1280, 10], units=[128, 128, 128, 128, 10, 10], layers=layers,
+                     zeros=[c if d else 0 for c, d in zip([8192, 128, 16384, 128, 1280, 10], z, strict=True)],
+                     dead_units=[128 if d else 0 for d in z], sum_abs=[1.0] * 6)
+
+
+def test_layer_whose_units_all_died_is_dead_units_not_no_gradient():
+    steps = [_dead_step(i, i >= 5) for i in range(30)]
+    assert replay(NoGradient(), steps) == []
+    f = replay(DeadUnits(), steps)[0]
+    assert f.step == 6 and {"0.weight", "0.bias"} <= set(f.layers)
+
+
+def test_recurring_nan_is_one_periodic_finding_without_clipping_advice():
+    steps = [make_step(step=i, sum_sq=[1.0, float("nan") if i >= 10 and i % 25 == 10 else 1.0],
+                       nonfinite=[0, 3 if i >= 10 and i % 25 == 10 else 0]) for i in range(120)]
+    findings = replay(NonFinite(), steps)
+    periodic = [f for f in findings if f.key == "periodic"]
+    assert [f.step for f in periodic] == [85, 110]
+    assert "every 25 steps" in periodic[0].message
+    assert all("enable gradient clipping" not in f.message for f in findings)
+
+
+def test_no_gradient_anywhere_names_a_cut_off_loss():
+    steps = [make_step(step=i, sum_sq=[0.0, 0.0], count=0) for i in range(10)]
+    f, = replay(NoGradient(), steps)
+    assert ".detach()" in f.message and "no gradient reaches" in f.message
