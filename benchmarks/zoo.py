@@ -343,14 +343,7 @@ def transformer(seed: int, pre_ln: bool = True, steps: int = 200) -> Run:
 
 def finetune(seed: int, steps: int = 300) -> Run:
     """Pre-train (unmonitored) on digits 0-4, new head, fine-tune on all ten; the LR drops 10x mid-run."""
-    m = mlp(64, 128, 128, 5)
-    x, y = digits()
-    pre, opt = sample(x[y < 5], y[y < 5], 64, seed + 1), _adam(m)
-    for _ in range(60):
-        ce(m, *next(pre)).backward()
-        opt.step()
-        opt.zero_grad()
-    m[-1] = nn.Linear(128, 10)
+    m = pretrained(seed)
     o = _sgd(m, 0.02)
     sched = torch.optim.lr_scheduler.MultiStepLR(o, milestones=[steps // 2], gamma=0.1)
     return Run(m, o, digits_batches(seed), ce, scheduler=sched)
