@@ -464,10 +464,11 @@ def tiny_long(seed: int, steps: int = 2500) -> Run:
     return Run(m, o, digits_batches(seed, 32), ce, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(o, steps))
 
 
-def accumulating(seed: int, micro: int = 4) -> Run:
-    """Gradient accumulation done right: ``micro`` micro-batches of 16, loss / micro each, one optimizer step."""
-    run = digits_mlp(seed, "adam")
-    inner = digits_batches(seed, 16)
+def accumulating(seed: int, micro: int = 4, batch: int = 16, opt: str = "adam") -> Run:
+    """Gradient accumulation done right: ``micro`` micro-batches of ``batch``, loss / micro each, one optimizer
+    step."""
+    run = digits_mlp(seed, opt)
+    inner = digits_batches(seed, batch)
 
     def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         total = torch.zeros(())
@@ -705,6 +706,57 @@ def set_weight_decay(wd: float) -> Callable[[Run], None]:
     return start
 
 
+def bn_weight_decay(seed: int) -> Run:
+    """conv-BN with SGD 0.1 and weight decay 1e-2: the conv weights are scale-invariant (BatchNorm follows), weight
+    decay shrinks them and their gradient grows as 1/|w| (Li and Arora, 2020): the gradient norm rises ~3x over
+    the first 80 steps while the loss falls, then settles. Healthy."""
+    m = conv_bn()
+    return Run(m, _sgd(m, 0.1, weight_decay=1e-2), digits_batches(seed, image=True), ce)
+
+
+def warmup_sgd(seed: int, warmup: int = 100) -> Run:
+    """The digits MLP, SGD momentum; the learning rate ramps linearly from 1% to 0.1 over ``warmup`` steps."""
+    run = digits_mlp(seed, lr=0.1)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda i: min(1.0, (i + 1) / warmup))
+    return run
+
+
+def accumulating_sgd(seed: int, micro: int = 8) -> Run:
+    """Gradient accumulation done right with SGD: ``micro`` micro-batches of 8, loss / micro each, clip 1.0."""
+    return clipped(accumulating(seed, micro, 8, "sgd"))
+
+
+def growing_weight(at: int, doubling: int = 20) -> Fault:
+    """From step ``at`` the loss is multiplied by a weight that doubles every ``doubling`` steps (a loss weight's
+    schedule gone wrong): the gradient and the reported loss grow together."""
+    n = itertools.count()
+
+    def loss(value: Tensor) -> Tensor:
+        return value * 2.0 ** (next(n) / doubling)
+
+    return Fault(at, loss=loss, persistent=True)
+
+
+def layer_growth(name: str, rate: float) -> Callable[[Run], None]:
+    """From this step the gradient of parameter ``name`` alone is scaled by ``rate ** k`` at its k-th backward
+    (a per-parameter gradient multiplier that compounds): one layer ramps while the rest stays steady."""
+
+    def start(run: Run) -> None:
+        n = itertools.count()
+        param = dict(run.model.named_parameters())[name]
+        param.register_hook(lambda g: g * rate ** next(n))
+
+    return start
+
+
+def left_out_head(seed: int) -> Run:
+    """The digits MLP, Adam over every parameter but the output layer's weight (``4.weight``): its ``.grad`` sums
+    up step after step."""
+    m = mlp(64, 128, 128, 10)
+    params = [p for n, p in m.named_parameters() if n != "4.weight"]
+    return Run(m, torch.optim.Adam(params, lr=1e-3), digits_batches(seed), ce)
+
+
 K = 100  # onset of the mid-run faults
 P = "pathological"
 
@@ -858,6 +910,23 @@ SCENARIOS += [
     Scenario("sgdr", H, lambda s: scheduled(s, "sgdr"), 300,
              "MLP, SGD 0.1, cosine with warm restarts every 60 steps (the LR jumps back at each restart)"),
     Scenario("long_run", H, tiny_long, 2500, "64-32-10 MLP, AdamW, cosine decay, 2,500 steps"),
+    # -- slow trends, healthy and pathological (growth that is training, growth that is a fault) --
+    Scenario("bn_weight_decay", H, bn_weight_decay, 300,
+             "conv-BN, SGD 0.1, weight decay 1e-2: the gradient norm rises ~3x in 80 steps as the loss falls"),
+    Scenario("warmup_sgd", H, warmup_sgd, 300, "MLP, SGD, learning rate warmed up linearly over 100 steps"),
+    Scenario("grad_accum_sgd", H, accumulating_sgd, 200, "MLP, SGD; 8 micro-batches accumulated per step, clip 1.0"),
+    Scenario("growing_weight", P, lambda s: digits_mlp(s, "adam"), K + 100,
+             "MLP, Adam; from step k the loss is weighted by a factor that doubles every 20 steps",
+             fault=lambda r: growing_weight(K), onset=K, expected="exploding", target="trend", forbid=("nonfinite",)),
+    Scenario("layer_ramp", P, lambda s: digits_mlp(s, "adam"), K + 80,
+             "MLP, Adam; from step k the gradient of 2.weight alone grows 5% a step (the rest stays steady)",
+             fault=lambda r: Fault(K, start=layer_growth("2.weight", 1.05)), onset=K, expected="exploding",
+             target="trend", layers=Layers("2.weight", lambda ls: {"2.weight"}, prefixed("2.weight")),
+             forbid=("nonfinite",)),
+    Scenario("left_out_head", P, left_out_head, 80,
+             "MLP, Adam over every parameter but the output weight 4.weight: its .grad is never cleared", onset=0,
+             expected="exploding", target="trend",
+             layers=Layers("4.weight", lambda ls: {"4.weight"}, prefixed("4.weight")), forbid=("nonfinite",)),
 ]
 
 BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}

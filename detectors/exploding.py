@@ -70,6 +70,8 @@ from pydantic import Field
 
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe_layers
 
+from .drift import RampTest
+
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this estimates its standard deviation
 FP16_MAX = 65504.0
 
@@ -103,19 +105,31 @@ class Exploding(Detector):
         #: The run's own scale: the median of the first ``scale_steps`` global norms. A spike that stays below it
         #: (a tiny norm jumping in a run that has all but converged) is not an explosion; 0 turns this off.
         scale_steps: int = Field(20, ge=0)
-        #: ``trend``: the level of the global norm (median of the last ``trend_window`` steps) this many times
-        #: above its lowest level of the last ``trend_horizon`` steps, while the loss has not risen.
-        trend_ratio: float = Field(10.0, gt=1)
+        #: ``trend`` (see ``drift.RampTest``): the level is the median of ``trend_window`` log norms; a ramp has
+        #: grown ``trend_ratio`` times beyond an allowance of ``trend_allowance`` (log) per step, and by
+        #: ``trend_half`` or more in each half of the last ``2 * trend_span`` steps.
         trend_window: int = Field(10, ge=2)
-        trend_horizon: int = Field(100, ge=2)
+        trend_allowance: float = Field(0.01, ge=0)
+        trend_ratio: float = Field(3.0, gt=1)
+        trend_span: int = Field(7, ge=1)
+        trend_half: float = Field(1.25, gt=1)
+        trend_parts: int = Field(3, ge=2)
+        #: The global norm is judged once the run has settled: no new high (by ``trend_half``) for this many steps.
+        trend_settle: int = Field(30, ge=0)
+        #: A layer is judged against the rest of the model once it carries this share of the sum of squares,
+        #: with this allowance per step.
+        trend_layer_allowance: float = Field(0.02, ge=0)
+        trend_layer_share: float = Field(0.5, gt=0, le=1)
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self._history: deque[float] = deque(maxlen=self.config.window)
         self._layer_baseline: np.ndarray | None = None
         self._early: list[float] = []  # the first scale_steps log norms
-        self._recent: deque[tuple[float, float]] = deque(maxlen=self.config.trend_window)  # (log norm, loss)
-        self._levels: deque[tuple[int, float, float]] = deque(maxlen=self.config.trend_horizon)  # (step, lvl, loss)
+        self._ramp_global = self._ramp(1)
+        self._ramp_layers: RampTest | None = None
+        self._ramp_own: RampTest | None = None
+        self._high, self._since_high, self._settled = -math.inf, 0, False
         self._trend_open = False
 
     def _severity(self, orders: float) -> str:
@@ -206,43 +220,69 @@ class Exploding(Detector):
         return len(self._early) >= self.config.scale_steps > 0 and x < float(np.median(self._early))
 
     def _trend(self, step: StepStats, norm: float) -> Finding | None:
-        """Slow growth: the level (rolling median) of log(norm) against its lowest level of the horizon.
-
-        Only while the loss level has not risen (a loss that grows with its gradient, as a GAN's generator loss
-        while its discriminator learns, is training, not a fault); without a loss, on the norm alone.
-        """
+        """Slow growth (``RampTest``): of the global norm once the run has settled, or of one layer against the
+        rest of the model, from the start, once that layer carries ``trend_layer_share`` of the gradient."""
         if norm <= 0:
             return None
         cfg = self.config
-        loss = step.loss if step.loss is not None and math.isfinite(step.loss) else math.nan
-        self._recent.append((math.log(norm), loss))
-        if len(self._recent) < cfg.trend_window:
-            return None
-        level = float(np.median([x for x, _ in self._recent]))
-        losses = [v for _, v in self._recent if not math.isnan(v)]
-        loss_level = float(np.median(losses)) if losses else math.nan
-        self._levels.append((step.step, level, loss_level))
-        past = list(self._levels)[: -cfg.trend_window] if len(self._levels) > cfg.trend_window else []
-        if not past:
-            return None
-        at, low, loss_low = min(past, key=lambda t: t[1])
-        grown = level - low
-        rising_loss = not math.isnan(loss_level) and not math.isnan(loss_low) and loss_level > loss_low
-        if grown < math.log(cfg.trend_ratio) or rising_loss:
+        g = step.grads
+        sq = np.where(np.isfinite(g.sum_sq) & (g.count > 0), g.sum_sq, 0.0)
+        total = float(sq.sum())
+        n = len(sq)
+        if self._ramp_layers is None or self._ramp_layers.width != n or self._ramp_own is None:
+            a = self.config.trend_layer_allowance
+            self._ramp_layers, self._ramp_own = self._ramp(n, a), self._ramp(n, a)
+        ramp = self._ramp_global
+        x = math.log(norm)
+        if not self._settled:  # no new high (by trend_half) for trend_settle steps: the run's warm-up is over
+            if x > self._high + math.log(cfg.trend_half) or math.isinf(self._high):
+                self._high, self._since_high = x, 0
+            else:
+                self._since_high += 1
+            self._settled = self._since_high >= cfg.trend_settle
+            if self._settled:
+                ramp.restart()
+        # judged once settled, and only above the run's early scale (a converged run's tiny norm may wander)
+        global_ramp = (bool(ramp.update(np.array([x]))[0]) and self._settled
+                       and not self._below_scale(float(ramp.level[0])))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = 0.5 * np.log(sq) - 0.5 * np.log(np.maximum(total - sq, 0.0))
+        rel[~np.isfinite(rel)] = np.nan
+        with np.errstate(divide="ignore"):
+            own = np.where(sq > 0, 0.5 * np.log(sq), np.nan)
+        # the layer grows against the rest *and* on its own (not a rest that fell away, as when layers freeze)
+        lay = self._ramp_layers.update(rel) & self._ramp_own.update(own) & (sq >= cfg.trend_layer_share * total)
+        if not (global_ramp or lay.any()):
             self._trend_open = False
             return None
         if self._trend_open:
             return None  # one finding per rise
         self._trend_open = True
-        loss_note = ("" if math.isnan(loss_level)
-                     else f" while the loss did not rise ({loss_low:.3g} -> {loss_level:.3g})")
+        if lay.any():
+            idx = np.flatnonzero(lay)
+            names = [g.layers[i] for i in idx]
+            worst = int(idx[np.argmax(self._ramp_layers.cusum[idx])])
+            grown = float(self._ramp_layers.level[worst] - self._ramp_layers.start[worst])
+            steps = int(self._ramp_layers.age[worst])
+            what = (f"the gradient of {describe_layers(names)} has grown steadily against the rest of the model, "
+                    f"{_times(grown)} in {steps} steps, and now carries {sq[worst] / total:.0%} of the gradient norm")
+        else:
+            grown = float(ramp.level[0] - ramp.start[0])
+            steps = int(ramp.age[0])
+            names = []
+            what = (f"the global gradient norm has grown steadily, {_times(grown)} in {steps} steps (to "
+                    f"{math.exp(ramp.level[0]):.3g}, median of {cfg.trend_window} steps)")
         return self.finding(
             step, self._severity(grown / math.log(10)),
-            f"the global gradient norm has grown steadily, {_times(grown)} in {step.step - at} steps (median of "
-            f"{cfg.trend_window} steps {math.exp(low):.3g} at step {at} -> {math.exp(level):.3g} at step "
-            f"{step.step}){loss_note}; check that the gradients are cleared every step (optimizer.zero_grad() "
-            "for every parameter, including any left out of the optimizer) and for a loss term that keeps growing",
-            value=math.exp(grown), threshold=cfg.trend_ratio, key="trend")
+            f"{what} at step {step.step}; check that the gradients are cleared every step (optimizer.zero_grad() "
+            "for every parameter, including any left out of the optimizer) and for a loss term or weight that "
+            "keeps growing",
+            layers=names, value=math.exp(grown), threshold=cfg.trend_ratio, key="trend")
+
+    def _ramp(self, width: int, allowance: float | None = None) -> RampTest:
+        cfg = self.config
+        return RampTest(width, cfg.trend_window, allowance if allowance is not None else cfg.trend_allowance,
+                        cfg.trend_ratio, cfg.trend_span, cfg.trend_half, parts=cfg.trend_parts)
 
     def _layer_check(self, step: StepStats) -> list[Finding]:
         g = step.grads
@@ -281,16 +321,28 @@ class Exploding(Detector):
             "history": list(self._history),
             "layer_baseline": self._layer_baseline,
             "early": list(self._early),
-            "recent": list(self._recent),
-            "levels": list(self._levels),
+            "ramp_global": self._ramp_global.state_dict(),
+            "ramp_layers": None if self._ramp_layers is None else self._ramp_layers.state_dict(),
+            "ramp_own": None if self._ramp_own is None else self._ramp_own.state_dict(),
+            "settle": (self._high, self._since_high, self._settled),
+            "trend_open": self._trend_open,
         }
 
     def load_state_dict(self, state: Any) -> None:
         self._history = deque(state.get("history", []), maxlen=self.config.window)
         self._layer_baseline = state.get("layer_baseline")
         self._early = list(state.get("early", []))
-        self._recent = deque(map(tuple, state.get("recent", [])), maxlen=self.config.trend_window)
-        self._levels = deque(map(tuple, state.get("levels", [])), maxlen=self.config.trend_horizon)
+        self._ramp_global = self._ramp(1)
+        self._ramp_global.load_state_dict(state.get("ramp_global") or {})
+        layers, own = state.get("ramp_layers"), state.get("ramp_own")
+        self._ramp_layers = self._ramp_own = None
+        if layers and own and layers.get("cusum") is not None and own.get("cusum") is not None:
+            a = self.config.trend_layer_allowance
+            self._ramp_layers, self._ramp_own = self._ramp(len(layers["cusum"]), a), self._ramp(len(own["cusum"]), a)
+            self._ramp_layers.load_state_dict(layers)
+            self._ramp_own.load_state_dict(own)
+        self._high, self._since_high, self._settled = state.get("settle", (-math.inf, 0, False))
+        self._trend_open = bool(state.get("trend_open", False))
 
 
 def _times(log_ratio: float) -> str:
