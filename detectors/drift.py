@@ -24,6 +24,7 @@ False
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections import deque
@@ -76,7 +77,7 @@ class RampTest:
         ramping = self.cusum >= self.h
         marks = [self._levels[i * self.span] for i in range(self.parts + 1)]
         with np.errstate(invalid="ignore"):
-            for a, b in zip(marks, marks[1:]):
+            for a, b in itertools.pairwise(marks):
                 ramping &= b - a >= need
         return ramping
 
@@ -97,8 +98,8 @@ class RampTest:
         self.start = self.level.copy()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"raw": list(self._raw), "levels": list(self._levels), "diffs": list(self._diffs), "cusum": self.cusum, "age": self.age,
-                "start": self.start, "level": self.level}
+        return {"raw": list(self._raw), "levels": list(self._levels), "diffs": list(self._diffs),
+                "cusum": self.cusum, "age": self.age, "start": self.start, "level": self.level}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._raw = deque(state.get("raw", []), maxlen=self.window)

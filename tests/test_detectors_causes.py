@@ -8,6 +8,7 @@ no clipping advice) and the message for a model that no gradient reaches."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from gfservice.testing import make_step, replay
 from gfservice_detectors.dead_units import DeadUnits
@@ -21,19 +22,41 @@ def _norms(norms, losses=None):
             for i, n in enumerate(norms)]
 
 
-def test_trend_found_while_the_loss_does_not_rise():
+@pytest.mark.xfail(reason="known miss: a 5%/step ramp on a noisy norm (log scatter 0.3) is found ~70 steps after "
+                   "its onset, past its budget (3x rise + 30); the zoo's steady_growth and growing_weight alike",
+                   strict=True)
+def test_growth_mid_run_is_found_within_its_budget():
     rng = np.random.default_rng(0)
-    norms = np.exp(rng.normal(0, 0.1, 200))
-    norms[100:] *= np.arange(1, 101)               # gradients summed without zero_grad: linear growth
-    found = [f for f in replay(Exploding(), _norms(norms, [1.0] * 200)) if f.key == "trend"]
-    assert found and 100 < found[0].step <= 100 + 40, found
-    assert "zero_grad" in found[0].message
+    norms = np.exp(rng.normal(0, 0.3, 200))
+    norms[100:] *= 1.05 ** np.arange(100)          # a 5%/step ramp from a settled run: 3x at step 123
+    found = [f for f in replay(Exploding(), _norms(norms, [1.0] * 200)) if f.key in ("trend", "spike")]
+    assert found and 100 < found[0].step <= 123 + 30, found
+    assert found[0].key == "trend" and "zero_grad" in found[0].message
 
 
-def test_growth_with_a_rising_loss_is_not_a_trend():
+def test_one_layer_growing_against_the_rest_is_found_from_the_start():
+    rng = np.random.default_rng(1)
+    steady = np.exp(rng.normal(0, 0.1, (80, 3)))
+    grown = steady.copy()
+    grown[:, 0] *= np.arange(1, 81)                 # a .grad never cleared: linear growth from step 0 (3x at 2)
+    steps = [make_step(step=i, sum_sq=list(r**2), layers=["a", "b", "c"]) for i, r in enumerate(grown)]
+    found = [f for f in replay(Exploding(), steps) if f.key == "trend"]
+    assert found and found[0].step <= 2 + 30 and found[0].layers == ["a"], found
+    steps = [make_step(step=i, sum_sq=list(r**2), layers=["a", "b", "c"]) for i, r in enumerate(steady)]
+    assert not replay(Exploding(), steps)
+
+
+def test_growth_at_the_start_of_a_run_is_not_a_trend():
     norms = np.geomspace(1e-3, 1.0, 100)            # a GAN generator while its discriminator learns
     losses = np.linspace(0.7, 2.0, 100)
     assert not [f for f in replay(Exploding(), _norms(norms, losses)) if f.key == "trend"]
+
+
+def test_a_step_change_is_not_a_trend():
+    rng = np.random.default_rng(2)
+    norms = np.exp(rng.normal(0, 0.2, 300))
+    norms[150:] *= 4.0                              # an SGDR restart or a layer unfrozen: 4x at once
+    assert not [f for f in replay(Exploding(), _norms(norms)) if f.key == "trend"]
 
 
 def test_jump_of_a_tiny_norm_near_convergence_is_not_an_explosion():
