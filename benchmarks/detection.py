@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,6 +60,10 @@ class Target:
     deep_steps: int = 0
     critical: bool = False
     before_nonfinite: bool = False
+    #: Count ``steps`` from the first step at or after the onset where the gradient norm (of the scenario's
+    #: layers, else the global norm) stands ``rise`` times above its reference (the median of the 10 steps
+    #: before the onset; the first step's norm when the onset is 0), not from the onset.
+    rise: float | None = None
 
     def deadline(self, onset: int, deep_every: int) -> int:
         """The last step at which a finding still counts (20 steps after the onset when nothing says)."""
@@ -78,6 +83,7 @@ TARGETS: dict[str, Target] = {
     "loss_scale": Target("within 20 steps", steps=20),
     "rank_divergence": Target("within 50 steps", steps=50),
     "straggler": Target("within 50 steps", steps=50),
+    "trend": Target("within 30 steps of a 3x rise", steps=30, rise=3.0),
 }
 
 
@@ -96,6 +102,7 @@ class Result:
     alarms: dict[str, int] = field(default_factory=dict)  # detector -> first step of a warning/critical finding
     infos: dict[str, int] = field(default_factory=dict)  # detector -> first step of an info finding
     first_nonfinite: int | None = None  # ground truth: first step with a NaN/Inf loss or gradient
+    rise_step: int | None = None  # ground truth of trend targets: first step of the 3x rise
     fired: int | None = None  # first step the expected detector raised an alarm (at or after the onset)
     delay: int | None = None
     deadline: int | None = None
@@ -168,20 +175,38 @@ def _num(x: float) -> float | str:
     return float(f"{x:.4g}") if math.isfinite(x) else str(x)
 
 
+def _values(g: torch.Tensor) -> torch.Tensor:
+    return g.coalesce().values() if g.is_sparse else g
+
+
+def rise_step(norms: Sequence[float], onset: int, rise: float) -> int | None:
+    """The first step at or after ``onset`` whose norm is ``rise`` times its reference (see ``Target.rise``).
+
+    >>> rise_step([1.0] * 10 + [1.0, 2.0, 3.5, 9.0], 10, 3.0)
+    12
+    """
+    before = [n for n in norms[max(0, onset - 10):onset] if math.isfinite(n)]
+    ref = float(np.median(before)) if before else norms[onset]
+    return next((i for i in range(onset, len(norms)) if not norms[i] < rise * ref), None)
+
+
 def train(sc: zoo.Scenario, seed: int, deep_every: int, config: str | None) -> Result:
     """Run one scenario with one seed and score it."""
     t0 = time.perf_counter()
     run = sc.make(seed)
     layers = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    watched = sc.layers.must(layers) if sc.layers is not None else set(layers)
     mon, dropped = open_monitor(run, f"{sc.name}-s{seed}", sc.detectors, deep_every, config)
     losses: list[float] = []
+    norms: list[float] = []
     first_bad: int | None = None
     for i in range(sc.steps):
         loss = run.step(i)
-        if first_bad is None:
-            grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-            if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads):
-                first_bad = i
+        grads = {n: _values(p.grad) for n, p in run.model.named_parameters() if p.grad is not None}
+        if first_bad is None and (not torch.isfinite(loss)
+                                  or not all(bool(torch.isfinite(g).all()) for g in grads.values())):
+            first_bad = i
+        norms.append(math.sqrt(sum(float(g.double().square().sum()) for n, g in grads.items() if n in watched)))
         mon.step(loss=loss)
         run.finish()
         losses.append(float(loss))
@@ -195,6 +220,9 @@ def train(sc: zoo.Scenario, seed: int, deep_every: int, config: str | None) -> R
     alarms = sorted((f for f in findings if f.severity.value != "info"), key=_first)
     for f in sorted(findings, key=_first):
         (res.infos if f.severity.value == "info" else res.alarms).setdefault(f.detector, _first(f))
+    target = TARGETS.get(sc.target or sc.expected or "")
+    if target is not None and target.rise and sc.onset is not None:
+        res.rise_step = rise_step(norms, sc.onset, target.rise)
     score(res, sc, alarms, layers, deep_every)
     res.wall_s = round(time.perf_counter() - t0, 2)
     return res
@@ -203,14 +231,17 @@ def train(sc: zoo.Scenario, seed: int, deep_every: int, config: str | None) -> R
 def score(res: Result, sc: zoo.Scenario, alarms: list[Any], layers: Sequence[str], deep_every: int) -> None:
     """Fill in the verdict of ``res`` from its alarms (warning/critical findings, sorted by first step)."""
     alarms = [f for f in alarms if f.severity.value != "info"]
+    errors = [f"{res.monitor_errors} monitor errors"] if res.monitor_errors else []
     if sc.kind == "healthy" or sc.expected is None or sc.onset is None:
         res.false_alarms = [_brief(f) for f in alarms]
-        res.verdict = "FALSE-ALARM" if alarms else "PASS"
-        res.why = ", ".join(sorted({f.detector for f in alarms}))
+        res.verdict = "FALSE-ALARM" if alarms else "ERROR" if errors else "PASS"
+        res.why = ", ".join([*sorted({f.detector for f in alarms}), *errors])
         return
     onset, exp = sc.onset, sc.expected
-    target = TARGETS.get(exp, Target("within 20 steps", steps=20))
+    target = TARGETS.get(sc.target or exp, Target("within 20 steps", steps=20))
     deadline = target.deadline(onset, deep_every)
+    if target.rise:
+        deadline = target.deadline(onset if res.rise_step is None else res.rise_step, deep_every)
     if target.before_nonfinite and res.first_nonfinite is not None and res.first_nonfinite >= onset:
         deadline = min(deadline, res.first_nonfinite - 1)
     res.deadline, res.target = deadline, target.text
@@ -243,6 +274,7 @@ def score(res: Result, sc: zoo.Scenario, alarms: list[Any], layers: Sequence[str
         why.append(f"named {len(res.named)} layers ({shown}), expected {sc.layers.describe if sc.layers else ''}")
     if forbidden:
         why.append(f"{forbidden[0].detector} fired at step {_first(forbidden[0])}")
+    why += errors
     res.verdict = "PASS" if not why else "MISS"
     res.why = "; ".join(why)
 

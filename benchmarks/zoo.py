@@ -50,6 +50,8 @@ class Fault:
     loss: Callable[[Tensor], Tensor] | None = None
     grads: Callable[[nn.Module], None] | None = None
     persistent: bool = False
+    #: With ``persistent``: hit only every ``every``-th step from ``at`` (a fault that recurs with a period).
+    every: int = 1
 
 
 @dataclass
@@ -65,11 +67,24 @@ class Run:
     autocast: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     fault: Fault | None = None
+    #: ``finish`` clears the gradients (a fault may turn it off: gradients accumulated without zero_grad).
+    zero_grad: bool = True
+    #: Called at the start of every step with the step index (gradual unfreezing and other planned changes).
+    on_step: Callable[[Run, int], None] | None = None
+
+    def hit(self, i: int) -> bool:
+        """Whether the fault acts at step ``i``."""
+        f = self.fault
+        if f is None:
+            return False
+        return i == f.at or (f.persistent and i > f.at and (i - f.at) % f.every == 0)
 
     def step(self, i: int) -> Tensor:
         """Train step ``i`` up to ``optimizer.step()`` (and ``scaler.update()``); returns the loss."""
         f = self.fault
-        hit = f is not None and (i == f.at or (f.persistent and i > f.at))
+        hit = self.hit(i)
+        if self.on_step is not None:
+            self.on_step(self, i)
         if f is not None and i == f.at and f.start is not None:
             f.start(self)
         x, y = next(self.batches)
@@ -96,7 +111,8 @@ class Run:
 
     def finish(self) -> None:
         """After ``monitor.step``: clear the gradients and advance the schedule."""
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
 
@@ -142,6 +158,9 @@ class Scenario:
     detectors: dict[str, dict[str, object]] = field(default_factory=dict)
     #: Part of the ``--quick`` smoke run.
     quick: bool = False
+    #: The deadline rule (a key of ``detection.TARGETS``) when it is not the expected detector's own, e.g.
+    #: ``"trend"``: within 30 steps of the step where the gradient norm first stands 3x above its reference.
+    target: str | None = None
 
     def make(self, seed: int) -> Run:
         """Seed torch, build the run and arm its fault."""
@@ -240,10 +259,16 @@ def resmlp(d: int = 64, blocks: int = 6) -> nn.Sequential:
 class Recurrent(nn.Module):
     """An LSTM or a vanilla RNN over one-hot tokens; a linear head on the last hidden state."""
 
-    def __init__(self, cell: Literal["lstm", "rnn"], vocab: int = 4, hidden: int = 32, n_out: int = 4) -> None:
+    def __init__(self, cell: Literal["lstm", "rnn", "gru", "tanh"], vocab: int = 4, hidden: int = 32,
+                 n_out: int = 4) -> None:
         super().__init__()
-        self.rnn: nn.Module = (nn.LSTM(vocab, hidden, batch_first=True) if cell == "lstm"
-                               else nn.RNN(vocab, hidden, batch_first=True, nonlinearity="relu"))
+        self.rnn: nn.Module
+        if cell == "lstm":
+            self.rnn = nn.LSTM(vocab, hidden, batch_first=True)
+        elif cell == "gru":
+            self.rnn = nn.GRU(vocab, hidden, batch_first=True)
+        else:
+            self.rnn = nn.RNN(vocab, hidden, batch_first=True, nonlinearity="relu" if cell == "rnn" else "tanh")
         self.head = nn.Linear(hidden, n_out)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -318,14 +343,7 @@ def transformer(seed: int, pre_ln: bool = True, steps: int = 200) -> Run:
 
 def finetune(seed: int, steps: int = 300) -> Run:
     """Pre-train (unmonitored) on digits 0-4, new head, fine-tune on all ten; the LR drops 10x mid-run."""
-    m = mlp(64, 128, 128, 5)
-    x, y = digits()
-    pre, opt = sample(x[y < 5], y[y < 5], 64, seed + 1), _adam(m)
-    for _ in range(60):
-        ce(m, *next(pre)).backward()
-        opt.step()
-        opt.zero_grad()
-    m[-1] = nn.Linear(128, 10)
+    m = pretrained(seed)
     o = _sgd(m, 0.02)
     sched = torch.optim.lr_scheduler.MultiStepLR(o, milestones=[steps // 2], gamma=0.1)
     return Run(m, o, digits_batches(seed), ce, scheduler=sched)
@@ -413,6 +431,332 @@ def kill_relus(layer: int, fraction: float) -> Callable[[Run], None]:
     return start
 
 
+# ---- set-ups of issue 21: clipping, schedules, structure, sparse, fp16, GANs --------------------------------
+def clipped(run: Run, clip: float = 1.0) -> Run:
+    """The run with ``clip_grad_norm_(..., clip)`` before every optimizer step (the Transformers default)."""
+    run.clip = clip
+    return run
+
+
+def scheduled(seed: int, kind: Literal["step", "cosine", "sgdr"], steps: int = 300) -> Run:
+    """The digits MLP, SGD momentum at 0.1, under StepLR (x0.1 every 100 steps), cosine annealing, or SGDR
+    (cosine with warm restarts every 60 steps: the learning rate jumps back to 0.1 at each restart)."""
+    run = digits_mlp(seed, lr=0.1)
+    o = run.optimizer
+    run.scheduler = (torch.optim.lr_scheduler.StepLR(o, 100, 0.1) if kind == "step"
+                     else torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) if kind == "cosine"
+                     else torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, 60))
+    return run
+
+
+def clipped_rnn(seed: int, cell: Literal["gru", "tanh"]) -> Run:
+    """A GRU with Adam, or a tanh RNN with plain SGD at 0.1, both clipped at 1.0 (the usual RNN recipe)."""
+    m = Recurrent(cell)
+    batches = token_batches(seed, "majority", 16, 4)
+    opt = _adam(m, 3e-3) if cell == "gru" else torch.optim.SGD(m.parameters(), lr=0.1)
+    return Run(m, opt, batches, ce, clip=1.0)
+
+
+def tiny_long(seed: int, steps: int = 2500) -> Run:
+    """A 64-32-10 MLP, AdamW 3e-3, cosine decay over a long run."""
+    m = mlp(64, 32, 10)
+    o = _adam(m, 3e-3, 0.01)
+    return Run(m, o, digits_batches(seed, 32), ce, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(o, steps))
+
+
+def accumulating(seed: int, micro: int = 4, batch: int = 16, opt: str = "adam") -> Run:
+    """Gradient accumulation done right: ``micro`` micro-batches of ``batch``, loss / micro each, one optimizer
+    step."""
+    run = digits_mlp(seed, opt)
+    inner = digits_batches(seed, batch)
+
+    def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        total = torch.zeros(())
+        for j in range(micro):
+            xb, yb = (x, y) if j == 0 else next(inner)
+            part = ce(model, xb, yb) / micro
+            if j < micro - 1:
+                part.backward()
+            total = total + part.detach() if j < micro - 1 else total + part
+        return total
+
+    run.batches, run.loss_fn = inner, loss_fn
+    return run
+
+
+def left_out(seed: int) -> Run:
+    """The digits MLP, Adam, built over every parameter but the first layer's weight: ``optimizer.zero_grad``
+    never clears that weight's ``.grad``, which sums every step's gradient (the weight itself never moves)."""
+    m = mlp(64, 128, 128, 10)
+    params = [p for n, p in m.named_parameters() if n != "0.weight"]
+    return Run(m, torch.optim.Adam(params, lr=1e-3), digits_batches(seed), ce)
+
+
+class Moe(nn.Module):
+    """Top-1 mixture of experts over digits: a router picks one of ``experts`` small MLPs per sample and scales
+    its output by the gate probability (Switch style). With ``detach_gate`` the gate is detached (a bug): the
+    router gets no gradient."""
+
+    def __init__(self, experts: int = 16, detach_gate: bool = False) -> None:
+        super().__init__()
+        self.router = nn.Linear(64, experts)
+        with torch.no_grad():  # a peaked router: top-1 routing without a balancing loss leaves experts idle
+            self.router.weight.mul_(8.0)
+        self.experts = nn.ModuleList(mlp(64, 32, 10) for _ in range(experts))
+        self.detach_gate = detach_gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = torch.softmax(self.router(x), -1)
+        gate, idx = probs.max(-1)
+        if self.detach_gate:
+            gate = gate.detach()
+        out = torch.zeros(len(x), 10)
+        for e in idx.unique().tolist():
+            sel = idx == e
+            out[sel] = self.experts[e](x[sel]) * gate[sel, None]
+        return out
+
+
+def moe(seed: int, detach_gate: bool = False) -> Run:
+    """8 samples a batch over 16 experts: an expert gets a token on 3-70% of the steps and may stay idle for
+    100 steps or more (its ``.grad`` is None then); the first token reaches some experts only after 15 steps."""
+    m = Moe(detach_gate=detach_gate)
+    return Run(m, _adam(m, 3e-3), digits_batches(seed, 8), ce)
+
+
+class Factorisation(nn.Module):
+    """Matrix factorisation: rating = <user vector, item vector> + biases; tables named for what they hold
+    (``users``, ``items``), not ``*emb*``."""
+
+    def __init__(self, users: int = 3000, items: int = 2000, d: int = 16, sparse: bool = False) -> None:
+        super().__init__()
+        self.users = nn.Embedding(users, d, sparse=sparse)
+        self.items = nn.Embedding(items, d, sparse=sparse)
+        self.user_bias = nn.Embedding(users, 1, sparse=sparse)
+        for t in (self.users, self.items):
+            nn.init.normal_(t.weight, 0, 0.1)
+        nn.init.zeros_(self.user_bias.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u, i = x[:, 0], x[:, 1]
+        return (self.users(u) * self.items(i)).sum(-1) + self.user_bias(u)[:, 0]
+
+
+def ratings(seed: int, users: int = 3000, items: int = 2000, batch: int = 256) -> Iterator[Batch]:
+    """(user, item) pairs and ratings from hidden rank-4 factors plus a little noise."""
+    g = torch.Generator().manual_seed(20_000 + seed)
+    fu, fi = torch.randn(users, 4, generator=g), torch.randn(items, 4, generator=g)
+    while True:
+        u = torch.randint(0, users, (batch,), generator=g)
+        i = torch.randint(0, items, (batch,), generator=g)
+        yield torch.stack([u, i], 1), (fu[u] * fi[i]).sum(-1) + 0.1 * torch.randn(batch, generator=g)
+
+
+def recommender(seed: int, sparse: bool = False) -> Run:
+    """Matrix factorisation, MSE; Adam on dense tables, or ``sparse=True`` tables with SparseAdam."""
+    m = Factorisation(sparse=sparse)
+    opt = (torch.optim.SparseAdam(list(m.parameters()), lr=1e-2) if sparse
+           else torch.optim.Adam(m.parameters(), lr=1e-2))
+    return Run(m, opt, ratings(seed), lambda model, x, y: F.mse_loss(model(x), y))
+
+
+def pretrained(seed: int, out: int = 10) -> nn.Sequential:
+    """The 64-128-128-``out`` MLP after 60 unmonitored Adam steps on digits 0-4 (then a new head)."""
+    m = mlp(64, 128, 128, 5)
+    x, y = digits()
+    pre, opt = sample(x[y < 5], y[y < 5], 64, seed + 1), _adam(m)
+    for _ in range(60):
+        ce(m, *next(pre)).backward()
+        opt.step()
+        opt.zero_grad()
+    m[-1] = nn.Linear(128, out)
+    return m
+
+
+def gradual_unfreeze(seed: int, every: int = 60) -> Run:
+    """ULMFiT-style: only the new head trains at first; every ``every`` steps the next layer down is unfrozen
+    (``requires_grad`` turned on; the optimizer holds every parameter from the start)."""
+    m = pretrained(seed)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    m[-1].requires_grad_(True)
+    order = [m[2], m[0]]
+
+    def unfreeze(run: Run, i: int) -> None:
+        if i and i % every == 0 and i // every <= len(order):
+            order[i // every - 1].requires_grad_(True)
+
+    return Run(m, _adam(m, 1e-3), digits_batches(seed), ce, on_step=unfreeze)
+
+
+def freeze(*layers: int) -> Callable[[Run], None]:
+    """A freeze done right, mid-run: ``requires_grad_(False)`` on the layers (their ``.grad`` stays None)."""
+
+    def start(run: Run) -> None:
+        for i in layers:
+            run.model[i].requires_grad_(False)
+
+    return start
+
+
+class LoRA(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update ``B @ A`` (``B`` starts at zero, so ``A`` gets
+    exactly zero gradient at the first step: by construction, not a fault)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float = 8.0) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scale * (x @ self.lora_a.T @ self.lora_b.T)
+
+
+def lora(seed: int) -> Run:
+    """LoRA adapters on both hidden layers of a pre-trained MLP (frozen), a new trainable head; AdamW 1e-3."""
+    m = pretrained(seed)
+    m[0], m[2] = LoRA(m[0]), LoRA(m[2])
+    return Run(m, _adam(m, 1e-3, 0.01), digits_batches(seed), ce)
+
+
+def fp16_model(seed: int) -> Run:
+    """The digits MLP held in float16 (``model.half()``), fp16 inputs, plain SGD: no autocast, no loss scaler."""
+    m = mlp(64, 128, 128, 10).half()
+    half = ((x.half(), y) for x, y in digits_batches(seed))
+    return Run(m, torch.optim.SGD(m.parameters(), lr=0.05), half, ce)
+
+
+def converging(seed: int) -> Run:
+    """Linear regression onto a linear teacher with label noise 0.01, SGD momentum: the gradient norm falls
+    ~300x in 200 steps to the minibatch noise floor and stays there (a run that has all but converged)."""
+    g = torch.Generator().manual_seed(30_000 + seed)
+    x = torch.randn(2000, 32, generator=g)
+    y = x @ (torch.randn(32, 8, generator=g) / 6) + 0.01 * torch.randn(2000, 8, generator=g)
+    m = nn.Linear(32, 8)
+    return Run(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), sample(x, y, 64, seed),
+               lambda model, x, y: F.mse_loss(model(x), y))
+
+
+def label_noise(scale: float) -> Callable[[Tensor, Tensor], Batch]:
+    """Noise of ``scale`` on every target of one batch (a few noisy labels in a converged regression)."""
+    return lambda x, y: (x, y + scale * torch.randn_like(y))
+
+
+class GanRun(Run):
+    """A GAN on 2-d points from a ring of 8 Gaussians: ``model`` is the generator, ``optimizer`` its Adam;
+    the discriminator has its own. Each step trains D, then G (the usual two-optimizer loop). With
+    ``detach`` the generator's own loss scores ``G(z).detach()`` (a bug): no gradient reaches G."""
+
+    def __init__(self, seed: int, detach: bool = False) -> None:
+        g_net = mlp(8, 64, 64, 2)
+        self.d = mlp(2, 64, 64, 1)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=1e-3, betas=(0.5, 0.999))
+        self.detach = detach
+        gen = torch.Generator().manual_seed(40_000 + seed)
+
+        def real() -> Iterator[Batch]:
+            while True:
+                k = torch.randint(0, 8, (64,), generator=gen) * (2 * math.pi / 8)
+                pts = torch.stack([k.cos(), k.sin()], 1) * 2 + 0.05 * torch.randn(64, 2, generator=gen)
+                yield pts, torch.randn(64, 8, generator=gen)
+
+        super().__init__(g_net, torch.optim.Adam(g_net.parameters(), lr=1e-3, betas=(0.5, 0.999)), real(), ce)
+
+    def step(self, i: int) -> Tensor:
+        x, z = next(self.batches)
+        bce = F.binary_cross_entropy_with_logits
+        fake = self.model(z)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss = bce(self.d(x), torch.ones(len(x), 1)) + bce(self.d(fake.detach()), torch.zeros(len(x), 1))
+        d_loss.backward()
+        self.opt_d.step()
+        g_loss = bce(self.d(fake.detach() if self.detach else fake), torch.ones(len(x), 1))
+        g_loss.backward()
+        self.optimizer.step()
+        return g_loss.detach()
+
+    def finish(self) -> None:
+        super().finish()
+        self.opt_d.zero_grad(set_to_none=True)
+
+
+def growth(rate: float, at: int) -> Fault:
+    """From step ``at`` every gradient is scaled by ``rate ** (steps since at)``: a steady exponential ramp
+    (5%/step: 3x in 23 steps, 100x in 95), as from a loss term whose weight grows without bound."""
+    n = itertools.count()
+
+    def grads(model: nn.Module) -> None:
+        scale_grads(rate ** next(n))(model)
+
+    return Fault(at, grads=grads, persistent=True)
+
+
+def stop_zero_grad(run: Run) -> None:
+    """From this step on ``optimizer.zero_grad()`` is no longer called: the gradients sum up step after step."""
+    run.zero_grad = False
+
+
+def set_weight_decay(wd: float) -> Callable[[Run], None]:
+    def start(run: Run) -> None:
+        for g in run.optimizer.param_groups:
+            g["weight_decay"] = wd
+
+    return start
+
+
+def bn_weight_decay(seed: int) -> Run:
+    """conv-BN with SGD 0.1 and weight decay 1e-2: the conv weights are scale-invariant (BatchNorm follows), weight
+    decay shrinks them and their gradient grows as 1/|w| (Li and Arora, 2020): the gradient norm rises ~3x over
+    the first 80 steps while the loss falls, then settles. Healthy."""
+    m = conv_bn()
+    return Run(m, _sgd(m, 0.1, weight_decay=1e-2), digits_batches(seed, image=True), ce)
+
+
+def warmup_sgd(seed: int, warmup: int = 100) -> Run:
+    """The digits MLP, SGD momentum; the learning rate ramps linearly from 1% to 0.1 over ``warmup`` steps."""
+    run = digits_mlp(seed, lr=0.1)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda i: min(1.0, (i + 1) / warmup))
+    return run
+
+
+def accumulating_sgd(seed: int, micro: int = 8) -> Run:
+    """Gradient accumulation done right with SGD: ``micro`` micro-batches of 8, loss / micro each, clip 1.0."""
+    return clipped(accumulating(seed, micro, 8, "sgd"))
+
+
+def growing_weight(at: int, doubling: int = 20) -> Fault:
+    """From step ``at`` the loss is multiplied by a weight that doubles every ``doubling`` steps (a loss weight's
+    schedule gone wrong): the gradient and the reported loss grow together."""
+    n = itertools.count()
+
+    def loss(value: Tensor) -> Tensor:
+        return value * 2.0 ** (next(n) / doubling)
+
+    return Fault(at, loss=loss, persistent=True)
+
+
+def layer_growth(name: str, rate: float) -> Callable[[Run], None]:
+    """From this step the gradient of parameter ``name`` alone is scaled by ``rate ** k`` at its k-th backward
+    (a per-parameter gradient multiplier that compounds): one layer ramps while the rest stays steady."""
+
+    def start(run: Run) -> None:
+        n = itertools.count()
+        param = dict(run.model.named_parameters())[name]
+        param.register_hook(lambda g: g * rate ** next(n))
+
+    return start
+
+
+def left_out_head(seed: int) -> Run:
+    """The digits MLP, Adam over every parameter but the output layer's weight (``4.weight``): its ``.grad`` sums
+    up step after step."""
+    m = mlp(64, 128, 128, 10)
+    params = [p for n, p in m.named_parameters() if n != "4.weight"]
+    return Run(m, torch.optim.Adam(params, lr=1e-3), digits_batches(seed), ce)
+
+
 K = 100  # onset of the mid-run faults
 P = "pathological"
 
@@ -476,6 +820,113 @@ SCENARIOS: list[Scenario] = [
     Scenario("update_ratio", P, lambda s: digits_mlp(s, "adamw", 0.08), 60,
              "MLP, AdamW lr 0.08: updates rewrite several per cent of the weights every step", onset=0,
              expected="update_ratio"),
+]
+
+H = "healthy"
+R = 3 * K  # onset of the faults that need a converged run
+SCENARIOS += [
+    # -- clipping: the monitor reads the gradients after clip_grad_norm_ (pre-clip collection comes later) --
+    Scenario("transformer_clip", H, lambda s: clipped(transformer(s)), 200,
+             "pre-LN transformer, AdamW, warm-up and cosine decay, clip 1.0 (the Transformers defaults)"),
+    Scenario("gru_clip", H, lambda s: clipped_rnn(s, "gru"), 300, "GRU, majority token of 16, Adam, clip 1.0"),
+    Scenario("rnn_tanh_clip", H, lambda s: clipped_rnn(s, "tanh"), 300,
+             "tanh RNN, majority token of 16, SGD 0.1, clip 1.0"),
+    Scenario("clip_lr_jump", P, lambda s: clipped(digits_mlp(s)), K + 40,
+             "MLP, SGD, clip 1.0; LR x1000 at step k: the clipped norm stays at 1.0",
+             fault=lambda r: Fault(K, start=scale_lr(1000.0)), onset=K, expected="exploding"),
+    Scenario("clip_loss_1e6", P, lambda s: clipped(digits_mlp(s, "adam")), K + 30,
+             "MLP, Adam, clip 1.0; loss x1e6 at step k (one step): clipped to norm 1.0",
+             fault=lambda r: Fault(K, loss=lambda loss: loss * 1e6), onset=K, expected="exploding",
+             forbid=("nonfinite",)),
+    Scenario("lstm_clip_lr_jump", P, lambda s: recurrent(s, "lstm"), K + 40,
+             "LSTM, Adam, clip 1.0; LR x1000 at step k", fault=lambda r: Fault(K, start=scale_lr(1000.0)),
+             onset=K, expected="exploding"),
+    # -- slow trends --
+    Scenario("grad_accum", H, accumulating, 200, "MLP, Adam; 4 micro-batches accumulated per step, zeroed"),
+    Scenario("no_zero_grad", P, lambda s: digits_mlp(s, "adam"), K + 60,
+             "MLP, Adam; from step k zero_grad is never called: gradients sum up step after step",
+             fault=lambda r: Fault(K, start=stop_zero_grad), onset=K, expected="exploding", target="trend",
+             forbid=("nonfinite",)),
+    Scenario("left_out_param", P, left_out, 80,
+             "MLP, Adam over every parameter but 0.weight: its .grad is never cleared and sums up", onset=0,
+             expected="exploding", target="trend", layers=Layers("0.weight", lambda ls: {"0.weight"},
+                                                                 prefixed("0.weight")), forbid=("nonfinite",)),
+    Scenario("steady_growth", P, lambda s: digits_mlp(s, "adam"), K + 80,
+             "MLP, Adam; from step k the gradients grow 5% a step (3x after 23 steps)",
+             fault=lambda r: growth(1.05, K), onset=K, expected="exploding", target="trend",
+             forbid=("nonfinite",)),
+    # -- optimizer --
+    Scenario("lr_too_low", P, lambda s: digits_mlp(s, lr=1e-7), 60, "MLP, SGD at lr 1e-7: no weight moves",
+             onset=0, expected="update_ratio"),
+    Scenario("wd_collapse", P, lambda s: digits_mlp(s, "adamw"), K + 40,
+             "MLP, AdamW; weight decay 0.01 -> 100 at step k: the weights shrink 10% a step",
+             fault=lambda r: Fault(K, start=set_weight_decay(100.0)), onset=K, expected="update_ratio"),
+    # -- structure --
+    Scenario("moe_top1", H, moe, 300, "top-1 MoE of 8 experts, peaked router: experts idle for tens of steps"),
+    Scenario("moe_detached_gate", P, lambda s: moe(s, detach_gate=True), 60,
+             "top-1 MoE whose gate probability is .detach()ed: the router gets no gradient", onset=0,
+             expected="no_gradient", layers=Layers("router.weight, router.bias", prefixed("router."))),
+    Scenario("recommender", H, recommender, 200,
+             "matrix factorisation, 3000 users x 2000 items x 16 (nn.Embedding named users/items), Adam"),
+    Scenario("gradual_unfreeze", H, gradual_unfreeze, 200,
+             "pre-trained MLP, new head; layers unfrozen (requires_grad) one by one every 60 steps"),
+    Scenario("freeze_midrun", H, lambda s: Run(m := pretrained(s), _adam(m), digits_batches(s), ce), 200,
+             "pre-trained MLP; layers 0 and 2 frozen with requires_grad_(False) at step k (done right)",
+             fault=lambda r: Fault(K, start=freeze(0, 2))),
+    Scenario("lora", H, lora, 200, "LoRA adapters (B zero-initialised) on a frozen pre-trained MLP, AdamW"),
+    Scenario("all_dead_layer", P, lambda s: digits_mlp(s, "adam"), K + 40,
+             "MLP; every ReLU of the first hidden layer killed by a -100 bias at step k",
+             fault=lambda r: Fault(K, start=kill_relus(0, 1.0)), onset=K, expected="dead_units",
+             layers=Layers("0.weight, 0.bias (2.weight allowed)", prefixed("0."), prefixed("0.", "2.weight")),
+             forbid=("no_gradient",)),
+    # -- sparse gradients --
+    Scenario("sparse_embedding", H, lambda s: recommender(s, sparse=True), 200,
+             "matrix factorisation with nn.Embedding(sparse=True) and SparseAdam"),
+    # -- precision --
+    Scenario("fp16_model", H, fp16_model, 300, "MLP held in float16 (model.half()), SGD, no loss scaler"),
+    Scenario("fp16_model_underflow", P, fp16_model, K + 40,
+             "MLP held in float16, no loss scaler; loss x1e-6 from step k: the gradients underflow to 0",
+             fault=lambda r: Fault(K, loss=lambda loss: loss * 1e-6, persistent=True), onset=K,
+             expected="precision"),
+    # -- noise near convergence --
+    Scenario("converged_noise", H, converging, R + 40,
+             "regression that has all but converged; one batch with noisy targets at step 3k: its tiny "
+             "gradient norm jumps ~40x, still far below the run's early norms",
+             fault=lambda r: Fault(R, batch=label_noise(0.4))),
+    Scenario("converged_lr_jump", P, converging, R + 40,
+             "regression that has all but converged; LR x100 at step 3k: SGD diverges",
+             fault=lambda r: Fault(R, start=scale_lr(100.0)), onset=R, expected="exploding"),
+    # -- causes named right --
+    Scenario("nan_every_k", P, digits_mlp, K + 100, "MLP; one NaN input value every 25 steps from step k",
+             fault=lambda r: Fault(K, batch=nan_input, persistent=True, every=25), onset=K,
+             expected="nonfinite"),
+    Scenario("gan", H, GanRun, 300, "GAN on a ring of Gaussians, two Adam optimizers; monitor on the generator"),
+    Scenario("gan_detached_generator", P, lambda s: GanRun(s, detach=True), 60,
+             "GAN whose generator loss scores G(z).detach(): no gradient reaches the generator", onset=0,
+             expected="no_gradient"),
+    # -- schedules and long runs --
+    Scenario("step_lr", H, lambda s: scheduled(s, "step"), 300, "MLP, SGD 0.1, StepLR x0.1 every 100 steps"),
+    Scenario("cosine", H, lambda s: scheduled(s, "cosine"), 300, "MLP, SGD 0.1, cosine annealing to 0"),
+    Scenario("sgdr", H, lambda s: scheduled(s, "sgdr"), 300,
+             "MLP, SGD 0.1, cosine with warm restarts every 60 steps (the LR jumps back at each restart)"),
+    Scenario("long_run", H, tiny_long, 2500, "64-32-10 MLP, AdamW, cosine decay, 2,500 steps"),
+    # -- slow trends, healthy and pathological (growth that is training, growth that is a fault) --
+    Scenario("bn_weight_decay", H, bn_weight_decay, 300,
+             "conv-BN, SGD 0.1, weight decay 1e-2: the gradient norm rises ~3x in 80 steps as the loss falls"),
+    Scenario("warmup_sgd", H, warmup_sgd, 300, "MLP, SGD, learning rate warmed up linearly over 100 steps"),
+    Scenario("grad_accum_sgd", H, accumulating_sgd, 200, "MLP, SGD; 8 micro-batches accumulated per step, clip 1.0"),
+    Scenario("growing_weight", P, lambda s: digits_mlp(s, "adam"), K + 100,
+             "MLP, Adam; from step k the loss is weighted by a factor that doubles every 20 steps",
+             fault=lambda r: growing_weight(K), onset=K, expected="exploding", target="trend", forbid=("nonfinite",)),
+    Scenario("layer_ramp", P, lambda s: digits_mlp(s, "adam"), K + 80,
+             "MLP, Adam; from step k the gradient of 2.weight alone grows 5% a step (the rest stays steady)",
+             fault=lambda r: Fault(K, start=layer_growth("2.weight", 1.05)), onset=K, expected="exploding",
+             target="trend", layers=Layers("2.weight", lambda ls: {"2.weight"}, prefixed("2.weight")),
+             forbid=("nonfinite",)),
+    Scenario("left_out_head", P, left_out_head, 80,
+             "MLP, Adam over every parameter but the output weight 4.weight: its .grad is never cleared", onset=0,
+             expected="exploding", target="trend",
+             layers=Layers("4.weight", lambda ls: {"4.weight"}, prefixed("4.weight")), forbid=("nonfinite",)),
 ]
 
 BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}

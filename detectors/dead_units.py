@@ -52,6 +52,8 @@ from pydantic import Field, field_validator
 
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe_layers
 
+from .signatures import dead_block
+
 #: Parameter names of embedding tables in common model code (torch's nn.Embedding under its usual names,
 #: GPT-2's wte/wpe, Llama's tok_embeddings, BERT's word_embeddings).
 EMBEDDINGS = r"(^|\.)(\w*embed\w*|\w*emb|wte|wpe|tok)\.weight$"
@@ -97,6 +99,14 @@ class DeadUnits(Detector):
         if self._exclude is not None:
             judged &= np.array([not self._exclude.search(n) for n in g.layers], dtype=bool)
         dead = judged & (frac >= cfg.max_dead_fraction)
+        # a layer whose units all died reads exactly zero throughout (so does the weight reading from it, whose
+        # bias still gets gradient): signatures.dead_block; every unit of it is dead
+        zero = (g.count > 0) & (g.zeros == g.count)
+        block = dead_block(g.layers, zero, (g.count > 0) & (g.zeros < g.count))
+        if block:
+            frac = np.array(frac, dtype=np.float64, copy=True)
+            frac[block] = 1.0
+            dead[block] = (g.units[block] >= 2) & (g.count[block] > g.units[block])
         if self._streak is None or self._layers != g.layers:
             self._streak, self._layers = np.zeros(len(g.layers), np.int64), g.layers
         self._streak = np.where(dead, self._streak + 1, 0)

@@ -33,6 +33,17 @@ reference is ``critical``, a smaller one a ``warning``:
   (a layer far below the others that gets a little gradient back is not an explosion). It judges from the second
   step on; the zoo's healthy layers move at most 0.6 orders against the median layer in their first ten steps.
 
+- ``trend``: slow growth that never looks like a spike (gradients summed without ``zero_grad``, a parameter
+  left out of the optimizer whose ``.grad`` is never cleared): the level of the global norm (median of the last
+  ``trend_window`` steps) stands ``trend_ratio`` (10) times above its lowest level of the last ``trend_horizon``
+  (100) steps while the loss level has not risen (a GAN generator's gradient grows 75x in its first 30 steps
+  while its loss rises: healthy). On the zoo's healthy runs the largest such growth is 6.2x (lstm_clip) apart
+  from the GAN (76x, with a rising loss). One finding per rise.
+
+A spike is judged against the run's own scale too: a jump that stays below the median of the first
+``scale_steps`` (20) norms is the noise of a run that has all but converged (the zoo's ``converged_noise``: a
+38x jump to 0.21 against an early median of ~0.4) and is not reported.
+
 Steps with NaN/Inf gradient values are ``nonfinite``'s and are not judged here (``update`` returns ``None``).
 
 >>> from gfservice.testing import make_step, replay
@@ -58,6 +69,8 @@ import numpy as np
 from pydantic import Field
 
 from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats, describe_layers
+
+from .drift import RampTest
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this estimates its standard deviation
 FP16_MAX = 65504.0
@@ -89,11 +102,35 @@ class Exploding(Detector):
         layer_orders: float = Field(3.0, gt=0)
         #: ...and where it must end up, at least, above the median layer.
         layer_min_orders: float = Field(1.0, ge=0)
+        #: The run's own scale: the median of the first ``scale_steps`` global norms. A spike that stays below it
+        #: (a tiny norm jumping in a run that has all but converged) is not an explosion; 0 turns this off.
+        scale_steps: int = Field(20, ge=0)
+        #: ``trend`` (see ``drift.RampTest``): the level is the median of ``trend_window`` log norms; a ramp has
+        #: grown ``trend_ratio`` times beyond an allowance of ``trend_allowance`` (log) per step, and by
+        #: ``trend_half`` or more in each half of the last ``2 * trend_span`` steps.
+        trend_window: int = Field(10, ge=2)
+        trend_allowance: float = Field(0.01, ge=0)
+        trend_ratio: float = Field(3.0, gt=1)
+        trend_span: int = Field(7, ge=1)
+        trend_half: float = Field(1.25, gt=1)
+        trend_parts: int = Field(3, ge=2)
+        #: The global norm is judged once the run has settled: no new high (by ``trend_half``) for this many steps.
+        trend_settle: int = Field(30, ge=0)
+        #: A layer is judged against the rest of the model once it carries this share of the sum of squares,
+        #: with this allowance per step.
+        trend_layer_allowance: float = Field(0.02, ge=0)
+        trend_layer_share: float = Field(0.5, gt=0, le=1)
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self._history: deque[float] = deque(maxlen=self.config.window)
         self._layer_baseline: np.ndarray | None = None
+        self._early: list[float] = []  # the first scale_steps log norms
+        self._ramp_global = self._ramp(1)
+        self._ramp_layers: RampTest | None = None
+        self._ramp_own: RampTest | None = None
+        self._high, self._since_high, self._settled = -math.inf, 0, False
+        self._trend_open = False
 
     def _severity(self, orders: float) -> Severity:
         return Severity.critical if orders >= self.config.critical_orders else Severity.warning
@@ -118,8 +155,11 @@ class Exploding(Detector):
                 value=max_abs, threshold=cfg.max_abs, key="abs"))
             return out
         spike = self._spike(step, norm)
+        trend = self._trend(step, norm)
         if spike is not None:
             out.append(spike)
+        elif trend is not None:
+            out.append(trend)
         elif cfg.max_abs is not None and g.max_abs is not None and max_abs >= cfg.max_abs:
             orders = math.log10(max_abs / cfg.max_abs)
             out.append(self.finding(
@@ -149,6 +189,8 @@ class Exploding(Detector):
             med = float(np.median(hist))
             scale = max(MAD_TO_SIGMA * float(np.median(np.abs(hist - med))), cfg.min_log_scale)
             z = (x - med) / scale
+            if z > cfg.z_threshold and self._below_scale(x):
+                return None  # below the run's early scale: noise of a converged run, kept out of the history
             if z > cfg.z_threshold:
                 orders = (x - med) / math.log(10)
                 found = self.finding(
@@ -169,7 +211,78 @@ class Exploding(Detector):
                     value=math.exp(x - top), threshold=cfg.early_ratio, key="spike")
         if found is None:
             self._history.append(x)
+            if len(self._early) < cfg.scale_steps:
+                self._early.append(x)
         return found
+
+    def _below_scale(self, x: float) -> bool:
+        """Whether log norm ``x`` stays below the run's early scale (the median of its first norms)."""
+        return len(self._early) >= self.config.scale_steps > 0 and x < float(np.median(self._early))
+
+    def _trend(self, step: StepStats, norm: float) -> Finding | None:
+        """Slow growth (``RampTest``): of the global norm once the run has settled, or of one layer against the
+        rest of the model, from the start, once that layer carries ``trend_layer_share`` of the gradient."""
+        if norm <= 0:
+            return None
+        cfg = self.config
+        g = step.grads
+        sq = np.where(np.isfinite(g.sum_sq) & (g.count > 0), g.sum_sq, 0.0)
+        total = float(sq.sum())
+        n = len(sq)
+        if self._ramp_layers is None or self._ramp_layers.width != n or self._ramp_own is None:
+            a = self.config.trend_layer_allowance
+            self._ramp_layers, self._ramp_own = self._ramp(n, a), self._ramp(n, a)
+        ramp = self._ramp_global
+        x = math.log(norm)
+        if not self._settled:  # no new high (by trend_half) for trend_settle steps: the run's warm-up is over
+            if x > self._high + math.log(cfg.trend_half) or math.isinf(self._high):
+                self._high, self._since_high = x, 0
+            else:
+                self._since_high += 1
+            self._settled = self._since_high >= cfg.trend_settle
+            if self._settled:
+                ramp.restart()
+        # judged once settled, and only above the run's early scale (a converged run's tiny norm may wander)
+        global_ramp = (bool(ramp.update(np.array([x]))[0]) and self._settled
+                       and not self._below_scale(float(ramp.level[0])))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = 0.5 * np.log(sq) - 0.5 * np.log(np.maximum(total - sq, 0.0))
+        rel[~np.isfinite(rel)] = np.nan
+        with np.errstate(divide="ignore"):
+            own = np.where(sq > 0, 0.5 * np.log(sq), np.nan)
+        # the layer grows against the rest *and* on its own (not a rest that fell away, as when layers freeze)
+        lay = self._ramp_layers.update(rel) & self._ramp_own.update(own) & (sq >= cfg.trend_layer_share * total)
+        if not (global_ramp or lay.any()):
+            self._trend_open = False
+            return None
+        if self._trend_open:
+            return None  # one finding per rise
+        self._trend_open = True
+        if lay.any():
+            idx = np.flatnonzero(lay)
+            names = [g.layers[i] for i in idx]
+            worst = int(idx[np.argmax(self._ramp_layers.cusum[idx])])
+            grown = float(self._ramp_layers.level[worst] - self._ramp_layers.start[worst])
+            steps = int(self._ramp_layers.age[worst])
+            what = (f"the gradient of {describe_layers(names)} has grown steadily against the rest of the model, "
+                    f"{_times(grown)} in {steps} steps, and now carries {sq[worst] / total:.0%} of the gradient norm")
+        else:
+            grown = float(ramp.level[0] - ramp.start[0])
+            steps = int(ramp.age[0])
+            names = []
+            what = (f"the global gradient norm has grown steadily, {_times(grown)} in {steps} steps (to "
+                    f"{math.exp(ramp.level[0]):.3g}, median of {cfg.trend_window} steps)")
+        return self.finding(
+            step, self._severity(grown / math.log(10)),
+            f"{what} at step {step.step}; check that the gradients are cleared every step (optimizer.zero_grad() "
+            "for every parameter, including any left out of the optimizer) and for a loss term or weight that "
+            "keeps growing",
+            layers=names, value=math.exp(grown), threshold=cfg.trend_ratio, key="trend")
+
+    def _ramp(self, width: int, allowance: float | None = None) -> RampTest:
+        cfg = self.config
+        return RampTest(width, cfg.trend_window, allowance if allowance is not None else cfg.trend_allowance,
+                        cfg.trend_ratio, cfg.trend_span, cfg.trend_half, parts=cfg.trend_parts)
 
     def _layer_check(self, step: StepStats) -> list[Finding]:
         g = step.grads
@@ -207,11 +320,29 @@ class Exploding(Detector):
         return {
             "history": list(self._history),
             "layer_baseline": self._layer_baseline,
+            "early": list(self._early),
+            "ramp_global": self._ramp_global.state_dict(),
+            "ramp_layers": None if self._ramp_layers is None else self._ramp_layers.state_dict(),
+            "ramp_own": None if self._ramp_own is None else self._ramp_own.state_dict(),
+            "settle": (self._high, self._since_high, self._settled),
+            "trend_open": self._trend_open,
         }
 
     def load_state_dict(self, state: Any) -> None:
         self._history = deque(state.get("history", []), maxlen=self.config.window)
         self._layer_baseline = state.get("layer_baseline")
+        self._early = list(state.get("early", []))
+        self._ramp_global = self._ramp(1)
+        self._ramp_global.load_state_dict(state.get("ramp_global") or {})
+        layers, own = state.get("ramp_layers"), state.get("ramp_own")
+        self._ramp_layers = self._ramp_own = None
+        if layers and own and layers.get("cusum") is not None and own.get("cusum") is not None:
+            a = self.config.trend_layer_allowance
+            self._ramp_layers, self._ramp_own = self._ramp(len(layers["cusum"]), a), self._ramp(len(own["cusum"]), a)
+            self._ramp_layers.load_state_dict(layers)
+            self._ramp_own.load_state_dict(own)
+        self._high, self._since_high, self._settled = state.get("settle", (-math.inf, 0, False))
+        self._trend_open = bool(state.get("trend_open", False))
 
 
 def _times(log_ratio: float) -> str:

@@ -40,6 +40,12 @@ from pydantic import Field
 
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe_layers
 
+from .signatures import dead_block, group_key
+
+#: A conditional layer is reported once its current gap would have come by chance with at most this probability
+#: at its own participation rate: (1 - p) ** gap <= CHANCE.
+CHANCE = 1e-4
+
 
 class NoGradient(Detector):
     """Layers whose gradient stays missing (.grad None) or exactly zero: a detached branch or a wrong freeze."""
@@ -49,6 +55,9 @@ class NoGradient(Detector):
     class Config(DetectorConfig):
         #: Consecutive collected steps without a gradient before a layer is reported.
         window: int = Field(10, ge=1)
+        #: A conditional layer (one of a group of siblings, e.g. experts, of which one has got its gradient back
+        #: after a gap) that has never had a gradient is reported after this many times ``window`` steps.
+        conditional_windows: int = Field(10, ge=1)
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -56,6 +65,10 @@ class NoGradient(Detector):
         self._streak: np.ndarray | None = None
         #: Per layer: how many of those steps had the gradient missing (the rest: exact zeros).
         self._missing: np.ndarray | None = None
+        #: Per layer: collected steps seen, steps with a gradient, and whether a gradient came back after a gap.
+        self._seen: np.ndarray | None = None
+        self._hits: np.ndarray | None = None
+        self._returned: np.ndarray | None = None
 
     def update(self, step: StepStats) -> list[Finding] | None:
         g = step.grads
@@ -72,11 +85,18 @@ class NoGradient(Detector):
         if self._streak is None or self._streak.shape != none.shape:
             self._streak = np.zeros(n, dtype=np.int64)
             self._missing = np.zeros(n, dtype=np.int64)
-        assert self._missing is not None
+            self._seen = np.zeros(n, dtype=np.int64)
+            self._hits = np.zeros(n, dtype=np.int64)
+            self._returned = np.zeros(n, dtype=bool)
+        assert self._missing is not None and self._seen is not None and self._hits is not None
+        assert self._returned is not None
+        self._returned |= ~none & (self._streak > 0) & (self._hits > 0)
         self._streak = np.where(none, self._streak + 1, 0)
         self._missing = np.where(none, self._missing + missing, 0)
+        self._seen += 1
+        self._hits += ~none
         w = self.config.window
-        persistent = self._streak >= w
+        persistent = self._streak >= self._required(g.layers)
         if not persistent.any():
             return []
         if persistent[judged].all():
@@ -95,15 +115,22 @@ class NoGradient(Detector):
                 self.finding(
                     step,
                     "warning",
-                    f"{what} for {w}+ collected steps at step {step.step}; monitor.step() is probably placed after "
-                    f"{where}: call it after optimizer.step() and before zero_grad(), or the gradients live "
-                    "elsewhere (DeepSpeed ZeRO / FSDP1 flat params), where the monitor cannot see them",
+                    f"{what} for {w}+ collected steps at step {step.step}: no gradient reaches these parameters. "
+                    "Either the loss is cut off from them (a .detach() or torch.no_grad() between them and the "
+                    "loss, e.g. a GAN generator whose output is detached in its own loss), or monitor.step() is "
+                    f"placed after {where} (call it after optimizer.step() and before zero_grad()), or the "
+                    "gradients live elsewhere (DeepSpeed ZeRO / FSDP1 flat params), where the monitor cannot see them",
                     value=int(judged.sum()),
                     threshold=w,
                     key="all",
                 )
             ]
+        live = (g.count > 0) & (g.sum_sq > 0)
+        dead = dead_block(g.layers, zero, live)  # units that died: dead_units reports them
+        persistent[dead] = False
         idx = np.flatnonzero(persistent)
+        if not idx.size:
+            return []
         names = [g.layers[i] for i in idx]
         n_missing = int(np.count_nonzero(self._missing[idx] == self._streak[idx]))
         n_zero = len(idx) - n_missing
@@ -130,11 +157,38 @@ class NoGradient(Detector):
             )
         ]
 
+    def _required(self, layers: tuple[str, ...]) -> np.ndarray:
+        """Per layer: the gap that counts as persistent. ``window`` for an ordinary layer; for a conditional
+        one (a sibling has got its gradient back after a gap: experts, branches taken on some steps) the gap
+        that its own participation rate makes improbable, or ``conditional_windows * window`` before its first
+        gradient."""
+        assert self._seen is not None and self._hits is not None and self._returned is not None
+        w = self.config.window
+        required = np.full(len(layers), w, dtype=np.float64)
+        if not self._returned.any():
+            return required
+        groups = [group_key(n) for n in layers]
+        conditional_groups = {k for k, r in zip(groups, self._returned, strict=True) if r}
+        # the rate over the steps before the current gap, and no surer than conditional_windows * window steps
+        before = self._seen - (self._streak if self._streak is not None else 0)
+        rate = np.clip(self._hits / np.maximum(before, w * self.config.conditional_windows), 1e-9, 1 - 1e-9)
+        by_rate = np.ceil(np.log(CHANCE) / np.log1p(-rate))
+        for i, k in enumerate(groups):
+            if k in conditional_groups:
+                required[i] = max(w, by_rate[i]) if self._hits[i] else w * self.config.conditional_windows
+        return required
+
     def state_dict(self) -> dict[str, Any]:
-        return {"streak": self._streak, "missing": self._missing}
+        return {"streak": self._streak, "missing": self._missing, "seen": self._seen, "hits": self._hits,
+                "returned": self._returned}
 
     def load_state_dict(self, state: Any) -> None:
         self._streak = state.get("streak")
         self._missing = state.get("missing")
         if self._streak is not None and self._missing is None:
             self._missing = np.zeros_like(self._streak)
+        self._seen, self._hits, self._returned = state.get("seen"), state.get("hits"), state.get("returned")
+        if self._streak is not None and (self._seen is None or self._hits is None or self._returned is None):
+            self._seen = np.zeros_like(self._streak)
+            self._hits = np.zeros_like(self._streak)
+            self._returned = np.zeros(self._streak.shape, dtype=bool)

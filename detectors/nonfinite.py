@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats, describe_layers
 
@@ -41,6 +42,12 @@ class NonFinite(Detector):
         #: With a GradScaler, overflow at a too-high loss scale is routine: the scaler skips the step and
         #: lowers the scale. Such steps are reported as ``info`` instead of ``critical``.
         scaler_skips_are_info: bool = True
+        #: Non-finite steps this many times in a row at the same interval are one ``periodic`` finding.
+        period_repeats: int = Field(3, ge=2)
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self._bad_steps: list[int] = []  # the last non-finite steps (not scaler skips)
 
     def update(self, step: StepStats) -> list[Finding]:
         g = step.grads
@@ -52,8 +59,8 @@ class NonFinite(Detector):
         severity = Severity.info if (step.skipped and self.config.scaler_skips_are_info) else Severity.critical
         out: list[Finding] = []
         origin = f", from rank {', '.join(map(str, ranks))}" if ranks else ""
-        advice = ("check the inputs and learning rate of that step, lower the loss scale or enable gradient "
-                  "clipping")
+        advice = ("check the inputs and learning rate of that step, or lower the loss scale; gradient clipping "
+                  "cannot repair NaN/Inf (a NaN norm spreads NaN to every gradient): skip such steps")
         if bad.any():
             idx = np.flatnonzero(bad)
             names = [g.layers[i] for i in idx]
@@ -91,7 +98,12 @@ class NonFinite(Detector):
                     key="grad",
                 )
             )
-        if self.config.check_loss and step.loss is not None and not math.isfinite(step.loss):
+        loss_bad = self.config.check_loss and step.loss is not None and not math.isfinite(step.loss)
+        if severity == "critical" and (bad.any() or ranks or loss_bad):
+            periodic = self._periodic(step)
+            if periodic is not None:
+                return [periodic]
+        if loss_bad:
             out.append(
                 self.finding(
                     step,
@@ -105,8 +117,26 @@ class NonFinite(Detector):
             )
         return out
 
+    def _periodic(self, step: StepStats) -> Finding | None:
+        """One finding for NaN/Inf that recurs at a fixed interval (a batch or hook that comes back every k
+        steps), once ``period_repeats`` intervals agree; it replaces the per-occurrence findings from then on."""
+        n = self.config.period_repeats
+        self._bad_steps = [*self._bad_steps[-n:], step.step]
+        gaps = np.diff(self._bad_steps[-(n + 1):])
+        if len(gaps) < n or len(set(gaps.tolist())) != 1 or gaps[0] <= 1:
+            return None
+        k = int(gaps[0])
+        seen = ", ".join(map(str, self._bad_steps[-(n + 1):]))
+        return self.finding(
+            step, "critical",
+            f"NaN/Inf recurs every {k} steps (steps {seen}): something periodic produces it, a batch that comes "
+            f"back every {k} steps (a corrupt sample or shard, a data-loader epoch boundary) or a hook or "
+            "evaluation that runs on that period; inspect those batches. Gradient clipping does not help here "
+            "(a NaN norm spreads NaN to every gradient)",
+            value=k, threshold=n, key="periodic")
+
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"bad_steps": list(self._bad_steps)}
 
     def load_state_dict(self, state: Any) -> None:
-        pass
+        self._bad_steps = list(state.get("bad_steps", []))

@@ -238,7 +238,7 @@ def test_every_layer_without_gradient_is_one_finding_about_the_monitor():
     found = replay(NoGradient(), steps)
     assert {f.key for f in found} == {"all"} and found[0].step == 9 and found[0].layers == []
     msg = found[0].message
-    assert "monitor.step() is probably placed after optimizer.zero_grad(set_to_none=True)" in msg
+    assert "monitor.step() is placed after optimizer.zero_grad(set_to_none=True)" in msg
     assert "DeepSpeed ZeRO / FSDP1 flat params" in msg
 
 

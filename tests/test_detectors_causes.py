@@ -1,0 +1,121 @@
+"""Issue 21's failure classes on synthetic steps (``gfservice.testing``): a miss or a false alarm fails them.
+
+Slow growth of the global norm (``exploding``, key ``trend``), a jump of a tiny norm in a converged run (no
+alarm), conditional computation (an expert that gets gradient on some steps is not detached), a layer whose
+units all died (``dead_units``, not ``no_gradient``), a NaN that recurs every k steps (one ``periodic`` finding,
+no clipping advice) and the message for a model that no gradient reaches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gfservice.testing import make_step, replay
+from gfservice_detectors.dead_units import DeadUnits
+from gfservice_detectors.exploding import Exploding
+from gfservice_detectors.no_gradient import NoGradient
+from gfservice_detectors.nonfinite import NonFinite
+
+
+def _norms(norms, losses=None):
+    return [make_step(step=i, sum_sq=[n**2 / 2, n**2 / 2], loss=None if losses is None else losses[i])
+            for i, n in enumerate(norms)]
+
+
+@pytest.mark.xfail(reason="known miss: a 5%/step ramp on a noisy norm (log scatter 0.3) is found ~70 steps after "
+                   "its onset, past its budget (3x rise + 30); the zoo's steady_growth and growing_weight alike",
+                   strict=True)
+def test_growth_mid_run_is_found_within_its_budget():
+    rng = np.random.default_rng(0)
+    norms = np.exp(rng.normal(0, 0.3, 200))
+    norms[100:] *= 1.05 ** np.arange(100)          # a 5%/step ramp from a settled run: 3x at step 123
+    found = [f for f in replay(Exploding(), _norms(norms, [1.0] * 200)) if f.key in ("trend", "spike")]
+    assert found and 100 < found[0].step <= 123 + 30, found
+    assert found[0].key == "trend" and "zero_grad" in found[0].message
+
+
+def test_one_layer_growing_against_the_rest_is_found_from_the_start():
+    rng = np.random.default_rng(1)
+    steady = np.exp(rng.normal(0, 0.1, (80, 3)))
+    grown = steady.copy()
+    grown[:, 0] *= np.arange(1, 81)                 # a .grad never cleared: linear growth from step 0 (3x at 2)
+    steps = [make_step(step=i, sum_sq=list(r**2), layers=["a", "b", "c"]) for i, r in enumerate(grown)]
+    found = [f for f in replay(Exploding(), steps) if f.key == "trend"]
+    assert found and found[0].step <= 2 + 30 and found[0].layers == ["a"], found
+    steps = [make_step(step=i, sum_sq=list(r**2), layers=["a", "b", "c"]) for i, r in enumerate(steady)]
+    assert not replay(Exploding(), steps)
+
+
+def test_growth_at_the_start_of_a_run_is_not_a_trend():
+    norms = np.geomspace(1e-3, 1.0, 100)            # a GAN generator while its discriminator learns
+    losses = np.linspace(0.7, 2.0, 100)
+    assert not [f for f in replay(Exploding(), _norms(norms, losses)) if f.key == "trend"]
+
+
+def test_a_step_change_is_not_a_trend():
+    rng = np.random.default_rng(2)
+    norms = np.exp(rng.normal(0, 0.2, 300))
+    norms[150:] *= 4.0                              # an SGDR restart or a layer unfrozen: 4x at once
+    assert not [f for f in replay(Exploding(), _norms(norms)) if f.key == "trend"]
+
+
+def test_jump_of_a_tiny_norm_near_convergence_is_not_an_explosion():
+    norms = np.geomspace(1.0, 5e-3, 300)
+    norms[:20] = 0.5
+    norms[290] = 40 * norms[289]                    # 40x, still below the run's early scale
+    assert replay(Exploding(), _norms(norms)) == []
+    norms[295] = 2e3 * norms[294]                   # above the early scale: an explosion
+    assert [f.step for f in replay(Exploding(), _norms(norms))] == [295]
+
+
+def _moe_step(i, hit):
+    layers = ["router.weight", "experts.0.weight", "experts.1.weight", "experts.2.weight"]
+    return make_step(step=i, sum_sq=[1.0] + [1.0 if h else 0.0 for h in hit],
+                     count=[10] + [10 if h else 0 for h in hit], layers=layers)
+
+
+def test_idle_expert_is_not_a_detached_branch():
+    rng = np.random.default_rng(1)
+    steps = [_moe_step(i, [True, rng.random() < 0.7, rng.random() < 0.1 or i == 3]) for i in range(300)]
+    assert replay(NoGradient(), steps) == []
+
+
+def test_router_without_gradient_is_reported_among_experts():
+    rng = np.random.default_rng(2)
+    layers = ["router.weight", "experts.0.weight", "experts.1.weight"]
+    steps = [make_step(step=i, sum_sq=[0.0, 1.0, 1.0 if rng.random() < 0.5 else 0.0],
+                       count=[0, 10, 10], layers=layers) for i in range(40)]
+    f = replay(NoGradient(), steps)[0]
+    assert f.step == 9 and f.layers == ["router.weight"]
+
+
+def _dead_step(i, dead):
+    layers = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    z = [dead, dead, dead, False, False, False]
+    return make_step(step=i, sum_sq=[0.0 if d else 1.0 for d in z], max_abs=[0.0 if d else 0.1 for d in z],
+                     count=[8192, 128, 16384, 128, 1280, 10], units=[128, 128, 128, 128, 10, 10], layers=layers,
+                     zeros=[c if d else 0 for c, d in zip([8192, 128, 16384, 128, 1280, 10], z, strict=True)],
+                     dead_units=[128 if d else 0 for d in z], sum_abs=[1.0] * 6)
+
+
+def test_layer_whose_units_all_died_is_dead_units_not_no_gradient():
+    steps = [_dead_step(i, i >= 5) for i in range(30)]
+    assert replay(NoGradient(), steps) == []
+    f = replay(DeadUnits(), steps)[0]
+    assert f.step == 6 and {"0.weight", "0.bias"} <= set(f.layers)
+
+
+def test_recurring_nan_is_one_periodic_finding_without_clipping_advice():
+    steps = [make_step(step=i, sum_sq=[1.0, float("nan") if i >= 10 and i % 25 == 10 else 1.0],
+                       nonfinite=[0, 3 if i >= 10 and i % 25 == 10 else 0]) for i in range(120)]
+    findings = replay(NonFinite(), steps)
+    periodic = [f for f in findings if f.key == "periodic"]
+    assert [f.step for f in periodic] == [85, 110]
+    assert "every 25 steps" in periodic[0].message
+    assert all("enable gradient clipping" not in f.message for f in findings)
+
+
+def test_no_gradient_anywhere_names_a_cut_off_loss():
+    steps = [make_step(step=i, sum_sq=[0.0, 0.0], count=0) for i in range(10)]
+    f, = replay(NoGradient(), steps)
+    assert ".detach()" in f.message and "no gradient reaches" in f.message
