@@ -67,7 +67,11 @@ class ServiceHost(ServiceCore):
         self.metrics_address = f"{cfg.metrics_addr}:{self.metrics_port}"
         if cfg.sd_file:  # where Prometheus should look: advertise_addr, else the bound address
             host = scrape_host(cfg.metrics_addr, cfg.advertise_addr)
-            write_sd_file(cfg.sd_file, f"{host}:{self.metrics_port}", scheme="https" if exp.certfile else "http")
+            try:
+                write_sd_file(cfg.sd_file, f"{host}:{self.metrics_port}", scheme="https" if exp.certfile else "http")
+            except OSError as exc:  # a full or read-only disk: /metrics is served, Prometheus must be told by hand
+                self.state_disk_failed(f"cannot write the discovery file {cfg.sd_file} (point Prometheus at "
+                                       f"{host}:{self.metrics_port} by hand meanwhile)", exc)
 
     def shutdown(self) -> None:
         """Stop background work, save a last snapshot, withdraw ``/metrics`` and the discovery entry."""
