@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,6 +41,9 @@ from gfservice.training.watch import Sink, Watch, make_sinks
 from gfservice.wire import Layout, RunEnd, StepReport
 
 log = logging.getLogger(__name__)
+
+#: Seconds ``monitor.close()`` waits at most for the service to take the last reports.
+CLOSE_TIMEOUT_S = 5.0
 
 #: Collected steps whose device-to-host copy may still be in flight before ``monitor.step()`` waits for the
 #: oldest (a CPU that runs this many steps ahead of its GPU).
@@ -489,9 +493,13 @@ class Monitor:
         """The last merged step of this run, where the transport can tell."""
         return self._ask("latest step", lambda: self.transport.latest(self.run), None)
 
-    def close(self) -> None:
-        """Ship what is still in flight and release hooks; the monitor records nothing afterwards. Returns within
-        the transport's close bound (a service that is gone: what could not be delivered is logged)."""
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Ship what is still in flight and release hooks; the monitor records nothing afterwards.
+
+        Returns within ``timeout_s`` (default :data:`CLOSE_TIMEOUT_S`) even when the service is gone: what was
+        not delivered by then is logged (and counted in ``errors``), and delivery goes on in the background
+        while the process lives."""
+        t0 = time.monotonic()
         try:
             if self.off is None:
                 self._finish_in_flight()
@@ -501,10 +509,24 @@ class Monitor:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self._ask("close", self.transport.close, None)
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
+        watch, self._watch = self._watch, None
+
+        def shut() -> None:
+            self._ask("close", self.transport.close, None)
+            if watch is not None:
+                self._ask("close", watch.close, None)
+
+        closer = threading.Thread(target=shut, name=f"gfservice-close-{self.run}", daemon=True)
+        closer.start()
+        closer.join(max(0.0, timeout_s - (time.monotonic() - t0)))
+        if closer.is_alive():
+            self.errors += 1
+            queued = len(getattr(self.transport, "_queue", ()) or ())
+            log.warning("gfservice: monitor.close() gave up after %.1f s: the service did not take the run's last "
+                        "reports (%d still queued, %d dropped before, and the end of run %s rank %d may be "
+                        "missing; the service takes the run as over after its idle limit). Delivery goes on in "
+                        "the background while this process lives.", timeout_s, queued,
+                        getattr(self.transport, "dropped", 0), self.run, self.rank)
 
     # ---- in a notebook --------------------------------------------------------------------------
     def history(self, per_layer: bool = False) -> list[dict[str, Any]]:
