@@ -18,7 +18,7 @@ TOKEN = "gf-builtins-" + uuid.uuid4().hex
 
 
 def _refused(ref) -> str:
-    with pytest.raises(Exception) as caught:  # noqa: PT011 (Ray wraps the actor's exception)
+    with pytest.raises(Exception) as caught:  # Ray wraps the actor's exception
         ray.get(ref, timeout=60)
     return repr(caught.value)
 

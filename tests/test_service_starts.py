@@ -38,7 +38,8 @@ def _layout(attempt: str) -> dict:
 def _report(step: int, attempt: str, value: float = 1.0) -> dict:
     bad = value != value
     return {"kind": "step", "run": RUN, "rank": 0, "step": step, "attempt": attempt,
-            "stats": {"count": [2, 2], "sum_sq": [value, 1.0], "max_abs": [value, 1.0], "nonfinite": [2 if bad else 0, 0]}}
+            "stats": {"count": [2, 2], "sum_sq": [value, 1.0], "max_abs": [value, 1.0],
+                      "nonfinite": [2 if bad else 0, 0]}}
 
 
 @pytest.fixture(scope="module")

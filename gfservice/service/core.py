@@ -61,7 +61,7 @@ class ServiceCore:
         # Validated again here (the driver validated it too): no environment is read inside the actor.
         self.settings = Settings.model_validate(settings.model_dump() if isinstance(settings, Settings)
                                                 else settings or {})
-        self._clocks = {"clock": clock, "monotonic": monotonic}
+        self._clock, self._monotonic = clock, monotonic
         #: Snapshot writes that failed, the state directory's failures at start included (all time), and when the
         #: last write succeeded (exported to Prometheus); snapshots set aside as unusable.
         self.snapshot_failures = 0
@@ -132,7 +132,7 @@ class ServiceCore:
         return ServiceStatus(
             version=__version__,
             pid=os.getpid(),
-            uptime_s=self._clocks["monotonic"]() - self._started,
+            uptime_s=self._monotonic() - self._started,
             restored_runs=self.restored,
             snapshot=self.snapshot_health(),
             metrics=self.metrics_address,
@@ -204,7 +204,8 @@ class ServiceCore:
                   what, exc, type(exc).__name__)
 
     def _new_aggregator(self) -> Aggregator:
-        return Aggregator(self.settings.aggregator, self.settings.detectors, **self._clocks)
+        return Aggregator(self.settings.aggregator, self.settings.detectors, clock=self._clock,
+                          monotonic=self._monotonic)
 
     def _set_aside(self, candidate: Path, why: str) -> None:
         self.snapshots_set_aside += 1

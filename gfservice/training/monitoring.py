@@ -539,7 +539,8 @@ class Monitor:
         """
         steps = self._merged_steps()
         if per_layer:
-            return [{"step": s.step, "layer": self.display_names.get(name, name), "norm": float(norm), "rms": float(rms),
+            shown = self.display_names
+            return [{"step": s.step, "layer": shown.get(name, name), "norm": float(norm), "rms": float(rms),
                      "max_abs": None if s.grads.max_abs is None else float(s.grads.max_abs[i]),
                      "nonfinite": int(bad), "count": int(cnt)}
                     for s in steps
