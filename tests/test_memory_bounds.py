@@ -90,7 +90,7 @@ def test_a_memory_budget_evicts_junk_before_the_real_run_and_holds():
 def test_eviction_order_finished_then_idle_then_live_then_live_with_findings():
     now = [10_000.0]
     cfg = AggregatorConfig(max_runs=4, idle_after_s=600)
-    agg = Aggregator(cfg, detector_factory=stopping_detectors, clock=lambda: now[0])
+    agg = Aggregator(cfg, detector_factory=stopping_detectors, monotonic=lambda: now[0])
     real_run_with_a_verdict(agg)
     for name in ("done", "idle", "live"):
         agg.submit(layout(name))
@@ -113,7 +113,8 @@ def test_eviction_order_finished_then_idle_then_live_then_live_with_findings():
 
 def test_finished_runs_are_retired_after_their_time_to_live():
     now = [1000.0]
-    agg = Aggregator(AggregatorConfig(finished_ttl_s=60), detector_factory=stopping_detectors, clock=lambda: now[0])
+    agg = Aggregator(AggregatorConfig(finished_ttl_s=60), detector_factory=stopping_detectors,
+                     monotonic=lambda: now[0])
     for name in ("done", "live"):
         agg.submit(layout(name))
         agg.submit(report(name, 0))

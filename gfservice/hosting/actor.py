@@ -8,6 +8,12 @@ the actor class is a thin wrapper that has only the calls meant for clients, eac
 service token (:mod:`gfservice.service.auth`). Answers travel as plain data (the wire models' ``model_dump``),
 so a client of another gfservice version reads them.
 
+Ray also gives every actor built-in methods a handle holder can call: ``__ray_call__`` (run any function on the
+actor instance), ``__ray_terminate__`` (end the actor for good: no restart) and ``__ray_ready__``, and ``__init__``
+is in the method table too. :class:`ServiceActor` brings its own (Ray then adds none): ``__ray_call__`` is always
+refused, ``__ray_terminate__`` needs the token, ``__init__`` runs once per process. What no actor can refuse
+(``ray.kill``, code run on the cluster as the same user) is in SECURITY.md.
+
 The actor keeps its name and namespace (``[service] name``/``namespace``, default ``gfservice/gfservice``) and
 its class name (``ServiceActor``): a service started by an earlier version is found, and stopped, by name.
 """
@@ -67,7 +73,11 @@ class ServiceHost(ServiceCore):
         self.metrics_address = f"{cfg.metrics_addr}:{self.metrics_port}"
         if cfg.sd_file:  # where Prometheus should look: advertise_addr, else the bound address
             host = scrape_host(cfg.metrics_addr, cfg.advertise_addr)
-            write_sd_file(cfg.sd_file, f"{host}:{self.metrics_port}", scheme="https" if exp.certfile else "http")
+            try:
+                write_sd_file(cfg.sd_file, f"{host}:{self.metrics_port}", scheme="https" if exp.certfile else "http")
+            except OSError as exc:  # a full or read-only disk: /metrics is served, Prometheus must be told by hand
+                self.state_disk_failed(f"cannot write the discovery file {cfg.sd_file} (point Prometheus at "
+                                       f"{host}:{self.metrics_port} by hand meanwhile)", exc)
 
     def shutdown(self) -> None:
         """Stop background work, save a last snapshot, withdraw ``/metrics`` and the discovery entry."""
@@ -79,7 +89,17 @@ class ServiceHost(ServiceCore):
                 remove_sd_file(self.settings.service.sd_file)
 
 
-class ServiceActor:
+class _OwnRayMethods(type):
+    """The metaclass of :class:`ServiceActor`: its ``__ray_actor_class__`` (the class itself) tells Ray the class
+    needs none of Ray's built-in methods. A property of the metaclass, not a class attribute: Ray disassembles
+    the class's attributes, and the class itself among them would recurse forever."""
+
+    @property
+    def __ray_actor_class__(cls) -> type:
+        return cls
+
+
+class ServiceActor(metaclass=_OwnRayMethods):
     """What Ray runs: a :class:`ServiceHost` behind the service token. Only these methods can be called through
     the actor handle; every one but :meth:`ping` refuses a caller without the token when the service has one.
 
@@ -88,8 +108,26 @@ class ServiceActor:
     """
 
     def __init__(self, settings: dict[str, Any] | Settings | None = None, token_digest: str | None = None):
+        if "_guard" in self.__dict__:  # called again through the handle: it would replace the guard
+            raise PermissionError("gfservice: the service is running; __init__ cannot be called through the handle")
         self._guard = auth.Guard(token_digest)
         self._core = ServiceHost(settings)
+
+    def __ray_ready__(self) -> bool:
+        """Ray's readiness probe (kept: Ray's libraries call it); says nothing about runs."""
+        return True
+
+    def __ray_call__(self, fn: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """Ray's "run any function in the actor": always refused (it would read findings and replace the guard)."""
+        raise PermissionError("gfservice: __ray_call__ is refused by the service actor; use its methods")
+
+    def __ray_terminate__(self, token: str | None = None) -> None:
+        """Ray's "end the actor for good", with the token only (``gfservice stop`` saves a snapshot first)."""
+        self._guard.check(token, "__ray_terminate__()")
+        self._core.shutdown()
+        import ray
+
+        ray.actor.exit_actor()
 
     def ping(self) -> str:
         """Liveness, open to every caller (it says nothing about runs)."""

@@ -129,6 +129,7 @@ def register(table: Table, lay: Layout) -> Run:
     run.layouts[lay.rank] = lay
     run.ended.discard(lay.rank)
     run.finished = False
+    run.last_seen = table.monotonic()
     return run
 
 
@@ -176,12 +177,12 @@ def new_run(table: Table, name: str, world_size: int, attempt: str = "") -> Run:
     if excess > 0:  # a batch at a time (1/64 of the table): each choice weighs every run
         evict(table, EvictionReason.max_runs, count=max(excess, table.config.max_runs // 64))
     detectors = table.lineup.build()
-    memory = RunMemory(table.ledger, len(detectors), created=table.clock())
+    memory = RunMemory(table.ledger, len(detectors), created=table.monotonic())
     cap = table.config.findings_history
     run = Run(name=name, world_size=world_size, detectors=detectors,
               history=StepHistory(memory, table.config.history), log=RecordLog(memory, cap),
               cleared=deque(maxlen=cap), layouts=Layouts(memory), pending=PendingSteps(memory),
-              attempt=attempt, memory=memory)
+              attempt=attempt, memory=memory, last_seen=memory.created)
     run.attempts.append(attempt)
     table.runs[name] = run
     return run
@@ -195,6 +196,7 @@ def end(table: Table, run: Run, msg: RunEnd) -> list[StepStats]:
     if msg.rank not in run.layouts:
         raise Rejected(RejectReason.unknown_rank, f"rank {msg.rank} of {msg.run} sent no layout")
     run.ended.add(msg.rank)
+    run.last_seen = table.monotonic()
     if len(run.ended) >= run.world_size:
         run.finished = True
         return merge_ready(table, run, force=True)
@@ -223,7 +225,12 @@ def ingest(table: Table, run: Run, rep: StepReport) -> list[StepStats]:
         raise Rejected(RejectReason.duplicate, f"rank {rep.rank} already reported step {rep.step}")
     slot[rep.rank] = rep
     run.rank_last_step[rep.rank] = max(run.rank_last_step.get(rep.rank, -1), rep.step)
-    run.pending_since.setdefault(rep.step, table.clock())
+    run.last_seen = now = table.monotonic()
+    run.pending_since.setdefault(rep.step, now)
+    if run.finished or rep.rank in run.ended:  # a run that reports is live, whatever it did before
+        log.info("run %s: rank %d reports again after the run was taken as over", run.name, rep.rank)
+        run.ended.discard(rep.rank)
+        run.finished = False
     return merge_ready(table, run)
 
 

@@ -78,8 +78,10 @@ class Aggregator:
 
     ``detector_settings`` maps detector names to field overrides (see :mod:`gfservice.registry`);
     ``detector_factory`` replaces the registry entirely (tests, embedding). ``clock`` (like
-    :func:`time.time`) stamps merges and cleared findings. ``submit`` returns the findings its message
-    raised, synchronously, whichever thread the detectors ran on.
+    :func:`time.time`) stamps merges and cleared findings, for display; ``monotonic`` (like
+    :func:`time.monotonic`) times every decision: merge timeouts, idle and finished runs, time to live. A step
+    of the wall clock changes no decision. ``submit`` returns the findings its message raised, synchronously,
+    whichever thread the detectors ran on.
     """
 
     def __init__(
@@ -88,13 +90,14 @@ class Aggregator:
         detector_settings: Mapping[str, Mapping[str, Any]] | None = None,
         detector_factory: Callable[[], dict[str, Detector]] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self.config = config or AggregatorConfig()
         settings = registry.validate(detector_settings)
         # the detector settings every new run starts from (none with a ``detector_factory``)
         lineup = (Lineup({}, detector_factory, custom=True) if detector_factory
                   else Lineup(settings, lambda: registry.build(settings)))
-        self._table = Table(self.config, lineup, clock)
+        self._table = Table(self.config, lineup, clock, monotonic)
 
     @property
     def _runs(self) -> dict[str, Run]:
@@ -167,7 +170,7 @@ class Aggregator:
         """
         table = self._table
         with table.lock:
-            now = table.clock()
+            now = table.monotonic()
             eviction.retire_finished(table, now)
             runs = list(table.runs.values())
         eviction.enforce_memory(table)
@@ -177,8 +180,9 @@ class Aggregator:
                 continue
             try:
                 with r.lock:
-                    if not r.finished and r.last_time and now - r.last_time > self.config.idle_finish_s:
-                        log.warning("run %s sent nothing for %.0f s: taking it as over", r.name, now - r.last_time)
+                    if not r.finished and now - r.last_seen > self.config.idle_finish_s:
+                        log.warning("run %s sent nothing for %.0f s: taking it as over (until it sends again)",
+                                    r.name, now - r.last_seen)
                         r.finished = True
                         publish(r)
                     steps = merge_ready(table, r)

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from gfservice.service.aggregator import Aggregator
 from gfservice.service.ingest import take
 from gfservice.service.state import (
     SnapshotError,
+    StateDirError,
     ensure_private_dir,
     prev_path,
     read_snapshot,
@@ -45,22 +47,38 @@ log = logging.getLogger(__name__)
 class ServiceCore:
     """The service's state and behaviour, without Ray and without ``/metrics``: the hosts wrap it
     (:mod:`gfservice.hosting.actor`). ``settings.service.metrics_port`` is theirs to serve; :attr:`metrics_address`
-    is what they tell ``status()``."""
+    is what they tell ``status()``.
 
-    def __init__(self, settings: dict[str, Any] | Settings | None = None):
+    It always starts, but on a state directory that is not private (:class:`~gfservice.service.state.StateDirError`,
+    a configuration to fix) or a snapshot of a newer gfservice: a snapshot that cannot be read or restored is set
+    aside and the core starts empty; a state disk that is full or read-only costs durability, never the start
+    (counted in ``snapshot_failures``, exported). ``clock`` and ``monotonic`` are the aggregator's
+    (:class:`~gfservice.service.aggregator.Aggregator`: the wall clock only stamps, the monotonic one decides).
+    """
+
+    def __init__(self, settings: dict[str, Any] | Settings | None = None, *,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
         # Validated again here (the driver validated it too): no environment is read inside the actor.
         self.settings = Settings.model_validate(settings.model_dump() if isinstance(settings, Settings)
                                                 else settings or {})
+        self._clock, self._monotonic = clock, monotonic
+        #: Snapshot writes that failed, the state directory's failures at start included (all time), and when the
+        #: last write succeeded (exported to Prometheus); snapshots set aside as unusable.
+        self.snapshot_failures = 0
+        self.snapshot_last_success: float | None = None
+        self.snapshots_set_aside = 0
+        self._failure_burst = 0
         cfg = self.settings.service
         for file in (cfg.snapshot_path, cfg.sd_file):  # private directories, or a clear error before anything
             if file:
-                ensure_private_dir(Path(file).expanduser().parent)
-        self.aggregator = Aggregator(self.settings.aggregator, self.settings.detectors)
-        self.started = time.time()
-        #: Snapshot writes that failed (all time) and when the last one succeeded (exported to Prometheus).
-        self.snapshot_failures = 0
-        self.snapshot_last_success: float | None = None
-        self._failure_burst = 0
+                try:
+                    ensure_private_dir(Path(file).expanduser().parent)
+                except StateDirError:
+                    raise
+                except OSError as exc:  # a full or read-only disk: the service runs without durable state
+                    self.state_disk_failed(f"cannot create the directory of {file}", exc)
+        self.aggregator = self._new_aggregator()
+        self._started = monotonic()
         self.restored = self._restore()
         self._snapshot_lock = threading.Lock()
         self._snapshot_wanted = threading.Event()
@@ -114,11 +132,12 @@ class ServiceCore:
         return ServiceStatus(
             version=__version__,
             pid=os.getpid(),
-            uptime_s=time.time() - self.started,
+            uptime_s=self._monotonic() - self._started,
             restored_runs=self.restored,
             snapshot=self.snapshot_health(),
             metrics=self.metrics_address,
-            counters=counters,
+            counters={**counters, "snapshots_set_aside": self.snapshots_set_aside,
+                      "snapshot_failures": self.snapshot_failures},
             runs=[{**r.row(), "active": [f.model_dump(exclude={"time"}) for f in r.active]}
                   for r in self.aggregator.view().runs],
         )
@@ -177,6 +196,21 @@ class ServiceCore:
             self._last_snapshot_accepted = accepted
             return True
 
+    def state_disk_failed(self, what: str, exc: BaseException) -> None:
+        """Count and log a failure of the state disk that the service starts regardless of."""
+        self.snapshot_failures += 1
+        log.error("gfservice: %s: %s (%s); the service runs on without it (counted in "
+                  "gradflow_snapshot_failures_total): free or fix the state disk ([service] state_dir)",
+                  what, exc, type(exc).__name__)
+
+    def _new_aggregator(self) -> Aggregator:
+        return Aggregator(self.settings.aggregator, self.settings.detectors, clock=self._clock,
+                          monotonic=self._monotonic)
+
+    def _set_aside(self, candidate: Path, why: str) -> None:
+        self.snapshots_set_aside += 1
+        set_aside(candidate, why)
+
     def snapshot_health(self) -> SnapshotHealth:
         """What the exporter publishes about snapshots (read at scrape time)."""
         return SnapshotHealth(last_success=self.snapshot_last_success, failures=float(self.snapshot_failures))
@@ -191,24 +225,26 @@ class ServiceCore:
             return 0
         failed = []
         target = Path(path).expanduser()
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a write cut short by a crash
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        with contextlib.suppress(OSError):
+            for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a write cut short by a crash
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         for candidate in (target, prev_path(target)):
             try:
                 doc = read_snapshot(candidate)
             except FileNotFoundError:
                 continue
-            except (SnapshotError, OSError) as exc:
-                set_aside(candidate, str(exc))
+            except (SnapshotError, OSError, MemoryError, RecursionError) as exc:
+                self._set_aside(candidate, f"{type(exc).__name__}: {exc}")
                 failed.append(candidate)
                 continue
-            fresh = Aggregator(self.settings.aggregator, self.settings.detectors)
+            fresh = self._new_aggregator()
             try:
                 fresh.load_state_dict(doc["state"])
+                fresh.view()  # what every reader builds: a state it cannot show is no state to start from
             except Exception as exc:
                 log.exception("gfservice could not restore %s", candidate)
-                set_aside(candidate, f"could not be restored: {type(exc).__name__}: {exc}")
+                self._set_aside(candidate, f"could not be restored: {type(exc).__name__}: {exc}")
                 failed.append(candidate)
                 continue
             self.aggregator = fresh

@@ -36,14 +36,14 @@ def retire(table: Table, run: Run, reason: EvictionReason | None = None) -> None
 
 def standing(r: Run) -> Standing:
     """What eviction weighs of ``r``."""
-    return Standing(r.name, r.finished, r.last_time, active=len(r.active), stopping=r.stop_reason is not None,
+    return Standing(r.name, r.finished, r.last_seen, active=len(r.active), stopping=r.stop_reason is not None,
                     steps=len(r.history), nbytes=r.memory.total, created=r.memory.created)
 
 
 def evict(table: Table, reason: EvictionReason, count: int = 0, free_bytes: int = 0) -> None:
     """Evict at least ``count`` runs and enough to free ``free_bytes``."""
     config = table.config
-    chosen = victims([standing(r) for r in table.runs.values()], table.clock(), config.idle_after_s,
+    chosen = victims([standing(r) for r in table.runs.values()], table.monotonic(), config.idle_after_s,
                      count=count, free_bytes=free_bytes)
     if chosen:
         log.warning("forgetting %d runs (%s: %d runs, %d bytes held; limits %d runs, %d bytes): %s%s",
@@ -67,8 +67,8 @@ def enforce_memory(table: Table) -> None:
 
 
 def retire_finished(table: Table, now: float) -> None:
-    """Forget runs finished ``finished_ttl_s`` ago or more; the time runs from the first tick that saw the run
-    finished."""
+    """Forget runs finished ``finished_ttl_s`` ago or more (``now``: ``Table.monotonic``); the time runs from the
+    first tick that saw the run finished, and starts over if it sends again."""
     for r in list(table.runs.values()):
         if not r.finished:
             r.memory.finished_at = None

@@ -135,7 +135,7 @@ class RunMemory:
     def __init__(self, ledger: Ledger, detectors: int, created: float = 0.0):
         self.ledger = ledger
         self.attached = True
-        #: When the run was created, and first seen finished (the time to live runs from then), Unix times.
+        #: When the run was created, and first seen finished (the time to live runs from then): monotonic times.
         self.created = created
         self.finished_at: float | None = None
         self.base = 0
@@ -338,8 +338,8 @@ class Standing(NamedTuple):
 
     name: str
     finished: bool
-    #: Unix time of its last merged step (0: none yet).
-    last_time: float
+    #: When it last sent anything (a monotonic time, like ``now``).
+    last_seen: float
     #: Active findings.
     active: int = 0
     #: Whether a detector asked the job to stop (the verdict must outlive a flood of other runs).
@@ -347,14 +347,14 @@ class Standing(NamedTuple):
     #: Merged steps held (its history).
     steps: int = 0
     nbytes: int = 0
-    #: When the run was created (Unix time): a run with no step yet is idle from then on.
+    #: When the run was created (a monotonic time): a run that sent nothing since is idle from then on.
     created: float = 0.0
 
     def group(self, now: float, idle_after_s: float) -> int:
         """0 finished, 1 idle, 2 live without active findings, 3 live with active findings or a stop verdict."""
         if self.finished:
             return 0
-        if now - max(self.last_time, self.created) > idle_after_s:
+        if now - max(self.last_seen, self.created) > idle_after_s:
             return 1
         return 3 if self.active or self.stopping else 2
 
@@ -363,7 +363,7 @@ class Standing(NamedTuple):
         group = self.group(now, idle_after_s)
         # among runs with findings, a run with more merged steps outranks a newer one, so that a flood of
         # runs that raise findings of their own cannot push out an established one
-        return group, self.stopping, self.steps if group == 3 else 0, max(self.last_time, self.created)
+        return group, self.stopping, self.steps if group == 3 else 0, max(self.last_seen, self.created)
 
 
 def eviction_order(runs: Sequence[Standing], now: float, idle_after_s: float) -> list[Standing]:

@@ -31,7 +31,7 @@ __all__ = ["merge_ready", "merge_step"]
 def merge_ready(table: Table, run: Run, force: bool = False) -> list[StepStats]:
     """Merge the run's steps that are ready (caller holds ``run.lock``); returns them, to be judged."""
     merged: list[StepStats] = []
-    now = table.clock()
+    now = table.monotonic()
     while run.pending:
         step = min(run.pending)
         got = run.pending[step]

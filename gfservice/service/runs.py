@@ -82,10 +82,15 @@ class Run:
     layers: tuple[str, ...] = ()
     sharded: Array = field(default_factory=lambda: np.zeros(0, bool))
     units: Array | None = None
+    #: When each waiting step's first report came (``Table.monotonic``: for the merge timeout only).
     pending_since: dict[int, float] = field(default_factory=dict)
     active: dict[tuple[str, str], Record] = field(default_factory=dict)
     last_step: int = -1
+    #: When the newest step was merged, as a Unix time (``Table.clock``): for display and /metrics only.
     last_time: float = 0.0
+    #: When the run last sent anything it took (``Table.monotonic``): what idleness, eviction and the finish
+    #: of a silent run are decided on.
+    last_seen: float = 0.0
     findings_total: dict[tuple[str, str], int] = field(default_factory=dict)
     stop_reason: str | None = None
     #: Reports the run's senders dropped before they reached the service (queue full, service away).
@@ -149,8 +154,11 @@ class Table:
 
     config: AggregatorConfig
     lineup: Lineup
-    #: Stamps merges and cleared findings (like :func:`time.time`).
+    #: Stamps merges and cleared findings (like :func:`time.time`): for display only, never for a decision.
     clock: Callable[[], float] = time.time
+    #: Times every decision: merge timeouts, idleness, the finish of a silent run, time to live (like
+    #: :func:`time.monotonic`; a step of the wall clock moves none of them).
+    monotonic: Callable[[], float] = time.monotonic
     runs: dict[str, Run] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: Bytes all runs hold (see :mod:`gfservice.service.memory`).

@@ -20,9 +20,10 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -33,12 +34,16 @@ from gfservice.config import load_settings
 from gfservice.service.aggregator import Aggregator
 from gfservice.training.collect import Collected, GradCollector, Pending
 from gfservice.training.ddp_hook import LocalNormHook, is_ddp
+from gfservice.training.names import safe_names
 from gfservice.training.parameters import has_sharded_parameters
 from gfservice.training.transport import InProcessTransport, Transport
 from gfservice.training.watch import Sink, Watch, make_sinks
 from gfservice.wire import Layout, RunEnd, StepReport
 
 log = logging.getLogger(__name__)
+
+#: Seconds ``monitor.close()`` waits at most for the service to take the last reports.
+CLOSE_TIMEOUT_S = 5.0
 
 #: Collected steps whose device-to-host copy may still be in flight before ``monitor.step()`` waits for the
 #: oldest (a CPU that runs this many steps ahead of its GPU).
@@ -266,11 +271,13 @@ class Monitor:
         self.scaler = scaler
         self.reports_layers = options.reports_layers
         self.local_norm_hook = local_norm_hook
-        self.collector = GradCollector(model.named_parameters(), options.include, options.exclude)
-        self._synchronous = self.collector.params[0].device.type == "cpu"
         self.steps = options.step  # index of the next step: ``step`` plus the monitor.step() calls so far
         self._last_end: float | None = None  # perf_counter() when the previous monitor.step() returned
         self.errors = 0
+        #: Why this monitor records nothing (it could not start; logged once), or None.
+        self.off: str | None = None
+        #: Original names of the layers whose names were made wire-safe (:mod:`gfservice.training.names`).
+        self.display_names: dict[str, str] = {}
         self.overhead_s = 0.0  # time spent inside the monitor's own calls and hooks
         self._last_scale: float | None = None
         self._last_time: float | None = None
@@ -279,22 +286,33 @@ class Monitor:
         self._in_flight: deque[_InFlight] = deque()
         self._hook = None
         self._warned_no_gradient = False
-        if optimizer is not None and self.deep_every:
-            self._hook = _register_step_pre_hook(optimizer, self._before_optimizer_step)
-        reports_layers = self.reports_layers
-        self.layout = Layout(
-            run=self.run,
-            attempt=self.attempt,
-            rank=self.rank,
-            world_size=self.world_size,
-            layers=list(self.collector.layers) if reports_layers else [],
-            numel=self.collector.numel if reports_layers else [],
-            sharded=self.collector.sharded if reports_layers else [],
-            units=self.collector.units if reports_layers else [],
-            reports_layers=reports_layers,
-        )
-        self.transport.send(self.layout)
-        self._watch = self._start_watch(sinks) if self.rank == 0 else None
+        self._watch: Watch | None = None
+        try:  # a model, a name or a service the monitor cannot take leaves the job training, unmonitored
+            self.collector = GradCollector(model.named_parameters(), options.include, options.exclude)
+            self._synchronous = self.collector.params[0].device.type == "cpu"
+            self.run, layers, self.display_names = safe_names(self.run, self.collector.layers)
+            reports_layers = self.reports_layers
+            self.layout = Layout(
+                run=self.run,
+                attempt=self.attempt,
+                rank=self.rank,
+                world_size=self.world_size,
+                layers=layers if reports_layers else [],
+                numel=self.collector.numel if reports_layers else [],
+                sharded=self.collector.sharded if reports_layers else [],
+                units=self.collector.units if reports_layers else [],
+                reports_layers=reports_layers,
+            )
+            if optimizer is not None and self.deep_every:
+                self._hook = _register_step_pre_hook(optimizer, self._before_optimizer_step)
+            self.transport.send(self.layout)
+            self._watch = self._start_watch(sinks) if self.rank == 0 else None
+        except Exception as exc:
+            self.errors += 1
+            self.off = f"{type(exc).__name__}: {exc}"
+            log.error("gfservice: cannot monitor run %s (%s); training goes on unmonitored. Report this with the "
+                      "model's parameter names and dtypes, or pass include=/exclude= to leave out what it cannot "
+                      "take.", self.run, self.off[:500], exc_info=True)
 
     def _start_watch(self, sinks: Sequence[str | Sink]) -> Watch:
         """Rank 0 logs findings as they open and clear, and feeds the sinks, off the training thread."""
@@ -332,6 +350,8 @@ class Monitor:
         t0 = time.perf_counter()
         step = self.steps
         self.steps += 1
+        if self.off is not None:
+            return
         try:
             self._finish_in_flight(wait=False)  # ship the earlier steps whose copies have landed: never waits
             if self.is_collected(step):
@@ -440,19 +460,28 @@ class Monitor:
     def _error(self, where: str) -> None:
         self.errors += 1
         if self.errors <= 3 or self.errors % 1000 == 0:
-            log.exception("gfservice monitor: %s failed (%d errors so far); training continues", where,
+            log.exception("gfservice monitor: %s failed (%d errors so far, in monitor.errors); training continues. "
+                          "If it repeats, report it with this trace, or leave the layers out (exclude=)", where,
                           self.errors)
+
+    def _ask(self, what: str, question: Callable[[], Any], otherwise: Any) -> Any:
+        """``question()``, or ``otherwise`` (the error counted and logged) when the transport fails."""
+        try:
+            return question()
+        except Exception:
+            self._error(what)
+            return otherwise
 
     # ---- what the loop can ask ------------------------------------------------------------------
     @property
     def findings(self) -> list[Finding]:
         """Findings of this run so far (from the service or the in-process aggregator)."""
-        return self.transport.findings(self.run)
+        return self._ask("findings", lambda: self.transport.findings(self.run), [])
 
     @property
     def stop_reason(self) -> str | None:
         """Why a detector configured with ``stop_run`` asks this run to stop, or ``None``."""
-        return self.transport.stop_reason(self.run)
+        return self._ask("stop verdict", lambda: self.transport.stop_reason(self.run), None)
 
     @property
     def should_stop(self) -> bool:
@@ -462,22 +491,42 @@ class Monitor:
 
     def latest(self) -> StepStats | None:
         """The last merged step of this run, where the transport can tell."""
-        return self.transport.latest(self.run)
+        return self._ask("latest step", lambda: self.transport.latest(self.run), None)
 
-    def close(self) -> None:
-        """Ship what is still in flight and release hooks; the monitor records nothing afterwards."""
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Ship what is still in flight and release hooks; the monitor records nothing afterwards.
+
+        Returns within ``timeout_s`` (default :data:`CLOSE_TIMEOUT_S`) even when the service is gone: what was
+        not delivered by then is logged (and counted in ``errors``), and delivery goes on in the background
+        while the process lives."""
+        t0 = time.monotonic()
         try:
-            self._finish_in_flight()
-            self.transport.send(RunEnd(run=self.run, rank=self.rank, attempt=self.attempt))
+            if self.off is None:
+                self._finish_in_flight()
+                self.transport.send(RunEnd(run=self.run, rank=self.rank, attempt=self.attempt))
         except Exception:
             self._error("close")
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self.transport.close()
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
+        watch, self._watch = self._watch, None
+
+        def shut() -> None:
+            self._ask("close", self.transport.close, None)
+            if watch is not None:
+                self._ask("close", watch.close, None)
+
+        closer = threading.Thread(target=shut, name=f"gfservice-close-{self.run}", daemon=True)
+        closer.start()
+        closer.join(max(0.0, timeout_s - (time.monotonic() - t0)))
+        if closer.is_alive():
+            self.errors += 1
+            queued = len(getattr(self.transport, "_queue", ()) or ())
+            log.warning("gfservice: monitor.close() gave up after %.1f s: the service did not take the run's last "
+                        "reports (%d still queued, %d dropped before, and the end of run %s rank %d may be "
+                        "missing; the service takes the run as over after its idle limit). Delivery goes on in "
+                        "the background while this process lives.", timeout_s, queued,
+                        getattr(self.transport, "dropped", 0), self.run, self.rank)
 
     # ---- in a notebook --------------------------------------------------------------------------
     def history(self, per_layer: bool = False) -> list[dict[str, Any]]:
@@ -490,7 +539,8 @@ class Monitor:
         """
         steps = self._merged_steps()
         if per_layer:
-            return [{"step": s.step, "layer": name, "norm": float(norm), "rms": float(rms),
+            shown = self.display_names
+            return [{"step": s.step, "layer": shown.get(name, name), "norm": float(norm), "rms": float(rms),
                      "max_abs": None if s.grads.max_abs is None else float(s.grads.max_abs[i]),
                      "nonfinite": int(bad), "count": int(cnt)}
                     for s in steps
@@ -502,7 +552,7 @@ class Monitor:
                  "nonfinite": int(s.grads.nonfinite.sum())} for s in steps]
 
     def _merged_steps(self) -> list[StepStats]:
-        return self.transport.history(self.run)
+        return self._ask("history", lambda: self.transport.history(self.run), [])
 
     def plot(self) -> Any:
         """A matplotlib figure of the gradient flow so far (per-layer RMS over steps, findings marked)."""

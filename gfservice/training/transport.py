@@ -82,16 +82,23 @@ class TransportBase:
 
 #: How long the in-process worker lets the training thread run before it judges a message it was just sent.
 _YIELD_S = 0.005
+#: How long ``send`` waits for the previous message to be judged before it stops waiting (detection is behind).
+HANDOFF_WAIT_S = 0.005
+#: Messages queued for the in-process worker at most; past it the oldest step reports are dropped (counted).
+HANDOFF_QUEUE = 64
 
 
 class InProcessTransport:
     """Hands messages to an :class:`Aggregator` living in this process, on a background thread.
 
-    ``send`` only queues the message: merging and the detectors run off the training thread. At most one
-    message is in flight: ``send`` first waits until the previous one has been judged (no wait when the
-    detectors keep up with the training steps), so ``stop_reason`` is at most one step late. ``findings``,
-    ``latest``, :meth:`flush` and the ``aggregator`` attribute wait for the messages sent so far; ``close``
-    ships everything. ``background=False`` submits on the caller's thread.
+    ``send`` only queues the message: merging and the detectors run off the training thread. While the
+    detectors keep up, ``send`` first waits for the previous message to be judged, so ``stop_reason`` is at
+    most one step late; but it waits at most ``handoff_wait_s``: when detection falls behind (a slow or hung
+    detector), ``send`` stops waiting until the worker has caught up (such sends are counted in ``late``), and past
+    ``queue_size`` queued messages the oldest step reports are dropped (counted in ``dropped``, and told to
+    the aggregator as the run's sender drops). ``findings``, ``latest``, :meth:`flush` and the ``aggregator``
+    attribute wait for the messages sent so far; ``close`` ships everything. ``background=False`` submits on
+    the caller's thread.
 
     >>> from gfservice.wire import Layout
     >>> t = InProcessTransport(Aggregator())
@@ -101,10 +108,18 @@ class InProcessTransport:
     >>> t.close()
     """
 
-    def __init__(self, aggregator: Aggregator, background: bool = True):
+    def __init__(self, aggregator: Aggregator, background: bool = True, handoff_wait_s: float = HANDOFF_WAIT_S,
+                 queue_size: int = HANDOFF_QUEUE):
         self._aggregator = aggregator
         self.background = background
+        self.handoff_wait_s = handoff_wait_s
+        self.queue_size = max(1, queue_size)
         self.dropped = 0
+        #: Messages sent before the previous one was judged (the detectors fell behind the training steps).
+        self.late = 0
+        self._behind = False
+        self._warned_late = False
+        self._untold: dict[str, int] = {}  # drops by run not yet told to the aggregator
         self.rejected = 0
         self.errors = 0  # submissions that raised (logged; the training loop never sees them)
         self._cond = threading.Condition()
@@ -126,7 +141,7 @@ class InProcessTransport:
             self._submit(message)
             return
         with self._cond:
-            self._wait_idle()  # at most one message in flight: the verdict is at most one step late
+            self._hand_off_wait()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="gfservice-inprocess", daemon=True)
                 self._thread.start()
@@ -135,7 +150,44 @@ class InProcessTransport:
             self._yield_s = min(_YIELD_S, 0.1 * (now - self._last_send))
             self._last_send = now
             self._queue.append(message)
+            if len(self._queue) > self.queue_size:
+                self._drop_oldest_report()
             self._cond.notify_all()
+
+    def _idle(self) -> bool:
+        return not (self._queue or self._busy) or self._thread is None or not self._thread.is_alive()
+
+    def _hand_off_wait(self) -> None:
+        """Wait (holding ``_cond``) at most ``handoff_wait_s`` for the previous message to be judged; not at all
+        while detection is behind, until it has caught up (nothing queued but the message being judged)."""
+        if self._behind:
+            if self._queue and not self._idle():
+                self.late += 1
+                return
+            self._behind = False
+        deadline = time.monotonic() + self.handoff_wait_s
+        while not self._idle():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._behind = True
+                self.late += 1
+                if not self._warned_late:
+                    self._warned_late = True
+                    log.warning("gfservice: the detectors fall behind the training steps (a slow or hung detector?); "
+                                "monitor.step() does not wait for them, stop verdicts may come late and, past %d "
+                                "queued messages, reports are dropped (counted in the run's sender drops)",
+                                self.queue_size)
+                return
+            self._cond.wait(left)
+
+    def _drop_oldest_report(self) -> None:
+        """Drop the oldest queued step report (caller holds ``_cond``): layouts and ends are always delivered."""
+        for i, queued in enumerate(self._queue):
+            if isinstance(queued, StepReport):
+                del self._queue[i]
+                self.dropped += 1
+                self._untold[queued.run] = self._untold.get(queued.run, 0) + 1
+                return
 
     def _wait_idle(self) -> None:
         """Wait (holding ``_cond``) until the worker has handled every queued message, or is gone."""
@@ -153,6 +205,9 @@ class InProcessTransport:
                     return
                 message = self._queue.popleft()
                 self._busy = True
+                untold, self._untold = self._untold, {}
+            for run, n in untold.items():
+                self._aggregator.note_dropped(run, n)
             # let the training thread leave monitor.step() first: judging holds the GIL for a millisecond or two,
             # which would otherwise land on the call that sent the message
             time.sleep(self._yield_s)
