@@ -71,7 +71,7 @@ from gfservice.stats import STATISTICS
 from gfservice.wire import RejectReason
 
 __all__ = ["MAX_FRAME", "PEER_PROTOCOL", "PRE_LAYOUT_CAP", "FrameError", "HandshakeError", "PeerServer",
-           "derived_attempt", "encode_frame", "frame_limit", "handshake", "read_frame"]
+           "decode_request", "derived_attempt", "encode_frame", "frame_limit", "handshake", "read_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ HELLO = "gfservice-peer"
 PEER_PROTOCOL = 3
 #: The largest hello.
 HELLO_CAP = 4096
-#: The largest request of an attempt whose layout is not known yet.
-PRE_LAYOUT_CAP = 1 << 20
+#: The largest request of an attempt whose layout is not known yet (a layout of a few thousand layers).
+PRE_LAYOUT_CAP = 256 << 10
 #: Reports in one request that :func:`frame_limit` allows for (a sender's ``batch_max`` is 32).
 BATCH_REPORTS = 64
 #: Bytes allowed per number of a report in JSON (``-1.2345678901234567e-308,`` is 24).
@@ -139,10 +139,82 @@ def read_frame(sock: socket.socket, max_bytes: int = MAX_FRAME) -> Any:
 
 
 def _decode(data: bytes | bytearray) -> Any:
+    """A small frame (a hello, an answer) as JSON."""
     try:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FrameError(f"not JSON: {exc}") from None
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def decode_request(data: bytes | bytearray) -> dict[str, Any]:
+    """A request frame as a dict, decoded one message at a time: the decoder never holds the GIL for longer
+    than one message takes (rank 0's training thread runs between them), whatever the frame's size.
+
+    >>> decode_request(b' {"run": "r", "messages": [{"kind": "step"}, {"x": NaN}] , "dropped": 0}')
+    {'run': 'r', 'messages': [{'kind': 'step'}, {'x': nan}], 'dropped': 0}
+    >>> decode_request(b'[1, 2]')
+    Traceback (most recent call last):
+    ...
+    gfservice.service.peer_server.FrameError: a request must be a JSON object
+    """
+    try:
+        text = data.decode("utf-8")
+        return _parse_object(text, json.JSONDecoder())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, IndexError) as exc:
+        raise FrameError(f"not JSON: {exc}") from None
+
+
+def _parse_object(text: str, dec: json.JSONDecoder) -> dict[str, Any]:
+    i = _WS.match(text, 0).end()  # type: ignore[union-attr]
+    if text[i:i + 1] != "{":
+        raise FrameError("a request must be a JSON object")
+    out: dict[str, Any] = {}
+    i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+    if text[i:i + 1] == "}":
+        return _end(text, i + 1, out)
+    while True:
+        key, i = dec.raw_decode(text, i)
+        i = _WS.match(text, i).end()  # type: ignore[union-attr]
+        if not isinstance(key, str) or text[i:i + 1] != ":":
+            raise FrameError("not JSON: expected a key and ':'")
+        i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+        if key == "messages" and text[i:i + 1] == "[":
+            out[key], i = _parse_array(text, i + 1, dec)
+        else:
+            out[key], i = dec.raw_decode(text, i)
+        i = _WS.match(text, i).end()  # type: ignore[union-attr]
+        sep = text[i:i + 1]
+        if sep == "}":
+            return _end(text, i + 1, out)
+        if sep != ",":
+            raise FrameError("not JSON: expected ',' or '}'")
+        i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+
+
+def _parse_array(text: str, i: int, dec: json.JSONDecoder) -> tuple[list[Any], int]:
+    items: list[Any] = []
+    i = _WS.match(text, i).end()  # type: ignore[union-attr]
+    if text[i:i + 1] == "]":
+        return items, i + 1
+    while True:
+        item, i = dec.raw_decode(text, i)  # one message per call: the GIL is free between them
+        items.append(item)
+        i = _WS.match(text, i).end()  # type: ignore[union-attr]
+        sep = text[i:i + 1]
+        if sep == "]":
+            return items, i + 1
+        if sep != ",":
+            raise FrameError("not JSON: expected ',' or ']'")
+        i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+
+
+def _end(text: str, i: int, out: dict[str, Any]) -> dict[str, Any]:
+    if _WS.match(text, i).end() != len(text):  # type: ignore[union-attr]
+        raise FrameError("not JSON: extra data after the request")
+    return out
 
 
 def frame_limit(layers: int, layout_bytes: int = 0) -> int:
@@ -150,7 +222,7 @@ def frame_limit(layers: int, layout_bytes: int = 0) -> int:
     :data:`BATCH_REPORTS` reports of every statistic per layer, never under :data:`PRE_LAYOUT_CAP`.
 
     >>> frame_limit(0), frame_limit(1000) // 2**20
-    (1048576, 19)
+    (262144, 19)
     """
     per_report = layers * len(STATISTICS) * BYTES_PER_NUMBER + 2048
     return min(MAX_FRAME, max(PRE_LAYOUT_CAP, 2 * layout_bytes + BATCH_REPORTS * per_report + 65536))
@@ -246,13 +318,14 @@ class PeerServer:
         self.margin = margin
         self.max_attempts = max_attempts
         self.connections = self.refused = self.bad_frames = self.timed_out = self.evicted = 0
+        self._last_warning = -1.0
         #: How often the findings sent back to the ranks are read again from the aggregator.
         self.findings_refresh_s = 0.1
         self._admitted: collections.OrderedDict[tuple[str, str], _Admitted] = collections.OrderedDict()
         self._lock = threading.Lock()  # _admitted, between rank 0's threads, the worker and the I/O thread
         self._cache: dict[str, tuple[float, tuple[tuple[int, int], list[Finding]]]] = {}
         self._conns: set[_Conn] = set()
-        self._work: queue.SimpleQueue[tuple[_Conn, bytes] | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[tuple[_Conn, bytearray] | None] = queue.SimpleQueue()
         self._done: collections.deque[tuple[_Conn, bytes | None]] = collections.deque()
         self._listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                               backlog=64)
@@ -396,8 +469,7 @@ class PeerServer:
                 return
         if len(conn.inbuf) < conn.need:
             return
-        data = bytes(conn.inbuf)
-        conn.inbuf, conn.need, conn.frame_started = bytearray(), None, None
+        data, conn.inbuf, conn.need, conn.frame_started = conn.inbuf, bytearray(), None, None
         if conn.identity is None:
             self._hello(conn, data)
         else:  # to the worker; read nothing more from this connection until it is answered
@@ -405,7 +477,7 @@ class PeerServer:
             self._set_events(conn, selectors.EVENT_WRITE if conn.out else 0)
             self._work.put((conn, data))
 
-    def _hello(self, conn: _Conn, data: bytes) -> None:
+    def _hello(self, conn: _Conn, data: bytearray) -> None:
         try:
             first = _decode(data)
         except FrameError as exc:
@@ -414,7 +486,7 @@ class PeerServer:
         identity, key, refusal = self._check_hello(first, conn.nonce)
         if refusal or identity is None or key is None:
             self.refused += 1  # counted before the answer, so whoever reads the answer sees the count
-            log.warning("gfservice peer server refused %s: %s", conn.peer, refusal)
+            self._warn("gfservice peer server refused %s: %s", conn.peer, refusal)
             self._queue_out(conn, encode_frame({"ok": False, "error": refusal}), then_close=True)
             return
         same = [c for c in self._conns if c.identity == identity]
@@ -501,13 +573,23 @@ class PeerServer:
                 late = "idle"
             if late:
                 self.timed_out += 1
-                log.warning("gfservice peer server closed the connection of %s: %s", conn.peer, late)
+                self._warn("gfservice peer server closed the connection of %s: %s", conn.peer, late)
                 self._close(conn)
 
     def _bad(self, conn: _Conn, why: str) -> None:
         self.bad_frames += 1
-        log.warning("gfservice peer server closed the connection of %s: %s", conn.peer, why)
+        self._warn("gfservice peer server closed the connection of %s: %s", conn.peer, why)
         self._close(conn)
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        """A warning, at most one a second (a flood of strangers must not flood rank 0's log); the rest at debug
+        level, and all of them in the counters."""
+        now = time.monotonic()
+        if now - self._last_warning >= 1.0:
+            self._last_warning = now
+            log.warning(msg, *args)
+        else:
+            log.debug(msg, *args)
 
     def _close(self, conn: _Conn) -> None:
         if conn.closed:
@@ -545,16 +627,16 @@ class PeerServer:
                 except Exception:
                     log.exception("gfservice peer ticker failed; continuing")
 
-    def _serve(self, conn: _Conn, data: bytes) -> bytes | None:
+    def _serve(self, conn: _Conn, data: bytearray) -> bytes | None:
         """The answer frame to one request, or ``None`` to close the connection (counted)."""
         try:
-            request = _decode(data)
+            request = decode_request(data)
             del data
             answer = self._answer(conn, request)
             return encode_frame(answer)
         except (FrameError, ValueError, TypeError) as exc:
             self.bad_frames += 1
-            log.warning("gfservice peer server closed the connection of %s: %s", conn.peer, exc)
+            self._warn("gfservice peer server closed the connection of %s: %s", conn.peer, exc)
             return None
         except Exception:
             log.exception("gfservice peer server: a request failed; closing its connection")
