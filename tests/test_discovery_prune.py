@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from gfservice.observability.discovery import (OWNER_HOST, OWNER_PID, OWNER_START, owner_labels, prune_sd_files,
-                                               withdraw_on_exit, write_sd_file)
+from gfservice.observability.discovery import (
+    OWNER_HOST,
+    OWNER_PID,
+    OWNER_START,
+    owner_labels,
+    prune_sd_files,
+    withdraw_on_exit,
+    write_sd_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -53,8 +53,15 @@ from gfservice.config import Settings
 from gfservice.envelopes import Batch, BatchAnswer
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.auth import load_token, new_job_secret, peer_key
-from gfservice.service.peer_server import (MAX_REREGISTER, FrameError, HandshakeError, derived_attempt,
-                                           encode_frame, handshake, read_frame)
+from gfservice.service.peer_server import (
+    MAX_REREGISTER,
+    FrameError,
+    HandshakeError,
+    derived_attempt,
+    encode_frame,
+    handshake,
+    read_frame,
+)
 from gfservice.training.sending import QueuedSender
 from gfservice.wire import Layout, RejectReason, RunEnd, StepReport
 
