@@ -16,9 +16,9 @@ idle connections     200 connections that say nothing
 ===================  =============================================================================================
 
 Reported: rank 0's median iteration per phase and its difference from the median of the quiet phases just
-before and after it (target: at most 5 ms), the server's counters, and what every rank saw (``should_stop``, drops, rejections). Exit status 1 when a
-target is missed: an iteration slower by more than ``--budget-ms`` in any phase, a stop verdict, a drop or a
-rejection of a real report.
+before and after it (target: at most 5 ms), the server's counters, and what every rank saw (``should_stop``,
+drops, rejections). Exit status 1 when a target is missed: an iteration slower by more than ``--budget-ms`` in
+any phase, a stop verdict, a drop or a rejection of a real report.
 
 Run::
 
