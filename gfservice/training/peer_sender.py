@@ -53,7 +53,7 @@ from gfservice.config import Settings
 from gfservice.envelopes import Batch, BatchAnswer
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.auth import load_token, new_job_secret, peer_key
-from gfservice.service.peer_server import (
+from gfservice.service.peer_protocol import (
     MAX_REREGISTER,
     FrameError,
     HandshakeError,
