@@ -364,10 +364,14 @@ def test_the_discovery_file_names_advertise_addr_and_https_when_the_exporter_ser
                                 exporter={"certfile": str(cert), "keyfile": str(key)}))
     plain = ServiceHost(_settings(tmp_path / "plain", metrics_port=0))
     try:
+        from gfservice.observability.discovery import public_labels  # without the owner labels
+
         entry, = json.loads((tmp_path / "tls" / "prometheus-sd.json").read_text())
+        entry["labels"] = public_labels(entry["labels"])
         assert entry == {"targets": [f"gf.example.internal:{tls.metrics_port}"],
                          "labels": {"service": "gfservice", "__scheme__": "https"}}
         entry, = json.loads((tmp_path / "plain" / "prometheus-sd.json").read_text())
+        entry["labels"] = public_labels(entry["labels"])
         assert entry == {"targets": [f"127.0.0.1:{plain.metrics_port}"], "labels": {"service": "gfservice"}}
     finally:
         tls.shutdown()

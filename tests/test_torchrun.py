@@ -181,16 +181,17 @@ def _server(token=None):
 
 
 def test_a_wrong_token_is_refused_and_the_sender_drops_and_counts():
-    from gfservice.training.peer_sender import PeerSender
+    from gfservice.training.peer_sender import MAX_REFUSALS, PeerSender
     from gfservice.wire import Layout, StepReport
 
     server = _server(token="right")
-    sender = PeerSender("tok", lambda: server.address, token="wrong")
-    sender.send(Layout(run="tok", rank=0, world_size=1, layers=["w"], numel=[1], sharded=[False]))
+    server.admit("tok", "a", 1, "job-secret")
+    sender = PeerSender("tok", 0, "a", lambda: (server.address, "job-secret"), token="wrong")
+    sender.send(Layout(run="tok", rank=0, world_size=1, layers=["w"], numel=[1], sharded=[False], attempt="a"))
     for step in range(3):
-        sender.send(StepReport(run="tok", rank=0, step=step))
+        sender.send(StepReport(run="tok", rank=0, step=step, attempt="a"))
     sender.close()
-    assert server.refused == 1 and sender.dropped == 3 and server.aggregator.runs() == []
+    assert 1 <= server.refused <= MAX_REFUSALS and sender.dropped == 3 and server.aggregator.runs() == []
     server.close()
 
 
@@ -201,7 +202,7 @@ def test_a_dead_rank_0_costs_the_other_ranks_nothing_but_counted_drops():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    sender = PeerSender("gone", lambda: dead, queue_size=4)
+    sender = PeerSender("gone", 1, "", lambda: (dead, "x"), queue_size=4)
     sender.send(Layout(run="gone", rank=1, world_size=2, reports_layers=False))
     t0 = time.perf_counter()
     for step in range(10):
@@ -215,16 +216,20 @@ def test_bad_frames_close_only_their_connection():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from gfservice.service.peer_server import encode_frame, hello, read_frame
+    from gfservice.service.peer_server import encode_frame, handshake, read_frame
 
     server = _server()
+    key = server.admit("ok", "", 1, "job-secret")
+
+    def connect():
+        sock = socket.create_connection(server.sockaddr)
+        handshake(sock, key, "ok", 0, "")
+        return sock
 
     @settings(max_examples=25, deadline=None)
     @given(st.binary(max_size=64))
     def garbage_after_hello(data):
-        with socket.create_connection(server.sockaddr) as sock:
-            sock.sendall(encode_frame(hello()))
-            assert read_frame(sock) == {"ok": True}
+        with connect() as sock:
             sock.sendall(struct.pack(">I", len(data)) + data)
             sock.shutdown(socket.SHUT_WR)
             try:
@@ -234,18 +239,18 @@ def test_bad_frames_close_only_their_connection():
             assert isinstance(answer, dict) and "rejected" in answer
 
     garbage_after_hello()
-    with socket.create_connection(server.sockaddr) as sock:  # too big: refused before it is read
-        sock.sendall(encode_frame(hello()) + struct.pack(">I", 2**31))
-        assert read_frame(sock) == {"ok": True}
+    with connect() as sock:  # too big: refused before it is read
+        sock.sendall(struct.pack(">I", 2**31))
         sock.settimeout(5)
         assert sock.recv(1) == b""
-    with socket.create_connection(server.sockaddr) as sock:  # still serving, and right
-        sock.sendall(encode_frame(hello()))
-        read_frame(sock)
+    with connect() as sock:  # still serving, and right
         lay = {"kind": "layout", "run": "ok", "rank": 0, "world_size": 1, "layers": ["w"], "numel": [1],
                "sharded": [False]}
         sock.sendall(encode_frame({"run": "ok", "messages": [lay, {"kind": "nope"}], "dropped": 2}))
-        assert read_frame(sock)["rejected"] == [[1, "unknown_kind"]]
+        assert read_frame(sock)["rejected"] == [[1, "unauthorized"]]  # it names no run: not this connection's
+        nope = {"kind": "nope", "run": "ok", "rank": 0}
+        sock.sendall(encode_frame({"run": "ok", "messages": [nope], "dropped": 0}))
+        assert read_frame(sock)["rejected"] == [[0, "unknown_kind"]]
     assert server.bad_frames >= 1 and server.aggregator.runs()[0]["run"] == "ok"
     server.close()
 

@@ -44,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detectors", help="list installed detector plugins, their fields and defaults")
     p.set_defaults(func=_detectors)
 
-    from gfservice.cli import backtest, demo, grafana, render_commands, report
+    from gfservice.cli import backtest, demo, discovery, grafana, render_commands, report
 
     demo.add_parser(sub)
     backtest.add_parsers(sub)  # gfservice backtest HISTORY.npz [--config A.toml] [--compare B.toml]; configure RUN
     report.add_parser(sub)  # gfservice report RUN --out report.png [--history FILE]
     grafana.add_parser(sub)  # gfservice grafana push --url URL --token TOKEN
     render_commands.add_parsers(sub)  # gfservice {alerts,dashboards,kubernetes} render [--out DIR] [--check]
+    discovery.add_parser(sub)  # gfservice discovery prune [--dir DIR] [--dry-run]
     try:
         from gfservice.cli import service_commands
     except ImportError:  # the Ray extra is not installed

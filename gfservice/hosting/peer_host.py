@@ -1,5 +1,7 @@
 """What rank 0 of a torchrun or Slurm job runs without Ray: the job's aggregator, fed by every rank through a
-:class:`~gfservice.service.peer_server.PeerServer`, with ``/metrics`` and its Prometheus discovery entry.
+:class:`~gfservice.service.peer_server.PeerServer`, with ``/metrics`` and its Prometheus discovery entry (which is
+withdrawn however rank 0 ends: :func:`~gfservice.observability.discovery.withdraw_on_exit`; writing it first
+removes the entries of this host's dead jobs).
 
 >>> from gfservice.config import Settings
 >>> host = PeerHost(Settings(service={"sd_file": ""}), announce=lambda line: None)
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from gfservice.config import Settings
 from gfservice.hosting.scrape import scrape_host
-from gfservice.observability.discovery import remove_sd_file, write_sd_file
+from gfservice.observability.discovery import Withdrawal, withdraw_on_exit, write_sd_file
 from gfservice.observability.exporter import serve_metrics
 from gfservice.service.aggregator import Aggregator
 from gfservice.service.peer_server import PeerServer
@@ -33,10 +35,11 @@ class PeerHost:
     ``bind``, and ``/metrics`` (``[service] metrics_port``/``metrics_addr``; default a free port on 127.0.0.1)
     with its Prometheus discovery entry: ``prometheus-sd-<tag>.json`` beside ``[service] sd_file`` (so that it
     never replaces the service's own; ``""`` disables it). The metrics URL is printed once to stderr.
+    ``watch``: also start the watcher process that withdraws the entry if rank 0 is killed outright.
     """
 
     def __init__(self, settings: Settings, bind: str = "127.0.0.1", token: str | None = None, tag: str = "peer",
-                 announce: Callable[[str], None] | None = None):
+                 announce: Callable[[str], None] | None = None, watch: bool = True):
         cfg = settings.service
         self.aggregator = Aggregator(settings.aggregator, settings.detectors)
         self.server = PeerServer(self.aggregator, bind, 0, token, cfg.tick_interval_s)
@@ -50,8 +53,11 @@ class PeerHost:
         scheme = "https" if exp.certfile else "http"
         self.metrics_url = f"{scheme}://{host}:{self.metrics_port}/metrics"
         self.sd_file: Path | None = None
+        self._withdrawal: Withdrawal | None = None
         if cfg.sd_file:
             self.sd_file = _write_sd(Path(cfg.sd_file), tag, f"{host}:{self.metrics_port}", scheme)
+        if self.sd_file is not None:
+            self._withdrawal = withdraw_on_exit(self.sd_file, watcher=watch)
         (announce or _stderr)(f"gfservice: rank 0 aggregates this job's ranks (peers connect to "
                               f"{self.server.address}); metrics at {self.metrics_url}"
                               + (f", discovery file {self.sd_file}" if self.sd_file else ""))
@@ -61,8 +67,8 @@ class PeerHost:
         self.server.close()
         self._metrics.shutdown()
         self._metrics.server_close()
-        if self.sd_file is not None:
-            remove_sd_file(self.sd_file)
+        if self._withdrawal is not None:
+            self._withdrawal.withdraw()
         self.aggregator.flush()
 
 
@@ -74,7 +80,8 @@ def _write_sd(base: Path, tag: str, address: str, scheme: str) -> Path | None:
     path = base.with_name(f"{base.stem}-{tag}{base.suffix or '.json'}")
     try:
         ensure_private_dir(path.parent)
-        return write_sd_file(path, address, {"launcher": "torchrun"}, scheme=scheme)
+        return write_sd_file(path, address, {"launcher": "torchrun"}, scheme=scheme,
+                             prune=f"{base.stem}*{base.suffix or '.json'}")
     except Exception as exc:  # monitoring goes on without discovery
         log.warning("gfservice: could not write the discovery file %s: %s", path, exc)
         return None

@@ -36,6 +36,7 @@ import errno
 import hashlib
 import hmac
 import os
+import secrets
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +45,7 @@ from typing import Any
 from gfservice.errors import ConfigError
 
 __all__ = ["HOW_TO_PASS", "TOKEN_ENV", "TOKEN_FILE_ENV", "Guard", "TokenFileError", "Unauthorized", "digest",
-           "load_token", "read_token_file"]
+           "load_token", "new_job_secret", "peer_key", "peer_proof", "proof_matches", "read_token_file"]
 
 #: The variable that holds the token itself (read by the service, the senders, ``connect()`` and the CLI).
 TOKEN_ENV = "GFSERVICE_TOKEN"
@@ -148,3 +149,43 @@ class Guard:
         if not self.allows(presented):
             what = "none was presented" if presented is None else "the one presented is wrong"
             raise Unauthorized(f"unauthorized: {call} needs the gfservice service token, and {what}: {HOW_TO_PASS}")
+
+
+# ---- the peer path's per-job key (torchrun/Slurm without Ray; see gfservice.service.peer_server) -------------
+def new_job_secret() -> str:
+    """A fresh per-job secret (256 random bits, hex): rank 0 makes one per attempt and shares it through the job's
+    rendezvous store."""
+    return secrets.token_hex(32)
+
+
+def peer_key(secret: str, token: str | None = None) -> bytes:
+    """The key a rank proves it holds: the job's ``secret``, bound to ``token`` (``$GFSERVICE_TOKEN``) when one is
+    set, so that a process that can read the store but was not given the token cannot join either.
+
+    >>> peer_key("ab") == peer_key("ab"), peer_key("ab") == peer_key("ab", "tok")
+    (True, False)
+    """
+    material = secret.encode()
+    if token:
+        return hmac.new(token.encode("utf-8", "surrogatepass"), material, hashlib.sha256).digest()
+    return hashlib.sha256(material).digest()
+
+
+def peer_proof(key: bytes, *parts: object) -> str:
+    """HMAC-SHA256 over ``parts`` (joined unambiguously): what a side sends to prove it holds ``key``.
+
+    >>> p = peer_proof(b"k", "client", "n1", 0)
+    >>> proof_matches(b"k", p, "client", "n1", 0), proof_matches(b"k", p, "client", "n1", 1)
+    (True, False)
+    >>> proof_matches(b"k", 17, "client")        # not even a string
+    False
+    """
+    body = "\x1f".join(f"{len(s)}:{s}" for s in map(str, parts))
+    return hmac.new(key, body.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
+def proof_matches(key: bytes, presented: Any, *parts: object) -> bool:
+    """Whether ``presented`` is :func:`peer_proof` of ``parts`` under ``key`` (constant-time)."""
+    if not isinstance(presented, str) or len(presented) != 64:
+        return False
+    return hmac.compare_digest(presented.encode("ascii", "replace"), peer_proof(key, *parts).encode())

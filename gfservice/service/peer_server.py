@@ -1,158 +1,161 @@
 """Rank 0 of a torchrun or Slurm job without Ray: the job's aggregator, fed by every rank over TCP.
 
 Each rank (rank 0 too) holds one TCP connection to rank 0's :class:`PeerServer` (never the training process
-group's collectives). Frames are length-prefixed JSON (4 bytes big-endian, then UTF-8; NaN/Inf travel as the
-JSON constants ``NaN``/``Infinity``). The first frame is a hello, answered ``{"ok": true}`` or refused; then each
-request is a :class:`~gfservice.envelopes.Batch` (``{"run": RUN, "messages": [wire messages], "dropped": N}``) and
-each answer a :class:`~gfservice.envelopes.BatchAnswer`, as on the Ray path (``{"rejected": [[i, reason]], "stop":
-{RUN: REASON or null}}``, plus ``"findings"``, the run's findings, whenever they changed). An empty request is a
-poll: it brings verdicts to ranks that have nothing to send. (Protocol 2; protocol 1 answered ``"stop"`` as a
-bare reason.) Every message is validated by the
-aggregator (:func:`gfservice.wire.parse`); a frame that is not JSON, too big or of the wrong shape closes its
-connection and is counted in ``bad_frames``, never more.
+group's collectives), speaking :mod:`gfservice.service.peer_protocol`: a handshake in which the rank proves it
+holds its attempt's key, then :class:`~gfservice.envelopes.Batch` requests answered by
+:class:`~gfservice.envelopes.BatchAnswer`. Rank 0 registers each attempt of its job with :meth:`PeerServer.admit`
+(its key comes from a secret that rank 0 made and shared through the job's rendezvous store); a connection can
+only speak for a registered ``(run, attempt)``, and then only for the run, rank and attempt it authenticated as
+(other messages are refused ``unauthorized``).
 
-Trust: anyone who can connect may submit, as with the Ray service. The server binds loopback (one node) or
-the interface of ``MASTER_ADDR`` (several nodes); with ``GFSERVICE_TOKEN`` set, a hello without the same token
-is refused (compared with :func:`hmac.compare_digest`) and counted in ``refused``.
+**Bounds.** One I/O thread multiplexes every connection (:mod:`selectors`, non-blocking); one worker thread
+decodes and ingests (a connection has at most one request in the worker; its next one is not read until the
+answer is written). Every hello must arrive whole within ``hello_timeout_s`` of the accept, every frame within
+``frame_timeout_s`` of its first byte. A frame over :meth:`PeerServer.frame_limit` (4 KiB for a hello; then
+derived from the attempt's layout: layers x statistics x 32 bytes per report, times a batch, plus the layout;
+:data:`PRE_LAYOUT_CAP` until one is known) is refused from its header, before it is read. Unauthenticated
+connections are capped at ``max_pending`` (the oldest is dropped for a new one); authenticated ones at the
+registered world sizes plus ``margin``. Anything refused, cut short or late closes its connection and is counted.
 
 >>> from gfservice.service.aggregator import Aggregator
 >>> import socket
->>> server = PeerServer(Aggregator(), token="s3cret")
+>>> server = PeerServer(Aggregator())
+>>> key = server.admit("doc", "a1", world_size=1, secret="s3cret")
 >>> sock = socket.create_connection(server.sockaddr)
->>> sock.sendall(encode_frame(hello("s3cret"))); read_frame(sock)
-{'ok': True}
+>>> handshake(sock, key, "doc", 0, "a1")
 >>> lay = {"kind": "layout", "run": "doc", "rank": 0, "world_size": 1, "layers": ["w"], "numel": [2],
-...        "sharded": [False]}
->>> step = {"kind": "step", "run": "doc", "rank": 0, "step": 0,
+...        "sharded": [False], "attempt": "a1"}
+>>> step = {"kind": "step", "run": "doc", "rank": 0, "step": 0, "attempt": "a1",
 ...         "stats": {"count": [2], "sum_sq": [float("nan")], "max_abs": [float("nan")], "nonfinite": [1]}}
 >>> sock.sendall(encode_frame({"run": "doc", "messages": [lay, step, {"kind": "step"}], "dropped": 0}))
 >>> answer = read_frame(sock)
 >>> answer["rejected"], answer["stop"], [f["detector"] for f in answer["findings"]]
-([[2, 'invalid']], {'doc': None}, ['nonfinite'])
+([[2, 'unauthorized']], {'doc': None}, ['nonfinite'])
 >>> sock.close(); server.close()
 """
 
 from __future__ import annotations
 
-import hmac
+import collections
+import contextlib
 import json
 import logging
+import queue
+import secrets
+import selectors
 import socket
-import socketserver
 import struct
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from gfservice.api import Finding
-from gfservice.envelopes import Batch
+from gfservice.envelopes import Batch, BatchAnswer
 from gfservice.service.aggregator import Aggregator
+from gfservice.service.auth import peer_key, peer_proof, proof_matches
 from gfservice.service.ingest import take
+from gfservice.service.peer_protocol import (
+    HELLO,
+    HELLO_CAP,
+    MAX_FRAME,
+    PEER_PROTOCOL,
+    PRE_LAYOUT_CAP,
+    FrameError,
+    HandshakeError,
+    decode_frame,
+    decode_request,
+    derived_attempt,
+    encode_frame,
+    frame_limit,
+    handshake,
+    read_frame,
+    speaks_for,
+)
+from gfservice.wire import RejectReason
 
-__all__ = ["MAX_FRAME", "PEER_PROTOCOL", "FrameError", "PeerServer", "encode_frame", "hello", "read_frame"]
+# The protocol's names stay importable from here (tests, benchmarks and the sender used them from this module).
+__all__ = ["MAX_FRAME", "PEER_PROTOCOL", "PRE_LAYOUT_CAP", "FrameError", "HandshakeError", "PeerServer",
+           "decode_request", "derived_attempt", "encode_frame", "frame_limit", "handshake", "read_frame"]
 
 log = logging.getLogger(__name__)
-
-#: Largest frame either side accepts (a 1M-layer report is about 100 MB of JSON).
-MAX_FRAME = 256 * 2**20
-#: What a hello says; a connection that says something else is refused.
-HELLO = "gfservice-peer"
-#: The peer protocol; 2 answers every batch with a :class:`~gfservice.envelopes.BatchAnswer`.
-PEER_PROTOCOL = 2
 _HEADER = struct.Struct(">I")
 
+@dataclass
+class _Admitted:
+    """One attempt of the job that rank 0 registered: its key, world size, and the frame limit its layout sets."""
 
-class FrameError(ValueError):
-    """A frame that is too big, cut short or not JSON."""
-
-
-def encode_frame(obj: Any) -> bytes:
-    """``obj`` as one frame: its length (4 bytes, big-endian), then its JSON.
-
-    >>> encode_frame({"a": float("nan")})
-    b'\\x00\\x00\\x00\\t{"a":NaN}'
-    """
-    data = json.dumps(obj, allow_nan=True, separators=(",", ":")).encode()
-    if len(data) > MAX_FRAME:
-        raise FrameError(f"frame of {len(data)} bytes is over the limit of {MAX_FRAME}")
-    return _HEADER.pack(len(data)) + data
+    key: bytes
+    world_size: int
+    limit: int = PRE_LAYOUT_CAP
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    chunks = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 20))
-        if not chunk:
-            raise EOFError("connection closed")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_frame(sock: socket.socket, max_bytes: int = MAX_FRAME) -> Any:
-    """Read one frame from ``sock``; raises :class:`EOFError` at a clean end, :class:`FrameError` for a bad one."""
-    (n,) = _HEADER.unpack(_read_exact(sock, _HEADER.size))
-    if n > max_bytes:
-        raise FrameError(f"frame of {n} bytes is over the limit of {max_bytes}")
-    try:
-        return json.loads(_read_exact(sock, n))
-    except EOFError:
-        raise FrameError("frame cut short") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FrameError(f"not JSON: {exc}") from None
-
-
-def hello(token: str | None = None) -> dict[str, Any]:
-    """The first frame a rank sends."""
-    return {"hello": HELLO, "version": PEER_PROTOCOL, "token": token or ""}
-
-
-class _Handler(socketserver.BaseRequestHandler):
-    server: _TCPServer
-
-    def handle(self) -> None:
-        self.server.peer.serve_connection(self.request)
-
-
-class _TCPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    peer: PeerServer
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    peer: str
+    opened: float
+    nonce: str = field(default_factory=lambda: secrets.token_hex(16))
+    identity: tuple[str, int, str] | None = None  # (run, rank, attempt) once authenticated
+    inbuf: bytearray = field(default_factory=bytearray)
+    need: int | None = None  # the body length of the frame being read
+    frame_started: float | None = None
+    last_active: float = 0.0
+    out: bytes = b""
+    out_since: float = 0.0
+    busy: bool = False  # a request is with the worker
+    close_after_write: bool = False  # a refusal: close once it is written
+    closed: bool = False
+    seen: tuple[int, int] | None = None  # the findings marker last sent
 
 
 class PeerServer:
-    """Takes the ranks' messages over TCP into ``aggregator``, each connection on its own thread, and merges
-    overdue steps (ranks that stopped reporting) every ``tick_interval_s``.
+    """Takes the ranks' messages over TCP into ``aggregator`` (see the module doc for the protocol and bounds),
+    and merges overdue steps (ranks that stopped reporting) every ``tick_interval_s``.
 
     ``port=0`` picks a free port; :attr:`address` is ``host:port`` for the ranks. ``close()`` stops it.
+    Counters: ``connections`` (authenticated), ``refused`` (hellos refused), ``bad_frames`` (frames that closed
+    their connection: not JSON, wrong shape, over the limit), ``timed_out`` (hellos or frames too slow, idle
+    connections), ``evicted`` (unauthenticated connections dropped for newer ones, or over the connection bound).
     """
 
     def __init__(self, aggregator: Aggregator, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 tick_interval_s: float = 0.5, max_frame: int = MAX_FRAME, hello_timeout_s: float = 10.0):
+                 tick_interval_s: float = 0.5, *, hello_timeout_s: float = 5.0, frame_timeout_s: float = 10.0,
+                 idle_timeout_s: float = 300.0, max_pending: int = 8, margin: int = 4, max_attempts: int = 16):
         self.aggregator = aggregator
         self.token = token or None
-        self.max_frame = max_frame
         self.hello_timeout_s = hello_timeout_s
-        #: Connections taken, hellos refused (wrong token or protocol), and frames that closed their connection.
-        self.connections = 0
-        self.refused = 0
-        self.bad_frames = 0
-        self._tcp = _TCPServer((host, port), _Handler)
-        self._tcp.peer = self
-        self.sockaddr: tuple[str, int] = self._tcp.server_address[:2]  # type: ignore[assignment]
+        self.frame_timeout_s = frame_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_pending = max_pending
+        self.margin = margin
+        self.max_attempts = max_attempts
+        self.connections = self.refused = self.bad_frames = self.timed_out = self.evicted = 0
+        self._last_warning = -1.0
         #: How often the findings sent back to the ranks are read again from the aggregator.
         self.findings_refresh_s = 0.1
+        self._admitted: collections.OrderedDict[tuple[str, str], _Admitted] = collections.OrderedDict()
+        self._lock = threading.Lock()  # _admitted, between rank 0's threads, the worker and the I/O thread
         self._cache: dict[str, tuple[float, tuple[tuple[int, int], list[Finding]]]] = {}
-        self._cache_lock = threading.Lock()
+        self._conns: set[_Conn] = set()
+        self._work: queue.SimpleQueue[tuple[_Conn, bytearray] | None] = queue.SimpleQueue()
+        self._done: collections.deque[tuple[_Conn, bytes | None]] = collections.deque()
+        self._listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                              backlog=64)
+        self._listener.setblocking(False)
+        self.sockaddr: tuple[str, int] = self._listener.getsockname()[:2]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._tcp.serve_forever, kwargs={"poll_interval": 0.2},
-                             name="gfservice-peer-server", daemon=True),
-            threading.Thread(target=self._tick_loop, args=(tick_interval_s,), name="gfservice-peer-ticker",
-                             daemon=True),
-        ]
+        self._tick_interval_s = tick_interval_s
+        self._threads = [threading.Thread(target=self._io_loop, name="gfservice-peer-io", daemon=True),
+                         threading.Thread(target=self._work_loop, name="gfservice-peer-worker", daemon=True)]
         for t in self._threads:
             t.start()
 
@@ -162,89 +165,363 @@ class PeerServer:
         host, port = self.sockaddr
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _tick_loop(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self.aggregator.tick()
-            except Exception:
-                log.exception("gfservice peer ticker failed; continuing")
+    # ---- what rank 0 tells it ---------------------------------------------------------------------
+    def admit(self, run: str, attempt: str, world_size: int, secret: str) -> bytes:
+        """Let the ranks of ``attempt`` of ``run`` (``world_size`` of them) in: those that prove they hold the key
+        made from ``secret`` (and the server's token, when it has one). Returns that key."""
+        key = peer_key(secret, self.token)
+        with self._lock:
+            self._admitted[(run, attempt)] = _Admitted(key, max(1, world_size))
+            self._admitted.move_to_end((run, attempt))
+            while len(self._admitted) > self.max_attempts:
+                self._admitted.popitem(last=False)
+        return key
 
-    def serve_connection(self, sock: socket.socket) -> None:
-        """One rank's connection: the hello, then requests answered in turn until it closes."""
-        peer = "{}:{}".format(*sock.getpeername()[:2])
-        sock.settimeout(self.hello_timeout_s)
-        try:
-            first = read_frame(sock, 4096)
-            refusal = self._check_hello(first)
-            if refusal:  # counted before the answer, so whoever reads the answer sees the count
-                self.refused += 1
-                log.warning("gfservice peer server refused %s: %s", peer, refusal)
-                sock.sendall(encode_frame({"ok": False, "error": refusal}))
-                return
-            self.connections += 1
-            sock.sendall(encode_frame({"ok": True}))
-            sock.settimeout(None)  # a rank may be quiet for long (a slow step); it polls while idle
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished host ends its thread
-            seen: tuple[int, int] | None = None
-            while True:
+    def expect_layout(self, run: str, attempt: str, layers: int, layout_bytes: int = 0) -> None:
+        """An attempt's layout is known (``layers`` layers, ``layout_bytes`` of JSON): raise its frame limit."""
+        with self._lock:
+            adm = self._admitted.get((run, derived_attempt(attempt, 0)))
+            if adm is not None:
+                adm.limit = max(adm.limit, frame_limit(layers, layout_bytes))
+
+    def frame_limit(self, conn_identity: tuple[str, int, str] | None) -> int:
+        """The largest frame a connection may send now: a hello's before it authenticates, then its attempt's."""
+        if conn_identity is None:
+            return HELLO_CAP
+        with self._lock:
+            adm = self._admitted.get((conn_identity[0], conn_identity[2]))
+            return adm.limit if adm is not None else PRE_LAYOUT_CAP
+
+    def _max_ready(self) -> int:
+        with self._lock:
+            return sum(a.world_size for a in self._admitted.values()) + self.margin
+
+    # ---- the I/O thread ---------------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        next_check = 0.0
+        while not self._stop.is_set():
+            try:
+                events = self._sel.select(timeout=0.05)
+            except OSError:  # closed under us
+                break
+            for key, mask in events:
                 try:
-                    request = read_frame(sock, self.max_frame)
-                except EOFError:
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    else:
+                        conn: _Conn = key.data
+                        if mask & selectors.EVENT_WRITE:
+                            self._write(conn)
+                        if mask & selectors.EVENT_READ and not conn.closed:
+                            self._read(conn)
+                except Exception:
+                    log.exception("gfservice peer server: I/O error; continuing")
+            while self._done:
+                conn, answer = self._done.popleft()
+                conn.busy = False
+                if answer is None:
+                    self._close(conn)
+                elif not conn.closed:
+                    self._queue_out(conn, answer)
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 0.05
+                self._enforce_deadlines(now)
+        for conn in list(self._conns):
+            self._close(conn)
+
+    def _accept(self) -> None:
+        for _ in range(16):  # a burst of connections: take up to 16 per wake-up
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors and the like: the listener stays
+                log.warning("gfservice peer server: accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            now = time.monotonic()
+            conn = _Conn(sock, "{}:{}".format(*addr[:2]), now, last_active=now)
+            pending = sorted((c for c in self._conns if c.identity is None), key=lambda c: c.opened)
+            while len(pending) >= self.max_pending:  # make room: the oldest stranger goes
+                self.evicted += 1
+                self._close(pending.pop(0))
+            self._conns.add(conn)
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._queue_out(conn, encode_frame({"hello": HELLO, "version": PEER_PROTOCOL, "nonce": conn.nonce}))
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            want = _HEADER.size - len(conn.inbuf) if conn.need is None else conn.need - len(conn.inbuf)
+            chunk = conn.sock.recv(min(max(want, 1), 1 << 18))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.info("gfservice peer server: connection of %s lost: %s", conn.peer, exc)
+            self._close(conn)
+            return
+        if not chunk:
+            self._close(conn)
+            return
+        now = time.monotonic()
+        conn.last_active = now
+        if conn.frame_started is None:
+            conn.frame_started = now
+        conn.inbuf += chunk
+        if conn.need is None:
+            if len(conn.inbuf) < _HEADER.size:
+                return
+            (n,) = _HEADER.unpack(bytes(conn.inbuf))
+            limit = self.frame_limit(conn.identity)
+            if n > limit:
+                self._bad(conn, f"frame of {n} bytes is over this connection's limit of {limit}")
+                return
+            conn.need, conn.inbuf = n, bytearray()
+            if n:
+                return
+        if len(conn.inbuf) < conn.need:
+            return
+        data, conn.inbuf, conn.need, conn.frame_started = conn.inbuf, bytearray(), None, None
+        if conn.identity is None:
+            self._hello(conn, data)
+        else:  # to the worker; read nothing more from this connection until it is answered
+            conn.busy = True
+            self._set_events(conn, selectors.EVENT_WRITE if conn.out else 0)
+            self._work.put((conn, data))
+
+    def _hello(self, conn: _Conn, data: bytearray) -> None:
+        try:
+            first = decode_frame(data)
+        except FrameError as exc:
+            self._bad(conn, str(exc))
+            return
+        identity, key, refusal = self._check_hello(first, conn.nonce)
+        if refusal or identity is None or key is None:
+            self.refused += 1  # counted before the answer, so whoever reads the answer sees the count
+            self._warn("gfservice peer server refused %s: %s", conn.peer, refusal)
+            self._queue_out(conn, encode_frame({"ok": False, "error": refusal}), then_close=True)
+            return
+        same = [c for c in self._conns if c.identity == identity]
+        for old in same:  # a rank that reconnects replaces its old connection
+            self._close(old)
+        if sum(c.identity is not None for c in self._conns) >= self._max_ready():
+            self.evicted += 1
+            self._queue_out(conn, encode_frame({"ok": False, "error": "too many connections"}), then_close=True)
+            return
+        conn.identity = identity
+        self.connections += 1
+        with contextlib.suppress(OSError):
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._queue_out(conn, encode_frame({"ok": True, "proof": peer_proof(key, "server", conn.nonce,
+                                                                              first["nonce"])}))
+
+    def _check_hello(self, first: Any, nonce: str) -> tuple[tuple[str, int, str] | None, bytes | None, str | None]:
+        if not isinstance(first, dict) or first.get("hello") != HELLO:
+            return None, None, "not a gfservice peer hello"
+        if first.get("version") != PEER_PROTOCOL:
+            return None, None, f"peer protocol {first.get('version')!r}; this server speaks {PEER_PROTOCOL}"
+        run, rank, attempt, theirs = (first.get(k) for k in ("run", "rank", "attempt", "nonce"))
+        if not (isinstance(run, str) and isinstance(attempt, str) and type(rank) is int and isinstance(theirs, str)
+                and len(theirs) <= 64):
+            return None, None, "a hello needs run, rank, attempt and nonce"
+        with self._lock:
+            adm = self._admitted.get((run, attempt))
+        if adm is None or not 0 <= rank < adm.world_size:
+            return None, None, "not a rank of an attempt of this job"  # says nothing about which runs exist
+        if not proof_matches(adm.key, first.get("proof"), "rank", nonce, theirs, run, rank, attempt):
+            return None, None, "wrong proof: not this job's key (GFSERVICE_TOKEN differs between ranks?)"
+        return (run, rank, attempt), adm.key, None
+
+    def _queue_out(self, conn: _Conn, data: bytes, then_close: bool = False) -> None:
+        if conn.closed:
+            return
+        if not conn.out:
+            conn.out_since = time.monotonic()
+        conn.out += data
+        conn.close_after_write = conn.close_after_write or then_close
+        self._write(conn)
+
+    def _write(self, conn: _Conn) -> None:
+        if conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            conn.out = conn.out[sent:]
+            conn.out_since = time.monotonic() if sent else conn.out_since
+        if not conn.out and conn.close_after_write:
+            self._close(conn)
+            return
+        events = (selectors.EVENT_WRITE if conn.out else 0) | (0 if conn.busy else selectors.EVENT_READ)
+        self._set_events(conn, events)
+
+    def _set_events(self, conn: _Conn, events: int) -> None:
+        if conn.closed:
+            return
+        registered = conn.sock in self._sel.get_map()
+        if not events:
+            if registered:
+                self._sel.unregister(conn.sock)
+        elif registered:
+            self._sel.modify(conn.sock, events, conn)
+        else:
+            self._sel.register(conn.sock, events, conn)
+
+    def _enforce_deadlines(self, now: float) -> None:
+        for conn in list(self._conns):
+            if conn.closed or conn.busy:
+                continue
+            late = None
+            if conn.identity is None and now - conn.opened > self.hello_timeout_s:
+                late = "no hello in time"
+            elif conn.frame_started is not None and now - conn.frame_started > self.frame_timeout_s:
+                late = f"a frame took over {self.frame_timeout_s:g} s"
+            elif conn.out and now - conn.out_since > self.frame_timeout_s:
+                late = "the answer was not read in time"
+            elif conn.identity is not None and now - conn.last_active > self.idle_timeout_s:
+                late = "idle"
+            if late:
+                self.timed_out += 1
+                self._warn("gfservice peer server closed the connection of %s: %s", conn.peer, late)
+                self._close(conn)
+
+    def _bad(self, conn: _Conn, why: str) -> None:
+        self.bad_frames += 1
+        self._warn("gfservice peer server closed the connection of %s: %s", conn.peer, why)
+        self._close(conn)
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        """A warning, at most one a second (a flood of strangers must not flood rank 0's log); the rest at debug
+        level, and all of them in the counters."""
+        now = time.monotonic()
+        if now - self._last_warning >= 1.0:
+            self._last_warning = now
+            log.warning(msg, *args)
+        else:
+            log.debug(msg, *args)
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self._conns.discard(conn)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.unregister(conn.sock)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+        conn.inbuf, conn.out = bytearray(), b""
+
+    # ---- the worker thread: decode, ingest, answer -----------------------------------------------
+    def _work_loop(self) -> None:
+        next_tick = time.monotonic() + self._tick_interval_s
+        while True:
+            try:
+                item = self._work.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                item = None
+                if self._stop.is_set():
                     return
-                answer, seen = self._answer(request, seen)
-                sock.sendall(encode_frame(answer))
+            else:
+                if item is None:
+                    return
+            if item is not None:
+                conn, data = item
+                self._done.append((conn, self._serve(conn, data)))
+                with contextlib.suppress(OSError):
+                    self._wake_w.send(b"x")
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + self._tick_interval_s
+                try:
+                    self.aggregator.tick()
+                except Exception:
+                    log.exception("gfservice peer ticker failed; continuing")
+
+    def _serve(self, conn: _Conn, data: bytearray) -> bytes | None:
+        """The answer frame to one request, or ``None`` to close the connection (counted)."""
+        try:
+            request = decode_request(data)
+            del data
+            answer = self._answer(conn, request)
+            return encode_frame(answer)
         except (FrameError, ValueError, TypeError) as exc:
             self.bad_frames += 1
-            log.warning("gfservice peer server closed the connection of %s: %s", peer, exc)
-        except (OSError, EOFError) as exc:
-            log.info("gfservice peer server: connection of %s lost: %s", peer, exc)
+            self._warn("gfservice peer server closed the connection of %s: %s", conn.peer, exc)
+            return None
+        except Exception:
+            log.exception("gfservice peer server: a request failed; closing its connection")
+            return None
 
-    def _check_hello(self, first: Any) -> str | None:
-        if not isinstance(first, dict) or first.get("hello") != HELLO:
-            return "not a gfservice peer hello"
-        if first.get("version") != PEER_PROTOCOL:
-            return f"peer protocol {first.get('version')!r}; this server speaks {PEER_PROTOCOL}"
-        if self.token is not None:
-            given = first.get("token")
-            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
-                return "wrong or missing GFSERVICE_TOKEN"
-        return None
-
-    def _answer(self, request: Any, seen: tuple[int, int] | None) -> tuple[dict[str, Any], tuple[int, int] | None]:
-        """Submit a request's messages; the verdict for its run, and its findings when they changed since
-        ``seen`` (their count and how many are active)."""
+    def _answer(self, conn: _Conn, request: Any) -> dict[str, Any]:
+        """Submit a request's messages that its connection may speak for; the verdict for its run, and its
+        findings when they changed since the connection last heard them."""
+        assert conn.identity is not None
+        run, rank, attempt = conn.identity
         if not isinstance(request, dict):
             raise FrameError("a request must be a JSON object")
         try:
             batch = Batch.model_validate(request)
         except ValidationError:
             raise FrameError("a request needs run (a string), messages (a list) and dropped (an integer)") from None
-        answer, _ = take(self.aggregator, batch.messages, batch.dropped_by_run(), [batch.run])
-        found = self._findings(batch.run)
-        if found is not None and found[0] != seen:
+        if batch.run != run:
+            raise FrameError(f"a request for run {batch.run!r} over a connection of run {run!r}")
+        allowed: list[Any] = []
+        index: list[int] = []
+        foreign: list[tuple[int, RejectReason]] = []
+        for i, msg in enumerate(batch.messages):
+            if (isinstance(msg, dict) and msg.get("run") == run and msg.get("rank") == rank
+                    and speaks_for(msg.get("attempt", ""), attempt)):
+                allowed.append(msg)
+                index.append(i)
+            else:
+                foreign.append((i, RejectReason.unauthorized))
+        answer, _ = take(self.aggregator, allowed, batch.dropped_by_run(), [run])
+        refused = {i for i, _ in answer.rejected}
+        for i, msg in enumerate(allowed):  # an accepted layout sets the frame limit of its attempt
+            if i not in refused and msg.get("kind") == "layout" and isinstance(msg.get("layers"), list):
+                self.expect_layout(run, attempt, len(msg["layers"]), len(json.dumps(msg, allow_nan=True)))
+        if foreign:
+            rejected = sorted([(index[i], r) for i, r in answer.rejected] + foreign)
+            answer = BatchAnswer(rejected=rejected, stop=answer.stop)
+        elif answer.rejected:
+            answer = BatchAnswer(rejected=[(index[i], r) for i, r in answer.rejected], stop=answer.stop)
+        found = self._findings(run)
+        if found is not None and found[0] != conn.seen:
             answer = answer.model_copy(update={"findings": found[1]})
-        return answer.plain(), found[0] if found is not None else seen
+            conn.seen = found[0]
+        return answer.plain()
 
     def _findings(self, run: str) -> tuple[tuple[int, int], list[Finding]] | None:
         """The findings of ``run``, with their count and how many are active; read from the aggregator at most
         once per ``findings_refresh_s`` whatever the number of ranks asking."""
         now = time.monotonic()
-        with self._cache_lock:
-            cached = self._cache.get(run)
-            if cached is not None and now - cached[0] < self.findings_refresh_s:
-                return cached[1]
+        cached = self._cache.get(run)
+        if cached is not None and now - cached[0] < self.findings_refresh_s:
+            return cached[1]
         try:
             findings = self.aggregator.findings(run)
         except KeyError:
             return None
         value = ((len(findings), sum(f.active for f in findings)), findings)
-        with self._cache_lock:
-            self._cache[run] = (now, value)
-            if len(self._cache) > 64:  # runs come and go: forget the stalest
-                del self._cache[min(self._cache, key=lambda r: self._cache[r][0])]
+        self._cache[run] = (now, value)
+        if len(self._cache) > 64:  # runs come and go: forget the stalest
+            del self._cache[min(self._cache, key=lambda r: self._cache[r][0])]
         return value
 
     def close(self) -> None:
         self._stop.set()
-        self._tcp.shutdown()
-        self._tcp.server_close()
+        self._work.put(None)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        for t in self._threads:
+            t.join(timeout=5)
+        with contextlib.suppress(OSError):
+            self._sel.close()
+        for s in (self._listener, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                s.close()

@@ -2,22 +2,28 @@
 
 When a process group is initialised (``world_size > 1``) and no service is reachable, :func:`connect_peers`
 makes rank 0 host the job's aggregator, ``/metrics`` and its discovery entry
-(:class:`~gfservice.hosting.peer_host.PeerHost`, once per process) and publish ``host:port`` in the process
-group's store (a key-value store on its own TCP connection, not a collective); every rank, rank 0 included,
-sends to it through a :class:`PeerSender`. The training thread only appends to a bounded queue
-(:class:`~gfservice.training.sending.QueuedSender`, as for :class:`~gfservice.training.ray_sender.RaySender`); a
-background thread connects (reading the address from the store when it appears) and ships batches. The
-answers bring the stop verdict and the findings back, so ``monitor.should_stop`` and ``monitor.findings`` work
-on every rank without waiting. If rank 0 goes away, the others keep training: their reports drop and count.
+(:class:`~gfservice.hosting.peer_host.PeerHost`, once per process), make a secret for the attempt, and publish
+``host:port`` and the secret in the process group's store (the job's own rendezvous, a key-value store on its own
+TCP connection, not a collective); every rank, rank 0 included, sends to it through a :class:`PeerSender`, which
+proves it holds the secret on every connection (see :mod:`gfservice.service.peer_server`). The training thread
+only appends to a bounded queue (:class:`~gfservice.training.sending.QueuedSender`, as for
+:class:`~gfservice.training.ray_sender.RaySender`); a background thread connects (reading the address from the
+store when it appears) and ships batches. The answers bring the stop verdict and the findings back, so
+``monitor.should_stop`` and ``monitor.findings`` work on every rank without waiting. If rank 0 goes away, the
+others keep training: their reports drop and count. A sender told ``stale_attempt`` re-registers (its layouts,
+under the next :func:`~gfservice.service.peer_server.derived_attempt`, the same on every rank) rather than go
+silent.
 
 >>> import torch
 >>> from gfservice.service.aggregator import Aggregator
 >>> from gfservice.service.peer_server import PeerServer
 >>> server = PeerServer(Aggregator())
->>> sender = PeerSender("doc-peer", lambda: server.address)
+>>> _ = server.admit("doc-peer", "a1", world_size=1, secret="s3cret")
+>>> sender = PeerSender("doc-peer", 0, "a1", lambda: (server.address, "s3cret"))
 >>> from gfservice.wire import Layout, StepReport
->>> sender.send(Layout(run="doc-peer", rank=0, world_size=1, layers=["w"], numel=[1], sharded=[False]))
->>> sender.send(StepReport(run="doc-peer", rank=0, step=0, loss=float("nan"),
+>>> sender.send(Layout(run="doc-peer", rank=0, world_size=1, layers=["w"], numel=[1], sharded=[False],
+...                    attempt="a1"))
+>>> sender.send(StepReport(run="doc-peer", rank=0, step=0, loss=float("nan"), attempt="a1",
 ...                        stats={"count": [1], "sum_sq": [1.0], "max_abs": [1.0], "nonfinite": [0]}))
 >>> sender.flush(), sender.dropped
 (True, 0)
@@ -46,10 +52,18 @@ from gfservice.api import Finding, StepStats
 from gfservice.config import Settings
 from gfservice.envelopes import Batch, BatchAnswer
 from gfservice.service.aggregator import Aggregator
-from gfservice.service.auth import load_token
-from gfservice.service.peer_server import FrameError, encode_frame, hello, read_frame
+from gfservice.service.auth import load_token, new_job_secret, peer_key
+from gfservice.service.peer_protocol import (
+    MAX_REREGISTER,
+    FrameError,
+    HandshakeError,
+    derived_attempt,
+    encode_frame,
+    handshake,
+    read_frame,
+)
 from gfservice.training.sending import QueuedSender
-from gfservice.wire import Layout, RunEnd, StepReport
+from gfservice.wire import Layout, RejectReason, RunEnd, StepReport
 
 if TYPE_CHECKING:
     from gfservice.hosting.peer_host import PeerHost
@@ -59,31 +73,54 @@ __all__ = ["PeerSender", "connect_peers", "peer_host"]
 log = logging.getLogger(__name__)
 #: The store key under which rank 0 publishes ``host:port`` ("" when it hosts nothing), per attempt.
 STORE_KEY = "gfservice/peer/{attempt}"
+#: The store key under which rank 0 publishes the attempt's secret (before the address).
+SECRET_KEY = "gfservice/peer/{attempt}/secret"
+#: Refusals in a row after which a rank stops trying (a server that is not its job's, or a token that differs).
+MAX_REFUSALS = 5
+#: ``(host:port, secret)`` of rank 0's server; ``None`` while not known yet, ``("", "")`` when there is none.
+Rendezvous = Callable[[], "tuple[str, str] | None"]
 
 
 class PeerSender(QueuedSender):
-    """A :class:`~gfservice.training.transport.Transport` to rank 0's peer server at ``address()``.
+    """A :class:`~gfservice.training.transport.Transport` to rank 0's peer server, as ``rank`` of ``attempt``.
 
-    ``address`` is called on the sender thread until it returns ``host:port`` (``None``: not known yet; ``""``:
-    there is none, give up). ``aggregator``: rank 0's own, read directly for ``findings`` and ``latest``.
+    ``rendezvous`` is called on the sender thread until it returns ``(host:port, secret)`` (``None``: not known
+    yet; an empty address: there is none, give up). ``token``: ``$GFSERVICE_TOKEN``, bound into the key when set.
+    ``aggregator``: rank 0's own, read directly for ``findings`` and ``latest``; ``on_layout``: told of every
+    layout this rank sends (rank 0 raises its server's frame limit from its own layout).
     """
 
-    def __init__(self, run: str, address: Callable[[], str | None], token: str | None = None,
+    def __init__(self, run: str, rank: int, attempt: str, rendezvous: Rendezvous, token: str | None = None,
                  aggregator: Aggregator | None = None, queue_size: int = 256, batch_max: int = 32,
-                 linger_s: float = 0.1, poll_s: float = 0.5, timeout_s: float = 10.0):
-        self._address = address
+                 linger_s: float = 0.1, poll_s: float = 0.5, timeout_s: float = 10.0,
+                 on_layout: Callable[[Layout], None] | None = None):
+        self._rendezvous = rendezvous
+        self.rank = rank
+        self.attempt = attempt
         self.token = token
         self.aggregator = aggregator
         self.poll_s = poll_s
         self.timeout_s = timeout_s
+        #: Times this rank re-registered after ``stale_attempt`` (its attempt is then ``derived_attempt(...)``).
+        self.reregistered = 0
+        self._on_layout = on_layout
         self._sock: socket.socket | None = None
         self._gave_up = False
         self._unreachable = False  # the last try to connect failed
+        self._refusals = 0
         self._last_exchange = 0.0
         self._retry_at = 0.0
         self._findings: list[Finding] = []
         super().__init__(run, queue_size=queue_size, batch_max=batch_max, linger_s=linger_s,
                          thread_name=f"gfservice-peer-{run}", join_timeout_s=timeout_s + 5)
+
+    def send(self, message: Layout | StepReport | RunEnd) -> None:
+        if isinstance(message, Layout) and self._on_layout is not None:
+            try:
+                self._on_layout(message)
+            except Exception:  # a limit not raised costs a reconnect, never the training loop
+                log.debug("gfservice: on_layout failed", exc_info=True)
+        super().send(message)
 
     # ---- the sender thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -110,34 +147,44 @@ class PeerSender(QueuedSender):
             return False
         self._retry_at = time.monotonic() + 0.1  # until rank 0 has published its address: a cheap store check
         try:
-            address = self._address()
+            found = self._rendezvous()
         except Exception as exc:
             log.debug("gfservice: peer address not readable yet: %s", exc)
             return False
-        if address is None:
+        if found is None:
             self._unreachable = True
             return False
+        address, secret = found
         self._retry_at = time.monotonic() + 1.0  # a connection refused or timed out: try again in a second
         if not address:
             self._give_up("rank 0 hosts no aggregator")
             return False
         host, _, port = address.rpartition(":")
+        sock = None
         try:
             sock = socket.create_connection((host.strip("[]"), int(port)), timeout=self.timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(encode_frame(hello(self.token)))
-            answer = read_frame(sock, 4096)
+            handshake(sock, peer_key(secret, self.token), self.run, self.rank, self.attempt, self.timeout_s)
+        except HandshakeError as exc:
+            if sock is not None:
+                sock.close()
+            self._refusals += 1
+            self._unreachable = True
+            if self._refusals >= MAX_REFUSALS:
+                self._give_up(f"rank 0's aggregator at {address} refused this rank: {exc}")
+            else:
+                log.info("gfservice: rank 0's aggregator at %s refused this rank (%s); retrying", address, exc)
+            return False
         except (OSError, EOFError, FrameError, ValueError) as exc:
+            if sock is not None:
+                sock.close()
             log.info("gfservice: cannot reach rank 0's aggregator at %s (%s); retrying", address, exc)
             self._unreachable = True
             return False
-        if not (isinstance(answer, dict) and answer.get("ok") is True):
-            sock.close()
-            self._give_up(f"rank 0's aggregator at {address} refused this rank: {answer.get('error', answer)}"
-                          if isinstance(answer, dict) else "bad hello answer")
-            return False
+        sock.settimeout(self.timeout_s)
         self._sock = sock
         self._unreachable = False
+        self._refusals = 0
         with self._cond:
             self._resend_layouts = True  # a new connection may be a new rank 0: it learns our layout first
         return True
@@ -152,10 +199,17 @@ class PeerSender(QueuedSender):
                 self._sock.close()
             self._sock = None
 
+    def _wire(self, message: Layout | StepReport | RunEnd) -> dict[str, Any]:
+        """``message`` as it travels: under the attempt this rank re-registered as, if it did."""
+        plain = message.model_dump()
+        if self.reregistered:
+            plain["attempt"] = derived_attempt(plain.get("attempt", ""), self.reregistered)
+        return plain
+
     def _exchange(self, layouts: list[Layout], batch: list[StepReport | RunEnd], drops: int) -> None:
         assert self._sock is not None
         try:
-            out = Batch(run=self.run, messages=[m.model_dump() for m in (*layouts, *batch)], dropped=drops)
+            out = Batch(run=self.run, messages=[self._wire(m) for m in (*layouts, *batch)], dropped=drops)
             frame = encode_frame(out.model_dump())
         except (FrameError, ValueError, TypeError) as exc:  # a bug or an oversized batch, not the connection
             log.warning("gfservice: could not encode %d reports for rank 0 (%s); dropped", len(batch), exc)
@@ -179,7 +233,21 @@ class PeerSender(QueuedSender):
             if answer.findings is not None:
                 self._findings = answer.findings
             self._note_answer(answer, len(layouts))
+            if any(reason is RejectReason.stale_attempt for _, reason in answer.rejected):
+                self._reregister()
         self._handed_over(layouts, batch)
+
+    def _reregister(self) -> None:
+        """Told ``stale_attempt``: another attempt of the run took over in rank 0's aggregator. Register again
+        under the next derived attempt (every rank derives the same), up to ``MAX_REREGISTER`` times."""
+        if self.reregistered >= MAX_REREGISTER:
+            return
+        self.reregistered += 1
+        log.warning("gfservice: rank 0's aggregator says this rank's attempt of %s is stale; registering again as "
+                    "attempt %s", self.run, derived_attempt(self.attempt, self.reregistered))
+        with self._cond:
+            self._resend_layouts = True
+            self._stop_reason = None  # the verdict of the attempt that took over is not this job's
 
     def _hopeless(self) -> bool:
         return self._gave_up or (self._sock is None and self._unreachable)
@@ -237,13 +305,17 @@ def bind_address() -> str:
     return socket.gethostbyname(os.environ.get("MASTER_ADDR") or socket.gethostname())
 
 
-def _store_reader(store: Any, key: str) -> Callable[[], str | None]:
-    """A non-blocking read of ``key``: ``None`` until rank 0 has published it."""
+def _store_reader(store: Any, attempt: str) -> Rendezvous:
+    """A non-blocking read of rank 0's address and secret: ``None`` until rank 0 has published them."""
+    address_key, secret_key = STORE_KEY.format(attempt=attempt), SECRET_KEY.format(attempt=attempt)
 
-    def read() -> str | None:
-        if not store.check([key]):
+    def read() -> tuple[str, str] | None:
+        if not store.check([address_key]):
             return None
-        return bytes(store.get(key)).decode()
+        address = bytes(store.get(address_key)).decode()
+        if not address:
+            return "", ""
+        return address, bytes(store.get(secret_key)).decode()
 
     return read
 
@@ -253,20 +325,27 @@ def connect_peers(run: str, attempt: str, settings: Settings) -> PeerSender | No
     host one (then rank 0 falls back to an aggregator of its own and the other ranks drop their reports)."""
     from torch.distributed import distributed_c10d as c10d
 
-    rank = torch.distributed.get_rank()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     token = load_token(settings.service.token_file)  # $GFSERVICE_TOKEN, else the token file: as the service
     store = c10d._get_default_store()
-    key = STORE_KEY.format(attempt=attempt)
     if rank == 0:
         try:
             host = _start_host(settings, token)
         except Exception as exc:
             log.warning("gfservice: rank 0 cannot host the job's aggregator (%s); each rank keeps its own", exc)
-            store.set(key, "")
+            store.set(STORE_KEY.format(attempt=attempt), "")
             return None
-        store.set(key, host.server.address)
-        address = host.server.address
-        return PeerSender(run, lambda: address, token, aggregator=host.aggregator)
+        secret = new_job_secret()
+        host.server.admit(run, attempt, world, secret)
+        store.set(SECRET_KEY.format(attempt=attempt), secret)  # the secret first: the address says "ready"
+        store.set(STORE_KEY.format(attempt=attempt), host.server.address)
+        address, server = host.server.address, host.server
+
+        def own_layout(layout: Layout) -> None:
+            server.expect_layout(run, attempt, len(layout.layers), len(layout.model_dump_json()))
+
+        return PeerSender(run, rank, attempt, lambda: (address, secret), token, aggregator=host.aggregator,
+                          on_layout=own_layout)
     with contextlib.suppress(Exception):  # a client of its own: the sender never waits on the training thread's
         store = store.clone()  # type: ignore[attr-defined]  # Store.clone exists (torch 2.2+) but is not typed
-    return PeerSender(run, _store_reader(store, key), token)
+    return PeerSender(run, rank, attempt, _store_reader(store, attempt), token)
