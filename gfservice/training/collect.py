@@ -45,6 +45,8 @@ class Collected:
 
     grads: GradStats
     extras: dict[str, float | None]
+    #: Whether the statistics are exact already (read before clipping): nothing may read ``.grad`` again.
+    exact: bool = False
 
 
 class Packing(NamedTuple):
@@ -385,7 +387,7 @@ class GradCollector:
         extras = {k: host_extras.get(k) for k in names}
         if packing.scaled:
             unscale(stats, extras.get("grad_scale"))
-        return Collected(stats, extras)
+        return Collected(stats, extras, packing.exact)
 
     def fix_overflow(self, stats: GradStats) -> None:
         """Recompute in float64 the sums of squares that overflowed float32 while every value was finite.
