@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_ENGINE: Any = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+_ENGINE: Any = torch.autograd.Variable._execution_engine
 
 
 def can_tap(param: Any) -> bool:
