@@ -12,8 +12,9 @@ The loss is the batch's ``training_step`` loss. The step index is ``trainer.glob
 Manual optimisation (``automatic_optimization = False``): the same rule, a step is collected at the end of each
 batch in which an optimizer stepped; call ``opt.zero_grad()`` before ``self.manual_backward(loss)`` (Lightning's
 documented order) so the gradients are still there at the end of the batch. With several optimizers the monitor
-watches ``trainer.optimizers[optimizer_index]`` (its learning rate and update norms), and every trainable
-parameter of the module.
+follows every optimizer (the update norms of all; the learning rate of ``trainer.optimizers[optimizer_index]``)
+and every trainable parameter of the module. The gradients are read at the end of backward, before
+``gradient_clip_val`` clips them; under ``16-mixed`` the precision plugin's ``GradScaler`` scale is divided out.
 
 The run name is ``run=``, else the logger's ``name`` and ``version`` (``lightning_logs-version_3``), else
 gfservice's default; under DDP rank 0's. A stop verdict sets ``trainer.should_stop`` on every rank after the same
@@ -86,10 +87,14 @@ class GradflowCallback(pl.Callback):
         run = self.run or run_name(trainer)
         if trainer.world_size > 1:  # loggers may resolve their version per rank: rank 0's name for all
             run = trainer.strategy.broadcast(run, src=0)
-        optimizers = trainer.optimizers
-        optimizer = optimizers[self.optimizer_index] if len(optimizers) > self.optimizer_index else None
+        optimizers = list(trainer.optimizers)
+        if len(optimizers) > self.optimizer_index:  # the chosen one first (its learning rate), then the others
+            optimizers.insert(0, optimizers.pop(self.optimizer_index))
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is not None:  # 16-mixed: the gradients read at the end of backward carry its scale
+            self.watch.options.setdefault("scaler", scaler)
         self._optimizer_steps = trainer.global_step
-        self.watch.start(pl_module, optimizer, run=run, step=trainer.global_step)
+        self.watch.start(pl_module, optimizers or None, run=run, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

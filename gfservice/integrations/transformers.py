@@ -11,9 +11,10 @@ A stop verdict sets ``control.should_training_stop`` on every rank after the sam
 is Accelerate's ``AcceleratedOptimizer``; the monitor hooks the torch optimizer inside it. The loss is not handed
 to callbacks, so a forward hook on the model keeps the ``loss`` of its output: the step's last micro-batch's.
 
-The Trainer clips the gradients (``max_grad_norm``, default 1.0) before any callback sees them: NaN/Inf,
-per-layer and update-ratio findings are unaffected, but the global norm is capped at the clipping norm, so an
-explosion shows late (as NaN/Inf or as updates too large); ``max_grad_norm=0`` shows it at once.
+The Trainer clips the gradients (``max_grad_norm``, default 1.0) before any callback runs; the monitor reads them
+earlier, at the end of backward, so the statistics are those before clipping (the global norm is the
+``grad_norm`` the Trainer logs). Under ``fp16`` the ``AcceleratedOptimizer``'s ``GradScaler`` is found and its
+scale divided out.
 
 Ray Train: ``ray.train.huggingface.transformers.prepare_trainer(trainer)`` only swaps the Trainer's data loaders
 (for Ray Data; its ``RayTrainReportCallback`` is added separately), so ``GradflowCallback`` works unchanged
@@ -27,7 +28,6 @@ DeepSpeed under the Trainer (``args.deepspeed``): ZeRO keeps the gradients in th
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -37,8 +37,6 @@ from gfservice.integrations.common import TrainingWatch
 from gfservice.training.monitoring import Monitor, _clean_name
 
 __all__ = ["GradflowCallback", "run_name"]
-
-log = logging.getLogger(__name__)
 
 
 #: The ``output_dir`` a ``Trainer`` gets when none is given: it names no run.
@@ -87,9 +85,6 @@ class GradflowCallback(TrainerCallback):
         self.watch.start(model, optimizer, run=self.run or run_name(args), step=state.global_step)
         if model is not None and self._loss_hook is None:
             self._loss_hook = model.register_forward_hook(self._keep_loss)
-        if (getattr(args, "max_grad_norm", 0) or 0) > 0:
-            log.info("gfservice: the Trainer clips gradients to norm %g before callbacks see them: the monitored "
-                     "global norm is capped there (max_grad_norm=0 shows explosions at once)", args.max_grad_norm)
 
     def _keep_loss(self, module: Any, inputs: Any, output: Any) -> None:
         """Keep the loss a forward pass returned (a reference: no copy, no device sync)."""

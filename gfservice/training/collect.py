@@ -21,14 +21,15 @@ step reads the gradients once, for the sums of squares; max |g| is read where it
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from gfservice.stats import BY_NAME, PEAK_BOUND, TIERS, GradStats, unit_rows
+from gfservice.stats import BY_NAME, EXP_BINS, PEAK_BOUND, TIERS, GradStats, unit_rows
 from gfservice.training.kernels import accumulation_dtype
 from gfservice.training.kernels.cpu import SumPlan, core_cpu, sums_cpu
 from gfservice.training.kernels.cuda import TRITON
@@ -44,6 +45,8 @@ class Collected:
 
     grads: GradStats
     extras: dict[str, float | None]
+    #: Whether the statistics are exact already (read before clipping): nothing may read ``.grad`` again.
+    exact: bool = False
 
 
 class Packing(NamedTuple):
@@ -67,6 +70,12 @@ class Packing(NamedTuple):
     on_device: list[str]
     #: The extras read on the host already (numbers, CPU tensors).
     host_extras: dict[str, float]
+    #: Exact NaN/Inf counts of the layers in ``have``, read before clipping (None: flags from the sums/maxima).
+    nonfinite: np.ndarray | None = None
+    #: Whether the gradient part is final (read and made exact before clipping): nothing reads ``.grad`` later.
+    exact: bool = False
+    #: Whether the extra ``grad_scale`` is the loss scale the gradients carried when read (divided out).
+    scaled: bool = False
 
 
 class Pending:
@@ -91,16 +100,40 @@ class Pending:
         return self._result
 
 
+@dataclass
+class GradRead:
+    """One step's gradients, read at one moment (the end of backward, or ``monitor.step()``): the reductions on
+    the gradients' device (not yet copied to the host) and what :meth:`GradCollector.unpack` needs to read them.
+
+    ``vector`` holds the sums of squares of the layers in ``have``, their max |g| when ``peak``, and their deep
+    statistics when ``deep``. ``nonfinite``: exact NaN/Inf counts of those layers where they were read (on CPU,
+    before clipping); ``scale``: the loss scale the gradients carried (a ``GradScaler``'s, before ``unscale_``),
+    divided out on the host.
+    """
+
+    vector: torch.Tensor
+    have: list[int]
+    counts: np.ndarray
+    peak: bool
+    deep: bool
+    nonfinite: np.ndarray | None = None
+    exact: bool = False
+    scale: torch.Tensor | float | None = None
+
+
 class GradCollector:
     """Computes the statistics of a fixed list of parameters' gradients, step after step.
 
-    Layers are the selected trainable parameters in the model's order. A parameter whose gradient is
-    ``None`` at a step reports a count of 0 at that step.
+    Layers are the selected trainable parameters in the model's order, and the frozen ones named in ``held``
+    (``id()`` of parameters an optimizer holds: they may be unfrozen later). A parameter whose gradient is
+    ``None`` at a step, or that is frozen (``requires_grad`` False: see :meth:`refresh_live`), reports a count of
+    0 at that step. A sparse gradient (``nn.Embedding(sparse=True)``) is read over its coalesced values; its count
+    is the parameter's element count, as for a dense one (the untouched rows hold zeros).
     """
 
     def __init__(self, named: Iterable[tuple[str, torch.nn.Parameter]], include: Sequence[str] = (),
-                 exclude: Sequence[str] = ()):
-        selected = select_parameters(named, include, exclude)
+                 exclude: Sequence[str] = (), held: Collection[int] = ()):
+        selected = select_parameters(named, include, exclude, held)
         if not selected:
             raise ValueError("no trainable parameters selected: check the include/exclude patterns")
         self.layers: tuple[str, ...] = tuple(n for n, _ in selected)
@@ -109,8 +142,13 @@ class GradCollector:
         self.sharded: list[bool] = [is_sharded(p) for p in self.params]
         self.units: list[int] = [unit_rows(p.shape) for p in self.params]
         self._any_dtensor = any(is_dtensor(p) for p in self.params)
-        # the fast path of _gradients: plain tensors, none empty (a gradient has its parameter's shape)
-        self._plain = not self._any_dtensor and all(self.numel)
+        #: ``requires_grad`` of every layer when last looked at (:meth:`refresh_live`).
+        self.live: tuple[bool, ...] = self._flags()
+        #: Positions of the layers whose gradients came sparse (learned on first sight).
+        self._sparse: set[int] = set()
+        # the fast path of _gradients: plain tensors, none empty (a gradient has its parameter's shape), all live
+        self._dense_plain = not self._any_dtensor and all(self.numel)
+        self._plain = self._dense_plain and all(self.live)
         self._all = list(range(len(self.params)))
         self._counts = np.asarray(self.numel, np.int64)
         self._units = np.asarray(self.units, np.int64)
@@ -122,6 +160,27 @@ class GradCollector:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    # ---- the live set of trainable parameters ---------------------------------------------------------
+    def _flags(self) -> tuple[bool, ...]:
+        return tuple(bool(getattr(p, "requires_grad", True)) for p in self.params)
+
+    def refresh_live(self) -> bool:
+        """Read every layer's ``requires_grad`` again; True when some changed (frozen or unfrozen since)."""
+        flags = self._flags()
+        if flags == self.live:
+            return False
+        self.live = flags
+        self._plain = self._dense_plain and all(flags) and not self._sparse
+        return True
+
+    def live_units(self) -> list[int]:
+        """Output units of every layer, 0 for the frozen ones: the layout's way to say "not judged"."""
+        return [u if on else 0 for u, on in zip(self.units, self.live, strict=True)]
+
+    def frozen(self) -> list[str]:
+        """The layers frozen now."""
+        return [n for n, on in zip(self.layers, self.live, strict=True) if not on]
 
     # ---- the optimizer-step hook for update norms -------------------------------------------------
     def snapshot_weights(self) -> None:
@@ -140,20 +199,92 @@ class GradCollector:
         name -> tensor or number) ride along in the same copy and come back by name as floats; ``None`` comes back
         as ``None``. With ``layers=False`` only the extras travel (a heartbeat).
         """
-        extras = extras or {}
+        return self.finish(self.read(deep, layers, peak), extras)
+
+    def read(self, deep: bool = False, layers: bool = True, peak: bool | None = None,
+             scale: torch.Tensor | float | None = None) -> GradRead:
+        """Queue the reductions of the gradients as they are now (see :meth:`launch`); nothing is copied yet.
+
+        ``scale``: the loss scale the gradients carry (read before a ``GradScaler`` unscales them).
+        """
         with torch.no_grad():
-            grads, have, counts, plan = self._gradients(layers)
-            device = grads[0].device if grads else self.params[0].device
-            if peak is None:
-                peak = deep or device.type != "cpu"
-            pieces = [_core(grads, device, peak, plan)]
+            try:
+                grads, have, counts, plan = self._gradients(layers, dense=deep)
+                return self._reduce(grads, have, counts, plan, deep, peak, scale)
+            except (RuntimeError, NotImplementedError):
+                if not self._learn_sparse():
+                    raise
+                grads, have, counts, plan = self._gradients(layers, dense=deep)  # now over the sparse values
+                return self._reduce(grads, have, counts, plan, deep, peak, scale)
+
+    def _reduce(self, grads: list[torch.Tensor], have: list[int], counts: np.ndarray, plan: SumPlan | None,
+                deep: bool, peak: bool | None, scale: torch.Tensor | float | None) -> GradRead:
+        device = grads[0].device if grads else local_part(self.params[0]).device
+        if peak is None:
+            peak = deep or device.type != "cpu"
+        pieces = [_core(grads, device, peak, plan)]
+        if deep:
+            pieces.append(_packed(deep_stats(grads, device), "deep", device))
+        vector = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0]  # flat already
+        if isinstance(scale, torch.Tensor):  # GradScaler updates its scale in place: keep this step's
+            scale = scale.detach().clone() if scale.device.type != "cpu" else float(scale)
+        return GradRead(vector, have, counts, peak, deep, scale=scale)
+
+    def _learn_sparse(self) -> bool:
+        """Note the layers whose gradients are sparse (the fast path cannot read them); False when none is."""
+        found = {i for i, p in enumerate(self.params) if p.grad is not None and p.grad.is_sparse}
+        if not found or found <= self._sparse:
+            return False
+        log.info("gfservice: sparse gradients in %s: read over their coalesced values",
+                 ", ".join(self.layers[i] for i in sorted(found - self._sparse)))
+        self._sparse |= found
+        self._plain = False
+        return True
+
+    def exact(self, read: GradRead) -> GradRead:
+        """``read`` with exact NaN/Inf counts and float64 sums where they are needed, and max |g| where a bound on
+        |g| could need it, read from the gradients now (call while they are the ones ``read`` reduced: before
+        clipping). CPU only (elsewhere the read is returned as it is). The usual step costs one comparison, as
+        :meth:`make_exact`."""
+        n = len(read.have)
+        if read.vector.device.type != "cpu" or not n:
+            return read
+        s = 1.0 if read.scale is None else float(read.scale)
+        sums = read.vector[:n].numpy()
+        if sums.max() < (PEAK_BOUND * s) ** 2:  # NaN/Inf fail the comparison
+            read.exact = True
+            return read
+        if not read.peak:  # rare: read again, with the maxima
+            redo = self.read(read.deep, True, peak=True, scale=read.scale)
+            if redo.have != read.have:
+                return read
+            read = redo
+            sums = read.vector[:n].numpy()
+        maxes = read.vector[n: 2 * n].numpy()
+        counts = np.zeros(n, np.int64)
+        with torch.no_grad():
+            for j in np.flatnonzero(~np.isfinite(maxes)):
+                counts[j] = int((~torch.isfinite(self._values(read.have[j]))).sum())
+            for j in np.flatnonzero(~np.isfinite(sums) & np.isfinite(maxes)):  # a float32 sum that overflowed
+                sums[j] = float(torch.linalg.vector_norm(self._values(read.have[j]), dtype=torch.float64)) ** 2
+        read.nonfinite = counts
+        read.exact = True
+        return read
+
+    def finish(self, read: GradRead, extras: dict[str, torch.Tensor | float | None] | None = None) -> Pending:
+        """Pack ``read`` with the update statistics of a deep step that saw the optimizer step (weights now
+        against the snapshot) and ``extras``; start the one copy to the host."""
+        extras = dict(extras or {})
+        if read.scale is not None:
+            extras["grad_scale"] = read.scale
+        device = read.vector.device
+        with torch.no_grad():
+            pieces = [read.vector]
             before = self._before
-            with_weights = deep and before is not None
-            if deep:
-                pieces.append(_packed(deep_stats(grads, device), "deep", device))
-                if before is not None:
-                    weights = [local_part(p.detach()) for p in self.params]
-                    pieces.append(_packed(weight_sums(weights, before, device), "update", device))
+            with_weights = read.deep and before is not None
+            if read.deep and before is not None:
+                weights = [local_part(p.detach()) for p in self.params]
+                pieces.append(_packed(weight_sums(weights, before, device), "update", device))
             self._before = None
             present = {k: v for k, v in extras.items() if v is not None}
             # numbers and CPU tensors are read here (no copy); device tensors ride in the one copy to the host
@@ -162,16 +293,26 @@ class GradCollector:
             host_extras = _host_floats({k: v for k, v in present.items() if k not in on_device})
             if on_device:
                 pieces.append(_extras(list(on_device.values()), device))
-            packed = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0]  # flat already
+            packed = torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0]
             host, event = _to_host(packed)
         names = list(extras)
         return Pending(host, event, self.unpack,
-                       Packing(have, counts, peak, deep, with_weights, names, list(on_device), host_extras))
+                       Packing(read.have, read.counts, read.peak, read.deep, with_weights, names, list(on_device),
+                               host_extras, read.nonfinite, read.exact, read.scale is not None))
 
-    def _gradients(self, layers: bool) -> tuple[list[torch.Tensor], list[int], np.ndarray, SumPlan | None]:
-        """This step's non-empty gradients, their layers' positions, every layer's count, and how
+    def _values(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s gradient as this process holds it: a shard's local part, a sparse one's values."""
+        grad = self.params[i].grad
+        assert grad is not None
+        g = local_part(grad)
+        return g.coalesce().values() if g.is_sparse else g
+
+    def _gradients(self, layers: bool, dense: bool = False) -> tuple[list[torch.Tensor], list[int], np.ndarray,
+                                                                       SumPlan | None]:
+        """This step's non-empty gradients of the live layers, their positions, every layer's count, and how
         :func:`~.kernels.cpu.sums_cpu` reads them when known (:class:`~.kernels.cpu.SumPlan`). The usual step,
-        every layer with its gradient, takes no per-layer Python work beyond reading ``.grad``."""
+        every layer live with its dense gradient, takes no per-layer Python work beyond reading ``.grad``.
+        Sparse gradients come as their coalesced values, or (``dense``: deep steps) densified."""
         if not layers:
             return [], [], np.zeros(len(self.params), np.int64), None
         # no detach needed: nothing below records autograd history (no_grad)
@@ -181,11 +322,14 @@ class GradCollector:
         kept, have = [], []
         counts = np.zeros(len(self.params), np.int64)
         local = local_part if self._any_dtensor else None
+        sparse, live = self._sparse, self.live
         for i, g in enumerate(grads):
-            if g is not None:
+            if g is not None and live[i]:
                 if local is not None:
                     g = local(g)
                 n = g.numel()
+                if i in sparse and g.is_sparse:
+                    g = g.to_dense() if dense else g.coalesce().values()
                 if n:
                     kept.append(g)
                     have.append(i)
@@ -194,7 +338,7 @@ class GradCollector:
 
     def unpack(self, a: np.ndarray, packing: Packing) -> Collected:
         """This step's statistics and extras from its packed vector ``a`` on the host (see :class:`Packing`)."""
-        have, counts, peak, deep, with_weights, names, present, host_extras = packing
+        have, counts, peak, deep, with_weights, names, present, host_extras = packing[:8]
         L, n = len(self.params), len(have)
 
         def scatter(v: np.ndarray, dtype: type = np.float64) -> np.ndarray:
@@ -217,13 +361,14 @@ class GradCollector:
         # max |g| is NaN/Inf exactly when some element is; a norm that overflowed its float32 accumulator
         # with a finite maximum is a huge gradient, not a non-finite one (see fix_overflow). Without the
         # maximum the sum flags the layer (NaN/Inf values make it NaN/Inf) and make_exact counts.
-        flagged = ~np.isfinite(max_abs if max_abs is not None else sums)
+        bad = packing.nonfinite if packing.nonfinite is not None else \
+            (~np.isfinite(max_abs if max_abs is not None else sums)).astype(np.int64)
         stats = GradStats(
             layers=self.layers,
             count=counts,
             sum_sq=scatter(sums),
             max_abs=None if max_abs is None else scatter(max_abs),
-            nonfinite=scatter(flagged.astype(np.int64), np.int64),
+            nonfinite=scatter(bad, np.int64),
             units=self._units.copy(),
         )
         # deep and update statistics come packed in their tier's declaration order (see _packed)
@@ -241,7 +386,10 @@ class GradCollector:
                     setattr(stats, name, full)
         if present:
             host_extras = {**host_extras, **dict(zip(present, (float(v) for v in take(len(present))), strict=True))}
-        return Collected(stats, {k: host_extras.get(k) for k in names})
+        extras = {k: host_extras.get(k) for k in names}
+        if packing.scaled:
+            unscale(stats, extras.get("grad_scale"))
+        return Collected(stats, extras, packing.exact)
 
     def fix_overflow(self, stats: GradStats) -> None:
         """Recompute in float64 the sums of squares that overflowed float32 while every value was finite.
@@ -251,9 +399,8 @@ class GradCollector:
         bad = np.flatnonzero(~np.isfinite(stats.sum_sq) & (stats.nonfinite == 0))
         with torch.no_grad():
             for i in bad:
-                g = self.params[i].grad
-                if g is not None:
-                    stats.sum_sq[i] = float(torch.linalg.vector_norm(local_part(g), dtype=torch.float64)) ** 2
+                if self.params[i].grad is not None:
+                    stats.sum_sq[i] = float(torch.linalg.vector_norm(self._values(int(i)), dtype=torch.float64)) ** 2
 
     def make_exact(self, stats: GradStats) -> None:
         """Exact NaN/Inf counts and float64 sums for the rare layers that need them, and max |g| where a step
@@ -290,9 +437,37 @@ class GradCollector:
         """
         with torch.no_grad():
             for i in np.flatnonzero(stats.nonfinite):
-                g = self.params[i].grad
-                if g is not None:
-                    stats.nonfinite[i] = int((~torch.isfinite(local_part(g))).sum())
+                if self.params[i].grad is not None:
+                    stats.nonfinite[i] = int((~torch.isfinite(self._values(int(i)))).sum())
+
+
+def unscale(stats: GradStats, scale: float | None) -> None:
+    """Divide the loss scale ``scale`` the gradients carried out of ``stats``: sums of squares by its square, max |g|
+    and sum |g| by it, the exponent histogram moved down by its exponent (exact for a power of two, as a
+    ``GradScaler``'s scale is; values moved below the normal range land in bin 0). Counts are unchanged.
+
+    >>> s = GradStats.from_arrays({"w": np.array([4.0, -8.0])}, deep=True)
+    >>> unscale(s, 4.0); s.sum_sq.tolist(), s.max_abs.tolist(), s.sum_abs.tolist()
+    ([5.0], [2.0], [3.0])
+    >>> np.flatnonzero(s.exp_hist[0]).tolist()    # 1.0 and -2.0: biased exponents 127 and 128
+    [127, 128]
+    """
+    if scale is None or not np.isfinite(scale) or scale <= 0 or scale == 1.0:
+        return
+    stats.sum_sq = stats.sum_sq / (scale * scale)
+    if stats.max_abs is not None:
+        stats.max_abs = stats.max_abs / scale
+    if stats.sum_abs is not None:
+        stats.sum_abs = stats.sum_abs / scale
+    if stats.exp_hist is not None:
+        k = round(math.log2(scale))
+        h = stats.exp_hist
+        moved = np.zeros_like(h)
+        moved[:, 0] = h[:, 0]  # zeros and subnormals stay
+        moved[:, EXP_BINS - 1] = h[:, EXP_BINS - 1]  # NaN/Inf stay
+        target = np.clip(np.arange(1, EXP_BINS - 1) - k, 0, EXP_BINS - 1)
+        np.add.at(moved.T, target, h[:, 1: EXP_BINS - 1].T)
+        stats.exp_hist = moved
 
 
 def _core(grads: list[torch.Tensor], device: torch.device, peak: bool = True,

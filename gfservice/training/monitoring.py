@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from gfservice.api import Finding, StepStats
 from gfservice.config import load_settings
 from gfservice.service.aggregator import Aggregator
-from gfservice.training.collect import Collected, GradCollector, Pending
+from gfservice.training.backward import BackwardTap, can_tap
+from gfservice.training.collect import Collected, GradCollector, GradRead, Pending
 from gfservice.training.ddp_hook import LocalNormHook, is_ddp
 from gfservice.training.names import safe_names
 from gfservice.training.parameters import has_sharded_parameters
@@ -170,21 +171,51 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _register_step_pre_hook(optimizer: Any, hook: Any) -> Any:
-    """``hook`` before each step of ``optimizer``, or of the torch optimizer it wraps (Accelerate's
-    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, DeepSpeed's ZeRO optimizers: ``.optimizer`` or
-    ``._optimizer``). None, logged, when there is none: the weight and update norms are then not collected.
+def torch_optimizer(optimizer: Any) -> Any:
+    """``optimizer``, or the torch optimizer it wraps (Accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``, DeepSpeed's ZeRO optimizers: ``.optimizer`` or ``._optimizer``); None when there is
+    none with step hooks.
     """
     seen: set[int] = set()
     inner = optimizer
     while inner is not None and id(inner) not in seen:
         seen.add(id(inner))
         if isinstance(getattr(inner, "_optimizer_step_pre_hooks", None), dict):
-            return inner.register_step_pre_hook(hook)
+            return inner
         inner = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
+    return None
+
+
+def _register_step_pre_hook(optimizer: Any, hook: Any) -> Any:
+    """``hook`` before each step of ``optimizer``, or of the torch optimizer it wraps (:func:`torch_optimizer`).
+    None, logged, when there is none: the weight and update norms are then not collected.
+    """
+    inner = torch_optimizer(optimizer)
+    if inner is not None:
+        return inner.register_step_pre_hook(hook)
     log.info("gfservice: %s has no optimizer step hook; weight and update norms are not collected",
              type(optimizer).__name__)
     return None
+
+
+def optimizer_list(optimizer: Any) -> list[Any]:
+    """The optimizers a monitor follows: none, one, or several (a list or tuple: GANs, one per sub-model).
+
+    >>> optimizer_list(None), optimizer_list([1, 2])
+    ([], [1, 2])
+    """
+    if optimizer is None:
+        return []
+    return list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+
+
+def held_parameters(optimizers: Sequence[Any]) -> set[int]:
+    """``id()`` of every parameter the optimizers hold: frozen ones among them may be unfrozen later."""
+    held: set[int] = set()
+    for opt in optimizers:
+        for group in getattr(torch_optimizer(opt) or opt, "param_groups", None) or ():
+            held.update(id(p) for p in group.get("params", ()))
+    return held
 
 
 class MonitorOptions(BaseModel):
@@ -250,7 +281,7 @@ class Monitor:
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
         transport: Transport,
         options: MonitorOptions,
         *,
@@ -267,8 +298,12 @@ class Monitor:
         self.rank = options.rank
         self.world_size = options.world_size
         self.transport = transport
-        self.optimizer = optimizer
-        self.scaler = scaler
+        #: Every optimizer followed (weight snapshots before each, on deep steps); the first gives the learning rate.
+        self.optimizers = optimizer_list(optimizer)
+        self.optimizer = self.optimizers[0] if self.optimizers else None
+        # a GradScaler passed, or the one an optimizer wrapper holds (Accelerate's AcceleratedOptimizer)
+        self.scaler = scaler if scaler is not None else next(
+            (s for s in (getattr(o, "scaler", None) for o in self.optimizers) if s is not None), None)
         self.reports_layers = options.reports_layers
         self.local_norm_hook = local_norm_hook
         self.steps = options.step  # index of the next step: ``step`` plus the monitor.step() calls so far
@@ -284,28 +319,31 @@ class Monitor:
         #: Collected steps whose copy to the host has not been shipped yet, oldest first (CUDA: the copies land
         #: while training goes on; CPU: at most the step being collected).
         self._in_flight: deque[_InFlight] = deque()
-        self._hook = None
+        self._hooks = [h for h in (_register_step_pre_hook(o, self._before_optimizer_step)
+                                   for o in (self.optimizers if self.deep_every else ())) if h is not None]
+        self._snapshot_step: int | None = None  # the step whose weights were kept (once, before its first optimizer)
         self._warned_no_gradient = False
         self._watch: Watch | None = None
+        # pre-clip collection: the gradients are read at the end of the backward of each synchronising micro-step
+        # (see _end_of_backward); monitor.step() reads them itself when no backward was seen
+        self._ddp = model if is_ddp(model) else None
+        self._early: GradRead | None = None
+        self._backwards = 0  # synchronising backwards since the last monitor.step()
+        self._expected_backwards = 1  # at the previous step: the read waits for as many
+        self.tap: BackwardTap | None = None
+        self._wire_layers: list[str] = []
         try:  # a model, a name or a service the monitor cannot take leaves the job training, unmonitored
-            self.collector = GradCollector(model.named_parameters(), options.include, options.exclude)
+            self.collector = GradCollector(model.named_parameters(), options.include, options.exclude,
+                                           held=held_parameters(self.optimizers))
             self._synchronous = self.collector.params[0].device.type == "cpu"
-            self.run, layers, self.display_names = safe_names(self.run, self.collector.layers)
-            reports_layers = self.reports_layers
-            self.layout = Layout(
-                run=self.run,
-                attempt=self.attempt,
-                rank=self.rank,
-                world_size=self.world_size,
-                layers=layers if reports_layers else [],
-                numel=self.collector.numel if reports_layers else [],
-                sharded=self.collector.sharded if reports_layers else [],
-                units=self.collector.units if reports_layers else [],
-                reports_layers=reports_layers,
-            )
-            if optimizer is not None and self.deep_every:
-                self._hook = _register_step_pre_hook(optimizer, self._before_optimizer_step)
+            self.run, self._wire_layers, self.display_names = safe_names(self.run, self.collector.layers)
+            if self.reports_layers and all(can_tap(p) for p in self.collector.params):
+                self.tap = BackwardTap(self.collector.params, self._end_of_backward)
+            self.layout = self._make_layout()
             self.transport.send(self.layout)
+            if self.collector.frozen():
+                log.info("gfservice: run %s: %d frozen layers the optimizer holds are watched without gradient "
+                         "until unfrozen (requires_grad is followed)", self.run, len(self.collector.frozen()))
             self._watch = self._start_watch(sinks) if self.rank == 0 else None
         except Exception as exc:
             self.errors += 1
@@ -313,6 +351,37 @@ class Monitor:
             log.error("gfservice: cannot monitor run %s (%s); training goes on unmonitored. Report this with the "
                       "model's parameter names and dtypes, or pass include=/exclude= to leave out what it cannot "
                       "take.", self.run, self.off[:500], exc_info=True)
+
+    def _make_layout(self) -> Layout:
+        """This rank's layout: its layers, with units 0 for the frozen ones (not judged)."""
+        reports_layers = self.reports_layers
+        return Layout(
+            run=self.run,
+            attempt=self.attempt,
+            rank=self.rank,
+            world_size=self.world_size,
+            layers=list(self._wire_layers) if reports_layers else [],
+            numel=self.collector.numel if reports_layers else [],
+            sharded=self.collector.sharded if reports_layers else [],
+            units=self.collector.live_units() if reports_layers else [],
+            reports_layers=reports_layers,
+        )
+
+    def _follow_requires_grad(self) -> None:
+        """Send a new layout when layers were frozen or unfrozen (``requires_grad``) since the last look: frozen
+        layers keep their place without gradient (count 0) and units 0, so no detector judges them."""
+        before = set(self.collector.frozen())
+        if not self.collector.refresh_live():
+            return
+        after = set(self.collector.frozen())
+        log.info("gfservice: run %s: requires_grad changed: %s; frozen layers are reported without gradient and "
+                 "not judged", self.run, "; ".join(
+                     f"{what} {', '.join(sorted(names)[:5])}{' ...' if len(names) > 5 else ''}"
+                     for what, names in (("frozen", after - before), ("unfrozen", before - after)) if names))
+        if self.tap is not None:
+            self.tap.widen()
+        self.layout = self._make_layout()
+        self.transport.send(self.layout)
 
     def _start_watch(self, sinks: Sequence[str | Sink]) -> Watch:
         """Rank 0 logs findings as they open and clear, and feeds the sinks, off the training thread."""
@@ -338,12 +407,46 @@ class Monitor:
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         t0 = time.perf_counter()
-        try:
-            if self.is_deep(self.steps) and self.reports_layers:
+        try:  # once per step: with several optimizers the update counts from before the first
+            if self.is_deep(self.steps) and self.reports_layers and self._snapshot_step != self.steps:
                 self.collector.snapshot_weights()
+                self._snapshot_step = self.steps
         except Exception:
             self._error("weight snapshot")
         self.overhead_s += time.perf_counter() - t0
+
+    def _end_of_backward(self) -> None:
+        """Read the gradients of the step under way now, before anything clips or unscales them.
+
+        Only synchronising micro-steps count (under DDP ``no_sync()`` the gradients are partial), and with
+        gradient accumulation only the last backward before ``monitor.step()`` matters: the read waits for as many
+        backwards as the previous step had, and any later backward reads again (the last one wins).
+        """
+        t0 = time.perf_counter()
+        try:
+            if self._ddp is not None and not getattr(self._ddp, "require_backward_grad_sync", True):
+                return
+            self._backwards += 1
+            step = self.steps
+            if self._backwards < self._expected_backwards or not self.is_collected(step):
+                return
+            read = self.collector.read(deep=self.is_deep(step), scale=self._grad_scale())
+            if self._synchronous:  # exact NaN/Inf counts and maxima now: clipping may spread NaN to every layer
+                read = self.collector.exact(read)
+            self._early = read
+            if self.tap is not None:
+                self.tap.narrow(read.have)
+        except Exception:
+            self._error("end of backward")
+        finally:
+            self.overhead_s += time.perf_counter() - t0
+
+    def _grad_scale(self) -> torch.Tensor | None:
+        """The loss scale the gradients carry at the end of backward (an enabled GradScaler's), else None."""
+        scaler = self.scaler
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+            return None
+        return getattr(scaler, "_scale", None)
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Record the step that just ran (call after ``optimizer.step()``, before ``zero_grad()``)."""
@@ -352,10 +455,15 @@ class Monitor:
         self.steps += 1
         if self.off is not None:
             return
+        early, self._early = self._early, None
+        if self._backwards:
+            self._expected_backwards, self._backwards = self._backwards, 0
+        if self.tap is not None:
+            self.tap.queued = False  # a backward that raised never reached its end
         try:
             self._finish_in_flight(wait=False)  # ship the earlier steps whose copies have landed: never waits
             if self.is_collected(step):
-                self._collect(step, loss)
+                self._collect(step, loss, early)
                 if self._synchronous:  # on CPU the copy is done: ship now, with exact NaN counts
                     self._finish_in_flight(exact=True)
         except Exception:
@@ -363,7 +471,7 @@ class Monitor:
         self._last_end = time.perf_counter()
         self.overhead_s += self._last_end - t0
 
-    def _collect(self, step: int, loss: torch.Tensor | float | None) -> None:
+    def _collect(self, step: int, loss: torch.Tensor | float | None, early: GradRead | None = None) -> None:
         now = time.time()
         scale = None
         if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: False)():
@@ -379,8 +487,11 @@ class Monitor:
         hook = self.local_norm_hook
         local_sq = hook.take() if hook is not None else None
         first_bucket = hook.take_first_bucket_time() if hook is not None else None
-        pending = self.collector.launch(deep=deep, extras={"loss": loss, "loss_scale": scale, "local_sq": local_sq},
-                                        layers=self.reports_layers)
+        if early is None:  # no end of backward seen (gradients set by hand, DeepSpeed ZeRO): read them now
+            early = self.collector.read(deep=deep, layers=self.reports_layers)
+            if self.tap is not None and self.tap.narrowed:
+                self.tap.widen()
+        pending = self.collector.finish(early, extras={"loss": loss, "loss_scale": scale, "local_sq": local_sq})
         self._in_flight.append(_InFlight(
             step, pending, now, lr,
             # the wall clock may step back (NTP): a negative step time would get the whole report refused
@@ -400,8 +511,11 @@ class Monitor:
             self._ship(oldest, oldest.pending.resolve(), exact)
 
     def _ship(self, collected: _InFlight, got: Collected, exact: bool) -> None:
-        if exact:
+        if exact and not got.exact:
             self.collector.make_exact(got.grads)
+        if self.reports_layers and (not got.grads.count.all() or not got.grads.sum_sq.all()
+                                    or self.is_deep(collected.step)):
+            self._follow_requires_grad()  # a layer without gradient: frozen or unfrozen since?
         if not self._warned_no_gradient and self.reports_layers:
             self._warn_if_no_gradient(collected.step, got.grads)
         self.transport.send(self._report(collected, got))
@@ -506,9 +620,12 @@ class Monitor:
                 self.transport.send(RunEnd(run=self.run, rank=self.rank, attempt=self.attempt))
         except Exception:
             self._error("close")
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
         watch, self._watch = self._watch, None
 
         def shut() -> None:
@@ -576,7 +693,7 @@ class Monitor:
 
 def monitor(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     run: str | None = None,
     *,
     every: int = 1,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 
@@ -41,16 +41,22 @@ def select_parameters(
     named: Iterable[tuple[str, torch.nn.Parameter]],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    held: Collection[int] = (),
 ) -> list[tuple[str, torch.nn.Parameter]]:
-    """Trainable parameters whose cleaned name matches an ``include`` glob (all when empty) and no ``exclude``.
+    """Trainable parameters whose cleaned name matches an ``include`` glob (all when empty) and no ``exclude``;
+    frozen ones too when ``held`` names them (``id()``: the parameters an optimizer holds, which may be unfrozen
+    later).
 
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     >>> [n for n, _ in select_parameters(m.named_parameters(), exclude=["*.bias"])]
     ['0.weight', '1.weight']
+    >>> _ = m[0].requires_grad_(False)
+    >>> [n for n, _ in select_parameters(m.named_parameters(), held={id(m[0].weight)})]
+    ['0.weight', '1.weight', '1.bias']
     """
     out = []
     for name, p in named:
-        if not p.requires_grad:
+        if not p.requires_grad and id(p) not in held:
             continue
         n = clean_name(name)
         if include and not any(fnmatch.fnmatchcase(n, pat) for pat in include):
