@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class Fault:
     """What goes wrong at step ``at`` (and every later step if ``persistent``).
 
     ``start`` runs once before step ``at`` (weights, learning rate, hooks); ``batch``, ``loss`` and ``grads``
-    corrupt the batch, the loss before backward and the gradients before the optimizer step.
+    corrupt the batch, the loss before backward and the gradients as backward ends (before clipping).
     """
 
     at: int
@@ -94,10 +94,10 @@ class Run:
             loss = self.loss_fn(self.model, x, y)
         if hit and f.loss is not None:
             loss = f.loss(loss)
+        undo = self._corrupt_at_end_of_backward(f.grads) if hit and f.grads is not None else None
         (self.scaler.scale(loss) if self.scaler else loss).backward()
-        if hit and f.grads is not None:
-            with torch.no_grad():
-                f.grads(self.model)
+        if undo is not None:
+            undo()
         if self.clip:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -108,6 +108,30 @@ class Run:
         else:
             self.optimizer.step()
         return loss.detach().float()
+
+    def _corrupt_at_end_of_backward(self, corrupt: Callable[[nn.Module], None]) -> Callable[[], None]:
+        """Corrupt the gradients as the backward ends, the way a faulty kernel or a bad batch would: queued from
+        the first gradient hook, it runs before anything reads the gradients (the monitor reads them at the end
+        of backward too, in a callback queued after every one queued during backward). Returns the undo of
+        the hooks, for a backward that reached no parameter."""
+        handles: list[Any] = []
+
+        def remove() -> None:
+            for h in handles:
+                h.remove()
+            handles.clear()
+
+        def apply() -> None:
+            with torch.no_grad():
+                corrupt(self.model)
+
+        def hook(_: Tensor) -> None:
+            if handles:
+                remove()
+                torch.autograd.Variable._execution_engine.queue_callback(apply)
+
+        handles.extend(p.register_post_accumulate_grad_hook(hook) for p in self.model.parameters() if p.requires_grad)
+        return remove
 
     def finish(self) -> None:
         """After ``monitor.step``: clear the gradients and advance the schedule."""

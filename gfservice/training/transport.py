@@ -82,8 +82,13 @@ class TransportBase:
 
 #: How long the in-process worker lets the training thread run before it judges a message it was just sent.
 _YIELD_S = 0.005
-#: How long ``send`` waits for the previous message to be judged before it stops waiting (detection is behind).
+#: How long ``send`` waits at least for the previous message to be judged before it stops waiting (detection is
+#: behind). The wait follows how long judging takes on this machine: ``HANDOFF_WAIT_FACTOR`` times the median of
+#: the recent messages' hand-off-to-verdict times, at most ``HANDOFF_WAIT_MAX_S``: a busy machine slows every
+#: verdict alike and the wait stretches with them; one hung detector is a sudden outlier, and the wait ends.
 HANDOFF_WAIT_S = 0.005
+HANDOFF_WAIT_FACTOR = 4.0
+HANDOFF_WAIT_MAX_S = 0.1
 #: Messages queued for the in-process worker at most; past it the oldest step reports are dropped (counted).
 HANDOFF_QUEUE = 64
 
@@ -129,6 +134,8 @@ class InProcessTransport:
         self._thread: threading.Thread | None = None
         self._last_send = time.perf_counter()
         self._yield_s = 0.0
+        #: Seconds from taking a message off the queue to its verdict, for the most recent messages.
+        self._judge_s: deque[float] = deque(maxlen=16)
 
     @property
     def aggregator(self) -> Aggregator:
@@ -165,7 +172,7 @@ class InProcessTransport:
                 self.late += 1
                 return
             self._behind = False
-        deadline = time.monotonic() + self.handoff_wait_s
+        deadline = time.monotonic() + self.handoff_wait()
         while not self._idle():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -179,6 +186,20 @@ class InProcessTransport:
                                 self.queue_size)
                 return
             self._cond.wait(left)
+
+    def handoff_wait(self) -> float:
+        """How long ``send`` waits for the previous verdict now: ``handoff_wait_s`` at least, more when judging
+        takes longer on this machine (see :data:`HANDOFF_WAIT_FACTOR`), at most :data:`HANDOFF_WAIT_MAX_S`.
+
+        >>> t = InProcessTransport(Aggregator())
+        >>> t.handoff_wait()
+        0.005
+        >>> t._judge_s.extend([0.010, 0.012, 0.011, 5.0])  # one hung call does not stretch the wait
+        >>> round(t.handoff_wait(), 3)
+        0.048
+        """
+        typical = sorted(self._judge_s)[len(self._judge_s) // 2] if self._judge_s else 0.0
+        return max(self.handoff_wait_s, min(HANDOFF_WAIT_MAX_S, HANDOFF_WAIT_FACTOR * typical))
 
     def _drop_oldest_report(self) -> None:
         """Drop the oldest queued step report (caller holds ``_cond``): layouts and ends are always delivered."""
@@ -210,11 +231,13 @@ class InProcessTransport:
                 self._aggregator.note_dropped(run, n)
             # let the training thread leave monitor.step() first: judging holds the GIL for a millisecond or two,
             # which would otherwise land on the call that sent the message
+            t0 = time.monotonic()
             time.sleep(self._yield_s)
             try:
                 self._submit(message)
             finally:
                 with self._cond:
+                    self._judge_s.append(time.monotonic() - t0)
                     self._busy = False
                     self._cond.notify_all()
 

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -221,28 +222,39 @@ class WandbSink:
 
 
 class MLflowSink:
-    """``mlflow.log_metrics`` of the scalars (names with ``/`` kept) at the step; findings as tags."""
+    """``log_metrics`` of the scalars (names with ``/`` kept) at the step into the active MLflow run (one is
+    started when none is); findings as tags. Written by run id, not through MLflow's active run, which is
+    per thread: the sink is fed from the watch's thread and closed from another."""
 
     def __init__(self, run: str = "run"):
         import mlflow
 
-        self._mlflow = mlflow
-        self._owned = mlflow.active_run() is None
-        if self._owned:
-            mlflow.start_run(run_name=run)
+        active = mlflow.active_run()
+        self._owned = active is None
+        self._run_id = (active or mlflow.start_run(run_name=run)).info.run_id
+        self._client = mlflow.MlflowClient()
+        self._metric = mlflow.entities.Metric
 
     def step(self, stats: StepStats) -> None:
-        self._mlflow.log_metrics(scalars(stats), step=stats.step)
+        now = int(time.time() * 1000)
+        self._client.log_batch(self._run_id, metrics=[self._metric(k, v, now, stats.step)
+                                                      for k, v in scalars(stats).items()])
 
     def opened(self, finding: Finding) -> None:
-        self._mlflow.set_tag(f"gfservice.finding.{finding.detector}", describe(finding)[:5000])
+        self._client.set_tag(self._run_id, f"gfservice.finding.{finding.detector}", describe(finding)[:5000])
 
     def cleared(self, finding: Finding) -> None:
-        self._mlflow.set_tag(f"gfservice.finding.{finding.detector}", f"cleared after step {finding.last_step}")
+        self._client.set_tag(self._run_id, f"gfservice.finding.{finding.detector}",
+                             f"cleared after step {finding.last_step}")
 
     def close(self) -> None:
         if self._owned:
-            self._mlflow.end_run()
+            self._client.set_terminated(self._run_id)
+            import mlflow
+
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self._run_id:
+                mlflow.end_run()  # on the thread that started it: its active run is over
 
 
 def make_sinks(specs: Iterable[str | Sink], run: str) -> list[Sink]:
