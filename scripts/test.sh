@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: the Debian packages the tests need (installed here when we are root or
-# have passwordless sudo), .venv (scripts/setup.sh), lint (ruff, import-linter), then pytest.
+# have passwordless sudo), .venv (scripts/setup.sh), lint (ruff, import-linter, mypy), the docs site, then pytest.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +56,10 @@ scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/lint-imports --no-logo
 .venv/bin/mypy  # [tool.mypy] in pyproject.toml names the files: gfservice/
+
+# --- the documentation site: the reference pages are generated from the code (docs/hooks.py); --strict makes a
+# broken link, a missing page or an unresolved API reference fail the build ------------------------------------
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
 
 # --- tests ----------------------------------------------------------------------------------------------
 rc=0
