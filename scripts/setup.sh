@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install gfservice with everything the demo and the tests need. Idempotent and quick
-# when nothing changed. torch==2.13.0 (CPU) is installed first: a plain torch requirement would otherwise
+# Create .venv and install gfservice with one extra: `scripts/setup.sh` (or `scripts/setup.sh test`) installs
+# everything the tests need; `scripts/setup.sh demo` only the core and Ray (what scripts/demo.sh runs on).
+# Idempotent and quick when nothing changed. torch==2.13.0 (CPU) is installed first: a plain torch requirement would otherwise
 # pull a multi-GB CUDA build.
 #
 # pip's own output goes to .venv/setup.log and is shown only when a step fails: a successful run prints
@@ -9,6 +10,8 @@
 # setuptools warns about editable installs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+EXTRA=${1:-test}
+case "$EXTRA" in test|demo) ;; *) echo "setup: unknown extra '$EXTRA' (test or demo)" >&2; exit 2 ;; esac
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PY --version 2>&1)"
@@ -16,9 +19,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 shopt -s nullglob
-plugins=(examples/*/pyproject.toml)   # example third-party detector plugins, installed for their tests
+plugins=()
+[ "$EXTRA" = test ] && plugins=(examples/*/pyproject.toml)   # example third-party detector plugins, for their tests
 shopt -u nullglob
-stamp=.venv/.gfservice-installed
+stamp=.venv/.gfservice-installed-$EXTRA
 want=$(cat pyproject.toml scripts/setup.sh ${plugins[@]+"${plugins[@]}"} | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   exit 0
@@ -27,7 +31,8 @@ fi
 log=.venv/setup.log
 : > "$log"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-steps=$((3 + ${#plugins[@]}))
+steps=$((1 + ${#plugins[@]}))
+[ "$EXTRA" = test ] && steps=$((steps + 1))
 n=0
 step() {  # step DESCRIPTION PIP-INSTALL-ARGS...
   local what=$1 t0=$SECONDS
@@ -46,10 +51,11 @@ step() {  # step DESCRIPTION PIP-INSTALL-ARGS...
   fi
 }
 
-echo "setup: installing torch 2.13.0 (CPU) and gfservice[test] into .venv (first run takes a few minutes)"
-step "pip" --upgrade pip
-step "torch 2.13.0 (CPU)" "torch==2.13.0"
-step "gfservice[test] (editable)" -e ".[test]"
+echo "setup: installing torch 2.13.0 (CPU) and gfservice[$EXTRA] into .venv (the first run takes a while)"
+# The demo skips pip's own upgrade (the venv's pip installs this project as it is): seconds off its first run.
+[ "$EXTRA" = test ] && step "pip" --upgrade pip
+# One pip run for torch and gfservice (one resolution); the pin keeps the CPU build.
+step "torch 2.13.0 (CPU) and gfservice[$EXTRA] (editable)" "torch==2.13.0" -e ".[$EXTRA]"
 for p in ${plugins[@]+"${plugins[@]}"}; do
   step "example plugin $(dirname "$p")" -e "$(dirname "$p")"
 done

@@ -8,14 +8,14 @@ code renders now; the PrometheusRule holds exactly the alerts of deploy/promethe
 the routes of deploy/alertmanager/alertmanager.yml; no container installs packages when it starts, no state lives
 on an emptyDir, the Ray dashboard listens on 127.0.0.1 and /metrics is served and scraped over TLS only.
 
-Needs kubectl (it bundles kustomize); a missing one fails the test with the way to install it, never a skip.
+Needs kubectl (it bundles kustomize): the system's, else the test extra's (tests/kubetools.py); a missing one fails
+the test with the way to install it, never a skip.
 """
 
 from __future__ import annotations
 
 import ast
 import re
-import shutil
 import subprocess
 import tempfile
 from functools import cache
@@ -30,6 +30,7 @@ from gfservice.cli import generated
 from gfservice.cli.main import main as gfservice_main
 from gfservice.config import load_settings
 from gfservice.observability import alerts, kubernetes
+from tests.kubetools import KUBECTL_HINT, kubectl_bin
 from tests.promtools import promtool_bin, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +38,6 @@ BUNDLE = ROOT / "deploy/kubernetes"
 KUSTOMIZATIONS = ["base", "overlays/kube-prometheus-stack", "overlays/plain-prometheus", "samples/rayjob"]
 #: The Kubernetes release whose schemas the core objects are validated against (the oldest we support).
 K8S_VERSION = "1.32"
-KUBECTL_HINT = ("kubectl 1.27 or newer is needed to render the kustomize bundle (it bundles kustomize): install it "
-                "from "
-                "https://kubernetes.io/docs/tasks/tools/ (e.g. `apt-get install -y kubectl` from the Kubernetes apt "
-                "repository, or `curl -LO https://dl.k8s.io/release/v1.32.4/bin/linux/amd64/kubectl && install "
-                "kubectl /usr/local/bin/`)")
 IMAGE = "ghcr.io/gfservice/gfservice"
 METRICS_PORT = 9464
 
@@ -55,9 +51,7 @@ _Loader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.c
 
 @cache
 def render(kustomization: str) -> tuple[dict[str, Any], ...]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail(KUBECTL_HINT)
+    kubectl = kubectl_bin()
     res = subprocess.run([kubectl, "kustomize", str(BUNDLE / kustomization)], capture_output=True, text=True,
                          timeout=60, check=False)
     assert res.returncode == 0, f"kubectl kustomize {kustomization} failed:\n{res.stderr}\n({KUBECTL_HINT})"
