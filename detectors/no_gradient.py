@@ -42,11 +42,6 @@ from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe
 
 from .signatures import dead_block, group_key
 
-#: A conditional layer is reported once its current gap would have come by chance with at most this probability
-#: at its own participation rate: (1 - p) ** gap <= CHANCE.
-CHANCE = 1e-4
-
-
 class NoGradient(Detector):
     """Layers whose gradient stays missing (.grad None) or exactly zero: a detached branch or a wrong freeze."""
 
@@ -158,24 +153,25 @@ class NoGradient(Detector):
         ]
 
     def _required(self, layers: tuple[str, ...]) -> np.ndarray:
-        """Per layer: the gap that counts as persistent. ``window`` for an ordinary layer; for a conditional
-        one (a sibling has got its gradient back after a gap: experts, branches taken on some steps) the gap
-        that its own participation rate makes improbable, or ``conditional_windows * window`` before its first
-        gradient."""
-        assert self._seen is not None and self._hits is not None and self._returned is not None
+        """Per layer: the gap that counts as persistent. ``window`` for an ordinary layer. For a member of a
+        conditional group (a sibling has got its gradient back after a gap: experts, branches taken on some
+        steps) the gap depends on the group, not on the member's own rate: routing decides which member gets
+        a gradient and may move away from one for good (an expert that the router stops choosing is a
+        load-balancing matter, not a detached branch or a wrong freeze). So a member that has had a gradient is
+        never reported alone; the whole group is, once every member has gone ``window`` steps without one (the
+        MoE layer is cut off). A member that has never had a gradient is reported after
+        ``conditional_windows * window`` steps (an expert no gradient ever reaches)."""
+        assert self._streak is not None and self._hits is not None and self._returned is not None
         w = self.config.window
         required = np.full(len(layers), w, dtype=np.float64)
         if not self._returned.any():
             return required
-        groups = [group_key(n) for n in layers]
-        conditional_groups = {k for k, r in zip(groups, self._returned, strict=True) if r}
-        # the rate over the steps before the current gap, and no surer than conditional_windows * window steps
-        before = self._seen - (self._streak if self._streak is not None else 0)
-        rate = np.clip(self._hits / np.maximum(before, w * self.config.conditional_windows), 1e-9, 1 - 1e-9)
-        by_rate = np.ceil(np.log(CHANCE) / np.log1p(-rate))
-        for i, k in enumerate(groups):
-            if k in conditional_groups:
-                required[i] = max(w, by_rate[i]) if self._hits[i] else w * self.config.conditional_windows
+        groups = np.array([group_key(n) for n in layers])
+        for k in set(groups[self._returned].tolist()):
+            member = groups == k
+            if (self._streak[member] >= w).all():
+                continue  # the whole group is silent: report it at ``window``
+            required[member] = np.where(self._hits[member] > 0, np.inf, w * self.config.conditional_windows)
         return required
 
     def state_dict(self) -> dict[str, Any]:

@@ -80,6 +80,22 @@ def test_idle_expert_is_not_a_detached_branch():
     assert replay(NoGradient(), steps) == []
 
 
+def test_expert_that_routing_leaves_for_long_is_not_a_detached_branch():
+    # an expert chosen on 10% of the early steps, then on none for 150 steps: the router moved away from it
+    rng = np.random.default_rng(3)
+    steps = [_moe_step(i, [True, rng.random() < 0.5, (i < 60 and rng.random() < 0.1) or i == 3])
+             for i in range(300)]
+    assert replay(NoGradient(), steps) == []
+
+
+def test_mixture_whose_every_expert_goes_silent_is_reported():
+    rng = np.random.default_rng(4)
+    steps = [_moe_step(i, [True, rng.random() < 0.5, rng.random() < 0.5 or i == 3]) for i in range(100)]
+    steps += [_moe_step(i, [False, False, False]) for i in range(100, 140)]   # the expert layer cut off at 100
+    f = replay(NoGradient(), steps)[0]
+    assert 100 < f.step <= 110 and f.layers == ["experts.0.weight", "experts.1.weight", "experts.2.weight"], f
+
+
 def test_router_without_gradient_is_reported_among_experts():
     rng = np.random.default_rng(2)
     layers = ["router.weight", "experts.0.weight", "experts.1.weight"]
