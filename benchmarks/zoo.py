@@ -497,13 +497,15 @@ class Moe(nn.Module):
     its output by the gate probability (Switch style). With ``detach_gate`` the gate is detached (a bug): the
     router gets no gradient."""
 
-    def __init__(self, experts: int = 16, detach_gate: bool = False) -> None:
+    def __init__(self, experts: int = 16, detach_gate: bool = False, peak: float = 8.0) -> None:
         super().__init__()
         self.router = nn.Linear(64, experts)
         with torch.no_grad():  # a peaked router: top-1 routing without a balancing loss leaves experts idle
-            self.router.weight.mul_(8.0)
+            self.router.weight.mul_(peak)
         self.experts = nn.ModuleList(mlp(64, 32, 10) for _ in range(experts))
         self.detach_gate = detach_gate
+        #: Set by a fault: the experts' outputs are .detach()ed (the whole expert layer gets no gradient).
+        self.detach_experts = False
 
     def forward(self, x: Tensor) -> Tensor:
         probs = torch.softmax(self.router(x), -1)
@@ -513,15 +515,21 @@ class Moe(nn.Module):
         out = torch.zeros(len(x), 10)
         for e in idx.unique().tolist():
             sel = idx == e
-            out[sel] = self.experts[e](x[sel]) * gate[sel, None]
+            y = self.experts[e](x[sel])
+            out[sel] = (y.detach() if self.detach_experts else y) * gate[sel, None]
         return out
 
 
-def moe(seed: int, detach_gate: bool = False) -> Run:
+def moe(seed: int, detach_gate: bool = False, experts: int = 16, peak: float = 8.0) -> Run:
     """8 samples a batch over 16 experts: an expert gets a token on 3-70% of the steps and may stay idle for
     100 steps or more (its ``.grad`` is None then); the first token reaches some experts only after 15 steps."""
-    m = Moe(detach_gate=detach_gate)
+    m = Moe(experts, detach_gate=detach_gate, peak=peak)
     return Run(m, _adam(m, 3e-3), digits_batches(seed, 8), ce)
+
+
+def detach_experts(run: Run) -> None:
+    """A fault: from now on the MoE's expert outputs are .detach()ed (the router still learns through the gate)."""
+    run.model.detach_experts = True  # type: ignore[assignment]
 
 
 class Factorisation(nn.Module):
@@ -863,6 +871,13 @@ SCENARIOS += [
              fault=lambda r: Fault(K, start=set_weight_decay(100.0)), onset=K, expected="update_ratio"),
     # -- structure --
     Scenario("moe_top1", H, moe, 300, "top-1 MoE of 8 experts, peaked router: experts idle for tens of steps"),
+    Scenario("moe_sparse_32", H, lambda s: moe(s, experts=32, peak=12.0), 400,
+             "top-1 MoE of 32 experts, very peaked router, 8 tokens a step: most experts get a token on a few per "
+             "cent of the steps early on and on none for a hundred steps or more later (routing moved away)"),
+    Scenario("moe_experts_cut", P, moe, K + 40,
+             "top-1 MoE; from step k every expert's output is .detach()ed: the whole expert layer gets no gradient",
+             fault=lambda r: Fault(K, start=detach_experts), onset=K, expected="no_gradient",
+             layers=Layers("every experts.* layer", prefixed("experts."))),
     Scenario("moe_detached_gate", P, lambda s: moe(s, detach_gate=True), 60,
              "top-1 MoE whose gate probability is .detach()ed: the router gets no gradient", onset=0,
              expected="no_gradient", layers=Layers("router.weight, router.bias", prefixed("router."))),
