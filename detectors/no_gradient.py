@@ -16,7 +16,11 @@ the gradients live elsewhere (DeepSpeed ZeRO / FSDP1 flat parameters).
 ``window`` is 10 collected steps: short enough to report a branch detached from the start at step 9 and a
 freeze at step k + 9 (the evaluation zoo's target for it is two deep steps at ``deep_every=10``); long enough
 that a branch skipped for a few steps by design (an auxiliary loss every few steps, an idle mixture-of-experts
-expert) leaves the streak before it reports. Exact zeros and missing gradients are this detector's alone:
+expert) leaves the streak before it reports. Conditional computation is judged by group: once a member of a group
+of siblings (``experts.3.*``, ``experts.7.*``) gets its gradient back after a gap, a member that has had a
+gradient is reported only with its whole group (every member ``window`` steps without one: the expert layer is cut
+off); routing may leave one expert for hundreds of steps or for good, which is a load-balancing matter, not a
+detached branch. A member that has never had a gradient is reported after ``conditional_windows * window`` steps. Exact zeros and missing gradients are this detector's alone:
 ``vanishing`` ignores such layers.
 
 >>> from gfservice.testing import make_step, replay
@@ -41,6 +45,7 @@ from pydantic import Field
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe_layers
 
 from .signatures import dead_block, group_key
+
 
 class NoGradient(Detector):
     """Layers whose gradient stays missing (.grad None) or exactly zero: a detached branch or a wrong freeze."""
