@@ -647,6 +647,19 @@ def converging(seed: int) -> Run:
                lambda model, x, y: F.mse_loss(model(x), y))
 
 
+def converging_heavy_tail(seed: int) -> Run:
+    """``converging`` with heavy-tailed label noise (Student t, 2 degrees of freedom, scale 0.01) on every target:
+    once converged, the minibatch loss and gradient norm jump by large factors now and then, by nature."""
+    g = torch.Generator().manual_seed(31_000 + seed)
+    x = torch.randn(2000, 32, generator=g)
+    t2 = torch.randn(2000, 8, generator=g) / torch.sqrt(
+        (torch.randn(2000, 8, generator=g) ** 2 + torch.randn(2000, 8, generator=g) ** 2) / 2)
+    y = x @ (torch.randn(32, 8, generator=g) / 6) + 0.01 * t2
+    m = nn.Linear(32, 8)
+    return Run(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), sample(x, y, 64, seed),
+               lambda model, x, y: F.mse_loss(model(x), y))
+
+
 def label_noise(scale: float) -> Callable[[Tensor, Tensor], Batch]:
     """Noise of ``scale`` on every target of one batch (a few noisy labels in a converged regression)."""
     return lambda x, y: (x, y + scale * torch.randn_like(y))
@@ -908,6 +921,9 @@ SCENARIOS += [
              "regression that has all but converged; one batch with noisy targets at step 3k: its tiny "
              "gradient norm jumps ~40x, still far below the run's early norms",
              fault=lambda r: Fault(R, batch=label_noise(0.4))),
+    Scenario("converged_heavy_tail", H, converging_heavy_tail, R + 40,
+             "regression that has all but converged, label noise Student-t (2 dof): heavy-tailed minibatch losses "
+             "and gradient norms near convergence, no fault"),
     Scenario("converged_lr_jump", P, converging, R + 40,
              "regression that has all but converged; LR x100 at step 3k: SGD diverges",
              fault=lambda r: Fault(R, start=scale_lr(100.0)), onset=R, expected="exploding"),

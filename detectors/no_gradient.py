@@ -20,7 +20,8 @@ expert) leaves the streak before it reports. Conditional computation is judged b
 of siblings (``experts.3.*``, ``experts.7.*``) gets its gradient back after a gap, a member that has had a
 gradient is reported only with its whole group (every member ``window`` steps without one: the expert layer is cut
 off); routing may leave one expert for hundreds of steps or for good, which is a load-balancing matter, not a
-detached branch. A member that has never had a gradient is reported after ``conditional_windows * window`` steps. Exact zeros and missing gradients are this detector's alone:
+detached branch. A member that has never had a gradient is reported after ``conditional_windows * window`` steps.
+Exact zeros and missing gradients are this detector's alone:
 ``vanishing`` ignores such layers.
 
 >>> from gfservice.testing import make_step, replay
