@@ -521,13 +521,15 @@ class Moe(nn.Module):
     its output by the gate probability (Switch style). With ``detach_gate`` the gate is detached (a bug): the
     router gets no gradient."""
 
-    def __init__(self, experts: int = 16, detach_gate: bool = False) -> None:
+    def __init__(self, experts: int = 16, detach_gate: bool = False, peak: float = 8.0) -> None:
         super().__init__()
         self.router = nn.Linear(64, experts)
         with torch.no_grad():  # a peaked router: top-1 routing without a balancing loss leaves experts idle
-            self.router.weight.mul_(8.0)
+            self.router.weight.mul_(peak)
         self.experts = nn.ModuleList(mlp(64, 32, 10) for _ in range(experts))
         self.detach_gate = detach_gate
+        #: Set by a fault: the experts' outputs are .detach()ed (the whole expert layer gets no gradient).
+        self.detach_experts = False
 
     def forward(self, x: Tensor) -> Tensor:
         probs = torch.softmax(self.router(x), -1)
@@ -537,15 +539,21 @@ class Moe(nn.Module):
         out = torch.zeros(len(x), 10)
         for e in idx.unique().tolist():
             sel = idx == e
-            out[sel] = self.experts[e](x[sel]) * gate[sel, None]
+            y = self.experts[e](x[sel])
+            out[sel] = (y.detach() if self.detach_experts else y) * gate[sel, None]
         return out
 
 
-def moe(seed: int, detach_gate: bool = False) -> Run:
+def moe(seed: int, detach_gate: bool = False, experts: int = 16, peak: float = 8.0) -> Run:
     """8 samples a batch over 16 experts: an expert gets a token on 3-70% of the steps and may stay idle for
     100 steps or more (its ``.grad`` is None then); the first token reaches some experts only after 15 steps."""
-    m = Moe(detach_gate=detach_gate)
+    m = Moe(experts, detach_gate=detach_gate, peak=peak)
     return Run(m, _adam(m, 3e-3), digits_batches(seed, 8), ce)
+
+
+def detach_experts(run: Run) -> None:
+    """A fault: from now on the MoE's expert outputs are .detach()ed (the router still learns through the gate)."""
+    run.model.detach_experts = True  # type: ignore[assignment]
 
 
 class Factorisation(nn.Module):
@@ -658,6 +666,19 @@ def converging(seed: int) -> Run:
     g = torch.Generator().manual_seed(30_000 + seed)
     x = torch.randn(2000, 32, generator=g)
     y = x @ (torch.randn(32, 8, generator=g) / 6) + 0.01 * torch.randn(2000, 8, generator=g)
+    m = nn.Linear(32, 8)
+    return Run(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), sample(x, y, 64, seed),
+               lambda model, x, y: F.mse_loss(model(x), y))
+
+
+def converging_heavy_tail(seed: int) -> Run:
+    """``converging`` with heavy-tailed label noise (Student t, 2 degrees of freedom, scale 0.01) on every target:
+    once converged, the minibatch loss and gradient norm jump by large factors now and then, by nature."""
+    g = torch.Generator().manual_seed(31_000 + seed)
+    x = torch.randn(2000, 32, generator=g)
+    t2 = torch.randn(2000, 8, generator=g) / torch.sqrt(
+        (torch.randn(2000, 8, generator=g) ** 2 + torch.randn(2000, 8, generator=g) ** 2) / 2)
+    y = x @ (torch.randn(32, 8, generator=g) / 6) + 0.01 * t2
     m = nn.Linear(32, 8)
     return Run(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), sample(x, y, 64, seed),
                lambda model, x, y: F.mse_loss(model(x), y))
@@ -887,6 +908,13 @@ SCENARIOS += [
              fault=lambda r: Fault(K, start=set_weight_decay(100.0)), onset=K, expected="update_ratio"),
     # -- structure --
     Scenario("moe_top1", H, moe, 300, "top-1 MoE of 8 experts, peaked router: experts idle for tens of steps"),
+    Scenario("moe_sparse_32", H, lambda s: moe(s, experts=32, peak=12.0), 400,
+             "top-1 MoE of 32 experts, very peaked router, 8 tokens a step: most experts get a token on a few per "
+             "cent of the steps early on and on none for a hundred steps or more later (routing moved away)"),
+    Scenario("moe_experts_cut", P, moe, K + 40,
+             "top-1 MoE; from step k every expert's output is .detach()ed: the whole expert layer gets no gradient",
+             fault=lambda r: Fault(K, start=detach_experts), onset=K, expected="no_gradient",
+             layers=Layers("every experts.* layer", prefixed("experts."))),
     Scenario("moe_detached_gate", P, lambda s: moe(s, detach_gate=True), 60,
              "top-1 MoE whose gate probability is .detach()ed: the router gets no gradient", onset=0,
              expected="no_gradient", layers=Layers("router.weight, router.bias", prefixed("router."))),
@@ -917,6 +945,9 @@ SCENARIOS += [
              "regression that has all but converged; one batch with noisy targets at step 3k: its tiny "
              "gradient norm jumps ~40x, still far below the run's early norms",
              fault=lambda r: Fault(R, batch=label_noise(0.4))),
+    Scenario("converged_heavy_tail", H, converging_heavy_tail, R + 40,
+             "regression that has all but converged, label noise Student-t (2 dof): heavy-tailed minibatch losses "
+             "and gradient norms near convergence, no fault"),
     Scenario("converged_lr_jump", P, converging, R + 40,
              "regression that has all but converged; LR x100 at step 3k: SGD diverges",
              fault=lambda r: Fault(R, start=scale_lr(100.0)), onset=R, expected="exploding"),

@@ -108,3 +108,72 @@ class RampTest:
         for k in ("cusum", "age", "start", "level"):
             if k in state:
                 setattr(self, k, np.asarray(state[k]))
+
+
+class SlopeTest:
+    """A regression test for a ramp: over the last ``steps`` values of each column, the least-squares line
+    rises by ``ratio`` (log) or more, its slope stands ``t`` standard errors above 0, and the line fits better
+    than the best single step (two flat levels): a step change (a learning-rate restart, a layer unfrozen) is not
+    a ramp. Vectorised over ``width`` columns; NaN inputs are left out of the fit (a column needs
+    ``steps * 3 / 4`` finite values).
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> slope = SlopeTest(width=1)
+    >>> xs = [rng.normal(0.0, 0.3) + (0.049 * (t - 100) if t > 100 else 0.0) for t in range(200)]  # 5%/step from 100
+    >>> next(t for t, x in enumerate(xs) if slope.update(np.array([x]))[0])
+    131
+    >>> step = SlopeTest(width=1)                                   # a 4x step change at 100: not a ramp
+    >>> any(step.update(np.array([rng.normal(0.0, 0.2) + (1.4 if t > 100 else 0.0)]))[0] for t in range(200))
+    False
+    """
+
+    def __init__(self, width: int, steps: int = 40, ratio: float = 3.0, t: float = 5.0, edge: int = 4) -> None:
+        self.width, self.steps, self.h, self.t, self.edge = width, steps, math.log(ratio), t, edge
+        self._raw: deque[np.ndarray] = deque(maxlen=steps)
+        #: Per column, after each update: the rise of the fitted line over the window (log) and its t-statistic.
+        self.rise = np.zeros(width)
+        self.tstat = np.zeros(width)
+
+    def update(self, x: np.ndarray) -> np.ndarray:
+        """Add one step's values; return, per column, whether the window is a ramp."""
+        self._raw.append(np.asarray(x, dtype=np.float64))
+        no = np.zeros(self.width, dtype=bool)
+        if len(self._raw) < self.steps:
+            return no
+        y = np.stack(self._raw)                                    # (steps, width)
+        w = np.isfinite(y)
+        m = w.sum(axis=0)
+        y0 = np.where(w, y, 0.0)
+        t = np.arange(self.steps, dtype=np.float64)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tm = (w * t).sum(axis=0) / m
+            ym = y0.sum(axis=0) / m
+            sxx = (w * (t - tm) ** 2).sum(axis=0)
+            b = (w * (t - tm) * (y0 - ym)).sum(axis=0) / sxx
+            resid = np.where(w, y0 - ym - b * (t - tm), 0.0)
+            sse_line = (resid**2).sum(axis=0)
+            se = np.sqrt(sse_line / np.maximum(m - 2, 1) / sxx)
+            self.tstat = np.where(se > 0, b / se, np.where(b > 0, np.inf, 0.0))
+        self.rise = b * (self.steps - 1)
+        ok = m >= 3 * self.steps // 4
+        return ok & (self.rise >= self.h) & (self.tstat >= self.t) & (sse_line < self._step_sse(y0, w))
+
+    def _step_sse(self, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Per column: the residual sum of squares of the best fit by two flat levels (one split point, at least
+        ``edge`` steps from either end)."""
+        cw, cy, cyy = np.cumsum(w, axis=0), np.cumsum(y, axis=0), np.cumsum(y * y, axis=0)
+        best = np.full(self.width, np.inf)
+        for k in range(self.edge, self.steps - self.edge):
+            nl, sl, ql = cw[k - 1], cy[k - 1], cyy[k - 1]
+            nr, sr, qr = cw[-1] - nl, cy[-1] - sl, cyy[-1] - ql
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sse = (ql - sl**2 / nl) + (qr - sr**2 / nr)
+            best = np.fmin(best, sse)
+        return best
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"raw": list(self._raw)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._raw = deque(state.get("raw", []), maxlen=self.steps)

@@ -16,7 +16,12 @@ the gradients live elsewhere (DeepSpeed ZeRO / FSDP1 flat parameters).
 ``window`` is 10 collected steps: short enough to report a branch detached from the start at step 9 and a
 freeze at step k + 9 (the evaluation zoo's target for it is two deep steps at ``deep_every=10``); long enough
 that a branch skipped for a few steps by design (an auxiliary loss every few steps, an idle mixture-of-experts
-expert) leaves the streak before it reports. Exact zeros and missing gradients are this detector's alone:
+expert) leaves the streak before it reports. Conditional computation is judged by group: once a member of a group
+of siblings (``experts.3.*``, ``experts.7.*``) gets its gradient back after a gap, a member that has had a
+gradient is reported only with its whole group (every member ``window`` steps without one: the expert layer is cut
+off); routing may leave one expert for hundreds of steps or for good, which is a load-balancing matter, not a
+detached branch. A member that has never had a gradient is reported after ``conditional_windows * window`` steps.
+Exact zeros and missing gradients are this detector's alone:
 ``vanishing`` ignores such layers.
 
 >>> from gfservice.testing import make_step, replay
@@ -41,10 +46,6 @@ from pydantic import Field
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe_layers
 
 from .signatures import dead_block, group_key
-
-#: A conditional layer is reported once its current gap would have come by chance with at most this probability
-#: at its own participation rate: (1 - p) ** gap <= CHANCE.
-CHANCE = 1e-4
 
 
 class NoGradient(Detector):
@@ -158,24 +159,25 @@ class NoGradient(Detector):
         ]
 
     def _required(self, layers: tuple[str, ...]) -> np.ndarray:
-        """Per layer: the gap that counts as persistent. ``window`` for an ordinary layer; for a conditional
-        one (a sibling has got its gradient back after a gap: experts, branches taken on some steps) the gap
-        that its own participation rate makes improbable, or ``conditional_windows * window`` before its first
-        gradient."""
-        assert self._seen is not None and self._hits is not None and self._returned is not None
+        """Per layer: the gap that counts as persistent. ``window`` for an ordinary layer. For a member of a
+        conditional group (a sibling has got its gradient back after a gap: experts, branches taken on some
+        steps) the gap depends on the group, not on the member's own rate: routing decides which member gets
+        a gradient and may move away from one for good (an expert that the router stops choosing is a
+        load-balancing matter, not a detached branch or a wrong freeze). So a member that has had a gradient is
+        never reported alone; the whole group is, once every member has gone ``window`` steps without one (the
+        MoE layer is cut off). A member that has never had a gradient is reported after
+        ``conditional_windows * window`` steps (an expert no gradient ever reaches)."""
+        assert self._streak is not None and self._hits is not None and self._returned is not None
         w = self.config.window
         required = np.full(len(layers), w, dtype=np.float64)
         if not self._returned.any():
             return required
-        groups = [group_key(n) for n in layers]
-        conditional_groups = {k for k, r in zip(groups, self._returned, strict=True) if r}
-        # the rate over the steps before the current gap, and no surer than conditional_windows * window steps
-        before = self._seen - (self._streak if self._streak is not None else 0)
-        rate = np.clip(self._hits / np.maximum(before, w * self.config.conditional_windows), 1e-9, 1 - 1e-9)
-        by_rate = np.ceil(np.log(CHANCE) / np.log1p(-rate))
-        for i, k in enumerate(groups):
-            if k in conditional_groups:
-                required[i] = max(w, by_rate[i]) if self._hits[i] else w * self.config.conditional_windows
+        groups = np.array([group_key(n) for n in layers])
+        for k in set(groups[self._returned].tolist()):
+            member = groups == k
+            if (self._streak[member] >= w).all():
+                continue  # the whole group is silent: report it at ``window``
+            required[member] = np.where(self._hits[member] > 0, np.inf, w * self.config.conditional_windows)
         return required
 
     def state_dict(self) -> dict[str, Any]:
