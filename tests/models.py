@@ -76,6 +76,34 @@ def batches(batch_size: int = 32, seed: int = 0):
             yield x[idx].clone(), y[idx].clone()
 
 
+def at_end_of_backward(model: nn.Module, corrupt: Callable[[], None]) -> None:
+    """Run ``corrupt()`` (under ``no_grad``) as the next backward through ``model`` ends, before anything reads
+    the gradients: where a faulty kernel or a bad batch would strike. The monitor reads the gradients at the end
+    of backward too, in a callback queued after every one queued during backward, so it sees the corruption;
+    writing into ``.grad`` after ``backward()`` returns comes too late for it (and for clipping, too early).
+
+    >>> m = nn.Linear(2, 1)
+    >>> at_end_of_backward(m, lambda: m.weight.grad.fill_(7.0))
+    >>> m(torch.ones(1, 2)).sum().backward()
+    >>> m.weight.grad.tolist()
+    [[7.0, 7.0]]
+    """
+    handles: list = []
+
+    def apply() -> None:
+        with torch.no_grad():
+            corrupt()
+
+    def hook(_: torch.Tensor) -> None:
+        if handles:
+            for h in handles:
+                h.remove()
+            handles.clear()
+            torch.autograd.Variable._execution_engine.queue_callback(apply)
+
+    handles.extend(p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad)
+
+
 def train(
     model: nn.Module,
     opt: torch.optim.Optimizer,
