@@ -34,7 +34,9 @@ from gfservice.config import load_settings
 from gfservice.service.aggregator import Aggregator
 from gfservice.training.collect import Collected, GradCollector, Pending
 from gfservice.training.ddp_hook import LocalNormHook, is_ddp
+from gfservice.training.module_kinds import layer_kinds
 from gfservice.training.names import safe_names
+from gfservice.training.optim_info import RunContext
 from gfservice.training.parameters import has_sharded_parameters
 from gfservice.training.transport import InProcessTransport, Transport
 from gfservice.training.watch import Sink, Watch, make_sinks
@@ -287,6 +289,7 @@ class Monitor:
         self._hook = None
         self._warned_no_gradient = False
         self._watch: Watch | None = None
+        self._context_at: dict[int, dict[str, Any]] = {}  # what RunContext read of each step in flight
         try:  # a model, a name or a service the monitor cannot take leaves the job training, unmonitored
             self.collector = GradCollector(model.named_parameters(), options.include, options.exclude)
             self._synchronous = self.collector.params[0].device.type == "cpu"
@@ -301,8 +304,10 @@ class Monitor:
                 numel=self.collector.numel if reports_layers else [],
                 sharded=self.collector.sharded if reports_layers else [],
                 units=self.collector.units if reports_layers else [],
+                kinds=layer_kinds(model, self.collector.params) if reports_layers else [],
                 reports_layers=reports_layers,
             )
+            self._context = RunContext(optimizer, self.collector.params)
             if optimizer is not None and self.deep_every:
                 self._hook = _register_step_pre_hook(optimizer, self._before_optimizer_step)
             self.transport.send(self.layout)
@@ -379,6 +384,7 @@ class Monitor:
         hook = self.local_norm_hook
         local_sq = hook.take() if hook is not None else None
         first_bucket = hook.take_first_bucket_time() if hook is not None else None
+        self._context_at[step] = self._context.fields(deep)
         pending = self.collector.launch(deep=deep, extras={"loss": loss, "loss_scale": scale, "local_sq": local_sq},
                                         layers=self.reports_layers)
         self._in_flight.append(_InFlight(
@@ -455,6 +461,7 @@ class Monitor:
             step_time=collected.step_time,
             compute_time=collected.compute_time if collected.compute_time is None or collected.compute_time >= 0
             else None,
+            **self._context_at.pop(collected.step, {}),
         )
 
     def _error(self, where: str) -> None:
