@@ -142,8 +142,11 @@ class StepStats:
     layer_group: np.ndarray | None = None
     #: The kind of module of each layer ("embedding", or ""), where the sender said (see ``Layout.kinds``).
     layer_kinds: tuple[str, ...] | None = None
-    #: The low-precision format of the gradients read from the run ("fp16", "bf16"), or None (fp32, not known).
+    #: The low-precision format the gradients are held in, read from the run ("fp16", "bf16": the parameters'
+    #: dtype), or None (fp32, not known).
     precision: str | None = None
+    #: Autocast's low-precision format when it was on at collection ("fp16", "bf16"), or None.
+    autocast: str | None = None
 
     @property
     def layers(self) -> tuple[str, ...]:

@@ -359,9 +359,11 @@ class StepReport(_Message):
     group_wd: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(None, max_length=MAX_GROUPS)
     #: The parameter group of each layer (-1: in no group), in layout order; sent on deep steps.
     layer_group: list[Annotated[int, Field(ge=-1, lt=MAX_GROUPS)]] | None = Field(None, max_length=MAX_LAYERS)
-    #: The low-precision format the gradients were computed in, read from the run itself (the parameters'
-    #: dtypes, autocast): "fp16", "bf16", or None (fp32, or not known).
+    #: The low-precision format the gradients are held in, read from the run itself (the parameters' dtype, as
+    #: in a ``model.half()`` run): "fp16", "bf16", or None (fp32, or not known).
     precision: Literal["fp16", "bf16"] | None = None
+    #: Autocast's low-precision format when autocast was on as the step was collected, else None.
+    autocast: Literal["fp16", "bf16"] | None = None
 
     @field_validator("time", "lr", "loss_scale", "local_norm", "step_time", "compute_time")
     @classmethod

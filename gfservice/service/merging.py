@@ -106,4 +106,5 @@ def run_context(first: StepReport, run: Run, n_layers: int) -> dict[str, Any]:
         "layer_group": np.asarray(groups, np.int64) if groups is not None and len(groups) == n_layers else None,
         "layer_kinds": tuple(kinds) if kinds is not None and len(kinds) == n_layers else None,
         "precision": first.precision,
+        "autocast": first.autocast,
     }

@@ -13,7 +13,7 @@ group; values held in device tensors (capturable optimizers) are not read, since
 >>> lr, wd, groups = reader.read()
 >>> lr, wd, groups
 ([0.001, 0.1], [0.01, 0.01], [0, 0, 1, -1])
->>> gradient_format(list(model.half().parameters()))
+>>> params_format(list(model.half().parameters()))
 'fp16'
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OptimizerReader", "RunContext", "autocast_format", "gradient_format"]
+__all__ = ["OptimizerReader", "RunContext", "autocast_format", "params_format"]
 
 _FORMATS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -83,14 +83,10 @@ class OptimizerReader:
         return lr, wd, self._groups
 
 
-def gradient_format(params: Sequence[torch.nn.Parameter]) -> str | None:
-    """The low-precision format of the parameters (so of their gradients: a ``model.half()`` run), else
-    :func:`autocast_format`; None for fp32 (or not known)."""
-    for p in params:
-        fmt = _FORMATS.get(p.dtype)
-        if fmt is not None:
-            return fmt
-    return autocast_format()
+def params_format(params: Sequence[torch.nn.Parameter]) -> str | None:
+    """The low-precision format of the parameters, so of their gradients (a ``model.half()`` run): the first
+    fp16 or bf16 one; None when all are wider."""
+    return next((f for p in params if (f := _FORMATS.get(p.dtype)) is not None), None)
 
 
 def autocast_format() -> str | None:
@@ -111,24 +107,24 @@ def autocast_format() -> str | None:
 
 class RunContext:
     """The :class:`~gfservice.wire.StepReport` fields that the monitor reads of the run at each collected step:
-    ``group_lr``, ``group_wd``, ``layer_group`` (deep steps) and ``precision``. Never raises: what it cannot
+    ``group_lr``, ``group_wd``, ``layer_group`` (deep steps), ``precision`` and ``autocast``. Never raises: what it cannot
     read is left out.
 
     >>> model = torch.nn.Linear(2, 1)
     >>> ctx = RunContext(torch.optim.SGD(model.parameters(), lr=0.5), list(model.parameters()))
     >>> ctx.fields(deep=True)
-    {'group_lr': [0.5], 'group_wd': [0.0], 'layer_group': [0, 0], 'precision': None}
+    {'group_lr': [0.5], 'group_wd': [0.0], 'layer_group': [0, 0], 'precision': None, 'autocast': None}
     >>> ctx.fields(deep=False)["layer_group"] is None
     True
     """
 
     def __init__(self, optimizer: Any, params: Sequence[torch.nn.Parameter]):
         self.reader = OptimizerReader(optimizer, params) if optimizer is not None else None
-        self.param_format = next((f for p in params if (f := _FORMATS.get(p.dtype)) is not None), None)
+        self.param_format = params_format(params)
 
     def fields(self, deep: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"group_lr": None, "group_wd": None, "layer_group": None,
-                               "precision": self.param_format or autocast_format()}
+                               "precision": self.param_format, "autocast": autocast_format()}
         try:
             got = self.reader.read() if self.reader is not None else None
         except Exception:  # an optimizer of an odd kind: its settings are not read
