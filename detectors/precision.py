@@ -154,7 +154,8 @@ class Precision(Detector):
         if g.units is not None:
             judged &= g.count > g.units
         if cfg.format is None and scale is None and step.precision is not None:
-            under = under + self._flushed(g, judged)        hot_under = judged & (under > cfg.max_fraction)
+            under = under + self._flushed(g, judged)
+        hot_under = judged & (under > cfg.max_fraction)
         hot_over = judged & (over > cfg.max_overflow_fraction) & (cfg.format is not None)
         if self._under is None or self._over is None or self._layers != g.layers:
             self._under = np.zeros(len(g.layers), np.int64)

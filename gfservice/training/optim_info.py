@@ -107,8 +107,8 @@ def autocast_format() -> str | None:
 
 class RunContext:
     """The :class:`~gfservice.wire.StepReport` fields that the monitor reads of the run at each collected step:
-    ``group_lr``, ``group_wd``, ``layer_group`` (deep steps), ``precision`` and ``autocast``. Never raises: what it cannot
-    read is left out.
+    ``group_lr``, ``group_wd``, ``layer_group`` (deep steps), ``precision`` and ``autocast``. Never raises:
+    what it cannot read is left out.
 
     >>> model = torch.nn.Linear(2, 1)
     >>> ctx = RunContext(torch.optim.SGD(model.parameters(), lr=0.5), list(model.parameters()))
