@@ -177,7 +177,8 @@ class StepStats:
         if groups is None or self.layer_group is None or len(self.layer_group) != len(self.layers):
             return None
         values = np.append(np.asarray(groups, np.float64), np.nan)  # index -1 reads the NaN
-        return values[self.layer_group]
+        out: np.ndarray = values[self.layer_group]
+        return out
 
 
 class DetectorConfig(BaseModel):
