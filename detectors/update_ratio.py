@@ -17,8 +17,8 @@ SGD and Adam training is about 1e-3 per step. Two checks, each its own finding k
   too low a precision to register the updates). SageMaker Debugger's ``WeightUpdateRatio`` rule uses 1e-8 as
   its small threshold (and 10 as its large one, which only a run about to diverge reaches).
 - ``stuck``: *every* judged weight matrix's ratio is below ``stuck`` (default 1e-6) at ``stuck_window`` deep steps
-  in a row (default 2) while the learning rate is at its level (not warming up, not annealed below ``annealed``
-  of its peak): nothing moves, which ``low`` cannot see (it needs other layers to learn). The finding names the
+  in a row (default 2) while the learning rate is known, above 0 and at its level (not warming up, not annealed
+  below ``annealed`` of its peak): nothing moves, which ``low`` cannot see (it needs other layers to learn). The finding names the
   learning rate with its value (the largest of the optimizer's parameter groups, ``StepStats.group_lr``, else
   ``StepStats.lr``).
 - ``decay``: a layer whose parameter group's ``lr * weight_decay`` (the share of the weights decay removes per
@@ -224,14 +224,15 @@ class UpdateRatio(Detector):
         if lr is not None:
             self._peak_lr = max(self._peak_lr, lr)
             self._prev_lr = lr
-        annealed = lr is not None and lr < cfg.annealed * self._peak_lr
-        stuck = bool(judged.any()) and float(ratio[judged].max()) < cfg.stuck and not warming and not annealed
+        # without a learning rate (or at 0) a still run says nothing: the end of a schedule, or a freeze
+        level = lr is not None and lr > 0 and lr >= cfg.annealed * self._peak_lr and not warming
+        stuck = level and bool(judged.any()) and float(ratio[judged].max()) < cfg.stuck
         self._stuck = self._stuck + 1 if stuck else 0
         if self._stuck < cfg.stuck_window:
             return []
         g = step.grads
         worst = float(ratio[judged].max())
-        what = f"the learning rate ({lr:.3g})" if lr is not None else "the learning rate"
+        what = f"the learning rate ({lr:.3g})"
         return [self.finding(
             step, "warning",
             f"{what} is too low: no layer's weights move (every weight matrix's update-to-weight ratio is below "
