@@ -19,8 +19,8 @@ SGD and Adam training is about 1e-3 per step. Two checks, each its own finding k
 - ``stuck``: *every* judged weight matrix's ratio is below ``stuck`` (default 1e-6) at ``stuck_window`` deep steps
   in a row (default 2) while the learning rate is known, above 0 and at its level (not warming up, not annealed
   below ``annealed`` of its peak): nothing moves, which ``low`` cannot see (it needs other layers to learn). The
-  finding names the learning rate with its value (the largest of the optimizer's parameter groups, ``StepStats.group_lr``, else
-  ``StepStats.lr``).
+  finding names the learning rate with its value (the largest of the optimizer's parameter groups,
+  ``StepStats.group_lr``, else ``StepStats.lr``).
 - ``decay``: a layer whose parameter group's ``lr * weight_decay`` (the share of the weights decay removes per
   step, ``StepStats.group_lr``/``group_wd``/``layer_group``) is at least ``max_decay`` (default 0.01) and whose
   weight norm fell since the previous deep step, at ``decay_window`` deep steps in a row (default 2): weight
