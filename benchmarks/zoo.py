@@ -660,6 +660,39 @@ def fp16_model(seed: int) -> Run:
     return Run(m, torch.optim.SGD(m.parameters(), lr=0.05), half, ce)
 
 
+def half_model(seed: int, dtype: torch.dtype = torch.float16) -> Run:
+    """The residual MLP (LayerNorm blocks) held in ``dtype`` (``model.to(dtype)``), SGD: no autocast, no scaler."""
+    m = resmlp().to(dtype)
+    return Run(m, torch.optim.SGD(m.parameters(), lr=0.02), ((x.to(dtype), y) for x, y in digits_batches(seed)), ce)
+
+
+class Baskets(nn.Module):
+    """A user's basket of items (an ``nn.EmbeddingBag`` named ``history``, mean of 8 items) -> a rating; the
+    table's rows absent from a batch get zero gradient (most of them)."""
+
+    def __init__(self, items: int = 4000, d: int = 16) -> None:
+        super().__init__()
+        self.history = nn.EmbeddingBag(items, d, mode="mean")
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.history(x))[:, 0]
+
+
+def baskets(seed: int, items: int = 4000, batch: int = 128) -> Run:
+    """Baskets of 8 items; the rating is the mean of hidden item scores; Adam 1e-2."""
+    g = torch.Generator().manual_seed(30_000 + seed)
+    score = torch.randn(items, generator=g)
+
+    def data() -> Iterator[Batch]:
+        while True:
+            x = torch.randint(0, items, (batch, 8), generator=g)
+            yield x, score[x].mean(1)
+
+    m = Baskets(items)
+    return Run(m, torch.optim.Adam(m.parameters(), lr=1e-2), data(), lambda model, x, y: F.mse_loss(model(x), y))
+
+
 def converging(seed: int) -> Run:
     """Linear regression onto a linear teacher with label noise 0.01, SGD momentum: the gradient norm falls
     ~300x in 200 steps to the minibatch noise floor and stays there (a run that has all but converged)."""
@@ -903,6 +936,15 @@ SCENARIOS += [
     # -- optimizer --
     Scenario("lr_too_low", P, lambda s: digits_mlp(s, lr=1e-7), 60, "MLP, SGD at lr 1e-7: no weight moves",
              onset=0, expected="update_ratio"),
+    Scenario("lr_too_low_adam", P, lambda s: Run(m := resmlp(), _adam(m, 1e-9), digits_batches(s), ce), 60,
+             "residual MLP, AdamW at lr 1e-9: no weight moves", onset=0, expected="update_ratio"),
+    Scenario("slow_sgd", H, lambda s: digits_mlp(s, lr=2e-4), 200, "MLP, SGD momentum at lr 2e-4: slow but learning"),
+    Scenario("wd_collapse_sgd", P, digits_mlp, K + 40,
+             "MLP, SGD momentum 0.05; weight decay 0 -> 1 at step k: the weights shrink ~5% a step",
+             fault=lambda r: Fault(K, start=set_weight_decay(1.0)), onset=K, expected="update_ratio"),
+    Scenario("adamw_strong_wd", H, lambda s: Run(m := mlp(64, 128, 128, 10), _adam(m, 1e-3, 1.0),
+                                                  digits_batches(s), ce), 200,
+             "MLP, AdamW 1e-3 with weight decay 1.0 (0.1% of the weights a step)"),
     Scenario("wd_collapse", P, lambda s: digits_mlp(s, "adamw"), K + 40,
              "MLP, AdamW; weight decay 0.01 -> 100 at step k: the weights shrink 10% a step",
              fault=lambda r: Fault(K, start=set_weight_decay(100.0)), onset=K, expected="update_ratio"),
@@ -918,6 +960,7 @@ SCENARIOS += [
     Scenario("moe_detached_gate", P, lambda s: moe(s, detach_gate=True), 60,
              "top-1 MoE whose gate probability is .detach()ed: the router gets no gradient", onset=0,
              expected="no_gradient", layers=Layers("router.weight, router.bias", prefixed("router."))),
+    Scenario("baskets", H, baskets, 200, "nn.EmbeddingBag of 4000 items named history (mean of 8), Adam"),
     Scenario("recommender", H, recommender, 200,
              "matrix factorisation, 3000 users x 2000 items x 16 (nn.Embedding named users/items), Adam"),
     Scenario("gradual_unfreeze", H, gradual_unfreeze, 200,
@@ -936,6 +979,13 @@ SCENARIOS += [
              "matrix factorisation with nn.Embedding(sparse=True) and SparseAdam"),
     # -- precision --
     Scenario("fp16_model", H, fp16_model, 300, "MLP held in float16 (model.half()), SGD, no loss scaler"),
+    Scenario("fp16_resmlp_underflow", P, half_model, K + 40,
+             "residual MLP held in float16, no loss scaler; loss x1e-7 from step k: the gradients underflow",
+             fault=lambda r: Fault(K, loss=lambda loss: loss * 1e-7, persistent=True), onset=K,
+             expected="precision"),
+    Scenario("bf16_model", H, lambda s: half_model(s, torch.bfloat16), 300,
+             "residual MLP held in bfloat16 (model.to(bfloat16)), SGD, no autocast"),
+    Scenario("fp16_resmlp", H, half_model, 300, "residual MLP held in float16, SGD, no loss scaler"),
     Scenario("fp16_model_underflow", P, fp16_model, K + 40,
              "MLP held in float16, no loss scaler; loss x1e-6 from step k: the gradients underflow to 0",
              fault=lambda r: Fault(K, loss=lambda loss: loss * 1e-6, persistent=True), onset=K,

@@ -13,8 +13,19 @@ Judged: weights of 2-d and larger parameters (a row holds several values: ``coun
 1-d parameters on their own (a bias or a norm gain has one value per unit, and an exactly-zero value is not a
 dead unit; conv biases in front of BatchNorm get ~0 gradient by design), layers without gradient at this step
 (``count`` 0: ``no_gradient``'s job), layers whose every gradient value is zero (nothing flows at all: a frozen
-or unused branch, an MoE expert that got no tokens), and embedding tables (``exclude``, by name: a row of an
-embedding is a token, and the tokens absent from a batch get zero gradient in every healthy language model).
+or unused branch, an MoE expert that got no tokens), and lookup tables: a row of an embedding is a token (a user,
+an item), and the rows absent from a batch get zero gradient in every healthy language model or recommender.
+Tables are told by their module (``nn.Embedding``, ``nn.EmbeddingBag``: ``StepStats.layer_kinds``, sent in the
+layout), whatever their name; by name (``exclude``) only when the sender did not say (older senders). A table
+named ``users`` (matrix factorisation) is quiet:
+
+>>> from gfservice.testing import make_step, replay
+>>> tables = [make_step(step=i, sum_sq=[1.0], count=[48000], units=[3000], layers=["users.weight"],
+...                     sum_abs=[1.0], zeros=[45000], dead_units=[2800], layer_kinds=["embedding"])
+...           for i in range(3)]
+>>> replay(DeadUnits(), tables)
+[]
+
 A bias is named together with its weight (``P.bias`` with ``P.weight``) when its units are as dead.
 
 Default ``max_dead_fraction`` 0.7: "most units", above SageMaker Debugger's ``DeadRelu`` threshold of 50%
@@ -27,7 +38,6 @@ layer killed by a -100 bias) reads 0.945 in ``0.weight`` and ``0.bias``; runs wh
 high kill ReLUs as well (AdamW at 0.08 on the digits MLP: 0.84-0.88 of its second hidden layer; the zoo's LR
 jump: 0.98).
 
->>> from gfservice.testing import make_step, replay
 >>> def step(i, dead):                          # 128 units in each of two weight matrices (and a bias)
 ...     return make_step(step=i, sum_sq=[1.0, 1.0, 1.0], count=[8192, 128, 16384], units=128,
 ...                      layers=["0.weight", "0.bias", "2.weight"], sum_abs=[1.0] * 3, zeros=[0] * 3,
@@ -96,8 +106,7 @@ class DeadUnits(Detector):
         cfg = self.config
         matrix = (g.units >= 2) & (g.count > g.units)
         judged = matrix & (g.count > 0) & (g.zeros < g.count)
-        if self._exclude is not None:
-            judged &= np.array([not self._exclude.search(n) for n in g.layers], dtype=bool)
+        judged &= ~self._tables(step)
         dead = judged & (frac >= cfg.max_dead_fraction)
         # a layer whose units all died reads exactly zero throughout (so does the weight reading from it, whose
         # bias still gets gradient): signatures.dead_block; every unit of it is dead
@@ -140,6 +149,16 @@ class DeadUnits(Detector):
                 key="layers",
             )
         ]
+
+    def _tables(self, step: StepStats) -> np.ndarray:
+        """The layers that are lookup tables: by module kind where the sender said (``Layout.kinds``), else by
+        name (``exclude``: messages of older senders)."""
+        kinds = step.layer_kinds
+        if kinds is not None and len(kinds) == len(step.layers):
+            return np.array([k == "embedding" for k in kinds], dtype=bool)
+        if self._exclude is None:
+            return np.zeros(len(step.layers), dtype=bool)
+        return np.array([bool(self._exclude.search(n)) for n in step.layers], dtype=bool)
 
     def state_dict(self) -> dict[str, Any]:
         return {"streak": self._streak, "layers": list(self._layers)}

@@ -10,12 +10,21 @@ and warns when more than ``max_fraction`` of a layer's values underflow, or more
 ``max_overflow_fraction`` would overflow, at ``window`` consecutive deep steps (default 2). The finding names
 the layers. Steps without deep statistics are not judged (``None``).
 
-Which format: ``format`` when it is set. When it is not (the default), the run is judged as fp16 only when
-it reports a loss scale (``StepStats.loss_scale``: a ``GradScaler``, fp16 automatic mixed precision), and is
-not judged otherwise: bf16 has fp32's exponent range (underflow below ~1e-38 is rarely a problem) and a run
-without a scaler does not say what it computes in. Set ``format`` for an fp16 run without a scaler, for a
-low-precision all-reduce or for fp8 (``fp8_e4m3``, ``fp8_e5m2``: per-tensor scaling aside, the values are judged
-as they are).
+Which format: ``format`` when it is set. When it is not (the default): fp16 when the run reports a loss
+scale (``StepStats.loss_scale``: a ``GradScaler``, fp16 automatic mixed precision); else the format the run
+itself says, read by the monitor at each collected step: the parameters' dtype (``StepStats.precision``: a
+``model.half()`` or ``model.bfloat16()`` run, whose gradients are held in that format), or autocast's
+(``StepStats.autocast``, when autocast is on as the step is collected); not judged otherwise (fp32, or a sender
+that does not say). Set ``format`` for a low-precision all-reduce or for fp8 (``fp8_e4m3``, ``fp8_e5m2``:
+per-tensor scaling aside, the values are judged as they are).
+
+Gradients held in fp16 without a loss scale flush to exactly zero where they underflow, so the histogram shows
+nothing below the format: for those runs, a layer's zeros beyond its own structural level (the smallest share
+of zeros it had at a deep step) count as underflow too, where more than ``max_fraction`` of the values went to
+zero in at least half the judged layers (a loss too small for fp16 reaches every layer; a dead ReLU, one
+layer: ``dead_units``). The ``fp16_model_underflow`` scenario (the digits MLP in fp16, loss x1e-6) has every
+gradient value of every layer exactly zero from the first deep step on; the healthy ``fp16_model`` keeps its
+share of zeros within 0.01 of its first deep step's (at most 5% of a layer).
 
 With a loss scale the gradients have already been through fp16, scaled: the monitor sees them after
 ``GradScaler`` has unscaled them. The histogram is shifted by log2 of the scale that step used before it is
@@ -122,6 +131,8 @@ class Precision(Detector):
         self._layers: tuple[str, ...] = ()
         #: The loss scale reported at the previous step: the one the current step's backward used.
         self._prev_scale: float | None = None
+        #: Per layer, the smallest share of exactly-zero gradient values seen at a deep step (its structural zeros).
+        self._base_zeros: np.ndarray | None = None
 
     def update(self, step: StepStats) -> list[Finding] | None:
         scale = step.loss_scale if step.loss_scale is not None and step.loss_scale > 0 else None
@@ -133,15 +144,17 @@ class Precision(Detector):
         if g.exp_hist is None or g.zeros is None:
             return None  # not a deep step
         cfg = self.config
-        fmt = cfg.format or ("fp16" if scale is not None else None)
+        fmt = cfg.format or ("fp16" if scale is not None else None) or step.precision or step.autocast
         if fmt is None:
-            return None  # no format configured and no loss scale: not judged (see the module docstring)
+            return None  # no format configured or read from the run, no loss scale: not judged
         shift = round(math.log2(used)) if used is not None and math.isfinite(used) else 0
         limit = cfg.limit or ("normal" if scale is not None else "subnormal")
         under, over = shares(g, fmt, shift, limit)
         judged = g.count > 0
         if g.units is not None:
             judged &= g.count > g.units
+        if cfg.format is None and scale is None and step.precision is not None:
+            under = under + self._flushed(g, judged)
         hot_under = judged & (under > cfg.max_fraction)
         hot_over = judged & (over > cfg.max_overflow_fraction) & (cfg.format is not None)
         if self._under is None or self._over is None or self._layers != g.layers:
@@ -173,9 +186,26 @@ class Precision(Detector):
                 layers=names, value=worst, threshold=threshold, key=key))
         return out
 
+    def _flushed(self, g: GradStats, judged: np.ndarray) -> np.ndarray:
+        """Gradients held in a low-precision format (``StepStats.precision``) that underflow are zeros by the time
+        they are read: per layer, the share of values that are zero beyond the layer's own structural zeros
+        (the smallest share seen at a deep step), counted where more than ``max_fraction`` of it went to zero
+        in at least half the judged layers (an underflowing loss reaches every layer; a dead ReLU one layer)."""
+        assert g.zeros is not None
+        frac = np.where(g.count > 0, g.zeros / np.maximum(g.count, 1), np.nan)
+        if self._base_zeros is None or len(self._base_zeros) != len(frac):
+            self._base_zeros = frac
+            return np.zeros(len(frac))
+        excess = np.nan_to_num(np.maximum(frac - self._base_zeros, 0.0))
+        self._base_zeros = np.fmin(self._base_zeros, frac)
+        hot = judged & (excess > self.config.max_fraction)
+        if not judged.any() or hot.sum() * 2 < judged.sum():
+            return np.zeros(len(frac))
+        return excess
+
     def state_dict(self) -> dict[str, Any]:
         return {"under": self._under, "over": self._over, "layers": list(self._layers),
-                "prev_scale": self._prev_scale}
+                "prev_scale": self._prev_scale, "base_zeros": self._base_zeros}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._under = state.get("under")
@@ -183,3 +213,4 @@ class Precision(Detector):
         self._layers = tuple(state.get("layers", ()))
         s = state.get("prev_scale")
         self._prev_scale = None if s is None else float(s)
+        self._base_zeros = state.get("base_zeros")

@@ -16,6 +16,24 @@ SGD and Adam training is about 1e-3 per step. Two checks, each its own finding k
   does not move it (not in the optimizer's parameter groups, a learning rate of 0 in its group, weights kept in
   too low a precision to register the updates). SageMaker Debugger's ``WeightUpdateRatio`` rule uses 1e-8 as
   its small threshold (and 10 as its large one, which only a run about to diverge reaches).
+- ``stuck``: *every* judged weight matrix's ratio is below ``stuck`` (default 1e-6) at ``stuck_window`` deep steps
+  in a row (default 2) while the learning rate is known, above 0 and at its level (not warming up, not annealed
+  below ``annealed`` of its peak): nothing moves, which ``low`` cannot see (it needs other layers to learn). The
+  finding names the learning rate with its value (the largest of the optimizer's parameter groups,
+  ``StepStats.group_lr``, else ``StepStats.lr``).
+- ``decay``: a layer whose parameter group's ``lr * weight_decay`` (the share of the weights decay removes per
+  step, ``StepStats.group_lr``/``group_wd``/``layer_group``) is at least ``max_decay`` (default 0.01) and whose
+  weight norm fell since the previous deep step, at ``decay_window`` deep steps in a row (default 2): weight
+  decay collapses the weights. The finding names weight decay and its value; ``high`` judges only what decay
+  does not explain (``ratio - lr * weight_decay``), so such a run is not blamed on the learning rate.
+
+``stuck`` 1e-6 and ``max_decay`` 0.01, measured on the zoo (deep statistics every 10 steps, seed 0): the
+largest ratio of any judged matrix is at most 1.2e-7 in ``lr_too_low`` (SGD 1e-7) and the median 4e-9 in
+``lr_too_low_adam`` (AdamW 1e-9); the smallest median ratio of a healthy run with its learning rate at its level
+is 1e-5 (``slow_sgd``, SGD 2e-4, which still learns), and 1.4e-5 at the end of the transformer's cosine schedule.
+Healthy ``lr * weight_decay`` is 1e-3 at most (``adamw_strong_wd``: AdamW 1e-3 with decay 1.0;
+``bn_weight_decay``: SGD 0.1 with 1e-2), typical AdamW 1e-4; ``wd_collapse`` (AdamW, decay 100) reads 0.1,
+``wd_collapse_sgd`` (SGD 0.05, decay 1) 0.05.
 
 Judged: layers with a gradient at this step and weights of RMS at least ``min_weight_rms``. ``high`` judges
 2-d and larger parameters only (``count > units``; every layer when ``units`` is unknown), and of those only
@@ -82,12 +100,29 @@ class UpdateRatio(Detector):
         #: ``high`` skips matrices with fewer elements than this: the ratio of a handful of weights is noise (a
         #: 4-input linear layer under SGD at lr 0.1 moves 20% at its first step and trains fine).
         min_numel: int = Field(256, ge=1)
+        #: Every judged weight matrix below this ratio at ``stuck_window`` deep steps in a row: nothing moves, the
+        #: learning rate is too low (see the module docstring for the measurement).
+        stuck: float = Field(1e-6, ge=0)
+        stuck_window: int = Field(2, ge=1)
+        #: ``stuck`` is not judged while the learning rate is below this share of its peak so far (a schedule
+        #: that annealed it) or rising (a warm-up).
+        annealed: float = Field(0.1, ge=0, le=1)
+        #: A layer whose parameter group's ``lr * weight_decay`` (the share of the weights decay removes per
+        #: step) is at least this, and whose weights shrank since the previous deep step, at ``decay_window``
+        #: deep steps in a row: weight decay collapses the weights.
+        max_decay: float = Field(0.01, gt=0)
+        decay_window: int = Field(2, ge=1)
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self._high: np.ndarray | None = None
         self._low: np.ndarray | None = None
         self._layers: tuple[str, ...] = ()
+        self._stuck = 0
+        self._peak_lr = 0.0
+        self._prev_lr: float | None = None
+        self._decay: np.ndarray | None = None
+        self._prev_weight: np.ndarray | None = None
 
     def update(self, step: StepStats) -> list[Finding] | None:
         g = step.grads
@@ -103,11 +138,20 @@ class UpdateRatio(Detector):
         matrix &= g.count >= cfg.min_numel
         if matrix.any():
             matrix &= weight_rms >= cfg.min_weight_share * float(np.median(weight_rms[matrix]))
-        if self._high is None or self._low is None or self._layers != g.layers:
+        if self._high is None or self._low is None or self._decay is None or self._layers != g.layers:
             self._high = np.zeros(len(g.layers), np.int64)
             self._low = np.zeros(len(g.layers), np.int64)
+            self._decay = np.zeros(len(g.layers), np.int64)
+            self._prev_weight = None
             self._layers = g.layers
-        high = matrix & (ratio > cfg.high)
+        decay = _decay_share(step)
+        weight = g.weight_norm
+        shrinking = (weight < self._prev_weight if self._prev_weight is not None and weight is not None
+                     else np.zeros(len(g.layers), bool))
+        self._prev_weight = weight
+        self._decay = np.where(judged & (decay >= cfg.max_decay) & shrinking, self._decay + 1, 0)
+        # what weight decay removes is not blamed on the learning rate: the rest of the update must be too high
+        high = matrix & (ratio - decay > cfg.high)
         median = float(np.median(ratio[judged])) if judged.any() else 0.0
         low = twod & (g.sum_sq > 0) & (ratio < cfg.low) & (median >= cfg.learning)
         self._high = np.where(high, self._high + 1, 0)
@@ -146,12 +190,85 @@ class UpdateRatio(Detector):
                 "with a non-zero learning rate, and that their weights are not in too low a precision (bf16) to "
                 "register the updates",
                 layers=names, value=worst, threshold=cfg.low, key="low"))
+        out += self._decayed(step, decay)
+        out += self._stuck_run(step, ratio, twod & (g.sum_sq > 0))
         return out
 
+    def _decayed(self, step: StepStats, decay: np.ndarray) -> list[Finding]:
+        """``decay``: weight decay shrinks the weights of layers step after step (see ``max_decay``)."""
+        assert self._decay is not None
+        cfg = self.config
+        hit = np.flatnonzero(self._decay >= cfg.decay_window)
+        if not hit.size:
+            return []
+        g = step.grads
+        names = [g.layers[i] for i in hit]
+        worst = float(decay[hit].max())
+        i = int(hit[np.argmax(decay[hit])])
+        lr, wd = step.per_layer(step.group_lr), step.per_layer(step.group_wd)
+        assert lr is not None and wd is not None  # decay is 0 without them
+        return [self.finding(
+            step, "warning",
+            f"weight decay {wd[i]:.3g} at learning rate {lr[i]:.3g} removes {worst:.0%} of the weights of "
+            f"{describe_layers(names)} every optimizer step (lr * weight_decay above {cfg.max_decay:g}), and their "
+            f"weights shrank at {cfg.decay_window} deep steps in a row (now step {step.step}): the weights "
+            "collapse; lower the weight decay (AdamW multiplies the weights by 1 - lr * weight_decay each step)",
+            layers=names, value=worst, threshold=cfg.max_decay, key="decay")]
+
+    def _stuck_run(self, step: StepStats, ratio: np.ndarray, judged: np.ndarray) -> list[Finding]:
+        """``stuck``: no judged weight matrix moves (every ratio below ``stuck``) while the learning rate is at
+        its level (not annealed by a schedule, not warming up): the learning rate is too low."""
+        cfg = self.config
+        lr = _learning_rate(step)
+        warming = lr is not None and self._prev_lr is not None and lr > self._prev_lr
+        if lr is not None:
+            self._peak_lr = max(self._peak_lr, lr)
+            self._prev_lr = lr
+        # without a learning rate (or at 0) a still run says nothing: the end of a schedule, or a freeze
+        level = lr is not None and lr > 0 and lr >= cfg.annealed * self._peak_lr and not warming
+        stuck = level and bool(judged.any()) and float(ratio[judged].max()) < cfg.stuck
+        self._stuck = self._stuck + 1 if stuck else 0
+        if self._stuck < cfg.stuck_window:
+            return []
+        g = step.grads
+        worst = float(ratio[judged].max())
+        what = f"the learning rate ({lr:.3g})"
+        return [self.finding(
+            step, "warning",
+            f"{what} is too low: no layer's weights move (every weight matrix's update-to-weight ratio is below "
+            f"{cfg.stuck:g}, at most {worst:.1e}, at {cfg.stuck_window} deep steps in a row; healthy training is "
+            f"near 1e-3) at step {step.step}: raise the learning rate (or check the schedule and the optimizer's "
+            "parameter groups)",
+            layers=[g.layers[i] for i in np.flatnonzero(judged)], value=worst, threshold=cfg.stuck, key="stuck")]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"high": self._high, "low": self._low, "layers": list(self._layers)}
+        return {"high": self._high, "low": self._low, "layers": list(self._layers), "stuck": self._stuck,
+                "peak_lr": self._peak_lr, "prev_lr": self._prev_lr, "decay": self._decay,
+                "prev_weight": self._prev_weight}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._high = state.get("high")
         self._low = state.get("low")
         self._layers = tuple(state.get("layers", ()))
+        self._stuck = int(state.get("stuck", 0))
+        self._peak_lr = float(state.get("peak_lr", 0.0))
+        prev = state.get("prev_lr")
+        self._prev_lr = None if prev is None else float(prev)
+        self._decay = state.get("decay")
+        self._prev_weight = state.get("prev_weight")
+
+
+def _learning_rate(step: StepStats) -> float | None:
+    """The run's largest learning rate at this step: over its parameter groups where sent, else ``lr``."""
+    if step.group_lr is not None and len(step.group_lr):
+        return float(np.max(step.group_lr))
+    return step.lr
+
+
+def _decay_share(step: StepStats) -> np.ndarray:
+    """Per layer, the share of its weights that weight decay removes per step, ``lr * weight_decay`` of its
+    parameter group (0 where not known)."""
+    lr, wd = step.per_layer(step.group_lr), step.per_layer(step.group_wd)
+    if lr is None or wd is None:
+        return np.zeros(len(step.layers))
+    return np.nan_to_num(lr * wd)

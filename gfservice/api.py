@@ -134,6 +134,19 @@ class StepStats:
     compute_time: np.ndarray | None = None
     #: Ranks whose report had not arrived when the step was merged.
     missing_ranks: tuple[int, ...] = ()
+    #: The optimizer's learning rate and weight decay per parameter group at this step, where the sender read
+    #: them (None otherwise, e.g. older senders).
+    group_lr: np.ndarray | None = None
+    group_wd: np.ndarray | None = None
+    #: The parameter group of each layer (-1: in no group), where known (deep steps).
+    layer_group: np.ndarray | None = None
+    #: The kind of module of each layer ("embedding", or ""), where the sender said (see ``Layout.kinds``).
+    layer_kinds: tuple[str, ...] | None = None
+    #: The low-precision format the gradients are held in, read from the run ("fp16", "bf16": the parameters'
+    #: dtype), or None (fp32, not known).
+    precision: str | None = None
+    #: Autocast's low-precision format when it was on at collection ("fp16", "bf16"), or None.
+    autocast: str | None = None
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -152,6 +165,20 @@ class StepStats:
     def update_ratio(self) -> np.ndarray | None:
         """|update| / |weights| per layer on deep steps that saw the optimizer step."""
         return self.grads.update_ratio
+
+    def per_layer(self, groups: np.ndarray | None) -> np.ndarray | None:
+        """A per-group value (``group_lr``, ``group_wd``) for each layer (NaN for layers in no group), or None.
+
+        >>> from gfservice.testing import make_step
+        >>> s = make_step(sum_sq=[1.0, 1.0], group_lr=[0.1, 0.01], layer_group=[1, -1])
+        >>> s.per_layer(s.group_lr).tolist()
+        [0.01, nan]
+        """
+        if groups is None or self.layer_group is None or len(self.layer_group) != len(self.layers):
+            return None
+        values = np.append(np.asarray(groups, np.float64), np.nan)  # index -1 reads the NaN
+        out: np.ndarray = values[self.layer_group]
+        return out
 
 
 class DetectorConfig(BaseModel):

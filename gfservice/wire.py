@@ -93,6 +93,8 @@ MAX_STEP = 2**53
 #: Hard ceilings behind the configurable limits of :class:`Limits`.
 MAX_LAYER_NAME = 4096
 MAX_WORLD_SIZE = 1_000_000
+#: Most optimizer parameter groups a report describes.
+MAX_GROUPS = 100_000
 
 
 class LimitsLike(Protocol):
@@ -273,6 +275,11 @@ class Layout(_Message):
     sharded: list[bool] = Field(default_factory=list, max_length=MAX_LAYERS)
     #: Output units (rows) of each layer's full parameter; empty when not known.
     units: list[Annotated[int, Field(ge=0, lt=MAX_STEP)]] = Field(default_factory=list, max_length=MAX_LAYERS)
+    #: The kind of module that holds each layer's parameter, where it matters to judging ("embedding": an
+    #: ``nn.Embedding`` or ``nn.EmbeddingBag`` table, whose rows are tokens), "" otherwise; empty when not known
+    #: (older senders). See :mod:`gfservice.training.module_kinds`.
+    kinds: list[Annotated[str, Field(pattern=r"^[a-z_]{0,32}$")]] = Field(default_factory=list,
+                                                                           max_length=MAX_LAYERS)
     #: False for ranks that send only a heartbeat (DDP ranks other than the reporting one).
     reports_layers: bool = True
 
@@ -296,6 +303,8 @@ class Layout(_Message):
             raise ValueError("layers, numel and sharded must have the same length")
         if self.units and len(self.units) != len(self.layers):
             raise ValueError("units must be empty or have one entry per layer")
+        if self.kinds and len(self.kinds) != len(self.layers):
+            raise ValueError("kinds must be empty or have one entry per layer")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError("layer names must be unique")
         if self.reports_layers and not self.layers:
@@ -344,6 +353,17 @@ class StepReport(_Message):
     #: Seconds from the end of this rank's previous step until its first gradient bucket was ready (its data
     #: loading, forward and backward: what differs between ranks that wait for each other in the all-reduce).
     compute_time: float | None = None
+    #: The optimizer's learning rate and weight decay of each parameter group, as set at this step (see
+    #: :mod:`gfservice.training.optim_info`); None when not read.
+    group_lr: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(None, max_length=MAX_GROUPS)
+    group_wd: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(None, max_length=MAX_GROUPS)
+    #: The parameter group of each layer (-1: in no group), in layout order; sent on deep steps.
+    layer_group: list[Annotated[int, Field(ge=-1, lt=MAX_GROUPS)]] | None = Field(None, max_length=MAX_LAYERS)
+    #: The low-precision format the gradients are held in, read from the run itself (the parameters' dtype, as
+    #: in a ``model.half()`` run): "fp16", "bf16", or None (fp32, or not known).
+    precision: Literal["fp16", "bf16"] | None = None
+    #: Autocast's low-precision format when autocast was on as the step was collected, else None.
+    autocast: Literal["fp16", "bf16"] | None = None
 
     @field_validator("time", "lr", "loss_scale", "local_norm", "step_time", "compute_time")
     @classmethod
@@ -382,6 +402,12 @@ class StepReport(_Message):
             if len(a) != n:
                 raise ValueError(f"{name} has {len(a)} entries but count has {n}")
         self._nan_explained()
+        if self.layer_group is not None:
+            if len(self.layer_group) != n:
+                raise ValueError(f"layer_group has {len(self.layer_group)} entries but count has {n}")
+            groups = len(self.group_lr or ())
+            if self.layer_group and max(self.layer_group) >= groups:
+                raise ValueError(f"layer_group names group {max(self.layer_group)}; group_lr has {groups}")
         return self
 
     def _nan_explained(self) -> None:

@@ -157,7 +157,7 @@ def load(path: str | os.PathLike[str]) -> History:
         steps.append(StepStats(
             run=m["run"], step=m["step"], grads=grads, time=m["time"], loss=m["loss"], lr=m["lr"],
             loss_scale=m["loss_scale"], skipped=m["skipped"], missing_ranks=tuple(m["missing_ranks"]),
-            **{name: cols[name][i] for name in STEP_ARRAYS},
+            **dict[str, Any]({name: cols[name][i] for name in STEP_ARRAYS}),
         ))
     findings = [Finding.model_validate(f) for f in doc["findings"]]
     return History(steps, findings)

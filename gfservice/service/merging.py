@@ -18,6 +18,8 @@ forced (the run ended, or a flush). A missing rank is named in ``StepStats.missi
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from gfservice.api import StepStats
@@ -85,7 +87,24 @@ def merge_step(table: Table, run: Run, step: int, reports: dict[int, StepReport]
         step_time=step_time,
         compute_time=compute_time if np.isfinite(compute_time).any() else None,
         missing_ranks=tuple(sorted(set(range(ws)) - set(reports))),
+        **run_context(first, run, len(grads)),
     )
     with table.lock:
         table.layer_stats_merged += len(grads) * len(layer_reports)
     return stats
+
+
+def run_context(first: StepReport, run: Run, n_layers: int) -> dict[str, Any]:
+    """What the sender read of the optimizer, the module kinds and the format, as :class:`StepStats` fields
+    (each only where it was sent and fits this step's layers)."""
+    lay = run.layouts.get(first.rank)
+    kinds = lay.kinds if lay is not None and lay.kinds else None
+    groups = first.layer_group
+    return {
+        "group_lr": None if first.group_lr is None else np.asarray(first.group_lr, np.float64),
+        "group_wd": None if first.group_wd is None else np.asarray(first.group_wd, np.float64),
+        "layer_group": np.asarray(groups, np.int64) if groups is not None and len(groups) == n_layers else None,
+        "layer_kinds": tuple(kinds) if kinds is not None and len(kinds) == n_layers else None,
+        "precision": first.precision,
+        "autocast": first.autocast,
+    }

@@ -173,7 +173,7 @@ def _load_detectors(run: Run, states: Mapping[str, Mapping[Any, Any]]) -> None:
                 run.detectors[n] = type(d)(d.config)
 
 
-_LAYOUT_BODY = ("layers", "numel", "sharded", "units")
+_LAYOUT_BODY = ("layers", "numel", "sharded", "units", "kinds")
 
 
 def layouts_state(layouts: Iterable[Layout]) -> dict[str, Any]:

@@ -35,7 +35,9 @@ from gfservice.service.aggregator import Aggregator
 from gfservice.training.backward import BackwardTap, can_tap
 from gfservice.training.collect import Collected, GradCollector, GradRead, Pending
 from gfservice.training.ddp_hook import LocalNormHook, is_ddp
+from gfservice.training.module_kinds import layer_kinds
 from gfservice.training.names import safe_names
+from gfservice.training.optim_info import RunContext
 from gfservice.training.parameters import has_sharded_parameters
 from gfservice.training.transport import InProcessTransport, Transport
 from gfservice.training.watch import Sink, Watch, make_sinks
@@ -332,6 +334,7 @@ class Monitor:
         self._expected_backwards = 1  # at the previous step: the read waits for as many
         self.tap: BackwardTap | None = None
         self._wire_layers: list[str] = []
+        self._context_at: dict[int, dict[str, Any]] = {}  # what RunContext read of each step in flight
         try:  # a model, a name or a service the monitor cannot take leaves the job training, unmonitored
             self.collector = GradCollector(model.named_parameters(), options.include, options.exclude,
                                            held=held_parameters(self.optimizers))
@@ -339,6 +342,8 @@ class Monitor:
             self.run, self._wire_layers, self.display_names = safe_names(self.run, self.collector.layers)
             if self.reports_layers and all(can_tap(p) for p in self.collector.params):
                 self.tap = BackwardTap(self.collector.params, self._end_of_backward)
+            self._kinds = layer_kinds(model, self.collector.params) if self.reports_layers else []
+            self._context = RunContext(self.optimizers or None, self.collector.params)
             self.layout = self._make_layout()
             self.transport.send(self.layout)
             if self.collector.frozen():
@@ -364,6 +369,7 @@ class Monitor:
             numel=self.collector.numel if reports_layers else [],
             sharded=self.collector.sharded if reports_layers else [],
             units=self.collector.live_units() if reports_layers else [],
+            kinds=self._kinds if reports_layers else [],
             reports_layers=reports_layers,
         )
 
@@ -487,6 +493,7 @@ class Monitor:
         hook = self.local_norm_hook
         local_sq = hook.take() if hook is not None else None
         first_bucket = hook.take_first_bucket_time() if hook is not None else None
+        self._context_at[step] = self._context.fields(deep)
         if early is None:  # no end of backward seen (gradients set by hand, DeepSpeed ZeRO): read them now
             early = self.collector.read(deep=deep, layers=self.reports_layers)
             if self.tap is not None and self.tap.narrowed:
@@ -569,6 +576,7 @@ class Monitor:
             step_time=collected.step_time,
             compute_time=collected.compute_time if collected.compute_time is None or collected.compute_time >= 0
             else None,
+            **self._context_at.pop(collected.step, {}),
         )
 
     def _error(self, where: str) -> None:
