@@ -26,6 +26,7 @@ from gfservice_detectors.loss_scale import LossScale
 from gfservice_detectors.loss_spike import LossSpike
 from gfservice_detectors.precision import Precision, shares
 from gfservice_detectors.update_ratio import UpdateRatio
+from tests.models import at_end_of_backward
 
 DETECTORS = {"update_ratio": UpdateRatio, "dead_units": DeadUnits, "precision": Precision,
              "loss_spike": LossSpike, "loss_scale": LossScale}
@@ -161,9 +162,9 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, run: str, *,
             x, y = batch(i, x, y)
         with torch.autocast("cpu", dtype=torch.float16) if scaler else torch.autocast("cpu", enabled=False):
             loss = (loss_fn or (lambda x, y: F.cross_entropy(model(x).float(), y)))(x, y)
+        if grads:  # faults on gradients strike in backward, where the monitor reads them
+            at_end_of_backward(model, lambda i=i: grads(i))
         (scaler.scale(loss) if scaler else loss).backward()
-        if grads:
-            grads(i)
         if scaler:
             scaler.step(opt)
             scaler.update()

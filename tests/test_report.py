@@ -16,6 +16,7 @@ from gfservice.api import StepStats
 from gfservice.cli import report as report_command
 from gfservice.observability import history as hist
 from gfservice.observability import report
+from tests.models import at_end_of_backward
 
 RUN = "report-test"
 SPIKE, NAN = 30, 45
@@ -37,13 +38,12 @@ def trained() -> tuple[list[StepStats], list[gfservice.Finding]]:
         mon = gfservice.monitor(model, opt, run=RUN, service=None, deep_every=10)
         x, y = torch.randn(64, 16), torch.randn(64, 1)
         for step in range(60):
+            if step == SPIKE:  # faults strike in backward, where the monitor reads the gradients
+                at_end_of_backward(model, lambda: [p.grad.mul_(1e3) for p in model.parameters()])
+            if step == NAN:
+                at_end_of_backward(model, lambda: model[0].weight.grad.__setitem__((0, 0), float("nan")))
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
-            if step == SPIKE:
-                for p in model.parameters():
-                    p.grad.mul_(1e3)
-            if step == NAN:
-                model[0].weight.grad[0, 0] = float("nan")
             if step not in (SPIKE, NAN):
                 opt.step()
             mon.step(loss=loss)
