@@ -479,9 +479,7 @@ class Monitor:
 
     def _collect(self, step: int, loss: torch.Tensor | float | None, early: GradRead | None = None) -> None:
         now = time.time()
-        scale = None
-        if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: False)():
-            scale = getattr(self.scaler, "_scale", None)
+        scale = self._grad_scale()
         lr = None
         groups = getattr(self.optimizer, "param_groups", None)  # any optimizer wrapper: it may have none
         if groups:
