@@ -13,7 +13,7 @@ not see the gradients. A single different finding (key ``all``) says so: ``monit
 after ``optimizer.zero_grad(set_to_none=True)`` (or after ``zero_grad()`` when every gradient is exactly zero), or
 the gradients live elsewhere (DeepSpeed ZeRO / FSDP1 flat parameters).
 
-A parameter that has never had a gradient since the run started, alone in its module (another parameter of the
+A parameter whose ``.grad`` has been None since the run started, alone in its module (another parameter of the
 same module has had one), is a parameter this task does not use, such as DINOv2's ``embeddings.mask_token`` in
 classification: an ``info`` note (key ``unused``), not a warning. A *whole* module that no gradient ever reaches
 (a linear layer's weight and bias, a router, a generator: ``detached_branch``, ``moe_detached_gate``,
@@ -139,7 +139,9 @@ class NoGradient(Detector):
         out: list[Finding] = []
         # a lone parameter that has never had a gradient while its module's others have: unused by this task
         # (a mask token in classification), a note, not a warning; a whole module never reached stays a warning
-        lone = persistent & lone_parameters(g.layers, self._hits == 0, self._hits > 0)
+        # (missing, .grad None, every step: an exactly-zero gradient from the start is a freeze done wrong)
+        never = (self._hits == 0) & (self._missing == self._streak)
+        lone = persistent & lone_parameters(g.layers, never, self._hits > 0)
         if lone.any():
             unused = [g.layers[i] for i in np.flatnonzero(lone)]
             out.append(self.finding(
