@@ -7,8 +7,11 @@ clipping: the global gradient norm, whether any gradient value is NaN/Inf, and t
 - A gradient-norm explosion against the run's own recent history (``gradient_norm``): once ``warmup`` accepted
   steps are in the history, log(norm) against the median and MAD of the last ``window`` accepted steps. A step
   is poisoned when its norm stands both ``ratio`` times above the median norm and ``z`` robust standard deviations
-  (1.4826 MAD) above it in log space: ``log(norm) > median + max(log(ratio), z * 1.4826 * MAD)``. That bound is
-  also the ``clip`` policy's threshold. Only accepted steps enter the history, so a spike does not hide the next.
+  (1.4826 MAD) above it in log space: ``log(norm) > median + max(log(ratio), z * 1.4826 * MAD)``, and above the
+  run's own early scale (the median of its first ``scale_steps`` accepted norms: a run that has all but converged
+  makes 40x jumps on a noisy batch that stay below the norms it started with, as the exploding detector's rule
+  says). That bound is also the ``clip`` policy's threshold. Only accepted steps enter the history, so a spike
+  does not hide the next.
 - Optionally (``per_layer``) the same rule on each layer's norm against that layer's own history
   (``layer_norm``).
 
@@ -20,7 +23,7 @@ them it stops acting (a run that only produces poisoned steps needs a person, no
 [False, False, False, False, False, False]
 >>> v = guard.verdict(1e3)                       # a 1000x jump
 >>> v.poisoned, v.reason, round(v.limit, 1)
-(True, 'gradient_norm', 20.2)
+(True, 'gradient_norm', 50.5)
 >>> guard.verdict(float("nan")).reason, guard.verdict(1.0, loss=float("inf")).reason
 ('nonfinite_gradient', 'nonfinite_loss')
 >>> guard.settle(6, v).act, guard.skipped
@@ -73,8 +76,10 @@ class GuardConfig(BaseModel):
     warmup: int = Field(20, ge=2)
     #: A poisoned norm stands this many robust standard deviations of log(norm) above the median ...
     z: float = Field(10.0, gt=0)
-    #: ... and this many times above the median norm.
-    ratio: float = Field(20.0, gt=1)
+    #: ... and this many times above the median norm (the zoo's healthy runs jump up to 22x: 50 leaves 2x).
+    ratio: float = Field(50.0, gt=1)
+    #: ... and above the median of the run's first ``scale_steps`` accepted norms (0: no such floor).
+    scale_steps: int = Field(20, ge=0)
     #: Judge each layer's norm against its own history too (off by default).
     per_layer: bool = False
     #: Consecutive poisoned steps after which the guard stops acting and raises a critical finding.
@@ -132,8 +137,8 @@ class Decision(NamedTuple):
 def limit(history: Sequence[float] | np.ndarray, config: GuardConfig) -> float | None:
     """The log-norm above which a step is poisoned, from the log norms of the accepted steps; None before warm-up.
 
-    >>> round(limit([0.0] * 30, GuardConfig()), 3)       # a flat history: the ratio alone (log 20)
-    2.996
+    >>> round(limit([0.0] * 30, GuardConfig()), 3)       # a flat history: the ratio alone (log 50)
+    3.912
     >>> limit([0.0] * 5, GuardConfig()) is None
     True
     """
@@ -151,15 +156,18 @@ def _log(norm: float) -> float:
 
 
 def judge(config: GuardConfig, norm: float, history: Sequence[float] | np.ndarray, *, nonfinite: bool = False,
-          loss: float | None = None, layer_norms: np.ndarray | None = None,
+          loss: float | None = None, floor: float | None = None, layer_norms: np.ndarray | None = None,
           layer_history: np.ndarray | None = None) -> Verdict:
     """The verdict on a step whose global gradient norm is ``norm`` (``history``: log norms of the accepted steps;
-    ``nonfinite``: some gradient value is NaN/Inf; ``layer_norms`` and ``layer_history`` (steps x layers, log
-    norms) for the per-layer rule). Pure: nothing is kept.
+    ``nonfinite``: some gradient value is NaN/Inf; ``floor``: the log of the run's early scale, below which no
+    norm is an explosion; ``layer_norms`` and ``layer_history`` (steps x layers, log norms) for the per-layer
+    rule). Pure: nothing is kept.
 
     >>> cfg = GuardConfig(warmup=3)
-    >>> judge(cfg, 25.0, [0.0, 0.1, -0.1]).reason, judge(cfg, 15.0, [0.0, 0.1, -0.1]).poisoned
+    >>> judge(cfg, 60.0, [0.0, 0.1, -0.1]).reason, judge(cfg, 40.0, [0.0, 0.1, -0.1]).poisoned
     ('gradient_norm', False)
+    >>> judge(cfg, 60.0, [0.0, 0.1, -0.1], floor=math.log(100.0)).poisoned   # still below the early scale
+    False
     >>> judge(cfg, 1e9, []).poisoned                     # no history yet: only non-finite values count
     False
     >>> judge(cfg, 1.0, [], nonfinite=True).reason
@@ -170,6 +178,8 @@ def judge(config: GuardConfig, norm: float, history: Sequence[float] | np.ndarra
     if loss is not None and not math.isfinite(loss):
         return Verdict(True, "nonfinite_loss", norm)
     bound = limit(history, config)
+    if bound is not None and floor is not None:
+        bound = max(bound, floor)
     at = None if bound is None else math.exp(bound)
     if bound is not None and _log(norm) > bound:
         return Verdict(True, "gradient_norm", norm, at)
@@ -191,6 +201,7 @@ class Guard:
         self.config = config or GuardConfig()
         self._history: deque[float] = deque(maxlen=self.config.window)
         self._layers: deque[np.ndarray] = deque(maxlen=self.config.window)
+        self._early: list[float] = []  # the first scale_steps accepted log norms
         #: Poisoned verdicts in a row so far.
         self.consecutive = 0
         #: The steps the guard acted on (skipped, or rescaled with ``clip``), with the reason of each.
@@ -202,8 +213,9 @@ class Guard:
                 layer_norms: np.ndarray | None = None) -> Verdict:
         """The verdict on a step with global gradient norm ``norm`` against this run's history (pure)."""
         layers = np.stack(list(self._layers)) if self.config.per_layer and self._layers else None
-        return judge(self.config, norm, self._history, nonfinite=nonfinite, loss=loss, layer_norms=layer_norms,
-                     layer_history=layers)
+        floor = float(np.median(self._early)) if self._early else None
+        return judge(self.config, norm, self._history, nonfinite=nonfinite, loss=loss, floor=floor,
+                     layer_norms=layer_norms, layer_history=layers)
 
     def settle(self, step: int, verdict: Verdict, layer_norms: np.ndarray | None = None) -> Decision:
         """Record ``verdict`` on ``step``: a clean step enters the history; a poisoned one is acted on, unless it
@@ -227,6 +239,8 @@ class Guard:
         if not math.isfinite(norm) or norm <= 0:
             return  # a step without gradient says nothing about the scale
         self._history.append(math.log(norm))
+        if len(self._early) < self.config.scale_steps:
+            self._early.append(math.log(norm))
         if self.config.per_layer and layer_norms is not None:
             with np.errstate(divide="ignore"):
                 logs = np.log(np.asarray(layer_norms, np.float64))
