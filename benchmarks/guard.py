@@ -143,6 +143,7 @@ def healthy(seeds: int, timing: bool) -> list[dict[str, Any]]:
                                    "skipped": on.skipped, "errors": on.errors}
             room = [lim / n for n, lim, _ in on.judged if lim is not None and math.isfinite(n) and n > 0]
             jumps = [j for _, _, j in on.judged if j is not None]
+            row["norms"] = [n for n, _, _ in on.judged]  # what the guard judged (--json), for other configs
             row["headroom"] = round(min(room), 2) if room else None
             row["max_jump"] = round(math.exp(max(jumps)), 2) if jumps else None
             if timing and seed == 0:
@@ -180,6 +181,10 @@ def poisoned(seeds: int) -> list[dict[str, Any]]:
                 })
                 print(f"{name:12s} {poison.name:14s} seed {seed}: {rows[-1]}", file=sys.stderr)
     return rows
+
+
+def _no_norms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "norms"} for r in rows]
 
 
 def markdown(poison_rows: list[dict[str, Any]], healthy_rows: list[dict[str, Any]]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import socket
@@ -285,3 +286,26 @@ def test_copy_of_config_is_frozen():
     with pytest.raises(Exception):
         cfg.z = 1.0  # type: ignore[misc]
     assert copy.deepcopy(cfg) == cfg
+
+
+# ---- backtest: what a guard would have skipped on a saved history ------------------------------------------------
+def test_cli_backtest_replays_a_guard_over_a_saved_history(one_thread, tmp_path, capsys):
+    from gfservice.cli.main import main
+    from gfservice.observability import history
+
+    def poison(i, x, y):
+        if i == 30:
+            return x * 1000, y
+        return _nan_at(35)(i, x, y)  # the last step: unguarded, a NaN update makes every later step NaN
+
+    _, _, mon, _ = _run(36, guard=None, poison=poison)
+    path = tmp_path / "run.npz"
+    history.save(path, mon.transport.aggregator.history(mon.run), [])
+    assert main(["backtest", str(path), "--guard", "--guard-set", "warmup=10"]) == 0
+    out = capsys.readouterr().out
+    assert "the guard would have skipped 2 steps of 36" in out
+    assert main(["backtest", str(path), "--guard", "--guard-set", "warmup=10", "--guard-set", "ratio=1e9",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == [[35, "nonfinite_gradient"]]
+    assert main(["backtest", str(path), "--guard", "--guard-set", "policy=sometimes"]) == 1
+    assert "policy" in capsys.readouterr().err
