@@ -10,7 +10,7 @@ clipping: the global gradient norm, whether any gradient value is NaN/Inf, and t
   (1.4826 MAD) above it in log space: ``log(norm) > median + max(log(ratio), z * 1.4826 * MAD)``, and above the
   run's own early scale (the median of its first ``scale_steps`` accepted norms: a run that has all but converged
   makes 40x jumps on a noisy batch that stay below the norms it started with, as the exploding detector's rule
-  says). That bound is also the ``clip`` policy's threshold. Only accepted steps enter the history, so a spike
+  says; off by default). That bound is also the ``clip`` policy's threshold. Only accepted steps enter the history, so a spike
   does not hide the next.
 - Optionally (``per_layer``) the same rule on each layer's norm against that layer's own history
   (``layer_norm``).
@@ -23,7 +23,7 @@ them it stops acting (a run that only produces poisoned steps needs a person, no
 [False, False, False, False, False, False]
 >>> v = guard.verdict(1e3)                       # a 1000x jump
 >>> v.poisoned, v.reason, round(v.limit, 1)
-(True, 'gradient_norm', 50.5)
+(True, 'gradient_norm', 101.0)
 >>> guard.verdict(float("nan")).reason, guard.verdict(1.0, loss=float("inf")).reason
 ('nonfinite_gradient', 'nonfinite_loss')
 >>> guard.settle(6, v).act, guard.skipped
@@ -74,12 +74,15 @@ class GuardConfig(BaseModel):
     window: int = Field(100, ge=4)
     #: Accepted steps in the history before the norm rule judges (non-finite values are judged from the first).
     warmup: int = Field(20, ge=2)
-    #: A poisoned norm stands this many robust standard deviations of log(norm) above the median ...
-    z: float = Field(10.0, gt=0)
-    #: ... and this many times above the median norm (the zoo's healthy runs jump up to 22x: 50 leaves 2x).
-    ratio: float = Field(50.0, gt=1)
-    #: ... and above the median of the run's first ``scale_steps`` accepted norms (0: no such floor).
-    scale_steps: int = Field(20, ge=0)
+    #: A poisoned norm stands this many robust standard deviations of log(norm) above the median ... (the zoo's
+    #: healthy runs: no skip even at 2 with the default ratio)
+    z: float = Field(6.0, gt=0)
+    #: ... and this many times above the median norm (the zoo's healthy runs jump up to 38x over their median:
+    #: 100 leaves 2.6x; a corrupted batch that blows the norm up 1000x is still 10x above it).
+    ratio: float = Field(100.0, gt=1)
+    #: ... and above the median of the run's first ``scale_steps`` accepted norms (0, the default: no such
+    #: floor; it spares a converged run's noisy batches but lets through corruptions of a converged run).
+    scale_steps: int = Field(0, ge=0)
     #: Judge each layer's norm against its own history too (off by default).
     per_layer: bool = False
     #: Consecutive poisoned steps after which the guard stops acting and raises a critical finding.
@@ -137,8 +140,8 @@ class Decision(NamedTuple):
 def limit(history: Sequence[float] | np.ndarray, config: GuardConfig) -> float | None:
     """The log-norm above which a step is poisoned, from the log norms of the accepted steps; None before warm-up.
 
-    >>> round(limit([0.0] * 30, GuardConfig()), 3)       # a flat history: the ratio alone (log 50)
-    3.912
+    >>> round(limit([0.0] * 30, GuardConfig()), 3)       # a flat history: the ratio alone (log 100)
+    4.605
     >>> limit([0.0] * 5, GuardConfig()) is None
     True
     """
@@ -164,9 +167,9 @@ def judge(config: GuardConfig, norm: float, history: Sequence[float] | np.ndarra
     rule). Pure: nothing is kept.
 
     >>> cfg = GuardConfig(warmup=3)
-    >>> judge(cfg, 60.0, [0.0, 0.1, -0.1]).reason, judge(cfg, 40.0, [0.0, 0.1, -0.1]).poisoned
+    >>> judge(cfg, 150.0, [0.0, 0.1, -0.1]).reason, judge(cfg, 80.0, [0.0, 0.1, -0.1]).poisoned
     ('gradient_norm', False)
-    >>> judge(cfg, 60.0, [0.0, 0.1, -0.1], floor=math.log(100.0)).poisoned   # still below the early scale
+    >>> judge(cfg, 150.0, [0.0, 0.1, -0.1], floor=math.log(200.0)).poisoned   # still below the early scale
     False
     >>> judge(cfg, 1e9, []).poisoned                     # no history yet: only non-finite values count
     False
