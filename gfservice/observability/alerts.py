@@ -381,7 +381,7 @@ ALERTS: tuple[Alert, ...] = (
     # steps gets a critical finding from the guard itself (max_consecutive).
     Alert(
         name="GradflowStepsSkipped",
-        expr="sum by (run) (increase(gradflow_steps_skipped_total[30m])) > 3",
+        expr="sum without (reason) (increase(gradflow_steps_skipped_total[30m])) > 3",
         severity=Severity.warning,
         summary="Run {{ $labels.run }}: the guard skipped {{ $value | humanize }} steps in 30 minutes",
         description=(
