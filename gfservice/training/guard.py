@@ -10,7 +10,8 @@ clipping: the global gradient norm, whether any gradient value is NaN/Inf, and t
   (1.4826 MAD) above it in log space: ``log(norm) > median + max(log(ratio), z * 1.4826 * MAD)``, and above the
   run's own early scale (the median of its first ``scale_steps`` accepted norms: a run that has all but converged
   makes 40x jumps on a noisy batch that stay below the norms it started with, as the exploding detector's rule
-  says; off by default). That bound is also the ``clip`` policy's threshold. Only accepted steps enter the history, so a spike
+  says; off by default). That bound is also the ``clip`` policy's threshold. Only accepted steps enter the
+  history, so a spike
   does not hide the next.
 - Optionally (``per_layer``) the same rule on each layer's norm against that layer's own history
   (``layer_norm``).
@@ -61,7 +62,7 @@ class GuardConfig(BaseModel):
     Traceback (most recent call last):
     ...
     pydantic_core._pydantic_core.ValidationError: 1 validation error for GuardConfig
-      Value error, warmup (200) must not exceed window (100) [type=value_error, input_value={'warmup': 200}, input_type=dict]
+      Value error, warmup (200) must not exceed window (100) [type=value_error, ...]
     ...
     """
 
@@ -110,8 +111,10 @@ def guard_config(guard: bool | str | GuardConfig | None) -> GuardConfig | None:
         return GuardConfig()
     if isinstance(guard, GuardConfig):
         return guard
-    if guard in ("skip", "clip"):
-        return GuardConfig(policy=guard)
+    if guard == "skip":
+        return GuardConfig(policy="skip")
+    if guard == "clip":
+        return GuardConfig(policy="clip")
     raise ValueError(f"guard={guard!r}: expected True, 'skip', 'clip' or a GuardConfig")
 
 

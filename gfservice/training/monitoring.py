@@ -547,7 +547,7 @@ class Monitor:
             return None
         reason = verdict.reason or "gradient_norm"
         if guard.config.policy == "clip" and reason == "gradient_norm" and verdict.limit is not None:
-            factor = rescale(self.collector.params, verdict.limit)
+            factor = rescale(list(self.collector.params), verdict.limit)
             self.clipped_steps.append((step, reason))
             self._guard_done = (step, "clip")
             log.warning("gfservice guard: run %s step %d: gradient norm %.3g above the guard's %.3g: gradients "
@@ -808,7 +808,8 @@ class Monitor:
                     for s in steps
                     for i, (name, norm, rms, bad, cnt) in enumerate(zip(s.layers, s.grads.norm, s.grads.rms,
                                                                         s.grads.nonfinite, s.grads.count, strict=True))]
-        rows = [{"step": s.step, "time": s.time, "loss": s.loss, "lr": s.lr, "loss_scale": s.loss_scale,
+        rows: list[dict[str, Any]] = [
+                {"step": s.step, "time": s.time, "loss": s.loss, "lr": s.lr, "loss_scale": s.loss_scale,
                  "grad_norm": float(s.global_norm) if len(s.layers) else None,
                  "max_abs": float(s.grads.max_abs.max()) if len(s.layers) and s.grads.max_abs is not None else None,
                  "nonfinite": int(s.grads.nonfinite.sum())} for s in steps]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -71,7 +71,7 @@ def guard_input(read: GradRead, layers: int) -> GuardInput:
     return GuardInput(total, bad, norms)
 
 
-def rescale(params: list[torch.Tensor], limit: float) -> float:
+def rescale(params: Sequence[torch.Tensor], limit: float) -> float:
     """Scale the gradients of ``params`` in place so that their global norm is at most ``limit``; returns the
     factor (1.0: nothing to do). The norm is read as the gradients are now (after any clipping of the user's).
 
