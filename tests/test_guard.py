@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 import gfservice
 from gfservice.training.guard import Guard, GuardConfig, judge, limit, replay
 from tests.models import batches, mlp
+from tests.promtools import free_port
 
 WARMUP = 10  # a short warm-up keeps the runs short
 
@@ -233,12 +233,6 @@ def test_replay_counts_what_a_configuration_would_have_skipped():
 
 
 # ---- DDP: every rank skips the same steps ---------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -274,7 +268,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_two_ddp_ranks_skip_the_same_steps_and_stay_bitwise_equal(tmp_path):
     out = str(tmp_path / "ddp")
-    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), out), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), out), nprocs=2, join=True)
     skips = [Path(f"{out}.{r}.txt").read_text() for r in (0, 1)]
     assert skips[0] == skips[1] == "[(15, 'gradient_norm'), (19, 'nonfinite_gradient')]"
     a, b = (np.load(f"{out}.{r}.npy") for r in (0, 1))
