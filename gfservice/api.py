@@ -147,6 +147,8 @@ class StepStats:
     precision: str | None = None
     #: Autocast's low-precision format when it was on at collection ("fp16", "bf16"), or None.
     autocast: str | None = None
+    #: With the monitor's guard on: the steps whose update it skipped so far, by reason (cumulative), else None.
+    guard_skips: dict[str, int] | None = None
 
     @property
     def layers(self) -> tuple[str, ...]:

@@ -328,6 +328,10 @@ def _finite_or_none(v: float | None, name: str) -> float | None:
 _NON_NEGATIVE = frozenset({"time", "local_norm", "step_time", "compute_time"})
 
 
+#: Why the monitor's guard skipped a step (see :mod:`gfservice.training.guard`).
+GuardReason = Literal["nonfinite_gradient", "nonfinite_loss", "gradient_norm", "layer_norm"]
+
+
 class StepReport(_Message):
     """One rank's statistics for one collected step, in its layout's layer order.
 
@@ -364,6 +368,9 @@ class StepReport(_Message):
     precision: Literal["fp16", "bf16"] | None = None
     #: Autocast's low-precision format when autocast was on as the step was collected, else None.
     autocast: Literal["fp16", "bf16"] | None = None
+    #: With the monitor's guard on: the steps whose update it skipped so far on this rank, by reason (cumulative;
+    #: see :mod:`gfservice.training.guard`). None without a guard.
+    guard_skips: dict[GuardReason, Annotated[int, Field(ge=0)]] | None = None
 
     @field_validator("time", "lr", "loss_scale", "local_norm", "step_time", "compute_time")
     @classmethod

@@ -209,6 +209,8 @@ class GradflowCollector:
             for key, v in (("loss", st.loss), ("learning_rate", st.lr), ("loss_scale", st.loss_scale)):
                 if v is not None:
                     out.add(key, [name], v)
+            for reason, n in sorted((st.guard_skips or {}).items()):
+                out.add("steps_skipped", [name, reason], n)
             if st.rank_norm is not None:  # DDP: each rank's local (pre-allreduce) norm, scaled by a GradScaler
                 scale = np.float64(st.loss_scale or 1.0)
                 local_sq = np.asarray(st.rank_norm, dtype=np.float64) ** 2 / scale**2
@@ -279,6 +281,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "run_world_size": ("gauge", "Ranks (processes) of the run.", ("run",)),
     "run_attempt": ("gauge", "Attempts (starts) of the run so far, 1 for the first: one more each time the training "
                     "job restarts under the same run name.", ("run",)),
+    "steps_skipped": ("counter", "Steps whose optimizer update the monitor's guard skipped so far (guard mode), by "
+                      "reason; only for runs with the guard on.", ("run", "reason")),
     "nonfinite_layers": ("gauge", "Layers with NaN/Inf gradient values in the last merged step.", ("run",)),
     "stalled_ranks": ("gauge", "Ranks missing from the last merged step (no report within the merge timeout).",
                       ("run",)),

@@ -107,4 +107,5 @@ def run_context(first: StepReport, run: Run, n_layers: int) -> dict[str, Any]:
         "layer_kinds": tuple(kinds) if kinds is not None and len(kinds) == n_layers else None,
         "precision": first.precision,
         "autocast": first.autocast,
+        "guard_skips": None if first.guard_skips is None else dict(first.guard_skips),
     }
