@@ -18,16 +18,17 @@ forced (the run ended, or a flush). A missing rank is named in ``StepStats.missi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from gfservice.api import StepStats
 from gfservice.service.runs import Run, Table
-from gfservice.stats import merge_shards
-from gfservice.wire import StepReport
+from gfservice.stats import Array, merge_shards
+from gfservice.wire import RankValues, StepReport
 
-__all__ = ["merge_ready", "merge_step"]
+__all__ = ["merge_ready", "merge_step", "rank_columns"]
 
 
 def merge_ready(table: Table, run: Run, force: bool = False) -> list[StepStats]:
@@ -36,16 +37,17 @@ def merge_ready(table: Table, run: Run, force: bool = False) -> list[StepStats]:
     now = table.monotonic()
     while run.pending:
         step = min(run.pending)
-        got = run.pending[step]
-        complete = len(got) >= run.world_size
+        covered = run.pending_ranks.get(step, ())
+        complete = len(covered) >= run.world_size
         # each rank's reports arrive in order, so a rank already past this step will not send it any more
-        overtaken = all(run.rank_last_step.get(r, -1) > step for r in range(run.world_size) if r not in got)
+        overtaken = run.progress.all_reached(step, run.world_size)
         overdue = now - run.pending_since[step] > table.config.merge_timeout_s
         crowded = len(run.pending) > table.config.max_pending_steps
         if not (complete or overtaken or overdue or crowded or force):
             break
         reports = run.pending.pop(step)
         run.pending_since.pop(step, None)
+        run.pending_ranks.pop(step, None)
         stats = merge_step(table, run, step, reports)
         if stats is not None:
             run.begin_step(stats, table.clock())
@@ -54,25 +56,19 @@ def merge_ready(table: Table, run: Run, force: bool = False) -> list[StepStats]:
 
 
 def merge_step(table: Table, run: Run, step: int, reports: dict[int, StepReport]) -> StepStats | None:
-    """The ranks' ``reports`` of ``step`` as one step (None for heartbeats only); counts the merged layer stats."""
+    """The ranks' ``reports`` of ``step`` as one step (None for heartbeats only); counts the merged layer stats.
+
+    A node merge agent's report counts as the ranks it covers. The rank-level arrays hold the ranks that
+    reported, in rank order (:attr:`StepStats.ranks`): their size follows the reports, not the world size.
+    """
     layer_reports = [r for rank, r in sorted(reports.items()) if run.layouts[rank].reports_layers]
     if not layer_reports:  # heartbeats only: nothing to judge
         return None
     grads = merge_shards([r.grad_stats(run.layers, run.units) for r in layer_reports], run.sharded)
     first = layer_reports[0]
     ws = run.world_size
-    rank_norm = np.full(ws, np.nan)
-    rank_nonfinite = np.zeros(ws, bool)
-    step_time = np.full(ws, np.nan)
-    compute_time = np.full(ws, np.nan)
-    for rank, r in reports.items():
-        if r.local_norm is not None:
-            rank_norm[rank] = r.local_norm
-        rank_nonfinite[rank] = r.local_nonfinite
-        if r.step_time is not None:
-            step_time[rank] = r.step_time
-        if r.compute_time is not None:
-            compute_time[rank] = r.compute_time
+    ranks, rank_norm, rank_nonfinite, step_time, compute_time = rank_columns(reports.values())
+    reported = len(ranks)
     stats = StepStats(
         run=run.name,
         step=step,
@@ -86,12 +82,53 @@ def merge_step(table: Table, run: Run, step: int, reports: dict[int, StepReport]
         rank_nonfinite=rank_nonfinite if ws > 1 else None,
         step_time=step_time,
         compute_time=compute_time if np.isfinite(compute_time).any() else None,
-        missing_ranks=tuple(sorted(set(range(ws)) - set(reports))),
+        missing_ranks=() if reported >= ws else tuple(sorted(set(range(ws)).difference(ranks.tolist()))),
+        ranks=ranks,
         **run_context(first, run, len(grads)),
     )
     with table.lock:
         table.layer_stats_merged += len(grads) * len(layer_reports)
     return stats
+
+
+def rank_columns(reports: Iterable[StepReport]) -> tuple[Array, Array, Array, Array, Array]:
+    """The ranks the ``reports`` cover, ascending, and each one's local norm, non-finite flag, step time and
+    compute time (NaN, False where not said): a node report adds its ranks, what it kept of each.
+
+    >>> from gfservice.wire import NodeRanks, RankValues
+    >>> node = NodeRanks(ranks=[4, 5], nonfinite=[5], local_norm=RankValues(ranks=[5], values=[9.0]))
+    >>> ranks, norm, bad, _, _ = rank_columns([StepReport(run="r", rank=4, step=0, node=node),
+    ...                                        StepReport(run="r", rank=0, step=0, local_norm=1.0)])
+    >>> ranks.tolist(), norm.tolist(), bad.tolist()
+    ([0, 4, 5], [1.0, nan, 9.0], [False, False, True])
+    """
+    nan = float("nan")
+    direct: list[tuple[float, float, float, float, float]] = []  # rank, norm, non-finite, step time, compute time
+    nodes: list[tuple[Array, ...]] = []
+    for r in reports:
+        if r.node is None:
+            direct.append((r.rank, nan if r.local_norm is None else r.local_norm, r.local_nonfinite,
+                           nan if r.step_time is None else r.step_time,
+                           nan if r.compute_time is None else r.compute_time))
+            continue
+        node = r.node
+        own = np.asarray(node.ranks, np.int64)
+        bad = np.zeros(len(own))
+        bad[np.searchsorted(own, node.nonfinite)] = 1.0
+        nodes.append((own, _spread(own, node.local_norm), bad, _spread(own, node.step_time),
+                      _spread(own, node.compute_time)))
+    parts = [np.array(direct, dtype=np.float64).reshape(-1, 5).T, *(np.stack(n) for n in nodes)]
+    table = np.concatenate(parts, axis=1)
+    table = table[:, np.argsort(table[0], kind="stable")]
+    return table[0].astype(np.int64), table[1], table[2] > 0, table[3], table[4]
+
+
+def _spread(own: Array, values: RankValues | None) -> Array:
+    """A node report's values of some of its ranks ``own`` as one entry per rank (NaN where not kept)."""
+    out = np.full(len(own), np.nan)
+    if values is not None and values.ranks:
+        out[np.searchsorted(own, values.ranks)] = values.values
+    return out
 
 
 def run_context(first: StepReport, run: Run, n_layers: int) -> dict[str, Any]:
