@@ -18,7 +18,7 @@ forced (the run ended, or a flush). A missing rank is named in ``StepStats.missi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,9 +26,9 @@ import numpy as np
 from gfservice.api import StepStats
 from gfservice.service.runs import Run, Table
 from gfservice.stats import Array, merge_shards
-from gfservice.wire import RankValues, StepReport
+from gfservice.wire import Layout, NodeRanks, RankValues, StepReport
 
-__all__ = ["merge_ready", "merge_step", "rank_columns"]
+__all__ = ["DENSE_RANKS", "TOP_K", "compact", "merge_node", "merge_ready", "merge_step", "rank_columns"]
 
 
 def merge_ready(table: Table, run: Run, force: bool = False) -> list[StepStats]:
@@ -145,3 +145,62 @@ def run_context(first: StepReport, run: Run, n_layers: int) -> dict[str, Any]:
         "precision": first.precision,
         "autocast": first.autocast,
     }
+
+
+#: A node report carries every covered rank's local norm and times up to this many ranks; past it, the
+#: ``TOP_K`` furthest from the node's median (and every non-finite flag, which is a list of ranks anyway).
+DENSE_RANKS = 64
+TOP_K = 8
+
+
+def compact(ranks: Sequence[int], values: Sequence[float | None], dense: int = DENSE_RANKS,
+            top_k: int = TOP_K) -> RankValues | None:
+    """Each rank's value where that is cheap (``dense`` ranks or fewer), else the ``top_k`` outliers (furthest
+    from the median in ratio); ``None`` where no rank has one.
+
+    >>> compact([0, 1, 2], [1.0, None, 3.0]).values
+    [1.0, 3.0]
+    >>> compact(range(100), [1.0] * 50 + [50.0] + [1.0] * 49, dense=8, top_k=1).ranks
+    [50]
+    """
+    known = [(r, float(v)) for r, v in zip(ranks, values, strict=True) if v is not None and np.isfinite(v)]
+    if not known:
+        return None
+    if len(known) > dense:
+        v = np.array([x for _, x in known])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            far = np.abs(np.log(v / np.median(v)))
+        keep = np.sort(np.argsort(-np.nan_to_num(far, nan=np.inf), kind="stable")[:top_k])
+        known = [known[i] for i in keep]
+    return RankValues(ranks=[r for r, _ in known], values=[x for _, x in known])
+
+
+def merge_node(layout: Layout, reports: Mapping[int, StepReport]) -> dict[str, Any]:
+    """One node's ``reports`` of one step (rank -> report, under ``layout``, the node's shared layout) as the one
+    report a node merge agent forwards: the statistics merged exactly (:func:`~gfservice.stats.merge_shards`, as
+    the aggregator merges ranks), each rank named in :class:`~gfservice.wire.NodeRanks`. A plain dict, as senders
+    ship messages.
+
+    >>> lay = Layout(run="r", rank=0, world_size=2, layers=["w"], numel=[4], sharded=[True], ranks=[0, 1])
+    >>> reps = {r: StepReport(run="r", rank=r, step=3, local_norm=1.0 + r, local_nonfinite=r == 1,
+    ...                       stats={"count": [2], "sum_sq": [1.0 + r], "nonfinite": [r]}) for r in (0, 1)}
+    >>> out = merge_node(lay, reps)
+    >>> out["stats"]["sum_sq"].tolist(), out["node"]["nonfinite"], out["node"]["local_norm"]["values"]
+    ([3.0], [1], [1.0, 2.0])
+    """
+    ordered = [reports[r] for r in sorted(reports)]
+    first = ordered[0]
+    with_stats = [r for r in ordered if r.stats]
+    stats: dict[str, Any] = {}
+    if with_stats:
+        layers = tuple(layout.layers)
+        stats = merge_shards([r.grad_stats(layers) for r in with_stats], layout.sharded).arrays()
+    ranks = [r.rank for r in ordered]
+    node = NodeRanks(ranks=ranks, nonfinite=[r.rank for r in ordered if r.local_nonfinite],
+                     local_norm=compact(ranks, [r.local_norm for r in ordered]),
+                     step_time=compact(ranks, [r.step_time for r in ordered]),
+                     compute_time=compact(ranks, [r.compute_time for r in ordered]))
+    head = with_stats[0] if with_stats else first
+    return {**dict(head), "rank": ranks[0], "stats": stats, "time": max(r.time for r in ordered),
+            "skipped": any(r.skipped for r in ordered), "local_norm": None, "step_time": None,
+            "compute_time": None, "local_nonfinite": bool(node.nonfinite), "node": node.model_dump()}
