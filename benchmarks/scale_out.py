@@ -88,8 +88,9 @@ def agent(layers: int, steps: int) -> tuple[list[str], dict[str, float]]:
 # ---- 2. the aggregator --------------------------------------------------------------------------
 def node_messages(layers: int, nodes: int, steps: int, nan_rank: int | None = None) -> tuple[Any, list[list[Any]],
                                                                                                dict[str, float]]:
-    """The node layouts and ``steps`` steps of node messages of a job of ``nodes`` nodes ), as merge agents forward them (one real merge per step, its copies renamed for the other nodes), and the float64
-    reference sums of every rank's ``sum_sq`` per step (``math.fsum``)."""
+    """The node layouts and ``steps`` steps of node messages of a job of ``nodes`` nodes, as merge agents
+    forward them (one real merge per step, its copies renamed for the other nodes), and the float64 reference sum
+    of every rank's ``sum_sq`` per step and layer (``math.fsum``)."""
     from gfservice.hosting.merge_agent import NodeMerger
 
     out: list[dict[str, Any]] = []
@@ -275,7 +276,7 @@ def curve_lines(sizes: list[int], baseline: str | None) -> list[str]:
         env = {**os.environ, "PYTHONPATH": f"{baseline}:{os.path.join(baseline, '.pypath')}"}
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                               cwd=baseline)
-        before = {int(k): v for k, v in eval(done.stdout.strip().splitlines()[-1]).items()}  # noqa: S307
+        before = {int(k): v for k, v in eval(done.stdout.strip().splitlines()[-1]).items()}
     lines = ["**4. ingest of direct senders** (no agent), 200 layers, batches of 32, CPU s per step "
              "(median of 3)", "", "| ranks | before | after | after/before |", "|---|---|---|---|"]
     for n in sizes:
@@ -293,8 +294,9 @@ def extrapolate(a: dict[str, float], g: dict[str, float], layers: int) -> list[s
     wire = a["node_bytes"] * nodes * scale
     return [f"**Extrapolation to {BIG_RANKS} ranks ({nodes} nodes x {LOCAL}) x {BIG_LAYERS} tensors at 1 step/s**",
             "",
-            f"- agent: {a['agent_cpu_ms'] * scale:.2f} ms CPU per rank-message, {LOCAL * a['agent_cpu_ms'] * scale:.1f} "
-            "ms per node per step (on the node's own CPU, in parallel across nodes)",
+            f"- agent: {a['agent_cpu_ms'] * scale:.2f} ms CPU per rank-message, "
+            f"{LOCAL * a['agent_cpu_ms'] * scale:.1f} ms per node per step (on the node's own CPU, in parallel "
+            "across nodes; Ray's own deserialization of the call not counted)",
             f"- aggregator: {agg_s:.2f} s CPU per step ({nodes} node-messages x "
             f"{g['agg_cpu_ms_per_node_msg'] * scale:.3f} ms; target <= 0.5 s)",
             f"- aggregator memory for the run: about {mem / 2**20:.0f} MiB as accounted (an upper bound: the run's "

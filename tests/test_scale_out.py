@@ -77,7 +77,7 @@ def test_a_missing_local_rank_waits_boundedly_and_is_named():
 
 
 def test_the_aggregator_refuses_a_node_report_for_ranks_outside_its_layout():
-    agg, mergers, _ = nodes()
+    agg, _, _ = nodes()
     bad = {**report(0, 0), "node": {"ranks": [0, 1, 4]}}  # rank 4 is another node's
     assert agg.submit(bad).reason.value == "unknown_rank"
 
