@@ -392,7 +392,7 @@ _NON_NEGATIVE = frozenset({"time", "local_norm", "step_time", "compute_time"})
 
 
 #: Why the monitor's guard skipped a step (see :mod:`gfservice.training.guard`).
-GuardReason = Literal["nonfinite_gradient", "nonfinite_loss", "gradient_norm", "layer_norm"]
+GuardReason = Literal["nonfinite_gradient", "nonfinite_loss", "gradient_norm", "layer_norm", "learning_rate"]
 
 
 class StepReport(_Message):

@@ -303,3 +303,34 @@ def test_cli_backtest_replays_a_guard_over_a_saved_history(one_thread, tmp_path,
     assert json.loads(capsys.readouterr().out)["skipped"] == [[35, "nonfinite_gradient"]]
     assert main(["backtest", str(path), "--guard", "--guard-set", "policy=sometimes"]) == 1
     assert "policy" in capsys.readouterr().err
+
+
+def test_a_learning_rate_spike_is_skipped_and_schedules_that_rise_are_not(one_thread):
+    """A one-step LR x100 (a scheduler bug): its gradients look normal, the update is the damage; it is skipped.
+    Warm-up and warm restarts (an LR the run used before) are never skipped."""
+    model = mlp(3, width=32, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=30)
+    restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=20)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, restarts], milestones=[30])
+    mon = gfservice.monitor(model, opt, run="lr-guard", service=None, guard=GuardConfig(warmup=WARMUP),
+                            deep_every=0)
+    data, loss_fn = batches(32, 0), nn.CrossEntropyLoss()
+    for i in range(100):
+        x, y = next(data)
+        loss_fn(model(x), y).backward()
+        spike = i == 70
+        if spike:
+            for g in opt.param_groups:
+                g["lr"] *= 100
+        before = _state(model, opt)
+        opt.step()
+        assert _equal(before, _state(model, opt)) == spike, f"step {i}"
+        if spike:
+            for g in opt.param_groups:
+                g["lr"] /= 100
+        mon.step()
+        opt.zero_grad()
+        sched.step()
+    mon.close()
+    assert mon.skipped_steps == [(70, "learning_rate")]

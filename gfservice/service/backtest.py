@@ -115,7 +115,7 @@ def guard_backtest(steps: Sequence[StepStats], config: GuardConfig | None = None
         raise ValueError("the history holds no merged steps")
     config = config or GuardConfig()
     rows = ((s.step, float(s.global_norm), bool(s.grads.nonfinite.any()) or not math.isfinite(float(s.global_norm)),
-             s.loss) for s in steps)
+             s.loss, s.lr) for s in steps)
     guard = replay(config, rows)
     return GuardBacktest(steps[0].run, len(steps), config, guard.skipped, guard.let_through)
 

@@ -13,6 +13,12 @@ clipping: the global gradient norm, whether any gradient value is NaN/Inf, and t
   says; off by default). That bound is also the ``clip`` policy's threshold. Only accepted steps enter the
   history, so a spike
   does not hide the next.
+- A learning rate that jumps (``learning_rate``): once ``warmup`` steps are accepted, a step whose learning rate
+  (the largest of its parameter groups, as ``optimizer.step()`` is about to use it) is more than ``lr_ratio``
+  times the largest the run used on an accepted step. Its gradients look normal, the damage is the update: a
+  scheduler bug or a mistyped LR. Warm-up, decay, restarts (SGDR returns to an LR it used before) and one-cycle
+  schedules rise by far less than 10x in a step above their own maximum. A deliberate 10x raise is skipped
+  ``max_consecutive`` times, then let through with a critical finding, and learned.
 - Optionally (``per_layer``) the same rule on each layer's norm against that layer's own history
   (``layer_norm``).
 
@@ -36,7 +42,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -84,6 +90,8 @@ class GuardConfig(BaseModel):
     #: ... and above the median of the run's first ``scale_steps`` accepted norms (0, the default: no such
     #: floor; it spares a converged run's noisy batches but lets through corruptions of a converged run).
     scale_steps: int = Field(0, ge=0)
+    #: A learning rate more than this many times the largest used on an accepted step is poisoned (None: off).
+    lr_ratio: float | None = Field(10.0, gt=1)
     #: Judge each layer's norm against its own history too (off by default).
     per_layer: bool = False
     #: Consecutive poisoned steps after which the guard stops acting and raises a critical finding.
@@ -163,11 +171,12 @@ def _log(norm: float) -> float:
 
 def judge(config: GuardConfig, norm: float, history: Sequence[float] | np.ndarray, *, nonfinite: bool = False,
           loss: float | None = None, floor: float | None = None, layer_norms: np.ndarray | None = None,
-          layer_history: np.ndarray | None = None) -> Verdict:
+          layer_history: np.ndarray | None = None, lr: float | None = None,
+          lr_max: float | None = None) -> Verdict:
     """The verdict on a step whose global gradient norm is ``norm`` (``history``: log norms of the accepted steps;
     ``nonfinite``: some gradient value is NaN/Inf; ``floor``: the log of the run's early scale, below which no
     norm is an explosion; ``layer_norms`` and ``layer_history`` (steps x layers, log norms) for the per-layer
-    rule). Pure: nothing is kept.
+    rule; ``lr``: this step's learning rate, ``lr_max``: the largest of the accepted steps). Pure: nothing is kept.
 
     >>> cfg = GuardConfig(warmup=3)
     >>> judge(cfg, 150.0, [0.0, 0.1, -0.1]).reason, judge(cfg, 80.0, [0.0, 0.1, -0.1]).poisoned
@@ -178,11 +187,17 @@ def judge(config: GuardConfig, norm: float, history: Sequence[float] | np.ndarra
     False
     >>> judge(cfg, 1.0, [], nonfinite=True).reason
     'nonfinite_gradient'
+    >>> flat = [0.0] * 3
+    >>> judge(cfg, 1.0, flat, lr=0.5, lr_max=0.01).reason, judge(cfg, 1.0, flat, lr=0.05, lr_max=0.01).poisoned
+    ('learning_rate', False)
     """
     if nonfinite or not math.isfinite(norm):
         return Verdict(True, "nonfinite_gradient", norm)
     if loss is not None and not math.isfinite(loss):
         return Verdict(True, "nonfinite_loss", norm)
+    if (config.lr_ratio is not None and lr is not None and lr_max is not None and lr_max > 0
+            and len(history) >= config.warmup and lr > config.lr_ratio * lr_max):
+        return Verdict(True, "learning_rate", norm)
     bound = limit(history, config)
     if bound is not None and floor is not None:
         bound = max(bound, floor)
@@ -208,6 +223,7 @@ class Guard:
         self._history: deque[float] = deque(maxlen=self.config.window)
         self._layers: deque[np.ndarray] = deque(maxlen=self.config.window)
         self._early: list[float] = []  # the first scale_steps accepted log norms
+        self._lr_max: float | None = None  # the largest learning rate of an accepted step
         #: Poisoned verdicts in a row so far.
         self.consecutive = 0
         #: The steps the guard acted on (skipped, or rescaled with ``clip``), with the reason of each.
@@ -216,32 +232,36 @@ class Guard:
         self.let_through: list[tuple[int, str]] = []
 
     def verdict(self, norm: float, *, nonfinite: bool = False, loss: float | None = None,
-                layer_norms: np.ndarray | None = None) -> Verdict:
-        """The verdict on a step with global gradient norm ``norm`` against this run's history (pure)."""
+                layer_norms: np.ndarray | None = None, lr: float | None = None) -> Verdict:
+        """The verdict on a step with global gradient norm ``norm`` (and learning rate ``lr``, where known)
+        against this run's history (pure)."""
         layers = np.stack(list(self._layers)) if self.config.per_layer and self._layers else None
         floor = float(np.median(self._early)) if self._early else None
         return judge(self.config, norm, self._history, nonfinite=nonfinite, loss=loss, floor=floor,
-                     layer_norms=layer_norms, layer_history=layers)
+                     layer_norms=layer_norms, layer_history=layers, lr=lr, lr_max=self._lr_max)
 
-    def settle(self, step: int, verdict: Verdict, layer_norms: np.ndarray | None = None) -> Decision:
+    def settle(self, step: int, verdict: Verdict, layer_norms: np.ndarray | None = None,
+               lr: float | None = None) -> Decision:
         """Record ``verdict`` on ``step``: a clean step enters the history; a poisoned one is acted on, unless it
         is the ``max_consecutive``-th in a row or later (then it is let through, and a finite one enters the
         history: a lasting change of level is learned rather than skipped forever)."""
         if not verdict.poisoned:
             self.consecutive = 0
-            self._accept(verdict.norm, layer_norms)
+            self._accept(verdict.norm, layer_norms, lr)
             return Decision(False)
         self.consecutive += 1
         reason = verdict.reason or "gradient_norm"
         if self.consecutive > self.config.max_consecutive:
             self.let_through.append((step, reason))
             if math.isfinite(verdict.norm):
-                self._accept(verdict.norm, layer_norms)
+                self._accept(verdict.norm, layer_norms, lr)
             return Decision(False, exhausted=self.consecutive == self.config.max_consecutive + 1)
         self.skipped.append((step, reason))
         return Decision(True)
 
-    def _accept(self, norm: float, layer_norms: np.ndarray | None) -> None:
+    def _accept(self, norm: float, layer_norms: np.ndarray | None, lr: float | None = None) -> None:
+        if lr is not None and math.isfinite(lr) and lr > 0:
+            self._lr_max = lr if self._lr_max is None else max(self._lr_max, lr)
         if not math.isfinite(norm) or norm <= 0:
             return  # a step without gradient says nothing about the scale
         self._history.append(math.log(norm))
@@ -256,15 +276,17 @@ class Guard:
             self._layers.append(logs)
 
 
-def replay(config: GuardConfig, steps: Iterable[tuple[int, float, bool, float | None]]) -> Guard:
+def replay(config: GuardConfig, steps: Iterable[tuple[Any, ...]]) -> Guard:
     """``config``'s guard run over a saved history: ``(step, global norm, any NaN/Inf, loss)`` rows, oldest
-    first. What it would have skipped is in ``.skipped``, what it would have let through in ``.let_through``.
+    first, with the learning rate as a fifth element where it is known. What it would have skipped is in
+    ``.skipped``, what it would have let through in ``.let_through``.
 
     >>> rows = [(i, 1.0, False, 0.5) for i in range(30)] + [(30, 500.0, False, 0.5), (31, 1.0, True, None)]
     >>> replay(GuardConfig(), rows).skipped
     [(30, 'gradient_norm'), (31, 'nonfinite_gradient')]
     """
     guard = Guard(config)
-    for step, norm, bad, loss in steps:
-        guard.settle(step, guard.verdict(norm, nonfinite=bad, loss=loss))
+    for step, norm, bad, loss, *rest in steps:
+        lr = rest[0] if rest else None
+        guard.settle(step, guard.verdict(norm, nonfinite=bad, loss=loss, lr=lr), lr=lr)
     return guard

@@ -538,14 +538,22 @@ class Monitor:
         self._guard_done = (step, None)
         if got.nonfinite and self._grad_scale() is not None:
             return None  # an fp16 overflow: the GradScaler skips this step and lowers its scale itself
+        lr = self._largest_lr()
         verdict = guard.verdict(got.norm, nonfinite=got.nonfinite, loss=self._loss_for_guard(),
-                                layer_norms=got.layer_norms)
-        decision = guard.settle(step, verdict, got.layer_norms)
+                                layer_norms=got.layer_norms, lr=lr)
+        decision = guard.settle(step, verdict, got.layer_norms, lr)
         if decision.exhausted:
             self._guard_exhausted(step, verdict)
         if not decision.act:
             return None
         reason = verdict.reason or "gradient_norm"
+        if reason == "learning_rate":
+            self.skipped_steps.append((step, reason))
+            self._guard_done = (step, "skip")
+            log.warning("gfservice guard: run %s step %d skipped (learning_rate): learning rate %.3g, more than %gx "
+                        "the largest the run used so far; parameters and optimizer state untouched", self.run, step,
+                        lr, guard.config.lr_ratio)
+            return "skip"
         if guard.config.policy == "clip" and reason == "gradient_norm" and verdict.limit is not None:
             factor = rescale(list(self.collector.params), verdict.limit)
             self.clipped_steps.append((step, reason))
@@ -559,6 +567,19 @@ class Monitor:
                     "state untouched", self.run, step, reason, verdict.norm,
                     "" if verdict.limit is None else f" against the guard's limit {verdict.limit:.3g}")
         return "skip"
+
+    def _largest_lr(self) -> float | None:
+        """The largest learning rate of the optimizers' parameter groups as set now (None: not readable without a
+        host sync, e.g. a learning rate held in a device tensor)."""
+        found = None
+        for opt in self.optimizers:
+            for group in getattr(opt, "param_groups", None) or ():
+                v = group.get("lr")
+                if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+                    return None
+                if v is not None:
+                    found = float(v) if found is None else max(found, float(v))
+        return found
 
     def _guard_exhausted(self, step: int, verdict: Verdict) -> None:
         """``max_consecutive`` poisoned steps in a row: the guard lets this one through and raises a critical
