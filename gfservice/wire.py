@@ -434,6 +434,9 @@ class StepReport(_Message):
     #: With the monitor's guard on: the steps whose update it skipped so far on this rank, by reason (cumulative;
     #: see :mod:`gfservice.training.guard`). None without a guard.
     guard_skips: dict[GuardReason, Annotated[int, Field(ge=0)]] | None = None
+    #: The errors this rank's monitor counted so far (``monitor.errors``, cumulative): failures it kept from the
+    #: training loop.
+    monitor_errors: int = Field(0, ge=0, lt=MAX_STEP)
     #: Set by a node merge agent: the ranks this report covers, ``rank`` the first of them (None: ``rank`` alone).
     node: NodeRanks | None = None
 

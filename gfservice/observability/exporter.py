@@ -235,6 +235,7 @@ class GradflowCollector:
         out.add("run_attempt", [name], run.attempts)
         out.add("stalled_ranks", [name], run.stalled_ranks)
         out.add("reports_dropped", [name], run.sender_dropped)
+        out.add("monitor_errors", [name], run.monitor_errors)
         out.add("run_memory_bytes", [name], run.memory_bytes)
         for reason, n in sorted(run.rejected.items()):
             out.add("run_messages_rejected", [name, reason], n)
@@ -298,6 +299,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
                 "the value is the step at which it was first raised.",
                 ("run", "detector", "severity", "key", "layers", "ranks")),
     "reports_dropped": ("counter", "Reports the run's senders dropped before they reached the service.", ("run",)),
+    "monitor_errors": ("counter", "Errors the run's monitors caught in the training processes and kept from the "
+                       "training loop (the sum of the ranks' monitor.errors).", ("run",)),
     "run_memory_bytes": ("gauge", "Bytes the run holds in the service (history, pending steps, detector state).",
                          ("run",)),
     "run_messages_rejected": ("counter", "Messages of the run the aggregator refused, by reason (reasons seen so "

@@ -242,6 +242,8 @@ def ingest(table: Table, run: Run, rep: StepReport) -> list[StepStats]:
         run.progress.note(rank, rep.step)
     run.last_seen = now = table.monotonic()
     run.pending_since.setdefault(rep.step, now)
+    if rep.monitor_errors:
+        run.monitor_errors[rep.rank] = max(run.monitor_errors.get(rep.rank, 0), rep.monitor_errors)
     if run.finished or (run.ended and not run.ended.isdisjoint(covers)):  # a run that reports is live again
         log.info("run %s: rank %d reports again after the run was taken as over", run.name, rep.rank)
         run.ended.difference_update(covers)

@@ -204,4 +204,5 @@ def merge_node(layout: Layout, reports: Mapping[int, StepReport]) -> dict[str, A
     head = with_stats[0] if with_stats else first
     return {**dict(head), "rank": ranks[0], "stats": stats, "time": max(r.time for r in ordered),
             "skipped": any(r.skipped for r in ordered), "local_norm": None, "step_time": None,
-            "compute_time": None, "local_nonfinite": bool(node.nonfinite), "node": node.model_dump()}
+            "compute_time": None, "local_nonfinite": bool(node.nonfinite), "node": node.model_dump(),
+            "monitor_errors": sum(r.monitor_errors for r in ordered)}

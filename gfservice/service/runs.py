@@ -147,6 +147,8 @@ class Run:
     stop_reason: str | None = None
     #: Reports the run's senders dropped before they reached the service (queue full, service away).
     sender_dropped: int = 0
+    #: The latest ``monitor_errors`` of each rank that reported some (cumulative counts of its monitor).
+    monitor_errors: dict[int, int] = field(default_factory=dict)
     #: Set when the training job closed its monitors: the run is over, not stalled.
     finished: bool = False
     ended: set[int] = field(default_factory=set)

@@ -728,6 +728,7 @@ class Monitor:
             step_time=collected.step_time,
             compute_time=collected.compute_time if collected.compute_time is None or collected.compute_time >= 0
             else None,
+            monitor_errors=self.errors,
             **self._context_at.pop(collected.step, {}),
         )
 
