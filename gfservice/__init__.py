@@ -19,6 +19,7 @@ from gfservice.stats import GradStats
 if TYPE_CHECKING:
     from gfservice.service.client import connect
     from gfservice.training.collect import grad_stats
+    from gfservice.training.guard import GuardConfig
     from gfservice.training.monitoring import Monitor, monitor
 
 _LAZY = {
@@ -26,6 +27,7 @@ _LAZY = {
     "monitor": "gfservice.training.monitoring",
     "Monitor": "gfservice.training.monitoring",
     "connect": "gfservice.service.client",
+    "GuardConfig": "gfservice.training.guard",
 }
 
 
@@ -42,6 +44,7 @@ __all__ = [
     "DetectorConfig",
     "Finding",
     "GradStats",
+    "GuardConfig",
     "Monitor",
     "Severity",
     "StepStats",
