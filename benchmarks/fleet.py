@@ -116,7 +116,7 @@ def run_fleet(shards: int, sizes: list[int], layers: int, kill: bool) -> list[st
     settings = Settings.model_validate({
         "aggregator": {"max_runs": max(sizes) + 1, "max_memory_bytes": 0, "history": 10},
         "service": {"name": name, "namespace": "gf-fleet-bench", "state_dir": state, "shards": shards,
-                    "metrics_port": 0, "snapshot_interval_s": 5.0}})
+                    "metrics_port": 0, "snapshot_interval_s": 30.0}})
     rng = np.random.default_rng(shards)
     lines = []
     svc.start(settings)

@@ -22,6 +22,7 @@ per-layer series only for at most ``max_layer_series`` layers, and rank-level de
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -67,6 +68,17 @@ def layer_selection(n_layers: int, cap: int, wanted: Sequence[int] = ()) -> list
     """
     if n_layers <= cap:
         return list(range(n_layers))
+    if not wanted:  # the common case (no active finding names layers): the same for every run of this size
+        return list(_evenly_spaced(n_layers, cap))
+    return _selection(n_layers, cap, wanted)
+
+
+@functools.lru_cache(maxsize=64)
+def _evenly_spaced(n_layers: int, cap: int) -> tuple[int, ...]:
+    return tuple(_selection(n_layers, cap, ()))
+
+
+def _selection(n_layers: int, cap: int, wanted: Sequence[int]) -> list[int]:
     ends = {0, n_layers - 1}
     picked = set(ends)
     for i in wanted:
@@ -273,14 +285,14 @@ class GradflowCollector:
                     out.add("noise_scale", [name], b_simple)
             bad = (grads.nonfinite > 0) | ~np.isfinite(grads.sum_sq)
             out.add("nonfinite_layers", [name], np.count_nonzero(bad))
-            for b, v in enumerate(depth_buckets(grads.sum_sq, grads.count, buckets)):
-                if v is not None:
-                    out.add("depth_grad_rms", [name, f"{b:0{width}d}"], v)
+            depth = [(f"{b:0{width}d}", v) for b, v in enumerate(depth_buckets(grads.sum_sq, grads.count, buckets))
+                     if v is not None]
+            out.add_pairs("depth_grad_rms", name, depth)
             index = {n: i for i, n in enumerate(grads.layers)} if run.active else {}
             wanted = [index[n] for f in run.active for n in f.layers if n in index]
             norms = grads.norm
-            for i in layer_selection(len(grads.layers), self.config.max_layer_series, wanted):
-                out.add("layer_grad_norm", [name, grads.layers[i]], norms[i])
+            picked = layer_selection(len(grads.layers), self.config.max_layer_series, wanted)
+            out.add_pairs("layer_grad_norm", name, [(grads.layers[i], norms[i]) for i in picked])
         if run.last_step >= 0:
             out.add("last_step", [name], run.last_step)
             out.add("last_step_timestamp_seconds", [name], run.last_time)
@@ -441,6 +453,15 @@ class _Samples:
         if len(key) != len(FAMILIES[family][2]):
             raise ValueError(f"gradflow_{family}: {len(key)} label values for {FAMILIES[family][2]}")
         self._put(family, key, _number(value), rank, age)
+
+    def add_pairs(self, family: str, first: str, pairs: Sequence[tuple[str, Any]]) -> None:
+        """``add(family, [first, second], value)`` for each ``(second, value)`` of ``pairs``, in one loop (the
+        per-bucket and per-layer series of a run)."""
+        if len(FAMILIES[family][2]) != 2:
+            raise ValueError(f"gradflow_{family}: 2 label values for {FAMILIES[family][2]}")
+        head, clean = self._label(first), self._clean
+        for second, value in pairs:
+            self._put(family, (head, clean.get(second) or self._label(second)), _number(value), 0.0, 0.0)
 
     def _put(self, family: str, key: tuple[str, ...], value: float, rank: float, age: float) -> None:
         series = self.samples.setdefault(family, {})
