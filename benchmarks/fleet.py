@@ -11,7 +11,9 @@ Prometheus sends (OpenMetrics, gzip). For each shard count the fleet grows to ea
   anew: the worst case, every run of the fleet stepped within one scrape interval);
 - **steady**: each shard scraped again with no new step (a run's lines are kept while it does not change).
 
-Shards are scraped one after the other, as Prometheus scrapes each target on its own schedule; on this machine
+Before the scrapes the benchmark waits until the shards are idle (their detectors and snapshots done with what
+they were sent), so that a scrape is timed alone. Snapshots every 30 s. Shards are scraped one after the other,
+as Prometheus scrapes each target on its own schedule; on this machine
 every shard shares the same two cores with the others and the feeder, where a real fleet gives each shard actor
 its own core. Last, one shard is killed (``ray.kill``, Ray restarts it) and the runs it holds come back from its
 snapshot: the time until they are all listed again, and how many were lost.
@@ -82,13 +84,32 @@ def scrape_all(addresses: list[str]) -> list[tuple[float, int, int]]:
     return [scrape(a) for a in addresses]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pids: list[int], timeout_s: float = 300.0) -> None:
+    """Wait until the shards are done with what they were sent (detectors, snapshots): each used under 5% of a
+    core over half a second. The scrape is then timed alone, not against the shard's own backlog."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        before = [cpu_seconds(p) for p in pids]
+        time.sleep(0.5)
+        if all(cpu_seconds(p) - b < 0.025 for p, b in zip(pids, before, strict=True)):
+            return
+
+
 def row(shards: int, runs: int, layers: int, fresh: list, steady: list, fed_s: float, memory: float) -> str:
+    load = os.getloadavg()[0]
     f = [s for s, _, _ in fresh]
     st = [s for s, _, _ in steady]
     series = sum(n for _, _, n in fresh)
     return (f"| {shards} | {runs:,} | {runs // shards:,} | {max(f):.2f} s (median {statistics.median(f):.2f}) | "
             f"{max(st):.2f} s | {sum(b for _, b, _ in fresh) / 1e6 / shards:.1f} MB | {series:,} | "
-            f"{memory / 1e6:.0f} MB | {fed_s:.0f} s |")
+            f"{memory / 1e6:.0f} MB | {fed_s:.0f} s | {load:.1f} |")
 
 
 def shard_memory(client) -> float:
@@ -124,6 +145,7 @@ def run_fleet(shards: int, sizes: list[int], layers: int, kill: bool) -> list[st
         client = connect(name=name, namespace="gf-fleet-bench", timeout_s=300)
         status = client.status()
         addresses = [s["metrics"] for s in status["shards"]] if "shards" in status else [status["metrics"]]
+        pids = [s["pid"] for s in status["shards"]] if "shards" in status else [status["pid"]]
         have: list[str] = []
         for size in sizes:
             new = [f"bench-{len(have) + i:05d}" for i in range(size - len(have))]
@@ -131,6 +153,7 @@ def run_fleet(shards: int, sizes: list[int], layers: int, kill: bool) -> list[st
             have += new
             k = 2 + sizes.index(size)  # then one more step of every run, so that every run changed since
             fed += feed(client, have, layers, range(k, k + 1), rng)  # the last scrape
+            wait_idle(pids)
             fresh = scrape_all(addresses)
             steady = scrape_all(addresses)
             lines.append(row(shards, size, layers, fresh, steady, fed, shard_memory(client)))
@@ -186,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# gfservice fleet: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}, {args.layers} layers per run\n")
     print("| shards | live runs | runs per shard | scrape, fresh (slowest shard) | scrape, steady | "
-          "per shard on the wire (gzip) | series | largest shard RSS | fed in |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "per shard on the wire (gzip) | series | largest shard RSS | fed in | load average |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         for i, shards in enumerate(args.shards):
             run_fleet(shards, sorted(args.runs), args.layers, kill=not args.no_kill and i == len(args.shards) - 1)

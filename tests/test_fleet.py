@@ -95,9 +95,11 @@ def _wait(what, timeout_s: float = 60.0):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_fleet_of_three_routes_runs_sees_them_all_and_restores_a_killed_shard(ray_cluster, tmp_path):
+def test_a_fleet_of_three_routes_runs_sees_them_all_and_restores_a_killed_shard(ray_cluster, tmp_path, capsys):
+    from gfservice.cli.main import main
     from gfservice.hosting import actor as svc
     from gfservice.service.client import connect, find, find_for_run
+    from gfservice.service.state import read_snapshot
 
     ray = ray_cluster
     state = tmp_path / "state"
@@ -113,6 +115,10 @@ def test_a_fleet_of_three_routes_runs_sees_them_all_and_restores_a_killed_shard(
         assert list(client.shards) == fleet
         answer = client.submit([m for r in runs for m in (_layout(r), _step(r, 0), _step(r, 1, bad=r == "job-3"))])
         assert answer["rejected"] == []
+        # a refusal names the message by its index in the whole batch, whichever shard refused it
+        late = client.submit([_layout("late"), _step("never-laid-out", 0), _step("late", 0)])
+        assert late["rejected"] == [[1, "unknown_run"]]
+        runs.append("late")
         # each run is on the shard the hash names, and only there
         for name in fleet:
             held = {row["run"] for row in ray.get(find(name, "gf-fleet").runs.remote())}
@@ -122,8 +128,12 @@ def test_a_fleet_of_three_routes_runs_sees_them_all_and_restores_a_killed_shard(
         assert sorted(row["run"] for row in client.runs()) == sorted(runs)
         assert _wait(lambda: client.findings("job-3"))[0].detector
         status = client.status()
-        assert len(status["runs"]) == 12 and status["counters"]["accepted"] == 36
+        assert len(status["runs"]) == 13 and status["counters"]["accepted"] == 38
         assert [s["name"] for s in status["shards"]] == fleet and len(set(s["pid"] for s in status["shards"])) == 3
+        # the command line sees one service too
+        assert main(["status", "--name", "gf-fleet", "--namespace", "gf-fleet"]) == 0
+        printed = capsys.readouterr().out
+        assert all(r in printed for r in runs) and all(f"shard {n}:" in printed for n in fleet)
         # each shard has its own /metrics and its own discovery entry
         sd = sorted(state.glob("prometheus-sd*.json"))
         targets = {json.loads(p.read_text())[0]["targets"][0] for p in sd}
@@ -134,7 +144,8 @@ def test_a_fleet_of_three_routes_runs_sees_them_all_and_restores_a_killed_shard(
         mine = {r for r in runs if shard_for(r, fleet) == victim}
         handle = find(victim, "gf-fleet")
         pid = ray.get(handle.status.remote())["pid"]
-        _wait(lambda: ray.get(handle.status.remote())["snapshot"]["last_success"])
+        snapshot = shard_settings(cfg, fleet.index(victim)).service.snapshot_path  # the shard's own snapshot
+        _wait(lambda: set(read_snapshot(snapshot)["state"]["runs"]) == mine)  # holds every run of the shard
         ray.kill(handle, no_restart=False)
         back = _wait(lambda: (s := ray.get(handle.status.remote(), timeout=10))["pid"] != pid and s)
         assert back["restored_runs"] == len(mine)
