@@ -1,5 +1,5 @@
 """The training thread's waits (issue 22): ``monitor.step()`` with a hung plugin detector in-process, against the
-same loop with healthy detectors, and ``monitor.close()`` when the Ray service is gone (optional: ``--ray``).
+same loop with healthy detectors, and ``monitor.step()`` and ``close()`` when the Ray service is gone (``--ray``).
 
     python benchmarks/bounded_waits.py [--steps 300] [--ray]
 
@@ -63,8 +63,8 @@ def summary(label: str, times: list[float]) -> str:
             f"worst {ms[-1]:6.2f} ms")
 
 
-def ray_close() -> float:
-    """close() of a monitor whose Ray service was stopped mid-run."""
+def ray_stopped(steps: int = 50) -> tuple[list[float], float]:
+    """``monitor.step()`` and ``close()`` of a monitor whose Ray service was stopped mid-run."""
     import ray
 
     import gfservice
@@ -81,14 +81,17 @@ def ray_close() -> float:
         model(torch.randn(4, 8)).sum().backward()
         mon.step()
     svc.stop("bw", "bw")
-    for _ in range(3):
+    times = []
+    for _ in range(steps):
         model(torch.randn(4, 8)).sum().backward()
+        t0 = time.perf_counter()
         mon.step()
+        times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     mon.close()
     took = time.perf_counter() - t0
     ray.shutdown()
-    return took
+    return times, took
 
 
 def main() -> None:
@@ -108,7 +111,8 @@ def main() -> None:
     print(summary("a hung detector", hung), f"  close {hung_close:.2f} s   late {transport.late}  "
           f"dropped {transport.dropped}")
     if args.ray:
-        print(f"close() with the Ray service stopped: {ray_close():.2f} s")
+        stopped, stopped_close = ray_stopped()
+        print(summary("the Ray service stopped", stopped), f"  close {stopped_close:.2f} s")
 
 
 if __name__ == "__main__":

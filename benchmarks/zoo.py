@@ -835,6 +835,61 @@ def left_out_head(seed: int) -> Run:
     return Run(m, torch.optim.Adam(params, lr=1e-3), digits_batches(seed), ce)
 
 
+# ---- set-ups of the second wave: clipped growth, catapults, memorisation, unused parameters --------------------
+def fixed_batch(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """The first batch of ``batches``, forever (a model asked to memorise one batch)."""
+    first = next(batches)
+    return itertools.repeat(first)
+
+
+def memorise(seed: int) -> Run:
+    """The pre-LN transformer (AdamW 3e-3, warm-up, cosine) on one fixed batch, clipped at 1.0: the loss falls to
+    ~0 and the pre-clip gradient norm wanders by large factors as the model memorises (healthy)."""
+    run = clipped(transformer(seed, steps=300))
+    run.batches = fixed_batch(run.batches)
+    return run
+
+
+def catapult(seed: int, lr: float = 2.0) -> Run:
+    """A 64-256-10 MLP on one-hot targets with MSE, plain SGD at an ``lr`` above the edge of stability, clipped at
+    1.0: the loss first rises ~3x (the catapult phase, Lewkowycz et al., 2020), then falls to ~0.01 (healthy)."""
+    m = mlp(64, 256, 10)
+    return Run(m, torch.optim.SGD(m.parameters(), lr=lr), digits_batches(seed, 128),
+               lambda model, x, y: F.mse_loss(model(x), F.one_hot(y, 10).float()), clip=1.0)
+
+
+def clipped_rnn_sgd(seed: int, cell: Literal["lstm", "gru"], lr: float = 0.5) -> Run:
+    """An LSTM or GRU with plain SGD at ``lr``, clipped at 1.0, majority token of 16 (the classic RNN recipe)."""
+    m = Recurrent(cell)
+    return Run(m, torch.optim.SGD(m.parameters(), lr=lr), token_batches(seed, "majority", 16, 4), ce, clip=1.0)
+
+
+class WithToken(nn.Module):
+    """An MLP with a learned ``mask_token`` beside its input projection that the forward pass never uses (as a
+    masked-image model's mask token in classification, e.g. DINOv2): it never gets a gradient, by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(64, 128)
+        self.mask_token = nn.Parameter(torch.zeros(1, 128))
+        self.body = mlp(128, 128, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(torch.relu(self.embed(x)))
+
+
+def converging_classifier(seed: int) -> Run:
+    """The digits MLP with Adam 3e-3 trained until the training loss is ~1e-3: a batch with one hard sample now
+    and then reads tens of times the median loss (tiny all the same)."""
+    m = mlp(64, 128, 128, 10)
+    return Run(m, _adam(m, 3e-3), digits_batches(seed), ce)
+
+
+def shuffle_labels(x: Tensor, y: Tensor) -> Batch:
+    """One batch whose targets are permuted across samples (a data-loader bug): every target wrong."""
+    return x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+
+
 K = 100  # onset of the mid-run faults
 P = "pathological"
 
@@ -1032,6 +1087,39 @@ SCENARIOS += [
              "MLP, Adam over every parameter but the output weight 4.weight: its .grad is never cleared", onset=0,
              expected="exploding", target="trend",
              layers=Layers("4.weight", lambda ls: {"4.weight"}, prefixed("4.weight")), forbid=("nonfinite",)),
+]
+
+SCENARIOS += [
+    # -- class 1/2 under clipping: healthy growth of the pre-clip norm, and growth that is a fault --
+    Scenario("transformer_memorise", H, memorise, 300,
+             "pre-LN transformer, AdamW, warm-up and cosine, clip 1.0, one fixed batch: memorised, loss ~0"),
+    Scenario("catapult", H, catapult, 300,
+             "64-256-10 MLP, MSE, SGD lr 2.0 (above the edge of stability), clip 1.0: loss up ~3x, then down"),
+    Scenario("lstm_sgd_clip", H, lambda s: clipped_rnn_sgd(s, "lstm"), 300, "LSTM, SGD 0.5, clip 1.0"),
+    Scenario("gru_sgd_clip", H, lambda s: clipped_rnn_sgd(s, "gru"), 300, "GRU, SGD 0.5, clip 1.0"),
+    Scenario("clip_steady_growth", P, lambda s: clipped(digits_mlp(s, "adam")), K + 80,
+             "MLP, Adam, clip 1.0; from step k the gradients grow 5% a step before clipping (the update does not)",
+             fault=lambda r: growth(1.05, K), onset=K, expected="exploding", target="trend", forbid=("nonfinite",)),
+    Scenario("rnn_tanh_clip_growth", P, lambda s: clipped_rnn(s, "tanh"), 3 * K,
+             "tanh RNN, SGD 0.1, clip 1.0; from step 2k the gradients grow 5% a step before clipping",
+             fault=lambda r: growth(1.05, 2 * K), onset=2 * K, expected="exploding", target="trend",
+             forbid=("nonfinite",)),
+    Scenario("slow_growth", P, lambda s: digits_mlp(s, "adam"), K + 120,
+             "MLP, Adam; from step k the gradients grow 3% a step (3x after 37 steps)",
+             fault=lambda r: growth(1.03, K), onset=K, expected="exploding", target="trend", forbid=("nonfinite",)),
+    Scenario("cosine_growth", P, lambda s: scheduled(s, "cosine"), 2 * K,
+             "MLP, SGD 0.1, cosine annealing; from step k the gradients grow 5% a step",
+             fault=lambda r: growth(1.05, K), onset=K, expected="exploding", target="trend", forbid=("nonfinite",)),
+    # -- class 7: a converged run's own scale --
+    Scenario("converged_classifier", H, converging_classifier, 400,
+             "digits MLP, Adam 3e-3, trained to a loss of ~1e-3: hard samples make the tiny loss jump tens of times"),
+    Scenario("converged_label_shuffle", P, converging, R + 20,
+             "regression that has all but converged; one batch with its targets shuffled at step 3k: the loss "
+             "jumps back above the run's starting level", fault=lambda r: Fault(R, batch=shuffle_labels), onset=R,
+             expected="loss_spike"),
+    # -- class 4: a lone parameter that is never used is not a detached branch --
+    Scenario("unused_token", H, lambda s: Run(m := WithToken(), _adam(m), digits_batches(s), ce), 200,
+             "MLP with a learned mask_token beside its input projection that the forward never uses (DINOv2-like)"),
 ]
 
 BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}

@@ -13,6 +13,13 @@ not see the gradients. A single different finding (key ``all``) says so: ``monit
 after ``optimizer.zero_grad(set_to_none=True)`` (or after ``zero_grad()`` when every gradient is exactly zero), or
 the gradients live elsewhere (DeepSpeed ZeRO / FSDP1 flat parameters).
 
+A parameter whose ``.grad`` has been None since the run started, alone in its module (another parameter of the
+same module has had one), is a parameter this task does not use, such as DINOv2's ``embeddings.mask_token`` in
+classification: an ``info`` note (key ``unused``), not a warning. A *whole* module that no gradient ever reaches
+(a linear layer's weight and bias, a router, a generator: ``detached_branch``, ``moe_detached_gate``,
+``gan_detached_generator`` in the zoo) is still a warning: a lone token is a few hundred values of a module that
+learns, a detached branch is a module cut off from the loss.
+
 ``window`` is 10 collected steps: short enough to report a branch detached from the start at step 9 and a
 freeze at step k + 9 (the evaluation zoo's target for it is two deep steps at ``deep_every=10``); long enough
 that a branch skipped for a few steps by design (an auxiliary loss every few steps, an idle mixture-of-experts
@@ -45,7 +52,7 @@ from pydantic import Field
 
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats, describe_layers
 
-from .signatures import dead_block, group_key
+from .signatures import dead_block, group_key, lone_parameters
 
 
 class NoGradient(Detector):
@@ -129,9 +136,25 @@ class NoGradient(Detector):
         live = (g.count > 0) & (g.sum_sq > 0)
         dead = dead_block(g.layers, zero, live)  # units that died: dead_units reports them
         persistent[dead] = False
+        out: list[Finding] = []
+        # a lone parameter that has never had a gradient while its module's others have: unused by this task
+        # (a mask token in classification), a note, not a warning; a whole module never reached stays a warning
+        # (missing, .grad None, every step: an exactly-zero gradient from the start is a freeze done wrong)
+        never = (self._hits == 0) & (self._missing == self._streak)
+        lone = persistent & lone_parameters(g.layers, never, self._hits > 0)
+        if lone.any():
+            unused = [g.layers[i] for i in np.flatnonzero(lone)]
+            out.append(self.finding(
+                step, "info",
+                f"{describe_layers(unused)} {'has' if len(unused) == 1 else 'have'} had no gradient since the run "
+                f"started, while the rest of {'its module' if len(unused) == 1 else 'their modules'} has: "
+                "a parameter this task does not use (e.g. a mask token in classification); exclude it from the "
+                "optimizer and the monitor if that is intended",
+                layers=unused, value=len(unused), threshold=w, key="unused"))
+            persistent &= ~lone
         idx = np.flatnonzero(persistent)
         if not idx.size:
-            return []
+            return out
         names = [g.layers[i] for i in idx]
         n_missing = int(np.count_nonzero(self._missing[idx] == self._streak[idx]))
         n_zero = len(idx) - n_missing
@@ -146,6 +169,7 @@ class NoGradient(Detector):
             what = f"had no gradient ({n_missing} missing, {n_zero} exactly zero)"
             check = "branches detached by mistake and freezes done wrong"
         return [
+            *out,
             self.finding(
                 step,
                 "warning",

@@ -55,7 +55,7 @@ class NonFinite(Detector):
         bad = g.nonfinite_layers  # also a sender that flags NaN/Inf by the maximum alone
         ranks: list[int] = []
         if step.rank_nonfinite is not None:
-            ranks = np.flatnonzero(np.asarray(step.rank_nonfinite, dtype=bool)).tolist()
+            ranks = step.ranks_of(step.rank_nonfinite)[np.asarray(step.rank_nonfinite, dtype=bool)].tolist()
         severity = Severity.info if (step.skipped and self.config.scaler_skips_are_info) else Severity.critical
         out: list[Finding] = []
         origin = f", from rank {', '.join(map(str, ranks))}" if ranks else ""

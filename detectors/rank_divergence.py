@@ -51,13 +51,13 @@ design: disable the detector for them.
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Any
 
 import numpy as np
 from pydantic import Field
 
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats
+from gfservice.stats import RankWindow
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this estimates its standard deviation
 MEDIAN_SE = 1.2533  # standard error of the median of n normal values: 1.2533 sigma / sqrt(n)
@@ -93,27 +93,29 @@ class RankDivergence(Detector):
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
-        self._dev: deque[np.ndarray] = deque(maxlen=self.config.window)
-        self._logs: deque[np.ndarray] = deque(maxlen=2 * self.config.window)
+        self._dev = RankWindow(self.config.window)
+        self._logs = RankWindow(2 * self.config.window)
 
     def update(self, step: StepStats) -> list[Finding] | None:
         norms = step.rank_norm
         if norms is None or (self.config.ddp_only and step.compute_time is None):
             return None
         norms = np.asarray(norms, dtype=np.float64)
-        if self._dev and len(self._dev[-1]) != len(norms):  # the run restarted with another world size
+        ranks = step.ranks_of(norms)
+        if step.ranks is None and len(self._dev.ids) not in (0, len(norms)):  # dense: another world size
             self._dev.clear()
             self._logs.clear()
         with np.errstate(divide="ignore", invalid="ignore"):
             logs = np.where(np.isfinite(norms) & (norms > 0), np.log(norms), np.nan)
         if np.count_nonzero(np.isfinite(logs)) < 2:
             return None
-        self._dev.append(logs - nanmedian_columns(logs[:, None])[0])
-        self._logs.append(logs)
+        self._dev.append(ranks, logs - nanmedian_columns(logs[:, None])[0])
+        self._logs.append(ranks, logs)
         cfg = self.config
         if len(self._dev) < cfg.window:
             return []
-        dev = np.stack(self._dev)
+        dev = self._dev.stack()
+        ids = self._dev.ids
         enough = np.count_nonzero(np.isfinite(dev), axis=0) >= math.ceil(0.75 * cfg.window)
         if np.count_nonzero(enough) < 2:
             return []
@@ -130,7 +132,7 @@ class RankDivergence(Detector):
             return []
         n_ranks = int(np.count_nonzero(enough))
         z = np.abs(center) / se if se > 0 else np.full_like(center, np.inf)
-        if len(norms) == 2:
+        if len(ids) == 2:
             return [self._pair(step, center, bound, z)]
         out = []
         for r in out_ranks:
@@ -138,11 +140,11 @@ class RankDivergence(Detector):
             side = f"{ratio:.2g}x" if ratio >= 1 else f"1/{1 / ratio:.2g}"
             out.append(self.finding(
                 step, "warning",
-                f"rank {r}'s local (pre-allreduce) gradient norm has been {side} that of the median of the "
+                f"rank {ids[r]}'s local (pre-allreduce) gradient norm has been {side} that of the median of the "
                 f"{n_ranks} ranks over the last {cfg.window} steps (robust z {float(z[r]):.0f}) at step {step.step}; "
                 "its data shard or device may be bad (corrupted or mislabelled data, a faulty GPU, silent data "
                 "corruption): compare that rank's inputs and loss with the others' and check its device",
-                ranks=[int(r)], value=ratio, threshold=math.exp(bound), key=f"rank{r}",
+                ranks=[int(ids[r])], value=ratio, threshold=math.exp(bound), key=f"rank{ids[r]}",
             ))
         return out
 
@@ -151,26 +153,27 @@ class RankDivergence(Detector):
         ratio = math.exp(2 * abs(float(center[0])))
         suspect: list[int] = []
         w = self.config.window
-        if len(self._logs) == 2 * w:
-            logs = np.stack(self._logs)
+        pair = [int(r) for r in self._dev.ids]
+        if len(self._logs) == 2 * w and np.array_equal(self._logs.ids, self._dev.ids):
+            logs = self._logs.stack()
             moved = np.abs(nanmedian_columns(logs[w:]) - nanmedian_columns(logs[:w]))
             r = int(np.argmax(np.nan_to_num(moved, nan=0.0)))
             if np.isfinite(moved).all() and moved[r] > math.log(self.config.min_ratio) and moved[1 - r] < moved[r] / 2:
-                suspect = [r]
+                suspect = [pair[r]]
         who = (f"rank {suspect[0]}'s norms moved more against their own history, so it is the likelier culprit"
                if suspect else "with 2 ranks either could be the odd one")
         return self.finding(
             step, "warning",
-            f"the local (pre-allreduce) gradient norms of ranks 0 and 1 have differed {ratio:.2g}x over the last "
-            f"{w} steps (robust z {float(z[0]):.0f}) at step {step.step}; {who}: compare the two ranks' data and "
-            "loss and check their devices",
-            ranks=suspect or [0, 1], value=ratio, threshold=math.exp(2 * bound), key="pair",
+            f"the local (pre-allreduce) gradient norms of ranks {pair[0]} and {pair[1]} have differed {ratio:.2g}x "
+            f"over the last {w} steps (robust z {float(z[0]):.0f}) at step {step.step}; {who}: compare the two "
+            "ranks' data and loss and check their devices",
+            ranks=suspect or pair, value=ratio, threshold=math.exp(2 * bound), key="pair",
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"dev": [a.copy() for a in self._dev], "logs": [a.copy() for a in self._logs]}
+        dev, logs = self._dev.state_dict(), self._logs.state_dict()
+        return {"dev": dev["rows"], "dev_ids": dev["ids"], "logs": logs["rows"], "logs_ids": logs["ids"]}
 
     def load_state_dict(self, state) -> None:
-        self._dev = deque((np.asarray(a, np.float64) for a in state.get("dev", [])), maxlen=self.config.window)
-        self._logs = deque((np.asarray(a, np.float64) for a in state.get("logs", [])),
-                           maxlen=2 * self.config.window)
+        self._dev.load_state_dict(state, rows_key="dev", ids_key="dev_ids")
+        self._logs.load_state_dict(state, rows_key="logs", ids_key="logs_ids")

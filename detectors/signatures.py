@@ -52,3 +52,25 @@ def group_key(name: str) -> str:
     ('experts.#.#.weight', '#.weight', 'router.weight')
     """
     return _INDEX.sub("#", name)
+
+
+def lone_parameters(layers: Sequence[str], never: np.ndarray, had: np.ndarray) -> np.ndarray:
+    """Mask of the ``never``-had-a-gradient parameters that sit *alone* in a module that learns: another parameter
+    of the module that holds it (its name up to the last dot, submodules included; the whole model for a
+    top-level parameter) ``had`` a gradient. A learned token that this task does not use (DINOv2's
+    ``embeddings.mask_token`` in classification, beside ``cls_token``, the position and patch embeddings) looks
+    like that; a branch detached by mistake does not: it is a whole module (a linear layer's weight *and* bias,
+    a router, a generator) that no gradient reaches.
+
+    >>> layers = ["emb.mask_token", "emb.proj.weight", "side.weight", "side.bias", "head.weight"]
+    >>> never = np.array([True, False, True, True, False])
+    >>> lone_parameters(layers, never, ~never).tolist()
+    [True, False, False, False, False]
+    """
+    fed = [n for n, h in zip(layers, had, strict=True) if h]
+    out = np.zeros(len(layers), dtype=bool)
+    for i, (name, nv) in enumerate(zip(layers, never, strict=True)):
+        if nv:
+            module = name.rpartition(".")[0]
+            out[i] = any(not module or f.startswith(module + ".") for f in fed)
+    return out

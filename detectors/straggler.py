@@ -43,13 +43,13 @@ stalls at once, a slow device only as far as the host waits for it (synchronisin
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Any
 
 import numpy as np
 from pydantic import Field
 
 from gfservice.api import Detector, DetectorConfig, Finding, StepStats
+from gfservice.stats import RankWindow
 
 
 class Straggler(Detector):
@@ -67,7 +67,7 @@ class Straggler(Detector):
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
-        self._times: deque[np.ndarray] = deque(maxlen=self.config.window)
+        self._times = RankWindow(self.config.window)
         self._source = ""
 
     def update(self, step: StepStats) -> list[Finding] | None:
@@ -77,14 +77,15 @@ class Straggler(Detector):
         if times is None or len(times) < 2:
             return None
         times = np.asarray(times, dtype=np.float64)
-        if source != self._source or (self._times and len(self._times[-1]) != len(times)):
+        if source != self._source or (step.ranks is None and len(self._times.ids) not in (0, len(times))):
             self._times.clear()
             self._source = source
-        self._times.append(np.where(np.isfinite(times) & (times >= 0), times, np.nan))
+        self._times.append(step.ranks_of(times), np.where(np.isfinite(times) & (times >= 0), times, np.nan))
         cfg = self.config
         if len(self._times) < cfg.window:
             return []
-        t = np.stack(self._times)
+        t = self._times.stack()
+        ids = self._times.ids
         enough = np.count_nonzero(np.isfinite(t), axis=0) >= math.ceil(0.75 * cfg.window)
         if np.count_nonzero(enough) < 2:
             return []
@@ -95,6 +96,7 @@ class Straggler(Detector):
         hi = np.take_along_axis(s, (n // 2)[None, :], axis=0)[0]
         med[enough] = (lo + hi) / 2
         best_rank = int(np.nanargmin(med))
+        best_id = int(ids[best_rank])
         best = float(med[best_rank])
         with np.errstate(divide="ignore", invalid="ignore"):
             score = np.where(med > 0, best / med, 1.0)
@@ -105,18 +107,19 @@ class Straggler(Detector):
         return [
             self.finding(
                 step, "warning",
-                f"rank {r} has been slower than the other {n_ranks - 1} ranks for the last {cfg.window} steps at "
+                f"rank {ids[r]} has been slower than the other {n_ranks - 1} ranks for the last {cfg.window} steps at "
                 f"step {step.step}: {what} take {med[r]:.3g} s per step (median) against {best:.3g} s on rank "
-                f"{best_rank} (score {score[r]:.2f} < {cfg.threshold}), and the whole job runs at its pace; check "
+                f"{best_id} (score {score[r]:.2f} < {cfg.threshold}), and the whole job runs at its pace; check "
                 "that rank's host (other processes, CPU or GPU throttling, its data loading and storage)",
-                ranks=[int(r)], value=float(score[r]), threshold=cfg.threshold, key=f"rank{r}",
+                ranks=[int(ids[r])], value=float(score[r]), threshold=cfg.threshold, key=f"rank{ids[r]}",
             )
             for r in slow
         ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"times": [a.copy() for a in self._times], "source": self._source}
+        saved = self._times.state_dict()
+        return {"times": saved["rows"], "ids": saved["ids"], "source": self._source}
 
     def load_state_dict(self, state) -> None:
-        self._times = deque((np.asarray(a, np.float64) for a in state.get("times", [])), maxlen=self.config.window)
+        self._times.load_state_dict(state, rows_key="times")
         self._source = str(state.get("source", ""))

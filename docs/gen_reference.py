@@ -44,6 +44,8 @@ OTHER_VARIABLES = {
     "GFSERVICE_NAMESPACE": "Default Ray namespace of the service (`[service] namespace`), `gfservice` unless set.",
     "GFSERVICE_PEER_ADDR": "The address rank 0 listens on when a torchrun/Slurm job's ranks merge without a service "
                            "(default: loopback on one node, else the address of `MASTER_ADDR`).",
+    "GFSERVICE_MERGE_AGENT": "`1`: a Ray job's ranks send through their node's merge agent; `0`: straight to the "
+                             "service; unset: through the agent from 256 ranks (see explanation/scale-out.md).",
 }
 #: Fields whose ``#:`` comment would otherwise be the one of the field above them.
 FIELD_DOCS = {("ServiceConfig", "snapshot_interval_s"): "Seconds between snapshots of detector state and findings.",

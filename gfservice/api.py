@@ -110,8 +110,17 @@ class Finding(BaseModel):
 class StepStats:
     """The merged statistics of one training step of one run, as detectors see them.
 
-    Per-layer arrays are in the model's parameter order (input to output). Rank-level arrays have
-    one entry per rank, NaN (or False) where a rank did not report.
+    Per-layer arrays are in the model's parameter order (input to output). Rank-level arrays (``rank_norm``,
+    ``rank_nonfinite``, ``step_time``, ``compute_time``) have one entry per rank of ``ranks``, the ranks that
+    reported (merged steps: sparse, never sized by a claimed world size), NaN (or False) where a rank did not
+    say; without ``ranks`` entry ``i`` is rank ``i``. :attr:`rank_ids` reads the ranks either way.
+
+    >>> from gfservice.testing import make_step
+    >>> s = make_step(sum_sq=[1.0], rank_norm=[1.0, 5.0], ranks=[3, 12345])
+    >>> s.rank_ids.tolist(), s.rank_ids[np.argmax(s.rank_norm)]
+    ([3, 12345], np.int64(12345))
+    >>> make_step(sum_sq=[1.0], step_time=[0.1, 0.2]).rank_ids.tolist()
+    [0, 1]
     """
 
     run: str
@@ -134,6 +143,8 @@ class StepStats:
     compute_time: np.ndarray | None = None
     #: Ranks whose report had not arrived when the step was merged.
     missing_ranks: tuple[int, ...] = ()
+    #: The rank of each entry of the rank-level arrays, ascending; None: entry ``i`` is rank ``i``.
+    ranks: np.ndarray | None = None
     #: The optimizer's learning rate and weight decay per parameter group at this step, where the sender read
     #: them (None otherwise, e.g. older senders).
     group_lr: np.ndarray | None = None
@@ -147,6 +158,8 @@ class StepStats:
     precision: str | None = None
     #: Autocast's low-precision format when it was on at collection ("fp16", "bf16"), or None.
     autocast: str | None = None
+    #: With the monitor's guard on: the steps whose update it skipped so far, by reason (cumulative), else None.
+    guard_skips: dict[str, int] | None = None
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -155,6 +168,21 @@ class StepStats:
     @property
     def global_norm(self) -> float:
         return self.grads.global_norm
+
+    @property
+    def rank_ids(self) -> np.ndarray:
+        """The rank of each entry of the rank-level arrays (empty when the step has none)."""
+        if self.ranks is not None:
+            return np.asarray(self.ranks, dtype=np.int64)
+        return np.arange(max((len(a) for a in (self.rank_norm, self.rank_nonfinite, self.step_time,
+                                               self.compute_time) if a is not None), default=0), dtype=np.int64)
+
+    def ranks_of(self, values: np.ndarray) -> np.ndarray:
+        """The rank of each entry of ``values``, one of the rank-level arrays (see :attr:`rank_ids`); entry ``i`` is
+        rank ``i`` when ``values`` does not match ``ranks`` (a step whose arrays were replaced densely)."""
+        if self.ranks is not None and len(self.ranks) == len(values):
+            return np.asarray(self.ranks, dtype=np.int64)
+        return np.arange(len(values), dtype=np.int64)
 
     @property
     def weight_norm(self) -> np.ndarray | None:

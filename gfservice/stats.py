@@ -21,6 +21,7 @@ Norms, means, ratios and underflow fractions are derived here, never shipped.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -34,6 +35,7 @@ __all__ = [
     "PEAK_BOUND",
     "STATISTICS",
     "GradStats",
+    "RankWindow",
     "Statistic",
     "depth_buckets",
     "exponent_histogram",
@@ -434,3 +436,60 @@ def depth_buckets(sum_sq: npt.ArrayLike, count: npt.ArrayLike, buckets: int) -> 
     with np.errstate(divide="ignore", invalid="ignore"):
         rms = np.sqrt(sq / np.maximum(cnt, 1))
     return [float(v) if c > 0 else None for v, c in zip(rms, cnt, strict=True)]
+
+
+class RankWindow:
+    """The last ``size`` steps of one per-rank value, one column per rank seen: the ranks of a step are those
+    that reported (``StepStats.rank_ids``), so columns are aligned by rank, NaN where a rank said nothing.
+
+    >>> w = RankWindow(3)
+    >>> w.append([0, 2], [1.0, 2.0])
+    >>> w.append([2, 5], [3.0, 4.0])
+    >>> w.ids.tolist(), w.stack().tolist()
+    ([0, 2, 5], [[1.0, 2.0, nan], [nan, 3.0, 4.0]])
+    >>> w2 = RankWindow(3)
+    >>> w2.load_state_dict(w.state_dict()); w2.stack().shape
+    (2, 3)
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.ids: Array = np.zeros(0, np.int64)
+        self.rows: deque[Array] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def append(self, ranks: npt.ArrayLike, values: npt.ArrayLike) -> None:
+        ids = np.asarray(ranks, np.int64)
+        if len(ids) != len(self.ids) or not np.array_equal(ids, self.ids):
+            union = np.union1d(self.ids, ids)
+            if len(union) != len(self.ids):
+                where = np.searchsorted(union, self.ids)
+                for i, row in enumerate(self.rows):
+                    wide = np.full(len(union), np.nan)
+                    wide[where] = row
+                    self.rows[i] = wide
+                self.ids = union
+        row = np.full(len(self.ids), np.nan)
+        row[np.searchsorted(self.ids, ids)] = np.asarray(values, np.float64)
+        self.rows.append(row)
+
+    def stack(self) -> Array:
+        """The window as a (steps, ranks) array, oldest step first."""
+        return np.stack(self.rows) if self.rows else np.zeros((0, len(self.ids)))
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.ids = np.zeros(0, np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ids": self.ids.copy(), "rows": [r.copy() for r in self.rows]}
+
+    def load_state_dict(self, state: Mapping[str, Any], rows_key: str = "rows", ids_key: str = "ids") -> None:
+        """Restore :meth:`state_dict` (its two entries under ``rows_key``, ``ids_key``), or rows saved without
+        ranks (then column ``i`` is rank ``i``)."""
+        rows = [np.asarray(r, np.float64) for r in state.get(rows_key, [])]
+        self.rows = deque(rows, maxlen=self.size)
+        ids = state.get(ids_key)
+        self.ids = np.asarray(ids if ids is not None else np.arange(len(rows[-1]) if rows else 0), np.int64)

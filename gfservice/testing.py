@@ -45,7 +45,7 @@ def make_step(
     ``max_abs`` defaults to the RMS, ``nonfinite`` to zero. Any other statistic of
     :data:`gfservice.stats.STATISTICS` (``sum_abs``, ``zeros``, ``exp_hist``, ``dead_units``, ``weight_sq``,
     ...) may be given by name; ``weight_norm`` and ``update_ratio`` are turned into the sums of squares that
-    travel. Other keywords (``loss``, ``lr``, ``rank_norm``, ``group_lr``, ``group_wd``, ``layer_group``,
+    travel. Other keywords (``loss``, ``lr``, ``rank_norm``, ``ranks``, ``group_lr``, ``group_wd``, ``layer_group``,
     ``layer_kinds``, ``precision``, ...) go to :class:`StepStats` (as arrays or tuples where it holds those).
 
     >>> s = make_step(sum_sq=[4.0, 1.0], count=4, weight_norm=[2.0, 1.0], update_ratio=[1e-3, 1e-2])
@@ -78,8 +78,9 @@ def make_step(
     for k in ("rank_norm", "rank_nonfinite", "step_time", "compute_time", "group_lr", "group_wd"):
         if k in extra and extra[k] is not None:
             extra[k] = np.asarray(extra[k], np.float64 if k.startswith("group_") else None)
-    if extra.get("layer_group") is not None:
-        extra["layer_group"] = np.asarray(extra["layer_group"], np.int64)
+    for k in ("layer_group", "ranks"):
+        if extra.get(k) is not None:
+            extra[k] = np.asarray(extra[k], np.int64)
     if extra.get("layer_kinds") is not None:
         extra["layer_kinds"] = tuple(extra["layer_kinds"])
     return StepStats(run=run, step=step, grads=grads, **extra)

@@ -45,6 +45,7 @@ gfservice.wire.Rejected: oversized: layout: a layer name of 300 characters; the 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ __all__ = [
     "Limits",
     "LimitsLike",
     "Message",
+    "NodeRanks",
+    "RankValues",
     "RejectReason",
     "Rejected",
     "RunEnd",
@@ -95,6 +98,8 @@ MAX_LAYER_NAME = 4096
 MAX_WORLD_SIZE = 1_000_000
 #: Most optimizer parameter groups a report describes.
 MAX_GROUPS = 100_000
+#: Most ranks one node merge agent's message covers.
+MAX_NODE_RANKS = 4096
 
 
 class LimitsLike(Protocol):
@@ -282,6 +287,10 @@ class Layout(_Message):
                                                                            max_length=MAX_LAYERS)
     #: False for ranks that send only a heartbeat (DDP ranks other than the reporting one).
     reports_layers: bool = True
+    #: The ranks this layout stands for, ``rank`` among them, when a node merge agent sends it for its node's
+    #: ranks (see :mod:`gfservice.hosting.merge_agent`); empty: ``rank`` alone.
+    ranks: list[Annotated[int, Field(ge=0, lt=MAX_WORLD_SIZE)]] = Field(default_factory=list,
+                                                                         max_length=MAX_NODE_RANKS)
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> Layout:
@@ -309,6 +318,10 @@ class Layout(_Message):
             raise ValueError("layer names must be unique")
         if self.reports_layers and not self.layers:
             raise ValueError("a layout that reports layers needs at least one layer")
+        if self.ranks:
+            _check_ranks(self.ranks, self.rank)
+            if self.ranks[-1] >= self.world_size:
+                raise ValueError(f"rank {self.ranks[-1]} is outside world size {self.world_size}")
         return self
 
 
@@ -324,8 +337,62 @@ def _finite_or_none(v: float | None, name: str) -> float | None:
     return v
 
 
+def _check_ranks(ranks: list[int], rank: int) -> None:
+    if any(b <= a for a, b in itertools.pairwise(ranks)):
+        raise ValueError("ranks must be increasing")
+    if rank not in ranks:
+        raise ValueError(f"ranks must hold the message's own rank {rank}")
+
+
+class RankValues(BaseModel):
+    """A value for some of a node report's ranks: ``values[i]`` is rank ``ranks[i]``'s (every rank where that is
+    cheap, the outliers otherwise: see :func:`gfservice.service.merging.compact`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ranks: list[Annotated[int, Field(ge=0, lt=MAX_WORLD_SIZE)]] = Field(max_length=MAX_NODE_RANKS)
+    values: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(max_length=MAX_NODE_RANKS)
+
+    @model_validator(mode="after")
+    def _paired(self) -> RankValues:
+        if len(self.ranks) != len(self.values):
+            raise ValueError("ranks and values must have the same length")
+        return self
+
+
+class NodeRanks(BaseModel):
+    """The ranks a node merge agent's :class:`StepReport` covers (its statistics are theirs, merged exactly) and
+    what it keeps of each: the ranks whose local gradients held NaN/Inf, and their local norms and step times.
+
+    >>> NodeRanks(ranks=[8, 9], nonfinite=[9], local_norm=RankValues(ranks=[8, 9], values=[1.0, 2.0])).nonfinite
+    [9]
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ranks: list[Annotated[int, Field(ge=0, lt=MAX_WORLD_SIZE)]] = Field(min_length=1, max_length=MAX_NODE_RANKS)
+    #: The covered ranks whose local gradients held NaN/Inf before they were reduced.
+    nonfinite: list[int] = Field(default_factory=list, max_length=MAX_NODE_RANKS)
+    local_norm: RankValues | None = None
+    step_time: RankValues | None = None
+    compute_time: RankValues | None = None
+
+    @model_validator(mode="after")
+    def _within(self) -> NodeRanks:
+        _check_ranks(self.ranks, self.ranks[0])
+        covered = set(self.ranks)
+        for part in (self.nonfinite, *(v.ranks for v in (self.local_norm, self.step_time, self.compute_time) if v)):
+            if not covered.issuperset(part):
+                raise ValueError("per-rank values name ranks the report does not cover")
+        return self
+
+
 #: Float fields that are times or norms: finite and not negative (``loss`` may be NaN: that is news).
 _NON_NEGATIVE = frozenset({"time", "local_norm", "step_time", "compute_time"})
+
+
+#: Why the monitor's guard skipped a step (see :mod:`gfservice.training.guard`).
+GuardReason = Literal["nonfinite_gradient", "nonfinite_loss", "gradient_norm", "layer_norm", "learning_rate"]
 
 
 class StepReport(_Message):
@@ -364,6 +431,14 @@ class StepReport(_Message):
     precision: Literal["fp16", "bf16"] | None = None
     #: Autocast's low-precision format when autocast was on as the step was collected, else None.
     autocast: Literal["fp16", "bf16"] | None = None
+    #: With the monitor's guard on: the steps whose update it skipped so far on this rank, by reason (cumulative;
+    #: see :mod:`gfservice.training.guard`). None without a guard.
+    guard_skips: dict[GuardReason, Annotated[int, Field(ge=0)]] | None = None
+    #: The errors this rank's monitor counted so far (``monitor.errors``, cumulative): failures it kept from the
+    #: training loop.
+    monitor_errors: int = Field(0, ge=0, lt=MAX_STEP)
+    #: Set by a node merge agent: the ranks this report covers, ``rank`` the first of them (None: ``rank`` alone).
+    node: NodeRanks | None = None
 
     @field_validator("time", "lr", "loss_scale", "local_norm", "step_time", "compute_time")
     @classmethod
@@ -388,6 +463,8 @@ class StepReport(_Message):
 
     @model_validator(mode="after")
     def _consistent(self) -> StepReport:
+        if self.node is not None and self.node.ranks[0] != self.rank:
+            raise ValueError(f"a node report's rank {self.rank} must be the first rank it covers")
         if not self.stats:
             return self
         missing = [n for n in TIERS["core"] if n not in self.stats]
@@ -429,6 +506,11 @@ class StepReport(_Message):
                 i = int(np.flatnonzero(unexplained)[0])
                 raise PydanticCustomError("invalid", "{name} is NaN in layer {i} while its nonfinite count is 0 "
                                           "and its max_abs finite or absent", {"name": name, "i": i})
+
+    @property
+    def covers(self) -> list[int]:
+        """The ranks this report speaks for: ``rank``, or a node report's ranks."""
+        return [self.rank] if self.node is None else self.node.ranks
 
     @property
     def n_layers(self) -> int:

@@ -39,7 +39,7 @@ CONTRACT = {
     "gradflow_ingest_latency_seconds_sum", "gradflow_ingest_latency_seconds_count",
     "gradflow_detector_seconds_total", "gradflow_detector_errors_total", "gradflow_runs", "gradflow_build_info",
     "gradflow_noise_scale", "gradflow_memory_bytes", "gradflow_memory_limit_bytes", "gradflow_runs_evicted_total",
-    "gradflow_export_errors_total", "gradflow_detector_disabled",
+    "gradflow_export_errors_total", "gradflow_detector_disabled", "gradflow_steps_skipped_total",
 }
 PROMETHEUS_OWN = {"ALERTS", "up"}
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
@@ -226,7 +226,7 @@ def test_expected_empty_panels_say_why():
     empty = expected_empty(_board("run-health"))
     assert empty["Loss scale"] == "no GradScaler in this run"
     assert set(empty) == {"Loss scale", "Active findings (details)", "Findings raised (cumulative)", "Alerts",
-                          "Gradient noise scale"}
+                          "Gradient noise scale", "Steps skipped by the guard"}
     assert "Active findings" not in expected_empty(_board("service"))
     assert substitute("x[$__rate_interval]", {"__rate_interval": "30s"}) == "x[30s]"
 

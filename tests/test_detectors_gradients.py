@@ -212,9 +212,11 @@ def test_nonfinite_contract():
 
 # ---- no_gradient: synthetic ---------------------------------------------------------------------------------
 def test_a_missing_gradient_is_reported_after_the_window():
-    steps = [make_step(step=i, sum_sq=[1.0, 0.0, 1.0], count=[10, 0, 10]) for i in range(15)]
+    # whole modules (a top-level parameter alone, never used while the rest of the model learns, is a note)
+    steps = [make_step(step=i, sum_sq=[1.0, 0.0, 1.0], count=[10, 0, 10], layers=("a.w", "b.w", "c.w"))
+             for i in range(15)]
     found = replay(NoGradient(), steps)
-    assert found[0].step == 9 and found[0].layers == ["layer1"] and found[0].key == "layers"
+    assert found[0].step == 9 and found[0].layers == ["b.w"] and found[0].key == "layers"
     assert found[0].severity.value == "warning" and ".grad is None" in found[0].message
     assert len(found) == 6  # every step while it persists
 
@@ -246,6 +248,20 @@ def test_empty_parameters_are_not_judged():
     steps = [make_step(step=i, sum_sq=[1.0, 0.0], count=[10, 0], units=[10, 0]) for i in range(15)]
     assert replay(NoGradient(), steps) == []
 
+
+def test_a_lone_parameter_never_used_is_a_note_and_a_whole_module_a_warning():
+    """A mask token that never gets a gradient beside a projection that does (DINOv2 in classification): info.
+    A whole module (weight and bias) that never does: a warning. A lone parameter that *had* a gradient and
+    lost it: a warning too."""
+    names = ("emb.mask_token", "emb.proj.weight", "side.weight", "side.bias", "head.weight")
+    steps = [make_step(step=i, sum_sq=[0.0, 1.0, 0.0, 0.0, 1.0], count=[0, 10, 0, 0, 10], layers=names)
+             for i in range(12)]
+    found = replay(NoGradient(), steps)
+    assert {(f.key, f.severity.value, tuple(f.layers)) for f in found} == {
+        ("unused", "info", ("emb.mask_token",)), ("layers", "warning", ("side.weight", "side.bias"))}
+    had = [make_step(step=i, sum_sq=[1.0, 1.0], count=[10, 10], layers=names[:2]) for i in range(3)]
+    lost = [make_step(step=3 + i, sum_sq=[0.0, 1.0], count=[0, 10], layers=names[:2]) for i in range(12)]
+    assert {(f.key, f.severity.value) for f in replay(NoGradient(), had + lost)} == {("layers", "warning")}
 
 def test_no_gradient_contract():
     steps = noisy(10) + [make_step(step=10 + i, sum_sq=[1.0, 0.0, 1.0], count=[10, 0, 10]) for i in range(20)]

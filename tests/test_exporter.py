@@ -253,6 +253,26 @@ def _lingering(linger_s: float):
     return now, step, findings
 
 
+def test_monitor_errors_reach_the_metric():
+    """An error the monitor keeps from the training loop (here a loss it cannot read) is counted on its rank and
+    exported with the run's next report."""
+    agg = Aggregator()
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, opt, InProcessTransport(agg, background=False), MonitorOptions(run="errs"))
+    for i in range(4):
+        loss = model(torch.randn(4, 3)).sum()
+        loss.backward()
+        opt.step()
+        mon.step(loss="not a number" if i == 1 else loss)
+        opt.zero_grad()
+    mon.close()
+    registry = CollectorRegistry()
+    registry.register(GradflowCollector(agg))
+    text = generate_latest(registry).decode()
+    assert mon.errors == 1 and value(text, "gradflow_monitor_errors_total", run="errs") == 1
+
+
 def test_findings_linger_after_they_clear_and_then_go():
     now, step, findings = _lingering(60)
     step(0)

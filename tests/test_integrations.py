@@ -174,7 +174,7 @@ def test_transformers_trainer_stops_itself_when_the_learning_rate_explodes(tmp_p
     from gfservice.integrations.transformers import GradflowCallback
 
     callback = GradflowCallback(service=None, detectors=STOP)
-    trainer = _trainer(tmp_path, callback, max_grad_norm=0.0)  # unclipped: see the callback's note on clipping
+    trainer = _trainer(tmp_path, callback)  # the Trainer's default clipping (max_grad_norm=1.0): read before it
     trainer.train()
     watch = callback.watch
     first = _first_alarm(callback.monitor.findings)
@@ -222,6 +222,7 @@ def _lightning_module(manual: bool = False):
                 opt = self.optimizers()
                 opt.zero_grad()
                 self.manual_backward(loss)
+                self.clip_gradients(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
                 opt.step()
                 self.lr_schedulers().step()
             return loss
@@ -255,7 +256,8 @@ def test_lightning_trainer_stops_itself_when_the_learning_rate_explodes(tmp_path
     from gfservice.integrations.lightning import GradflowCallback
 
     callback = GradflowCallback(service=None, detectors=STOP)
-    trainer = _lightning_trainer(tmp_path, callback)
+    clip = {} if manual else {"gradient_clip_val": 1.0}  # manual optimization clips in its training_step
+    trainer = _lightning_trainer(tmp_path, callback, **clip)
     trainer.fit(_lightning_module(manual), _loader())
     watch = callback.watch
     _assert_stopped_in_time(_first_alarm(callback.monitor.findings), watch.stopped_at)
@@ -295,6 +297,8 @@ def _accelerate_run(steps: int, accumulation: int, **options):
         with accelerator.accumulate(model):
             loss = torch.nn.functional.mse_loss(model(x), y)
             accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             mon.step(loss)

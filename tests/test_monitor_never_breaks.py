@@ -96,6 +96,25 @@ def test_complex_gradients_and_parameters_that_come_and_go_never_reach_the_loop(
     mon.close()
 
 
+def test_complex_gradients_are_collected_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    model.z = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    mon = gfservice.monitor(model, opt, service=None, deep_every=2)  # deep steps read update norms too
+    for _ in range(4):
+        loss = model(torch.randn(4, 3)).sum() + (model.z * torch.tensor([1, 2j, 3])).abs().sum()
+        loss.backward()
+        want = float(torch.linalg.vector_norm(model.z.grad, dtype=torch.complex128).real)
+        opt.step()
+        mon.step(loss=loss)
+        opt.zero_grad()
+    assert mon.errors == 0
+    z = [r for r in mon.history(per_layer=True) if r["layer"] == "z" and r["step"] == 3]
+    assert len(z) == 1 and abs(z[0]["norm"] - want) <= 1e-6 * want
+    mon.close()
+
+
 def test_a_model_without_parameters_and_a_broken_transport_never_raise():
     mon = gfservice.monitor(torch.nn.ReLU(), service=None)
     assert mon.off is not None and mon.errors == 1

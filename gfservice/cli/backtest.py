@@ -42,6 +42,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--compare", default=None, metavar="B.toml", help="a second configuration, shown side by side")
     p.add_argument("--detectors", default=None, metavar="NAME,...", help="run only these detectors")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--guard", action="store_true",
+                   help="replay guard mode instead of the detectors: which steps would the guard have skipped")
+    p.add_argument("--guard-set", dest="guard_sets", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a GuardConfig field for --guard (repeatable), e.g. ratio=100, z=8, per_layer=true")
     p.set_defaults(func=_backtest)
 
     p = sub.add_parser(
@@ -106,9 +110,45 @@ def _label(path: str | None) -> str:
     return Path(path).stem if path else "defaults"
 
 
+def _guard_backtest(args: argparse.Namespace) -> int:
+    """``backtest --guard``: the steps a guard configuration would have skipped on the history."""
+    from pydantic import ValidationError
+
+    from gfservice.errors import ConfigError
+    from gfservice.service.backtest import guard_backtest
+    from gfservice.training.guard import GuardConfig
+
+    try:
+        fields = {}
+        for name, value in parse_set([f"guard.{item}" for item in args.guard_sets]).get("guard", {}).items():
+            fields[name] = value
+        config = GuardConfig(**fields)
+        steps, source = _load_steps(args)
+        res = guard_backtest(steps, config)
+    except (ValueError, ConfigError, ValidationError) as exc:
+        print(f"gfservice backtest: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"history": source, "run": res.run, "steps": res.steps, "config": config.model_dump(),
+                          "skipped": res.skipped, "let_through": res.let_through}, indent=2))
+        return 0
+    print(f"{source}: run {res.run}, {len(steps)} merged steps (steps {steps[0].step} to {steps[-1].step})")
+    print(f"guard: {', '.join(f'{k}={v}' for k, v in config.model_dump().items())}\n")
+    if res.skipped:
+        print(table(("step", "reason"), [(str(s), r) for s, r in res.skipped]))
+    n = len(res.skipped)
+    verb = "rescaled" if config.policy == "clip" else "skipped"
+    print(f"\nthe guard would have {verb} {n} step{'s' * (n != 1)} of {res.steps}"
+          + (f"; let {len(res.let_through)} poisoned steps through after {config.max_consecutive} in a row"
+             if res.let_through else ""))
+    return 0
+
+
 def _backtest(args: argparse.Namespace) -> int:
     from gfservice.service.backtest import backtest
 
+    if getattr(args, "guard", False):
+        return _guard_backtest(args)
     try:
         configs = [(_label(args.config), args.config, _detector_settings(args.config))]
         if args.compare:

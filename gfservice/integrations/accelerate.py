@@ -47,7 +47,8 @@ def monitor(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any = N
             stop: bool = True, sync_every: int = 1, step: int = 0, **options: Any) -> AcceleratedMonitor:
     """Watch the gradients of the model an ``Accelerator`` prepared (every process must call this).
 
-    ``optimizer`` may be the prepared ``AcceleratedOptimizer``; ``options`` go to :func:`gfservice.monitor`.
+    ``optimizer`` may be the prepared ``AcceleratedOptimizer``; ``options`` go to :func:`gfservice.monitor`
+    (``guard=True`` guards the torch optimizer inside it: every wrapper's step ends there).
     """
     if run is None and accelerator.project_dir:
         run = _clean_name(os.path.basename(os.path.normpath(accelerator.project_dir))) or None

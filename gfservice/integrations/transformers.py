@@ -66,7 +66,10 @@ class GradflowCallback(TrainerCallback):
 
     ``run`` overrides the run name; ``stop=False`` only reports findings; ``sync_every`` thins out the ranks'
     agreement on the stop verdict (one all-reduce of one element per collected step by default); other keywords
-    go to :func:`gfservice.monitor` (``every``, ``deep_every``, ``detectors``, ``config``, ``service``...).
+    go to :func:`gfservice.monitor` (``every``, ``deep_every``, ``detectors``, ``config``, ``service``,
+    ``guard``...). With ``guard=True`` a poisoned step (NaN/Inf gradients or loss, a gradient-norm explosion)
+    leaves the weights and the optimizer state untouched: the guard wraps the torch optimizer inside the
+    ``AcceleratedOptimizer``, and the learning-rate schedule goes on as after a GradScaler's skipped step.
     """
 
     def __init__(self, run: str | None = None, *, stop: bool = True, sync_every: int = 1, **options: Any):
@@ -91,6 +94,9 @@ class GradflowCallback(TrainerCallback):
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if loss is not None and hasattr(loss, "detach"):
             self._loss = loss.detach()
+            mon = self.watch.monitor
+            if mon is not None and mon.guard is not None:
+                mon.observe(self._loss)  # the guard judges a NaN/Inf loss before optimizer.step()
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           **kwargs: Any) -> None:

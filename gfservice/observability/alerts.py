@@ -376,6 +376,22 @@ ALERTS: tuple[Alert, ...] = (
             "Findings for the dropped steps are missing: the service is overloaded or unreachable."
         ),
     ),
+    # Guard mode: each skip kept a poisoned step off the weights (the run goes on), but skips that keep coming
+    # mean the data or the schedule keeps producing poisoned steps: a ticket. A run that only produces poisoned
+    # steps gets a critical finding from the guard itself (max_consecutive).
+    Alert(
+        name="GradflowStepsSkipped",
+        expr="sum without (reason) (increase(gradflow_steps_skipped_total[30m])) > 3",
+        severity=Severity.warning,
+        summary="Run {{ $labels.run }}: the guard skipped {{ $value | humanize }} steps in 30 minutes",
+        description=(
+            "The guard of run {{ $labels.run }} (gfservice.monitor(..., guard=True)) kept {{ $value | humanize }} "
+            "poisoned steps off the weights in the last 30 minutes (threshold: more than 3): NaN/Inf gradients or "
+            "loss, or a gradient norm far above the run's recent history. Each skip protected the weights, but "
+            "they keep coming: look at the reasons (gradflow_steps_skipped_total by reason) and the batches of "
+            "those steps (monitor.skipped_steps)."
+        ),
+    ),
     # ---- the service protecting itself: isolated detectors, memory bounded in bytes, an isolated exporter ----
     # Tickets: in each case the service keeps working for everybody else, but one run (or one detector of it)
     # is no longer watched, and nothing else says so.

@@ -284,6 +284,12 @@ def run_health() -> dash.Dashboard:
                        "above it (in the same units: the number of ranks) gives diminishing returns.",
                        q(f"gradflow_noise_scale{{{R}}}", "B_simple (per-rank batches)"), log=10, w=24, h=7,
                        no_value="needs 2+ DDP ranks reporting local gradient norms"))
+        .with_panel(ts("Steps skipped by the guard", "Steps whose optimizer update the guard skipped (guard mode: "
+                       "gfservice.monitor(..., guard=True)), per 5 minutes, by reason: NaN/Inf gradients or loss, or a "
+                       "gradient norm far above the run's recent history. Each skip kept a poisoned step off the "
+                       "weights.", q(f"sum by (reason) (increase(gradflow_steps_skipped_total{{{R}}}[5m]))",
+                                     "{{reason}}"), bars=True, stack=True, w=24, h=7,
+                       no_value="no guard in this run"))
         .with_row(row("Gradient flow"))
         .with_panel(
             _targets(

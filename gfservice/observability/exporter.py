@@ -277,6 +277,8 @@ class GradflowCollector:
             for key, v in (("loss", st.loss), ("learning_rate", st.lr), ("loss_scale", st.loss_scale)):
                 if v is not None:
                     out.add(key, [name], v)
+            for reason, n in sorted((st.guard_skips or {}).items()):
+                out.add("steps_skipped", [name, reason], n)
             if st.rank_norm is not None:  # DDP: each rank's local (pre-allreduce) norm, scaled by a GradScaler
                 scale = np.float64(st.loss_scale or 1.0)
                 local_sq = np.asarray(st.rank_norm, dtype=np.float64) ** 2 / scale**2
@@ -301,6 +303,7 @@ class GradflowCollector:
         out.add("run_attempt", [name], run.attempts)
         out.add("stalled_ranks", [name], run.stalled_ranks)
         out.add("reports_dropped", [name], run.sender_dropped)
+        out.add("monitor_errors", [name], run.monitor_errors)
         out.add("run_memory_bytes", [name], run.memory_bytes)
         for reason, n in sorted(run.rejected.items()):
             out.add("run_messages_rejected", [name, reason], n)
@@ -347,6 +350,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "run_world_size": ("gauge", "Ranks (processes) of the run.", ("run",)),
     "run_attempt": ("gauge", "Attempts (starts) of the run so far, 1 for the first: one more each time the training "
                     "job restarts under the same run name.", ("run",)),
+    "steps_skipped": ("counter", "Steps whose optimizer update the monitor's guard skipped so far (guard mode), by "
+                      "reason; only for runs with the guard on.", ("run", "reason")),
     "nonfinite_layers": ("gauge", "Layers with NaN/Inf gradient values in the last merged step.", ("run",)),
     "stalled_ranks": ("gauge", "Ranks missing from the last merged step (no report within the merge timeout).",
                       ("run",)),
@@ -362,6 +367,8 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
                 "the value is the step at which it was first raised.",
                 ("run", "detector", "severity", "key", "layers", "ranks")),
     "reports_dropped": ("counter", "Reports the run's senders dropped before they reached the service.", ("run",)),
+    "monitor_errors": ("counter", "Errors the run's monitors caught in the training processes and kept from the "
+                       "training loop (the sum of the ranks' monitor.errors).", ("run",)),
     "run_memory_bytes": ("gauge", "Bytes the run holds in the service (history, pending steps, detector state).",
                          ("run",)),
     "run_messages_rejected": ("counter", "Messages of the run the aggregator refused, by reason (reasons seen so "

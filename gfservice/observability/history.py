@@ -43,7 +43,7 @@ VERSION = 2
 #: Array fields of :class:`~gfservice.stats.GradStats`: every declared statistic, and the layout's units.
 GRAD_ARRAYS = (*(s.name for s in STATISTICS), "units")
 #: Optional per-rank array fields of :class:`~gfservice.api.StepStats`.
-STEP_ARRAYS = ("rank_norm", "rank_nonfinite", "step_time", "compute_time")
+STEP_ARRAYS = ("rank_norm", "rank_nonfinite", "step_time", "compute_time", "ranks")
 
 
 class History(NamedTuple):

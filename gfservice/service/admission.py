@@ -107,7 +107,8 @@ def register(table: Table, lay: Layout) -> Run:
         new_attempt(table, run, lay)
     elif run is None or run.world_size != lay.world_size:
         if run is not None:
-            if lay.attempt and any(r != lay.rank for r in run.layouts):
+            own = set(lay.ranks or (lay.rank,))
+            if lay.attempt and any(r not in own for r in run.layouts):
                 # senders that tell attempts apart start a new attempt to change the world size
                 raise Rejected(RejectReason.layout_mismatch,
                                f"rank {lay.rank} of {lay.run} reports world size {lay.world_size}, "
@@ -126,8 +127,9 @@ def register(table: Table, lay: Layout) -> Run:
         run.layers = tuple(lay.layers)
         run.sharded = np.asarray(lay.sharded, dtype=bool)
         run.units = np.asarray(lay.units, dtype=np.int64) if lay.units else None
-    run.layouts[lay.rank] = lay
-    run.ended.discard(lay.rank)
+    for rank in lay.ranks or (lay.rank,):  # a node merge agent's layout stands for each of its node's ranks
+        run.layouts[rank] = lay
+        run.ended.discard(rank)
     run.finished = False
     run.last_seen = table.monotonic()
     return run
@@ -156,7 +158,8 @@ def new_attempt(table: Table, run: Run, lay: Layout) -> None:
     run.layouts.clear()
     run.pending.clear()
     run.pending_since.clear()
-    run.rank_last_step.clear()
+    run.pending_ranks.clear()
+    run.progress.clear()
     run.ended.clear()
     run.last_step = -1
     run.finished = False
@@ -211,25 +214,39 @@ def ingest(table: Table, run: Run, rep: StepReport) -> list[StepStats]:
     lay = run.layouts.get(rep.rank)
     if lay is None:
         raise Rejected(RejectReason.unknown_rank, f"rank {rep.rank} of {rep.run} sent no layout")
+    covers = rep.covers
+    if rep.node is not None:  # a node merge agent's report: each rank it covers came in with its layout
+        stray = next((r for r in covers if run.layouts.get(r) is not lay), None)
+        if stray is not None:
+            raise Rejected(RejectReason.unknown_rank, f"rank {stray} of {rep.run} is not in the layout of the node "
+                                                      f"of rank {rep.rank}")
     expected = len(lay.layers) if lay.reports_layers else 0
     if rep.n_layers != expected:
         raise Rejected(RejectReason.shape_mismatch, f"{rep.n_layers} layers, layout has {expected}")
     if rep.step <= run.last_step:
         raise Rejected(RejectReason.stale_step, f"step {rep.step} of {rep.run} is already merged")
-    newest = max(run.last_step, max(run.rank_last_step.values(), default=-1))
+    newest = max(run.last_step, run.progress.newest)
     if newest >= 0 and rep.step - newest > table.config.max_step_jump:
         raise Rejected(RejectReason.step_jump, f"step {rep.step} of {rep.run} is more than "
                                                f"{table.config.max_step_jump} ahead of its step {newest}")
-    slot = run.pending.setdefault(rep.step, {})
-    if rep.rank in slot:
-        raise Rejected(RejectReason.duplicate, f"rank {rep.rank} already reported step {rep.step}")
-    slot[rep.rank] = rep
-    run.rank_last_step[rep.rank] = max(run.rank_last_step.get(rep.rank, -1), rep.step)
+    covered = run.pending_ranks.get(rep.step)
+    if covered is not None:
+        again = next((r for r in covers if r in covered), None)
+        if again is not None:
+            raise Rejected(RejectReason.duplicate, f"rank {again} already reported step {rep.step}")
+    else:
+        covered = run.pending_ranks[rep.step] = set()
+    run.pending.setdefault(rep.step, {})[rep.rank] = rep
+    covered.update(covers)
+    for rank in covers:
+        run.progress.note(rank, rep.step)
     run.last_seen = now = table.monotonic()
     run.pending_since.setdefault(rep.step, now)
-    if run.finished or rep.rank in run.ended:  # a run that reports is live, whatever it did before
+    if rep.monitor_errors:
+        run.monitor_errors[rep.rank] = max(run.monitor_errors.get(rep.rank, 0), rep.monitor_errors)
+    if run.finished or (run.ended and not run.ended.isdisjoint(covers)):  # a run that reports is live again
         log.info("run %s: rank %d reports again after the run was taken as over", run.name, rep.rank)
-        run.ended.discard(rep.rank)
+        run.ended.difference_update(covers)
         run.finished = False
     return merge_ready(table, run)
 

@@ -205,9 +205,9 @@ class Aggregator:
         table = self._table
         world = 1
         for s in steps:
-            for ranks in (s.rank_norm, s.step_time):
-                if ranks is not None:
-                    world = max(world, len(ranks))
+            ids = s.rank_ids
+            if len(ids):
+                world = max(world, int(ids.max()) + 1)
         with table.lock:
             if run in table.runs:
                 raise ValueError(f"run {run!r} exists: replay into a new run name")

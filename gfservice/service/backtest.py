@@ -1,7 +1,8 @@
 """Backtests (plain Python, no Ray, no torch): replay a run's saved merged steps through a fresh set of
 detectors built from a configuration, through the aggregator's own detector and finding lifecycle
 (:meth:`Aggregator.replay <gfservice.service.aggregator.Aggregator.replay>`), and compare what two
-configurations would have raised. ``gfservice backtest`` prints it.
+configurations would have raised, and what a guard configuration (guard mode) would have skipped
+(:func:`guard_backtest`). ``gfservice backtest`` prints it.
 
 >>> from gfservice.testing import make_step
 >>> steps = [make_step(step=i, run="exp", sum_sq=[1.0, float("nan") if i in (5, 6) else 1.0]) for i in range(10)]
@@ -17,6 +18,7 @@ configurations would have raised. ``gfservice backtest`` prints it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +28,9 @@ from gfservice.api import Finding, Severity, StepStats
 from gfservice.config import AggregatorConfig
 from gfservice.errors import ConfigError
 from gfservice.service.aggregator import Aggregator
+from gfservice.training.guard import GuardConfig, replay
 
-__all__ = ["Backtest", "backtest", "pair", "severity_counts"]
+__all__ = ["Backtest", "GuardBacktest", "backtest", "guard_backtest", "pair", "severity_counts"]
 
 #: Findings a backtest keeps (the aggregator's bounded log): far more than any sane configuration raises.
 MAX_FINDINGS = 1_000_000
@@ -82,6 +85,39 @@ def backtest(steps: Sequence[StepStats], settings: Mapping[str, Mapping[str, Any
     return Backtest(run=run, steps=len(steps), settings=settings, detectors=configs, skipped=skipped,
                     findings=findings, errors=dict(view.detector_errors), seconds=dict(view.detector_seconds),
                     stop_reason=view.stop_reason)
+
+
+@dataclass(frozen=True)
+class GuardBacktest:
+    """What one guard configuration would have done on a run's history (its collected steps)."""
+
+    run: str
+    steps: int
+    config: GuardConfig
+    #: The steps it would have skipped (or, with ``clip``, rescaled), with the reason of each.
+    skipped: list[tuple[int, str]]
+    #: Poisoned steps it would have let through after ``max_consecutive`` in a row.
+    let_through: list[tuple[int, str]]
+
+
+def guard_backtest(steps: Sequence[StepStats], config: GuardConfig | None = None) -> GuardBacktest:
+    """Replay the guard ``config`` (default: its defaults) over ``steps``: "how many steps would this guard have
+    skipped?". Judged from each step's pre-clip global gradient norm, its NaN/Inf flags and its loss; a history
+    collected every k-th step judges those steps only.
+
+    >>> from gfservice.testing import make_step
+    >>> steps = [make_step(step=i, run="exp", sum_sq=[1.0, 1.0]) for i in range(40)]
+    >>> steps.append(make_step(step=40, run="exp", sum_sq=[1e8, 1.0]))
+    >>> guard_backtest(steps).skipped
+    [(40, 'gradient_norm')]
+    """
+    if not steps:
+        raise ValueError("the history holds no merged steps")
+    config = config or GuardConfig()
+    rows = ((s.step, float(s.global_norm), bool(s.grads.nonfinite.any()) or not math.isfinite(float(s.global_norm)),
+             s.loss, s.lr) for s in steps)
+    guard = replay(config, rows)
+    return GuardBacktest(steps[0].run, len(steps), config, guard.skipped, guard.let_through)
 
 
 def _overlap(a: Finding, b: Finding) -> bool:

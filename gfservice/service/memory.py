@@ -94,7 +94,7 @@ R = TypeVar("R", bound=Recorded)
 def step_bytes(s: StepStats) -> int:
     """Bytes one merged step holds: its arrays (per layer and per rank) and its objects."""
     n = STEP_OVERHEAD + MISSING_RANK * len(s.missing_ranks)
-    for a in (*s.grads.arrays().values(), s.rank_norm, s.rank_nonfinite, s.step_time, s.compute_time):
+    for a in (*s.grads.arrays().values(), s.rank_norm, s.rank_nonfinite, s.step_time, s.compute_time, s.ranks):
         if a is not None:
             n += a.nbytes
     return n
@@ -105,8 +105,11 @@ def report_bytes(r: StepReport) -> int:
     return REPORT_OVERHEAD + sum(a.nbytes for a in r.stats.values())
 
 
-def layout_bytes(lay: Layout) -> int:
-    """Bytes one rank's layout holds (its layer names and per-layer lists)."""
+def layout_bytes(lay: Layout, rank: int | None = None) -> int:
+    """Bytes one rank's layout holds (its layer names and per-layer lists); a dict slot for ``rank`` when that is
+    another rank of a node layout (one object for the node's ranks, counted once, under its own rank)."""
+    if rank is not None and rank != lay.rank:
+        return MISSING_RANK
     return LAYOUT_OVERHEAD + len(lay.layers) * LAYOUT_PER_LAYER + sum(map(len, lay.layers))
 
 
@@ -314,14 +317,14 @@ class Layouts(dict[int, Layout]):
     def __setitem__(self, rank: int, lay: Layout) -> None:
         old = self.get(rank)
         super().__setitem__(rank, lay)
-        self.memory.add("layouts", layout_bytes(lay) - (layout_bytes(old) if old is not None else 0))
+        self.memory.add("layouts", layout_bytes(lay, rank) - (layout_bytes(old, rank) if old is not None else 0))
         if lay.reports_layers:
             self.memory.set("detectors", detector_bytes(self.memory.n_detectors, len(lay.layers)))
 
     def pop(self, rank: int, *default: Any) -> Any:
         lay = super().pop(rank, *default)
         if isinstance(lay, Layout):
-            self.memory.add("layouts", -layout_bytes(lay))
+            self.memory.add("layouts", -layout_bytes(lay, rank))
         return lay
 
     def __delitem__(self, rank: int) -> None:

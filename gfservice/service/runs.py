@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from gfservice.service.findings import ErrorLog, Record
     from gfservice.service.view import Published
 
-__all__ = ["ATTEMPTS_KEPT", "Health", "Lineup", "Run", "Table", "log"]
+__all__ = ["ATTEMPTS_KEPT", "Health", "Lineup", "RankProgress", "Run", "Table", "log"]
 
 #: The aggregator's log: every room writes to it (operators and tests filter on this one name).
 log = logging.getLogger("gfservice.service.aggregator")
@@ -63,6 +63,56 @@ class Health:
 @dataclass(eq=False)
 
 
+class RankProgress:
+    """The newest step each rank has reported, and what admission and merging ask of it, each answered without
+    a scan of the ranks: the newest step of any rank, and whether every rank reached a step.
+
+    >>> p = RankProgress()
+    >>> for rank, step in ((0, 3), (1, 2), (0, 4), (2, 2)):
+    ...     p.note(rank, step)
+    >>> p.newest, p.last[0], p.all_reached(2, world_size=3), p.all_reached(3, world_size=3)
+    (4, 4, True, False)
+    >>> p.all_reached(2, world_size=4)    # rank 3 never reported
+    False
+    """
+
+    #: The newest step of each rank that reported.
+    last: dict[int, int] = field(default_factory=dict)
+    #: The newest step of any rank (-1 before the first report).
+    newest: int = -1
+    #: How many ranks have each newest step (the values of ``last``, counted): its smallest key is the step of
+    #: the rank furthest behind. Its size is the number of distinct newest steps, not the number of ranks.
+    at: dict[int, int] = field(default_factory=dict)
+
+    def note(self, rank: int, step: int) -> None:
+        """Rank ``rank`` reported ``step`` (its newest step only moves forward)."""
+        old = self.last.get(rank, -1)
+        if step <= old:
+            return
+        if old >= 0:
+            left = self.at[old] - 1
+            if left:
+                self.at[old] = left
+            else:
+                del self.at[old]
+        self.at[step] = self.at.get(step, 0) + 1
+        self.last[rank] = step
+        self.newest = max(self.newest, step)
+
+    def all_reached(self, step: int, world_size: int) -> bool:
+        """Whether each of ``world_size`` ranks reported ``step`` or a later one (each rank reports in order,
+        so no rank will send ``step`` any more unless it sent it already)."""
+        return len(self.last) >= world_size and min(self.at, default=-1) >= step
+
+    def clear(self) -> None:
+        self.last.clear()
+        self.at.clear()
+        self.newest = -1
+
+
+@dataclass(eq=False)
+
+
 class Run:
     """Everything the aggregator knows of one run (private: readers get a :class:`~gfservice.service.view.RunView`).
 
@@ -84,6 +134,8 @@ class Run:
     units: Array | None = None
     #: When each waiting step's first report came (``Table.monotonic``: for the merge timeout only).
     pending_since: dict[int, float] = field(default_factory=dict)
+    #: The ranks each waiting step's reports cover (a node merge agent's report covers several).
+    pending_ranks: dict[int, set[int]] = field(default_factory=dict)
     active: dict[tuple[str, str], Record] = field(default_factory=dict)
     last_step: int = -1
     #: When the newest step was merged, as a Unix time (``Table.clock``): for display and /metrics only.
@@ -95,11 +147,13 @@ class Run:
     stop_reason: str | None = None
     #: Reports the run's senders dropped before they reached the service (queue full, service away).
     sender_dropped: int = 0
+    #: The latest ``monitor_errors`` of each rank that reported some (cumulative counts of its monitor).
+    monitor_errors: dict[int, int] = field(default_factory=dict)
     #: Set when the training job closed its monitors: the run is over, not stalled.
     finished: bool = False
     ended: set[int] = field(default_factory=set)
     #: The newest step each rank has reported.
-    rank_last_step: dict[int, int] = field(default_factory=dict)
+    progress: RankProgress = field(default_factory=RankProgress)
     #: Detector configuration changes applied to the live run (:mod:`gfservice.service.reconfigure`), oldest
     #: first: (first step judged with it, detector name -> the fields set). Their count is the configuration version.
     config_changes: list[tuple[int, dict[str, dict[str, Any]]]] = field(default_factory=list)

@@ -92,7 +92,7 @@ def run_state_locked(r: Run) -> dict[str, Any]:
     logged = {id(rec) for rec in r.log}
     return {
         "world_size": r.world_size,
-        **layouts_state(r.layouts.values()),
+        **layouts_state(lay for rank, lay in r.layouts.items() if rank == lay.rank),  # a node's layout once
         "detectors": dict(r.saved_detectors),
         "log": [rec.copy().model_dump(mode="json") for rec in r.log],
         # active findings old enough to have left the bounded log

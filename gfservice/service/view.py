@@ -41,6 +41,8 @@ class RunView:
     finished: bool
     stop_reason: str | None
     sender_dropped: int
+    #: Errors the run's monitors kept from their training loops (the sum of every rank's ``monitor.errors``).
+    monitor_errors: int
     latest: StepStats | None
     findings_total: Mapping[tuple[str, str], int]
     #: Active findings, most severe first.
@@ -72,7 +74,8 @@ class RunView:
         return {
             "run": self.name, "world_size": self.world_size, "layers": self.layers, "last_step": self.last_step,
             "last_time": self.last_time, "active_findings": len(self.active), "stop_reason": self.stop_reason,
-            "finished": self.finished, "sender_dropped": self.sender_dropped, "attempt": self.attempt,
+            "finished": self.finished, "sender_dropped": self.sender_dropped,
+            "monitor_errors": self.monitor_errors, "attempt": self.attempt,
             "attempts": self.attempts,
         }
 
@@ -145,6 +148,7 @@ def publish(r: Run) -> None:
     fields = dict(
         name=r.name, world_size=r.world_size, layers=len(r.layers), last_step=r.last_step,
         last_time=r.last_time, finished=r.finished, stop_reason=r.stop_reason, sender_dropped=r.sender_dropped,
+        monitor_errors=sum(r.monitor_errors.values()),
         latest=r.history[-1] if r.history else None, findings_total=dict(r.findings_total),
         detector_seconds=dict(r.health.seconds), detector_errors=dict(r.health.errors),
         detector_configs={n: d.config for n, d in r.detectors.items()},

@@ -128,7 +128,9 @@ class GradCollector:
     (``id()`` of parameters an optimizer holds: they may be unfrozen later). A parameter whose gradient is
     ``None`` at a step, or that is frozen (``requires_grad`` False: see :meth:`refresh_live`), reports a count of
     0 at that step. A sparse gradient (``nn.Embedding(sparse=True)``) is read over its coalesced values; its count
-    is the parameter's element count, as for a dense one (the untouched rows hold zeros).
+    is the parameter's element count, as for a dense one (the untouched rows hold zeros). A complex gradient is
+    read as its real and imaginary parts (``torch.view_as_real``): its norm is exact, its count twice its
+    element count.
     """
 
     def __init__(self, named: Iterable[tuple[str, torch.nn.Parameter]], include: Sequence[str] = (),
@@ -146,8 +148,11 @@ class GradCollector:
         self.live: tuple[bool, ...] = self._flags()
         #: Positions of the layers whose gradients came sparse (learned on first sight).
         self._sparse: set[int] = set()
-        # the fast path of _gradients: plain tensors, none empty (a gradient has its parameter's shape), all live
-        self._dense_plain = not self._any_dtensor and all(self.numel)
+        #: Positions of the layers whose parameters are complex (read as real pairs).
+        self._complex = {i for i, p in enumerate(self.params) if p.is_complex()}
+        # the fast path of _gradients: plain real tensors, none empty (a gradient has its parameter's shape), all
+        # live
+        self._dense_plain = not self._any_dtensor and all(self.numel) and not self._complex
         self._plain = self._dense_plain and all(self.live)
         self._all = list(range(len(self.params)))
         self._counts = np.asarray(self.numel, np.int64)
@@ -186,7 +191,7 @@ class GradCollector:
     def snapshot_weights(self) -> None:
         """Keep a copy of the weights (call just before the optimizer step of a deep step)."""
         with torch.no_grad():
-            self._before = [local_part(p.detach()).clone() for p in self.params]
+            self._before = [_real(local_part(p.detach())).clone() for p in self.params]
 
     # ---- collection -----------------------------------------------------------------------------
     def launch(self, deep: bool = False, extras: dict[str, torch.Tensor | float | None] | None = None,
@@ -283,7 +288,7 @@ class GradCollector:
             before = self._before
             with_weights = read.deep and before is not None
             if read.deep and before is not None:
-                weights = [local_part(p.detach()) for p in self.params]
+                weights = [_real(local_part(p.detach())) for p in self.params]
                 pieces.append(_packed(weight_sums(weights, before, device), "update", device))
             self._before = None
             present = {k: v for k, v in extras.items() if v is not None}
@@ -305,7 +310,7 @@ class GradCollector:
         grad = self.params[i].grad
         assert grad is not None
         g = local_part(grad)
-        return g.coalesce().values() if g.is_sparse else g
+        return _real(g.coalesce().values() if g.is_sparse else g)
 
     def _gradients(self, layers: bool, dense: bool = False) -> tuple[list[torch.Tensor], list[int], np.ndarray,
                                                                        SumPlan | None]:
@@ -330,6 +335,8 @@ class GradCollector:
                 n = g.numel()
                 if i in sparse and g.is_sparse:
                     g = g.to_dense() if dense else g.coalesce().values()
+                if g.is_complex():
+                    g, n = _real(g), 2 * n
                 if n:
                     kept.append(g)
                     have.append(i)
@@ -468,6 +475,15 @@ def unscale(stats: GradStats, scale: float | None) -> None:
         target = np.clip(np.arange(1, EXP_BINS - 1) - k, 0, EXP_BINS - 1)
         np.add.at(moved.T, target, h[:, 1: EXP_BINS - 1].T)
         stats.exp_hist = moved
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a complex one as its real and imaginary parts (a view): norms of it are exact.
+
+    >>> _real(torch.tensor([3 + 4j])).norm().item()
+    5.0
+    """
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _core(grads: list[torch.Tensor], device: torch.device, peak: bool = True,

@@ -29,16 +29,18 @@ from typing import Any, NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from gfservice.api import Finding, StepStats
+from gfservice.api import Finding, Severity, StepStats
 from gfservice.config import load_settings
 from gfservice.service.aggregator import Aggregator
 from gfservice.training.backward import BackwardTap, can_tap
 from gfservice.training.collect import Collected, GradCollector, GradRead, Pending
 from gfservice.training.ddp_hook import LocalNormHook, is_ddp
+from gfservice.training.guard import REASONS, Guard, GuardConfig, Verdict, guard_config
 from gfservice.training.module_kinds import layer_kinds
 from gfservice.training.names import safe_names
 from gfservice.training.optim_info import RunContext
 from gfservice.training.parameters import has_sharded_parameters
+from gfservice.training.step_guard import GuardInput, StepHandle, guard_input, rescale, wrap_step
 from gfservice.training.transport import InProcessTransport, Transport
 from gfservice.training.watch import Sink, Watch, make_sinks
 from gfservice.wire import Layout, RunEnd, StepReport
@@ -277,7 +279,8 @@ class Monitor:
     Use :func:`gfservice.monitor` to make one. ``step()`` is the only call in the training loop; it
     never raises because of monitoring (errors are logged and counted in ``errors``). ``scaler``: the AMP
     grad scaler whose loss scale is reported; ``local_norm_hook``: the DDP hook of this rank's own norm;
-    ``sinks``: where rank 0 also sends its findings (see :mod:`gfservice.training.watch`).
+    ``sinks``: where rank 0 also sends its findings (see :mod:`gfservice.training.watch`); ``guard``: judge each
+    step before ``optimizer.step()`` and skip (or clip) poisoned ones (see :mod:`gfservice.training.guard`).
     """
 
     def __init__(
@@ -290,6 +293,7 @@ class Monitor:
         scaler: Any = None,
         local_norm_hook: LocalNormHook | None = None,
         sinks: Sequence[str | Sink] = (),
+        guard: GuardConfig | None = None,
     ):
         self.options = options
         self.run = options.run
@@ -335,13 +339,28 @@ class Monitor:
         self.tap: BackwardTap | None = None
         self._wire_layers: list[str] = []
         self._context_at: dict[int, dict[str, Any]] = {}  # what RunContext read of each step in flight
+        #: The guard of this run (``guard=``), or None.
+        self.guard: Guard | None = Guard(guard) if guard is not None else None
+        #: The steps whose optimizer step the guard skipped, with the reason of each (``nonfinite_gradient``,
+        #: ``nonfinite_loss``, ``gradient_norm``, ``layer_norm``).
+        self.skipped_steps: list[tuple[int, str]] = []
+        #: With ``GuardConfig(policy="clip")``: the steps whose gradients the guard rescaled, with the reason.
+        self.clipped_steps: list[tuple[int, str]] = []
+        self._guard_read: tuple[int, GuardInput] | None = None  # this step's gradients at the end of backward
+        self._guard_done: tuple[int, str | None] | None = None  # the step decided, and what was done
+        self._guard_loss: Any = None  # monitor.observe(loss) of this step
+        self._guard_findings: list[Finding] = []
+        self._guard_stop: str | None = None
+        self._guard_handles: list[StepHandle] = []
         try:  # a model, a name or a service the monitor cannot take leaves the job training, unmonitored
             self.collector = GradCollector(model.named_parameters(), options.include, options.exclude,
                                            held=held_parameters(self.optimizers))
             self._synchronous = self.collector.params[0].device.type == "cpu"
             self.run, self._wire_layers, self.display_names = safe_names(self.run, self.collector.layers)
-            if self.reports_layers and all(can_tap(p) for p in self.collector.params):
+            if (self.reports_layers or self.guard is not None) and all(can_tap(p) for p in self.collector.params):
                 self.tap = BackwardTap(self.collector.params, self._end_of_backward)
+            if self.guard is not None:
+                self._guard_handles = self._wrap_steps()
             self._kinds = layer_kinds(model, self.collector.params) if self.reports_layers else []
             self._context = RunContext(self.optimizers or None, self.collector.params)
             self.layout = self._make_layout()
@@ -434,12 +453,16 @@ class Monitor:
                 return
             self._backwards += 1
             step = self.steps
-            if self._backwards < self._expected_backwards or not self.is_collected(step):
+            wanted = self.reports_layers and self.is_collected(step)
+            if self._backwards < self._expected_backwards or not (wanted or self.guard is not None):
                 return
-            read = self.collector.read(deep=self.is_deep(step), scale=self._grad_scale())
+            read = self.collector.read(deep=wanted and self.is_deep(step), scale=self._grad_scale())
             if self._synchronous:  # exact NaN/Inf counts and maxima now: clipping may spread NaN to every layer
                 read = self.collector.exact(read)
-            self._early = read
+            if wanted:
+                self._early = read
+            if self.guard is not None:  # the guard judges these gradients before optimizer.step()
+                self._guard_read = (step, guard_input(read, len(self.collector)))
             if self.tap is not None:
                 self.tap.narrow(read.have)
         except Exception:
@@ -454,11 +477,140 @@ class Monitor:
             return None
         return getattr(scaler, "_scale", None)
 
+    # ---- the guard ------------------------------------------------------------------------------
+    def _wrap_steps(self) -> list[StepHandle]:
+        """The guard in front of ``step()`` of every optimizer followed (the torch optimizer a wrapper holds:
+        the one every wrapper's step ends in)."""
+        if not self.optimizers:
+            log.warning("gfservice: run %s: guard= needs the optimizer (gfservice.monitor(model, optimizer, ...)); "
+                        "no step is guarded", self.run)
+        seen: dict[int, Any] = {}
+        for opt in self.optimizers:
+            target = torch_optimizer(opt) or opt
+            seen.setdefault(id(target), target)
+        return [wrap_step(t, self._guard_decide, self._guard_closure) for t in seen.values()]
+
+    def observe(self, loss: torch.Tensor | float | None) -> None:
+        """Give the guard this step's loss before ``optimizer.step()``: a NaN/Inf loss makes the step poisoned.
+        (Under DDP the verdict uses the all-reduced gradients only, the same on every rank: a rank's loss is its
+        own.)"""
+        self._guard_loss = loss
+
+    def _guard_closure(self, closure: Callable[[], Any]) -> Any:
+        """Run an optimizer closure (training step and backward) for the guard, noting the loss it returns."""
+        out = closure()
+        if isinstance(out, torch.Tensor | float):
+            self._guard_loss = out
+        return out
+
+    def _guard_decide(self) -> str | None:
+        """``"skip"`` when the guard keeps this step off the weights (else None); called by ``optimizer.step()``.
+        Never raises: a guard error lets the step run (counted in ``errors``)."""
+        t0 = time.perf_counter()
+        try:
+            return self._guard_action()
+        except Exception:
+            self._error("guard")
+            return None
+        finally:
+            self.overhead_s += time.perf_counter() - t0
+
+    def _loss_for_guard(self) -> float | None:
+        loss = self._guard_loss
+        if loss is None or (self.world_size > 1 and not self.reports_layers) or self._ddp is not None:
+            return None  # under DDP the verdict comes from the all-reduced gradients alone: the same on every rank
+        return float(loss.detach().reshape(-1)[0]) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def _guard_action(self) -> str | None:
+        guard, step = self.guard, self.steps
+        if guard is None or self.off is not None:
+            return None
+        if self._guard_done is not None and self._guard_done[0] == step:  # several optimizers: decided once
+            return self._guard_done[1]
+        seen = self._guard_read
+        if seen is not None and seen[0] == step:
+            got = seen[1]
+        else:  # no end of backward seen: read the gradients as they are now
+            read = self.collector.read(scale=self._grad_scale())
+            if self._synchronous:
+                read = self.collector.exact(read)
+            got = guard_input(read, len(self.collector))
+        self._guard_done = (step, None)
+        if got.nonfinite and self._grad_scale() is not None:
+            return None  # an fp16 overflow: the GradScaler skips this step and lowers its scale itself
+        lr = self._largest_lr()
+        verdict = guard.verdict(got.norm, nonfinite=got.nonfinite, loss=self._loss_for_guard(),
+                                layer_norms=got.layer_norms, lr=lr)
+        decision = guard.settle(step, verdict, got.layer_norms, lr)
+        if decision.exhausted:
+            self._guard_exhausted(step, verdict)
+        if not decision.act:
+            return None
+        reason = verdict.reason or "gradient_norm"
+        if reason == "learning_rate":
+            self.skipped_steps.append((step, reason))
+            self._guard_done = (step, "skip")
+            log.warning("gfservice guard: run %s step %d skipped (learning_rate): learning rate %.3g, more than %gx "
+                        "the largest the run used so far; parameters and optimizer state untouched", self.run, step,
+                        lr, guard.config.lr_ratio)
+            return "skip"
+        if guard.config.policy == "clip" and reason == "gradient_norm" and verdict.limit is not None:
+            factor = rescale(list(self.collector.params), verdict.limit)
+            self.clipped_steps.append((step, reason))
+            self._guard_done = (step, "clip")
+            log.warning("gfservice guard: run %s step %d: gradient norm %.3g above the guard's %.3g: gradients "
+                        "rescaled by %.3g", self.run, step, verdict.norm, verdict.limit, factor)
+            return "clip"
+        self.skipped_steps.append((step, reason))
+        self._guard_done = (step, "skip")
+        log.warning("gfservice guard: run %s step %d skipped (%s): gradient norm %.3g%s; parameters and optimizer "
+                    "state untouched", self.run, step, reason, verdict.norm,
+                    "" if verdict.limit is None else f" against the guard's limit {verdict.limit:.3g}")
+        return "skip"
+
+    def _largest_lr(self) -> float | None:
+        """The largest learning rate of the optimizers' parameter groups as set now (None: not readable without a
+        host sync, e.g. a learning rate held in a device tensor)."""
+        found = None
+        for opt in self.optimizers:
+            for group in getattr(opt, "param_groups", None) or ():
+                v = group.get("lr")
+                if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+                    return None
+                if v is not None:
+                    found = float(v) if found is None else max(found, float(v))
+        return found
+
+    def _guard_exhausted(self, step: int, verdict: Verdict) -> None:
+        """``max_consecutive`` poisoned steps in a row: the guard lets this one through and raises a critical
+        finding (and with ``stop_run`` asks the run to stop)."""
+        cfg = self.guard.config if self.guard is not None else GuardConfig()
+        message = (f"the guard judged {cfg.max_consecutive + 1} steps in a row poisoned (last: {verdict.reason}, "
+                   f"gradient norm {verdict.norm:.3g}); it stops skipping and lets step {step} through. A run that "
+                   "only produces poisoned steps needs a person: check the data, the learning rate and the last "
+                   "checkpoint")
+        log.critical("gfservice guard: run %s: %s", self.run, message)
+        self._guard_findings.append(Finding(
+            detector="guard", severity=Severity.critical, run=self.run, step=step, message=message, key="exhausted",
+            value=verdict.norm if math.isfinite(verdict.norm) else None, threshold=verdict.limit))
+        if cfg.stop_run:
+            self._guard_stop = f"guard: {message}"
+
+    def _guard_counts(self) -> dict[str, int] | None:
+        """Steps skipped so far by reason (every reason, 0 included), or None without a guard."""
+        if self.guard is None:
+            return None
+        counts = dict.fromkeys(REASONS, 0)
+        for _, reason in self.skipped_steps:
+            counts[reason] = counts.get(reason, 0) + 1
+        return counts
+
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Record the step that just ran (call after ``optimizer.step()``, before ``zero_grad()``)."""
         t0 = time.perf_counter()
         step = self.steps
         self.steps += 1
+        self._guard_loss = None
         if self.off is not None:
             return
         early, self._early = self._early, None
@@ -492,6 +644,8 @@ class Monitor:
         local_sq = hook.take() if hook is not None else None
         first_bucket = hook.take_first_bucket_time() if hook is not None else None
         self._context_at[step] = self._context.fields(deep)
+        if self.guard is not None:
+            self._context_at[step]["guard_skips"] = self._guard_counts()
         if early is None:  # no end of backward seen (gradients set by hand, DeepSpeed ZeRO): read them now
             early = self.collector.read(deep=deep, layers=self.reports_layers)
             if self.tap is not None and self.tap.narrowed:
@@ -574,6 +728,7 @@ class Monitor:
             step_time=collected.step_time,
             compute_time=collected.compute_time if collected.compute_time is None or collected.compute_time >= 0
             else None,
+            monitor_errors=self.errors,
             **self._context_at.pop(collected.step, {}),
         )
 
@@ -595,12 +750,14 @@ class Monitor:
     # ---- what the loop can ask ------------------------------------------------------------------
     @property
     def findings(self) -> list[Finding]:
-        """Findings of this run so far (from the service or the in-process aggregator)."""
-        return self._ask("findings", lambda: self.transport.findings(self.run), [])
+        """Findings of this run so far (from the service or the in-process aggregator, and the guard's own)."""
+        return self._ask("findings", lambda: self.transport.findings(self.run), []) + self._guard_findings
 
     @property
     def stop_reason(self) -> str | None:
-        """Why a detector configured with ``stop_run`` asks this run to stop, or ``None``."""
+        """Why a detector (or the guard) configured with ``stop_run`` asks this run to stop, or ``None``."""
+        if self._guard_stop is not None:
+            return self._guard_stop
         return self._ask("stop verdict", lambda: self.transport.stop_reason(self.run), None)
 
     @property
@@ -629,6 +786,9 @@ class Monitor:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for g in self._guard_handles:
+            g.remove()
+        self._guard_handles = []
         if self.tap is not None:
             self.tap.close()
             self.tap = None
@@ -655,7 +815,8 @@ class Monitor:
     def history(self, per_layer: bool = False) -> list[dict[str, Any]]:
         """The run's merged steps as rows, ready for ``pandas.DataFrame(monitor.history())``.
 
-        One row per step (step, time, loss, lr, loss_scale, grad_norm, max_abs, nonfinite), or with
+        One row per step (step, time, loss, lr, loss_scale, grad_norm, max_abs, nonfinite, and with a guard
+        ``guard_skip``: why the guard skipped that step's update, or None), or with
         ``per_layer=True`` one row per step and layer (step, layer, norm, rms, max_abs, nonfinite, count).
         ``max_abs`` is ``None`` at steps that did not read it (CPU core steps: see :class:`~gfservice.GradStats`).
         From the in-process aggregator every merged step it keeps; from a service, its history of the run.
@@ -669,10 +830,16 @@ class Monitor:
                     for s in steps
                     for i, (name, norm, rms, bad, cnt) in enumerate(zip(s.layers, s.grads.norm, s.grads.rms,
                                                                         s.grads.nonfinite, s.grads.count, strict=True))]
-        return [{"step": s.step, "time": s.time, "loss": s.loss, "lr": s.lr, "loss_scale": s.loss_scale,
+        rows: list[dict[str, Any]] = [
+                {"step": s.step, "time": s.time, "loss": s.loss, "lr": s.lr, "loss_scale": s.loss_scale,
                  "grad_norm": float(s.global_norm) if len(s.layers) else None,
                  "max_abs": float(s.grads.max_abs.max()) if len(s.layers) and s.grads.max_abs is not None else None,
                  "nonfinite": int(s.grads.nonfinite.sum())} for s in steps]
+        if self.guard is not None:
+            skipped = dict(self.skipped_steps)
+            for row in rows:
+                row["guard_skip"] = skipped.get(row["step"])
+        return rows
 
     def _merged_steps(self) -> list[StepStats]:
         return self._ask("history", lambda: self.transport.history(self.run), [])
@@ -712,6 +879,7 @@ def monitor(
     service: str | None = "auto",
     step: int = 0,
     sinks: Sequence[str | Sink] | None = None,
+    guard: bool | str | GuardConfig | None = None,
 ) -> Monitor:
     """Watch ``model``'s gradients during training.
 
@@ -729,7 +897,14 @@ def monitor(
     :mod:`gfservice.training.watch`. Without a ``run``, the name is
     the same on every rank of one job (see :func:`default_run_name`). When a process group is initialised,
     every rank must call this (it may send rank 0's run name or attempt id to the others).
+
+    ``guard`` (``True``, ``"skip"``, ``"clip"`` or a :class:`~gfservice.training.guard.GuardConfig`) judges
+    every step's pre-clip gradients before ``optimizer.step()``: a step with NaN/Inf gradients (or loss, given
+    to ``monitor.observe(loss)`` before the step) or a gradient norm far above the run's own recent history is
+    skipped (parameters and optimizer state untouched) or, with ``"clip"``, its gradients rescaled. See
+    ``monitor.skipped_steps`` and ``docs/howto/guard.md``.
     """
+    guard_cfg = guard_config(guard)  # a bad value raises here, before anything starts
     run = run or default_run_name()
     attempt = attempt_id()
     rank, world = distributed_rank()
@@ -762,4 +937,4 @@ def monitor(
                              exclude=tuple(exclude), rank=rank, world_size=world, reports_layers=reports_layers,
                              step=step)
     return Monitor(model, optimizer, transport, options, scaler=scaler, local_norm_hook=hook,
-                   sinks=settings.sinks if sinks is None else sinks)
+                   sinks=settings.sinks if sinks is None else sinks, guard=guard_cfg)

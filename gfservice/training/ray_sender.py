@@ -5,12 +5,22 @@ sender thread takes batches from it and makes fire-and-forget actor calls, with 
 load it batches several steps per call; when the queue is full it drops the oldest report and counts the drop,
 which the service then reports. Rejections that mean "the service forgot us" (a restart without snapshot)
 re-send the layout.
+
+In a large job the reports go through the node's merge agent (:mod:`gfservice.hosting.merge_agent`), which
+merges the node's ranks and sends the service one message per step: from a world size of
+:data:`~gfservice.hosting.merge_agent.AGENT_MIN_WORLD` ranks, or as ``$GFSERVICE_MERGE_AGENT`` says (``1``: always,
+``0``: never). Queries (findings, latest step) still go to the service.
+
+>>> wants_agent(4096, env={}), wants_agent(8, env={}), wants_agent(8, env={"GFSERVICE_MERGE_AGENT": "1"})
+(True, False, True)
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,6 +30,18 @@ from gfservice.envelopes import Batch, BatchAnswer
 from gfservice.training.sending import QueuedSender
 
 log = logging.getLogger(__name__)
+
+#: The world size from which a rank sends through its node's merge agent by default: below it one aggregator
+#: takes every rank's message at ease (see docs/explanation/scale-out.md).
+AGENT_MIN_WORLD = 256
+
+
+def wants_agent(world_size: int, env: Mapping[str, str] | None = None) -> bool:
+    """Whether a rank of a job of ``world_size`` ranks sends through its node's merge agent."""
+    choice = (os.environ if env is None else env).get("GFSERVICE_MERGE_AGENT", "").strip()
+    if choice in ("0", "1"):
+        return choice == "1"
+    return world_size >= AGENT_MIN_WORLD
 
 
 class RaySender(QueuedSender):
@@ -37,6 +59,8 @@ class RaySender(QueuedSender):
         self.query_timeout_s = query_timeout_s
         #: Calls in flight: (their answer's reference, layouts at the head of the batch, reports in it).
         self._in_flight: list[tuple[Any, int, int]] = []
+        #: Where batches go: the service, or the node's merge agent (decided at the first batch).
+        self._target: Any = None
         super().__init__(run, queue_size=queue_size, batch_max=batch_max, linger_s=linger_s,
                          thread_name=f"gfservice-sender-{run}", join_timeout_s=query_timeout_s + 5)
 
@@ -55,7 +79,7 @@ class RaySender(QueuedSender):
                 continue
             out = Batch(run=self.run, messages=[dict(m) for m in (*layouts, *batch)], dropped=drops)
             try:
-                ref = self.handle.submit.remote(out.messages, out.dropped_by_run(), **self._auth)
+                ref = self._submit_target(layouts).submit.remote(out.messages, out.dropped_by_run(), **self._auth)
             except Exception:
                 self._undelivered(layouts, batch, drops)
                 log.debug("gfservice: submit failed", exc_info=True)
@@ -64,6 +88,19 @@ class RaySender(QueuedSender):
             self._in_flight.append((ref, len(layouts), len(out.messages)))
             self._handed_over(layouts, batch)
         self._harvest(ray, block=True, timeout=self.query_timeout_s)
+
+    def _submit_target(self, layouts: list[Any]) -> Any:
+        if self._target is None:
+            self._target = self.handle
+            world = max((getattr(m, "world_size", 1) for m in layouts), default=1)
+            if wants_agent(world):
+                try:
+                    from gfservice.hosting.merge_agent import node_agent
+
+                    self._target = node_agent(self.handle, self._auth.get("token"))
+                except Exception as exc:  # no agent: the service takes the reports directly
+                    log.info("gfservice: no node merge agent (%s); sending to the service directly", exc)
+        return self._target
 
     def _harvest(self, ray, block: bool, timeout: float = 1.0) -> None:
         if not self._in_flight:

@@ -1,0 +1,153 @@
+"""The guard's hands on the training loop: what it reads of a step's gradients, and ``optimizer.step`` made
+skippable.
+
+:func:`wrap_step` puts a bound method in front of an optimizer's ``step`` (the way ``GradScaler`` decides
+whether ``optimizer.step()`` runs): ``decide()`` is asked first and the step runs, or does nothing and returns
+None. A learning-rate scheduler made before or after sees what it expects: ``optimizer._opt_called`` is set
+on a skipped step too, and a scheduler's ``_wrapped_by_lr_sched`` mark is kept, so it neither warns nor falls
+out of step (a skipped step counts as a step, as under ``GradScaler``).
+
+>>> import torch
+>>> model = torch.nn.Linear(2, 1)
+>>> opt = torch.optim.SGD(model.parameters(), lr=1.0)
+>>> handle = wrap_step(opt, lambda: "skip")
+>>> model(torch.ones(1, 2)).sum().backward()
+>>> before = model.weight.detach().clone()
+>>> opt.step(); torch.equal(model.weight, before), opt._opt_called
+(True, True)
+>>> handle.remove(); opt.step(); torch.equal(model.weight, before)
+False
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from gfservice.training.collect import GradRead
+
+__all__ = ["GuardInput", "StepHandle", "guard_input", "rescale", "wrap_step"]
+
+
+class GuardInput(NamedTuple):
+    """What the guard judges of one step's gradients, on the host."""
+
+    norm: float
+    #: Some gradient value is NaN/Inf.
+    nonfinite: bool
+    #: Every layer's norm (0 without a gradient).
+    layer_norms: np.ndarray
+
+
+def guard_input(read: GradRead, layers: int) -> GuardInput:
+    """The global norm, NaN/Inf flag and layer norms of ``read`` (loss scale divided out). On CUDA this is the
+    one small device-to-host copy the guard costs per step.
+
+    >>> import torch, numpy as np
+    >>> r = GradRead(torch.tensor([9.0, 16.0], dtype=torch.float64), [0, 2], np.array([3, 0, 4]), False, False)
+    >>> g = guard_input(r, 3); g.norm, g.nonfinite, g.layer_norms.tolist()
+    (5.0, False, [3.0, 0.0, 4.0])
+    """
+    n = len(read.have)
+    head = read.vector[: 2 * n if read.peak else n].detach()
+    host = head.cpu().numpy() if head.device.type != "cpu" else head.numpy()
+    sums = host[:n].astype(np.float64)
+    scale = 1.0 if read.scale is None else float(read.scale)
+    if read.nonfinite is not None:
+        bad = bool(read.nonfinite.any())
+    elif read.peak:
+        bad = not bool(np.isfinite(host[n: 2 * n]).all())
+    else:
+        bad = not bool(np.isfinite(sums).all())
+    norms = np.zeros(layers, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        norms[read.have] = np.sqrt(sums) / scale
+        total = math.sqrt(float(sums.sum())) / scale if not bad else float("nan")
+    return GuardInput(total, bad, norms)
+
+
+def rescale(params: Sequence[torch.Tensor], limit: float) -> float:
+    """Scale the gradients of ``params`` in place so that their global norm is at most ``limit``; returns the
+    factor (1.0: nothing to do). The norm is read as the gradients are now (after any clipping of the user's).
+
+    >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+    >>> rescale([p], 1.0), p.grad.tolist()
+    (0.2, [0.6000000238418579, 0.800000011920929])
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 1.0
+    with torch.no_grad():
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
+                                                           for g in grads])))
+        if not math.isfinite(norm) or norm <= limit:
+            return 1.0
+        factor = limit / norm
+        torch._foreach_mul_(grads, factor)
+    return factor
+
+
+class StepHandle:
+    """Takes the wrapper off again (:meth:`remove`), where nothing wrapped ``step`` after it."""
+
+    def __init__(self, optimizer: Any, wrapper: Any, had_own: bool, previous: Any):
+        self._optimizer, self._wrapper, self._had_own, self._previous = optimizer, wrapper, had_own, previous
+        #: False once removed: a wrapper that another one wraps since stays, passing every step through.
+        self.active = True
+
+    def remove(self) -> None:
+        self.active = False
+        opt = self._optimizer
+        if opt.__dict__.get("step") is self._wrapper:
+            if self._had_own:
+                opt.step = self._previous
+            else:
+                del opt.step
+
+
+def wrap_step(optimizer: Any, decide: Callable[[], str | None],
+              before: Callable[[Callable[[], Any]], Any] | None = None) -> StepHandle:
+    """Ask ``decide()`` before each ``optimizer.step()``: ``"skip"`` makes it a no-op (returns None).
+
+    A step given a closure (Lightning runs the training step and backward inside ``optimizer.step(closure)``)
+    runs the closure first, then decides, then steps with a closure that hands back that first result (and runs
+    the real one on later calls, as LBFGS makes). ``before(closure)``, when given, runs the closure instead
+    (the monitor notes its loss).
+    """
+    had_own = "step" in optimizer.__dict__
+    previous = optimizer.step
+    handle: StepHandle
+
+    def guarded(opt: Any, *args: Any, **kwargs: Any) -> Any:
+        if not handle.active:
+            return previous(*args, **kwargs)
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is not None:
+            with torch.enable_grad():
+                first = before(closure) if before is not None else closure()
+            calls = [first]
+
+            def replay() -> Any:
+                return calls.pop() if calls else closure()
+
+            if "closure" in kwargs:
+                kwargs["closure"] = replay
+            else:
+                args = (replay, *args[1:])
+        if decide() == "skip":
+            opt._opt_called = True  # what a learning-rate scheduler checks: a skipped step is a step taken
+            return first if closure is not None else None
+        return previous(*args, **kwargs)
+
+    if getattr(previous, "_wrapped_by_lr_sched", False):
+        # a scheduler wrapped step() before us: keep its mark, or it warns that step() was overridden
+        guarded._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    wrapper = types.MethodType(guarded, optimizer)
+    optimizer.step = wrapper
+    handle = StepHandle(optimizer, wrapper, had_own, previous)
+    return handle
