@@ -184,6 +184,11 @@ class ServiceConfig(BaseModel):
     #: token, every submitter and every status, findings and shutdown call must present it (see SECURITY.md).
     #: Only the path is kept here, never the token.
     token_file: str | None = None
+    #: Aggregator actors the service runs, each holding the runs a hash of the run name gives it, with its own
+    #: ``/metrics``, snapshot and discovery entry (see docs/explanation/fleet.md). Shard 0 is the service as
+    #: with one shard; shard i is the actor ``NAME-shard-i`` with its state in ``<state_dir>/shard-i`` and, when
+    #: ``metrics_port`` is fixed, its ``/metrics`` on ``metrics_port + i``. Adding one moves about 1/N of the runs.
+    shards: int = Field(1, ge=1, le=256)
     #: Options of the Prometheus exporter.
     exporter: ExporterConfig = Field(default_factory=ExporterConfig)
 

@@ -42,6 +42,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--metrics-addr", default=None, help="address of /metrics (default 127.0.0.1)")
     p.add_argument("--sd-file", default=None, help="Prometheus file_sd file the service writes its address to")
     p.add_argument("--snapshot", default=None, help="snapshot file for detector state and findings")
+    p.add_argument("--shards", type=int, default=None,
+                   help="aggregator actors, runs spread over them by a hash of the run name (default 1; "
+                   "[service] shards); each has its own /metrics, snapshot and discovery entry")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("status", help="runs, their last step, active findings and ingest counters")
@@ -65,16 +68,17 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics_addr,
         sd_file=args.sd_file,
         snapshot_path=args.snapshot,
+        shards=args.shards,
     )
     token = auth.load_token(settings.service.token_file)  # a bad token file fails before Ray is touched
     if attach_ray(args.address, start="head"):
         _record_ray_head(settings.service.state_dir)
     t0 = time.time()
-    handle, created = svc.start(settings, token=token)
-    from gfservice.service.client import Client
+    _shard0, created = svc.start(settings, token=token)
+    from gfservice.service.client import connect
 
     try:
-        status = Client(handle, token=token).status()
+        status = connect(args.address, settings.service.name, settings.service.namespace, token=token).status()
     except PermissionError as exc:  # a service already running with another token
         print(f"gfservice: error: {exc}", file=sys.stderr)
         return 1
@@ -86,7 +90,10 @@ def _serve(args: argparse.Namespace) -> int:
     if status["metrics"]:
         print(f"  metrics: http://{status['metrics']}/metrics")
     if status["restored_runs"]:
-        print(f"  restored {status['restored_runs']} runs from {settings.service.snapshot_path}")
+        where = "their shards' snapshots" if status.get("shards") else settings.service.snapshot_path
+        print(f"  restored {status['restored_runs']} runs from {where}")
+    if status.get("shards"):
+        print(f"  {len(status['shards'])} shards: {', '.join(s['name'] for s in status['shards'])}")
     return 0
 
 
@@ -133,6 +140,8 @@ def format_status(status: dict) -> str:
         rows.append((r["run"], str(r["world_size"]), str(r["last_step"]), age, str(r["active_findings"]),
                      str(r["sender_dropped"]), state))
     lines += table(header, rows, rule=False).splitlines() if rows else ["no runs yet"]
+    for s in status.get("shards", []):  # a sharded service: one line per shard
+        lines.append(f"  shard {s['name']}: pid {s['pid']}, {s['runs']} runs, metrics {s['metrics'] or 'off'}")
     for r in status["runs"]:
         for f in r["active"]:
             lines.append(f"  {r['run']}: [{f['severity']}] {f['detector']} since step {f['first_step']}: "

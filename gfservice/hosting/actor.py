@@ -33,6 +33,7 @@ from gfservice.observability.exporter import serve_metrics
 from gfservice.service import auth
 from gfservice.service.client import find
 from gfservice.service.core import ServiceCore
+from gfservice.service.sharding import fleet_of, shard_index, shard_settings
 from gfservice.wire import RejectReason
 
 __all__ = ["DEFAULT_NAME", "DEFAULT_NAMESPACE", "ServiceActor", "ServiceHost", "ServiceSettings", "find",
@@ -133,6 +134,12 @@ class ServiceActor(metaclass=_OwnRayMethods):
         """Liveness, open to every caller (it says nothing about runs)."""
         return "pong"
 
+    def shards(self) -> list[str]:
+        """The actor names of every shard of this service, shard 0 first (open to every caller, like
+        :meth:`ping`: clients and senders read it to route a run to its shard)."""
+        cfg = self._core.settings.service
+        return fleet_of(cfg.name, cfg.shards)
+
     def submit(self, messages: list[Any], dropped: dict[str, int] | None = None,
                token: str | None = None) -> dict[str, Any]:
         """:meth:`ServiceCore.submit`, answered as a plain :class:`~gfservice.envelopes.BatchAnswer`; a batch without
@@ -192,7 +199,8 @@ def start(settings: Settings | None = None, wait_s: float = 60.0, token: str | N
 
     ``token`` (default: :func:`gfservice.service.auth.load_token`, i.e. ``$GFSERVICE_TOKEN`` or
     ``[service] token_file``) is the token every caller must then present; none: every caller is taken.
-    Returns ``(handle, created)``.
+    With ``[service] shards`` > 1 every shard is started (a missing one is started beside a running service);
+    the handle is shard 0's (:func:`gfservice.connect` finds the others through it). Returns ``(handle, created)``.
     """
     import ray
 
@@ -201,10 +209,19 @@ def start(settings: Settings | None = None, wait_s: float = 60.0, token: str | N
     if token is None:
         token = auth.load_token(cfg.token_file)
     existing = find(cfg.name, cfg.namespace)
-    if existing is not None:
+    if existing is not None and cfg.shards == 1:
         return existing, False
-    actor_cls = ray.remote(ServiceActor)
-    handle = actor_cls.options(
+    digest = auth.digest(token) if token else None
+    strategy = _head_node_strategy()
+    handles = [_start_actor(ray, shard_settings(settings, i), digest, strategy) for i in range(cfg.shards)]
+    ray.get([h.ping.remote() for h in handles], timeout=wait_s)
+    return handles[0], existing is None
+
+
+def _start_actor(ray: Any, settings: Settings, token_digest: str | None, strategy: Any) -> Any:
+    """One detached, restartable service actor (or the running one of that name)."""
+    cfg = settings.service
+    return ray.remote(ServiceActor).options(
         name=cfg.name,
         namespace=cfg.namespace,
         lifetime="detached",
@@ -213,10 +230,19 @@ def start(settings: Settings | None = None, wait_s: float = 60.0, token: str | N
         max_concurrency=8,
         num_cpus=0,
         get_if_exists=True,
-        scheduling_strategy=_head_node_strategy(),
-    ).remote(settings.model_dump(), auth.digest(token) if token else None)
-    ray.get(handle.ping.remote(), timeout=wait_s)  # type: ignore[union-attr]  # an actor handle
-    return handle, True
+        scheduling_strategy=strategy,
+    ).remote(settings.model_dump(), token_digest)
+
+
+def _other_shards(ray: Any, name: str, namespace: str) -> list[Any]:
+    """Handles of the running shards ``name-shard-i`` of the service ``name``, whatever its ``shards`` now."""
+    found = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor.get("namespace") == namespace and (shard_index(name, actor.get("name", "")) or 0) > 0:
+            handle = find(actor["name"], namespace)
+            if handle is not None:
+                found.append(handle)
+    return found
 
 
 def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, token: str | None = None) -> bool:
@@ -228,15 +254,17 @@ def stop(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, token: st
     import ray
 
     handle = find(name, namespace)
-    if handle is None:
+    others = _other_shards(ray, name, namespace)
+    if handle is None and not others:
         return False
     if token is None:
         token = auth.load_token()
-    try:
-        ray.get(handle.shutdown.remote(token=token), timeout=30)
-    except PermissionError as exc:
-        raise auth.Unauthorized(*getattr(exc, "cause", exc).args) from None
-    except Exception:
-        log.warning("gfservice did not shut down cleanly; killing it")
-    ray.kill(handle, no_restart=True)
+    for h in [handle, *others] if handle is not None else others:  # shard 0 first: a refused token stops none
+        try:
+            ray.get(h.shutdown.remote(token=token), timeout=30)
+        except PermissionError as exc:
+            raise auth.Unauthorized(*getattr(exc, "cause", exc).args) from None
+        except Exception:
+            log.warning("gfservice did not shut down cleanly; killing it")
+        ray.kill(h, no_restart=True)
     return True

@@ -305,14 +305,14 @@ def connect_service(service: str, run: str) -> Transport | None:
         return None
     try:
         attach_ray()
-        from gfservice.service.client import find
+        from gfservice.service.client import find_for_run
     except (ImportError, ConnectionError) as exc:
         from gfservice.service.ray_cluster import RayAuthError
 
         level = logging.WARNING if isinstance(exc, RayAuthError) else logging.INFO  # a refusal is not an absence
         log.log(level, "gfservice: no Ray cluster to attach to (%s); using an in-process aggregator", exc)
         return None
-    handle = find(name, namespace)
+    handle = find_for_run(name, namespace, run)  # the run's shard of a sharded service
     if handle is None:
         log.info("gfservice: no service %s/%s; using an in-process aggregator", namespace, name)
         return None
