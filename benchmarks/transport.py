@@ -32,13 +32,15 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.benchmark import Compare, Measurement, TaskSpec, Timer
+
+if TYPE_CHECKING:
+    from torch.utils.benchmark import Measurement
 
 TARGET_MS, TARGET_RATE = 1.0, 1e6
 WARMUP = 5  # (a) first steps of each round left out
@@ -110,6 +112,8 @@ def paced_training(service: str | None, run: str, steps: int, rate: float) -> tu
 
 
 def training_thread(client: Any, args: argparse.Namespace) -> tuple[list[Measurement], str, bool]:
+    from torch.utils.benchmark import Measurement, TaskSpec  # imports setuptools: only where timing is done
+
     variants = {"service over Ray": "auto", "in-process (service=None)": None}
     runs: list[Measurement] = []
     dropped = rejected = missing = errors = 0
@@ -164,6 +168,7 @@ class Ranks:
 
 def ingest(handle: Any, client: Any, args: argparse.Namespace) -> tuple[list[Measurement], str, bool]:
     import ray
+    from torch.utils.benchmark import Measurement, Timer
 
     from gfservice.config import Settings
     from gfservice.service.aggregator import Aggregator
@@ -204,6 +209,8 @@ def ingest(handle: Any, client: Any, args: argparse.Namespace) -> tuple[list[Mea
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.utils.benchmark import Compare
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and shorter ingest blocks")
