@@ -427,7 +427,8 @@ def service() -> dash.Dashboard:
         .with_panel(single("Scrape target up", "Whether Prometheus scrapes the service (job gfservice).",
                            q('min(up{job="gfservice"})'), w=4, mapping={"0": ("down", "red"), "1": ("up", "green")},
                            steps=((None, "red"), (1, "green"))))
-        .with_panel(single("Runs tracked", "Runs the service holds in memory.", q("max(gradflow_runs)"), w=4,
+        .with_panel(single("Runs tracked", "Runs the service holds in memory (every shard of a fleet).",
+                           q("sum(gradflow_runs)"), w=4,
                            steps=((None, "blue"),)))
         .with_panel(single("Accepted / s", "Messages accepted per second.",
                            q(f"sum(rate(gradflow_messages_accepted_total{rate}))"), unit="reqps", w=4,
@@ -487,7 +488,8 @@ def service() -> dash.Dashboard:
                        "its error budget; time: past its time budget): GradflowDetectorDisabled.",
                        q("count by (detector, reason) (gradflow_detector_disabled == 1)", "{{detector}} ({{reason}})"),
                        q("count(gradflow_detector_disabled == 1) or vector(0)", "all detectors"), h=7))
-        .with_panel(ts("Runs tracked over time", "Runs held by the service.", q("max(gradflow_runs)", "runs"),
+        .with_panel(ts("Runs tracked over time", "Runs held by the service (every shard of a fleet).",
+                       q("sum(gradflow_runs)", "runs"),
                        w=24, h=6))
     )
     return d
