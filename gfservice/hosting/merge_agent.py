@@ -169,14 +169,25 @@ class NodeMerger:
         if out:
             self.forward(out)
 
-    def note_answer(self, answer: BatchAnswer) -> None:
-        """Take the service's answer to a forwarded batch: its verdicts, and layouts to send again."""
+    def drain(self) -> None:
+        """Forward every held step now, with the reports it has (the node's merger is closing)."""
+        out: list[dict[str, Any]] = []
+        with self.lock:
+            for run in self.runs.values():
+                for step in sorted(run.held):
+                    self._send(run, step, out)
+        if out:
+            self.forward(out)
+
+    def note_answer(self, answer: BatchAnswer, resend_layouts: bool = True) -> None:
+        """Take the service's answer to a forwarded batch: its verdicts, and layouts to send again (unless
+        ``resend_layouts`` is False: a sender that keeps the layouts it sent sends them again itself)."""
         resend: list[dict[str, Any]] = []
         with self.lock:
             for name, reason in answer.stop.items():
                 if name in self.runs:
                     self.runs[name].stop = reason
-            if answer.resend_layout:
+            if answer.resend_layout and resend_layouts:
                 resend = [run.node_layout() for run in self.runs.values() if run.layout is not None]
         if resend:
             self.forward(resend)
