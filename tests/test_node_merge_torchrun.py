@@ -177,12 +177,12 @@ def test_node_merge_under_torchrun_is_exact_names_the_rank_and_refuses_forgeries
         assert nan and nan[0]["ranks"] == [3] and nan[0]["first_step"] == NAN_STEP, ri["findings"]
     # Exact: the same statistics as the direct path (every rank's report straight into an aggregator).
     direct = Aggregator()
-    for rank in range(4):
-        layout, reports = sharded_messages(rank, 4, "exact")
+    sent = [sharded_messages(rank, 4, "exact") for rank in range(4)]
+    for layout, _ in sent:
         direct.submit(layout)
     for step in range(STEPS):
-        for rank in range(4):
-            direct.submit(sharded_messages(rank, 4, "exact")[1][step])
+        for _, reports in sent:
+            direct.submit(reports[step])
     want = direct.history("nm-exact")
     got = r[0]["exact"]
     assert [g["step"] for g in got] == list(range(STEPS)) == [w.step for w in want]

@@ -9,7 +9,7 @@ when this rank's node is known, :func:`node_ranks`), the node's local rank 0 run
   .PeerListener`: non-blocking, bounded, every connection proves it holds the key made from a secret that local
   rank 0 made and shared through the job's rendezvous store, bound to ``$GFSERVICE_TOKEN`` when set), which
   takes only the node's own ranks, each speaking only for itself;
-- a :class:`~gfservice.hosting.merge_agent.NodeMerger` (the Ray agent's exact merge and bounded wait, in this
+- a :class:`~gfservice.hosting.merger.NodeMerger` (the Ray agent's exact merge and bounded wait, in this
   process) fed by that server;
 - for each run, a :class:`~gfservice.training.peer_sender.PeerSender` to global rank 0's peer server that
   authenticates for the node (``"node": n`` in its hello: rank 0's server lets it speak for exactly the ranks
@@ -44,7 +44,7 @@ from typing import Any
 
 from gfservice.api import Finding
 from gfservice.envelopes import BatchAnswer
-from gfservice.hosting.merge_agent import NodeMerger
+from gfservice.hosting.merger import NodeMerger
 from gfservice.service.peer_server import PeerListener
 from gfservice.training.peer_sender import PeerSender
 from gfservice.training.ray_sender import wants_agent
@@ -109,7 +109,7 @@ class NodeServer(PeerListener):
 
 class NodeHost:
     """What a node's local rank 0 runs (see the module doc): the :class:`NodeServer`, the
-    :class:`~gfservice.hosting.merge_agent.NodeMerger`, and one upstream sender per run (:meth:`serve`).
+    :class:`~gfservice.hosting.merger.NodeMerger`, and one upstream sender per run (:meth:`serve`).
     ``wait_s``: how long a step waits for the node's missing ranks."""
 
     def __init__(self, token: str | None = None, wait_s: float = 1.0, tick_interval_s: float = 0.25):

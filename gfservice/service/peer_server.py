@@ -185,7 +185,8 @@ class PeerListener:
         connect (a node merger's server: its node's)."""
         key = peer_key(secret, self.token)
         with self._lock:
-            self._admitted[(run, attempt)] = _Admitted(key, max(1, world_size), node_size=max(1, node_size), ranks=ranks)
+            self._admitted[(run, attempt)] = _Admitted(key, max(1, world_size), node_size=max(1, node_size),
+                                                       ranks=ranks)
             self._admitted.move_to_end((run, attempt))
             while len(self._admitted) > self.max_attempts:
                 self._admitted.popitem(last=False)
