@@ -20,18 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_torchrun import _torchrun, _wait_for
+
 NAN_STEP = 5
 STEPS = 8
 LAYERS = 6
-
-
-def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def shard(rank: int, step: int) -> dict[str, list[float]]:
@@ -157,9 +150,8 @@ def test_node_merge_under_torchrun_is_exact_names_the_rank_and_refuses_forgeries
                GFSERVICE_MERGE_AGENT="1", GFSERVICE_NODE_SIZE="2", GFSERVICE_SERVICE__SD_FILE="",
                GFSERVICE_AGGREGATOR__MERGE_TIMEOUT_S="2.0", GFSERVICE_SERVICE__TICK_INTERVAL_S="0.1",
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
     t0 = time.monotonic()
-    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "4", __file__, str(tmp_path)],
+    proc = subprocess.run([_torchrun(), "--standalone", "--nproc-per-node", "4", __file__, str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120)
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
