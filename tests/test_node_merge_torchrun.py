@@ -194,5 +194,40 @@ def test_node_merge_under_torchrun_is_exact_names_the_rank_and_refuses_forgeries
     assert r[0]["server"]["refused"] >= 2
 
 
+def test_a_node_host_merges_its_ranks_into_rank_0s_server_in_process():
+    """The same path without torchrun: two ranks of a node send to their NodeHost, which forwards one merged
+    report per step through a node-authenticated sender; rank 0's server refuses a node wider than admitted."""
+    from gfservice.hosting.node_merger import NodeHost
+    from gfservice.service.aggregator import Aggregator
+    from gfservice.service.peer_protocol import HandshakeError, handshake
+    from gfservice.service.peer_server import PeerServer
+    from gfservice.training.peer_sender import PeerSender
+
+    server = PeerServer(Aggregator(), hello_timeout_s=2.0)
+    key = server.admit("nm-exact", "a", 4, "job", node_size=2)
+    node = NodeHost(wait_s=5.0, tick_interval_s=0.05)
+    upstream = PeerSender("nm-exact", 2, "a", lambda: (server.address, "job"), node=2, on_answer=node.note_answer)
+    node.serve("nm-exact", "a", 4, "node", range(2, 4), upstream)
+    ranks = [PeerSender("nm-exact", r, "a", lambda: (node.address, "node")) for r in (2, 3)]
+    for r, sender in zip((2, 3), ranks, strict=True):
+        layout, reports = sharded_messages(r, 4, "a")
+        sender.send(layout)
+        for report in reports[:3]:
+            sender.send(report)
+    for sender in ranks:
+        sender.close()
+    assert _wait_for(lambda: node.merger.merged_steps >= 3)
+    with socket.create_connection(node.server.sockaddr) as sock, pytest.raises(HandshakeError):  # not its node
+        handshake(sock, node.server.admit("nm-exact", "a", 4, "node", ranks=range(2, 4)), "nm-exact", 1, "a")
+    node.close()  # delivers what is queued
+    server.aggregator.flush("nm-exact")  # ranks 0 and 1 never report: merge what came
+    first = server.aggregator.history("nm-exact")[0]
+    assert first.rank_ids.tolist() == [2, 3] and first.missing_ranks == (0, 1)
+    want = np.sum([shard(r, 0)["sum_sq"] for r in (2, 3)], axis=0)
+    np.testing.assert_allclose(first.grads.sum_sq, want, rtol=1e-12)
+    with socket.create_connection(server.sockaddr) as sock, pytest.raises(HandshakeError, match="node size"):
+        handshake(sock, key, "nm-exact", 0, "a", node=3)
+    server.close()
+
 if __name__ == "__main__":  # under torchrun
     worker(sys.argv[1])
