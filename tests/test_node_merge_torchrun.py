@@ -90,7 +90,9 @@ def worker(out_dir: str) -> None:
     out: dict = {"rank": rank}
 
     # 1. Sharded statistics, sent through the job's transport (each rank its own shard), to check exactness.
-    transport = peer_sender.connect_peers("nm-exact", "exact", load_settings(data={}))
+    # (rank 0's host starts here, and its aggregator keeps these detector settings for the job's later runs)
+    settings = load_settings(data={"detectors": {"nonfinite": {"stop_run": True}}})
+    transport = peer_sender.connect_peers("nm-exact", "exact", settings)
     assert transport is not None
     layout, reports = sharded_messages(rank, world, "exact")
     transport.send(layout)
@@ -103,7 +105,7 @@ def worker(out_dir: str) -> None:
     model = torch.nn.parallel.DistributedDataParallel(
         torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = gfservice.monitor(model, opt, run="nm-nan", deep_every=0)
+    mon = gfservice.monitor(model, opt, run="nm-nan", deep_every=0, detectors={"nonfinite": {"stop_run": True}})
     out["transport"] = type(mon.transport).__name__
     for step in range(STEPS + 4):
         x, y = torch.randn(16, 8), torch.randn(16, 1)
@@ -114,8 +116,9 @@ def worker(out_dir: str) -> None:
         opt.step()
         mon.step(loss=loss)
         opt.zero_grad()
-    _wait_for(lambda: any(f.detector == "nonfinite" for f in mon.findings))
+    _wait_for(lambda: mon.should_stop and any(f.detector == "nonfinite" for f in mon.findings))
     out["findings"] = [f.model_dump(mode="json") for f in mon.findings]
+    out["stop_reason"] = mon.stop_reason
     mon.close()
 
     if rank == 1:
@@ -167,6 +170,7 @@ def test_node_merge_under_torchrun_is_exact_names_the_rank_and_refuses_forgeries
         assert ri["transport"] == "PeerSender"
         nan = [f for f in ri["findings"] if f["detector"] == "nonfinite"]
         assert nan and nan[0]["ranks"] == [3] and nan[0]["first_step"] == NAN_STEP, ri["findings"]
+        assert (ri["stop_reason"] or "").startswith("nonfinite:"), ri  # the verdict reaches every rank too
     # Exact: the same statistics as the direct path (every rank's report straight into an aggregator).
     direct = Aggregator()
     sent = [sharded_messages(rank, 4, "exact") for rank in range(4)]

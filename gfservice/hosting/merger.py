@@ -135,6 +135,12 @@ class NodeMerger:
         run.forwarded = max(run.forwarded, step)
         self.merged_steps += 1
 
+    def stop_of(self, run: str) -> str | None:
+        """The stop verdict the service last gave for ``run`` (None: go on, or not heard yet)."""
+        with self.lock:
+            known = self.runs.get(run)
+            return known.stop if known is not None else None
+
     def tick(self) -> None:
         """Forward the steps that waited ``wait_s`` or more, with the reports they have."""
         out: list[dict[str, Any]] = []

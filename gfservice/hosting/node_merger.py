@@ -95,7 +95,10 @@ class NodeServer(PeerListener):
     def _submit(self, run: str, messages: list[Any], dropped: dict[str, int] | None) -> BatchAnswer:
         if dropped:
             self._host.pass_on_drops(dropped)
-        return self._host.merger.submit(messages)
+        answer = self._host.merger.submit(messages)
+        if run in answer.stop:
+            return answer
+        return answer.model_copy(update={"stop": {**answer.stop, run: self._host.merger.stop_of(run)}})  # a poll
 
     def _tick(self) -> None:
         self._host.merger.tick()
