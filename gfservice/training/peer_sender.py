@@ -12,7 +12,9 @@ store when it appears) and ships batches. The answers bring the stop verdict and
 ``monitor.should_stop`` and ``monitor.findings`` work on every rank without waiting. If rank 0 goes away, the
 others keep training: their reports drop and count. A sender told ``stale_attempt`` re-registers (its layouts,
 under the next :func:`~gfservice.service.peer_server.derived_attempt`, the same on every rank) rather than go
-silent.
+silent. A job that merges on its nodes (from
+:data:`~gfservice.training.ray_sender.AGENT_MIN_WORLD` ranks, or ``$GFSERVICE_MERGE_AGENT=1``) sends to its node's
+local rank 0 instead, which merges the node and sends to rank 0 (:mod:`gfservice.hosting.node_merger`).
 
 >>> import torch
 >>> from gfservice.service.aggregator import Aggregator
