@@ -6,6 +6,8 @@ Frames are length-prefixed JSON (4 bytes big-endian, then UTF-8; NaN/Inf travel 
 attempt's key (:func:`~gfservice.service.auth.peer_proof` over both nonces and its identity): ``{"hello",
 "version", "run", "rank", "attempt", "nonce": M, "proof": P}``; the server answers ``{"ok": true, "proof": Q}``
 (its own proof, so that a rank never reports to an impostor) or ``{"ok": false, "error": ...}`` and closes.
+A node merger (:mod:`gfservice.hosting.node_merger`) adds ``"node": n`` to its hello (also under the proof): it
+speaks for the ``n`` ranks ``rank .. rank + n - 1`` of its node, never for more than the server admits per node.
 **Requests.** Then each request is a :class:`~gfservice.envelopes.Batch` and each answer a
 :class:`~gfservice.envelopes.BatchAnswer`, plus ``"findings"`` whenever they changed. An empty request is a poll.
 The server is :class:`gfservice.service.peer_server.PeerServer`; the ranks' side
@@ -26,7 +28,8 @@ from gfservice.stats import STATISTICS
 
 __all__ = ["BATCH_REPORTS", "BYTES_PER_NUMBER", "HELLO", "HELLO_CAP", "MAX_FRAME", "MAX_REREGISTER",
            "PEER_PROTOCOL", "PRE_LAYOUT_CAP", "FrameError", "HandshakeError", "decode_frame", "decode_request",
-           "derived_attempt", "encode_frame", "frame_limit", "handshake", "read_frame", "speaks_for"]
+           "derived_attempt", "encode_frame", "frame_limit", "handshake", "hello_proof_parts", "read_frame",
+           "speaks_for", "speaks_for_ranks"]
 
 #: Largest frame a client helper reads (answers), and the hard ceiling of any derived limit.
 MAX_FRAME = 256 * 2**20
@@ -202,9 +205,39 @@ def speaks_for(attempt: Any, authenticated: str) -> bool:
     return isinstance(attempt, str) and derived_attempt(attempt, 0) == authenticated
 
 
-def handshake(sock: socket.socket, key: bytes, run: str, rank: int, attempt: str, timeout_s: float = 10.0) -> None:
+def speaks_for_ranks(message: Any, covers: range) -> bool:
+    """Whether every rank ``message`` speaks for (its ``rank``, a node layout's ``ranks``, a node report's
+    ``node.ranks``) is among ``covers``, the ranks its connection authenticated for.
+
+    >>> speaks_for_ranks({"rank": 2, "node": {"ranks": [2, 3]}}, range(2, 4))
+    True
+    >>> speaks_for_ranks({"rank": 2, "node": {"ranks": [2, 3]}}, range(2, 3))   # a rank forging its node
+    False
+    >>> speaks_for_ranks({"rank": 2, "ranks": "all"}, range(2, 4)), speaks_for_ranks({"rank": 0}, range(2, 4))
+    (False, False)
+    """
+    if not isinstance(message, dict) or type(message.get("rank")) is not int or message["rank"] not in covers:
+        return False
+    node = message.get("node")
+    for ranks in (message.get("ranks"), node.get("ranks") if isinstance(node, dict) else node):
+        if ranks is None:
+            continue
+        if not (isinstance(ranks, list) and all(type(r) is int and r in covers for r in ranks)):
+            return False
+    return True
+
+
+def hello_proof_parts(nonce: str, mine: str, run: str, rank: int, attempt: str, node: int = 1) -> tuple[Any, ...]:
+    """What a rank's hello proves it holds the key over: both nonces and its identity (and ``node``, the ranks
+    it speaks for, when over 1)."""
+    return ("rank", nonce, mine, run, rank, attempt, *((node,) if node > 1 else ()))
+
+
+def handshake(sock: socket.socket, key: bytes, run: str, rank: int, attempt: str, timeout_s: float = 10.0,
+              node: int = 1) -> None:
     """The rank's side of the handshake on a connected blocking ``sock``; raises :class:`HandshakeError` when
-    refused or when the server cannot prove it holds ``key``, :class:`OSError`/:class:`FrameError` when cut."""
+    refused or when the server cannot prove it holds ``key``, :class:`OSError`/:class:`FrameError` when cut.
+    ``node``: a node merger's connection speaks for the ``node`` ranks from ``rank`` on."""
     old = sock.gettimeout()
     sock.settimeout(timeout_s)
     try:
@@ -214,9 +247,9 @@ def handshake(sock: socket.socket, key: bytes, run: str, rank: int, attempt: str
         if challenge.get("version") != PEER_PROTOCOL:
             raise HandshakeError(f"peer protocol {challenge.get('version')!r}; this rank speaks {PEER_PROTOCOL}")
         nonce, mine = str(challenge.get("nonce")), secrets.token_hex(16)
-        sock.sendall(encode_frame({"hello": HELLO, "version": PEER_PROTOCOL, "run": run, "rank": rank,
-                                   "attempt": attempt, "nonce": mine,
-                                   "proof": peer_proof(key, "rank", nonce, mine, run, rank, attempt)}))
+        hello = {"hello": HELLO, "version": PEER_PROTOCOL, "run": run, "rank": rank, "attempt": attempt, "nonce": mine,
+                 "proof": peer_proof(key, *hello_proof_parts(nonce, mine, run, rank, attempt, node))}
+        sock.sendall(encode_frame({**hello, "node": node} if node > 1 else hello))
         answer = read_frame(sock, HELLO_CAP)
         if not (isinstance(answer, dict) and answer.get("ok") is True):
             raise HandshakeError(str(answer.get("error", answer)) if isinstance(answer, dict) else "bad answer")

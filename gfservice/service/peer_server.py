@@ -6,7 +6,11 @@ holds its attempt's key, then :class:`~gfservice.envelopes.Batch` requests answe
 :class:`~gfservice.envelopes.BatchAnswer`. Rank 0 registers each attempt of its job with :meth:`PeerServer.admit`
 (its key comes from a secret that rank 0 made and shared through the job's rendezvous store); a connection can
 only speak for a registered ``(run, attempt)``, and then only for the run, rank and attempt it authenticated as
-(other messages are refused ``unauthorized``).
+(other messages are refused ``unauthorized``). A node merger's connection (``"node": n`` in its hello, at most
+the ``node_size`` the attempt was admitted with, never past its world size) speaks for its node's ranks
+``rank .. rank + n - 1``: a node layout or node report covering any other rank is refused ``unauthorized``.
+:class:`PeerListener` is the machinery without the aggregator: the node merger's loopback server
+(:mod:`gfservice.hosting.node_merger`) is another one.
 
 **Bounds.** One I/O thread multiplexes every connection (:mod:`selectors`, non-blocking); one worker thread
 decodes and ingests (a connection has at most one request in the worker; its next one is not read until the
@@ -71,13 +75,15 @@ from gfservice.service.peer_protocol import (
     encode_frame,
     frame_limit,
     handshake,
+    hello_proof_parts,
     read_frame,
     speaks_for,
+    speaks_for_ranks,
 )
 from gfservice.wire import RejectReason
 
 # The protocol's names stay importable from here (tests, benchmarks and the sender used them from this module).
-__all__ = ["MAX_FRAME", "PEER_PROTOCOL", "PRE_LAYOUT_CAP", "FrameError", "HandshakeError", "PeerServer",
+__all__ = ["MAX_FRAME", "PEER_PROTOCOL", "PRE_LAYOUT_CAP", "FrameError", "HandshakeError", "PeerListener", "PeerServer",
            "decode_request", "derived_attempt", "encode_frame", "frame_limit", "handshake", "read_frame"]
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,10 @@ class _Admitted:
     key: bytes
     world_size: int
     limit: int = PRE_LAYOUT_CAP
+    #: The most ranks one connection may speak for (a node merger's: its node's).
+    node_size: int = 1
+    #: The ranks that may connect (a node merger's server: its node's); the whole world when None.
+    ranks: range | None = None
 
 
 @dataclass(eq=False)
@@ -99,6 +109,7 @@ class _Conn:
     opened: float
     nonce: str = field(default_factory=lambda: secrets.token_hex(16))
     identity: tuple[str, int, str] | None = None  # (run, rank, attempt) once authenticated
+    covers: range = range(0)  # the ranks it speaks for: its rank, or a node merger's node
     inbuf: bytearray = field(default_factory=bytearray)
     need: int | None = None  # the body length of the frame being read
     frame_started: float | None = None
@@ -111,9 +122,10 @@ class _Conn:
     seen: tuple[int, int] | None = None  # the findings marker last sent
 
 
-class PeerServer:
-    """Takes the ranks' messages over TCP into ``aggregator`` (see the module doc for the protocol and bounds),
-    and merges overdue steps (ranks that stopped reporting) every ``tick_interval_s``.
+class PeerListener:
+    """The authenticated, non-blocking server of the peer protocol, without what it serves: a subclass says
+    where a request's messages go (:meth:`_submit`), what runs every ``tick_interval_s`` (:meth:`_tick`) and
+    where the findings come from (:meth:`_read_findings`). See :class:`PeerServer`.
 
     ``port=0`` picks a free port; :attr:`address` is ``host:port`` for the ranks. ``close()`` stops it.
     Counters: ``connections`` (authenticated), ``refused`` (hellos refused), ``bad_frames`` (frames that closed
@@ -121,10 +133,9 @@ class PeerServer:
     connections), ``evicted`` (unauthenticated connections dropped for newer ones, or over the connection bound).
     """
 
-    def __init__(self, aggregator: Aggregator, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  tick_interval_s: float = 0.5, *, hello_timeout_s: float = 5.0, frame_timeout_s: float = 10.0,
                  idle_timeout_s: float = 300.0, max_pending: int = 8, margin: int = 4, max_attempts: int = 16):
-        self.aggregator = aggregator
         self.token = token or None
         self.hello_timeout_s = hello_timeout_s
         self.frame_timeout_s = frame_timeout_s
@@ -166,12 +177,16 @@ class PeerServer:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     # ---- what rank 0 tells it ---------------------------------------------------------------------
-    def admit(self, run: str, attempt: str, world_size: int, secret: str) -> bytes:
+    def admit(self, run: str, attempt: str, world_size: int, secret: str, *, node_size: int = 1,
+              ranks: range | None = None) -> bytes:
         """Let the ranks of ``attempt`` of ``run`` (``world_size`` of them) in: those that prove they hold the key
-        made from ``secret`` (and the server's token, when it has one). Returns that key."""
+        made from ``secret`` (and the server's token, when it has one). Returns that key. ``node_size``: the
+        most ranks a node merger's connection may speak for (1: none); ``ranks``: the only ranks that may
+        connect (a node merger's server: its node's)."""
         key = peer_key(secret, self.token)
         with self._lock:
-            self._admitted[(run, attempt)] = _Admitted(key, max(1, world_size))
+            self._admitted[(run, attempt)] = _Admitted(key, max(1, world_size), node_size=max(1, node_size),
+                                                       ranks=ranks)
             self._admitted.move_to_end((run, attempt))
             while len(self._admitted) > self.max_attempts:
                 self._admitted.popitem(last=False)
@@ -194,7 +209,7 @@ class PeerServer:
 
     def _max_ready(self) -> int:
         with self._lock:
-            return sum(a.world_size for a in self._admitted.values()) + self.margin
+            return sum(len(a.ranks or range(a.world_size)) for a in self._admitted.values()) + self.margin
 
     # ---- the I/O thread ---------------------------------------------------------------------------
     def _io_loop(self) -> None:
@@ -298,7 +313,7 @@ class PeerServer:
         except FrameError as exc:
             self._bad(conn, str(exc))
             return
-        identity, key, refusal = self._check_hello(first, conn.nonce)
+        identity, covers, key, refusal = self._check_hello(first, conn.nonce)
         if refusal or identity is None or key is None:
             self.refused += 1  # counted before the answer, so whoever reads the answer sees the count
             self._warn("gfservice peer server refused %s: %s", conn.peer, refusal)
@@ -311,29 +326,37 @@ class PeerServer:
             self.evicted += 1
             self._queue_out(conn, encode_frame({"ok": False, "error": "too many connections"}), then_close=True)
             return
-        conn.identity = identity
+        conn.identity, conn.covers = identity, covers
         self.connections += 1
         with contextlib.suppress(OSError):
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._queue_out(conn, encode_frame({"ok": True, "proof": peer_proof(key, "server", conn.nonce,
                                                                               first["nonce"])}))
 
-    def _check_hello(self, first: Any, nonce: str) -> tuple[tuple[str, int, str] | None, bytes | None, str | None]:
+    def _check_hello(self, first: Any, nonce: str) -> tuple[tuple[str, int, str] | None, range, bytes | None,
+                                                            str | None]:
+        none = range(0)
         if not isinstance(first, dict) or first.get("hello") != HELLO:
-            return None, None, "not a gfservice peer hello"
+            return None, none, None, "not a gfservice peer hello"
         if first.get("version") != PEER_PROTOCOL:
-            return None, None, f"peer protocol {first.get('version')!r}; this server speaks {PEER_PROTOCOL}"
+            return None, none, None, f"peer protocol {first.get('version')!r}; this server speaks {PEER_PROTOCOL}"
         run, rank, attempt, theirs = (first.get(k) for k in ("run", "rank", "attempt", "nonce"))
+        node = first.get("node", 1)
         if not (isinstance(run, str) and isinstance(attempt, str) and type(rank) is int and isinstance(theirs, str)
-                and len(theirs) <= 64):
-            return None, None, "a hello needs run, rank, attempt and nonce"
+                and len(theirs) <= 64 and type(node) is int and node >= 1):
+            return None, none, None, "a hello needs run, rank, attempt and nonce"
         with self._lock:
             adm = self._admitted.get((run, attempt))
-        if adm is None or not 0 <= rank < adm.world_size:
-            return None, None, "not a rank of an attempt of this job"  # says nothing about which runs exist
-        if not proof_matches(adm.key, first.get("proof"), "rank", nonce, theirs, run, rank, attempt):
-            return None, None, "wrong proof: not this job's key (GFSERVICE_TOKEN differs between ranks?)"
-        return (run, rank, attempt), adm.key, None
+        covers = range(rank, rank + node)
+        allowed = adm.ranks if adm is not None and adm.ranks is not None else range(adm.world_size if adm else 0)
+        if adm is None or rank not in allowed:
+            return None, none, None, "not a rank of an attempt of this job"  # says nothing about which runs exist
+        if node > adm.node_size or covers[-1] not in allowed:
+            return None, none, None, (f"a node of {node} ranks from rank {rank}: over the node size "
+                                      f"{adm.node_size} or past the ranks this server takes")
+        if not proof_matches(adm.key, first.get("proof"), *hello_proof_parts(nonce, theirs, run, rank, attempt, node)):
+            return None, none, None, "wrong proof: not this job's key (GFSERVICE_TOKEN differs between ranks?)"
+        return (run, rank, attempt), covers, adm.key, None
 
     def _queue_out(self, conn: _Conn, data: bytes, then_close: bool = False) -> None:
         if conn.closed:
@@ -438,7 +461,7 @@ class PeerServer:
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self._tick_interval_s
                 try:
-                    self.aggregator.tick()
+                    self._tick()
                 except Exception:
                     log.exception("gfservice peer ticker failed; continuing")
 
@@ -461,7 +484,7 @@ class PeerServer:
         """Submit a request's messages that its connection may speak for; the verdict for its run, and its
         findings when they changed since the connection last heard them."""
         assert conn.identity is not None
-        run, rank, attempt = conn.identity
+        run, _rank, attempt = conn.identity
         if not isinstance(request, dict):
             raise FrameError("a request must be a JSON object")
         try:
@@ -474,13 +497,13 @@ class PeerServer:
         index: list[int] = []
         foreign: list[tuple[int, RejectReason]] = []
         for i, msg in enumerate(batch.messages):
-            if (isinstance(msg, dict) and msg.get("run") == run and msg.get("rank") == rank
+            if (isinstance(msg, dict) and msg.get("run") == run and speaks_for_ranks(msg, conn.covers)
                     and speaks_for(msg.get("attempt", ""), attempt)):
                 allowed.append(msg)
                 index.append(i)
             else:
                 foreign.append((i, RejectReason.unauthorized))
-        answer, _ = take(self.aggregator, allowed, batch.dropped_by_run(), [run])
+        answer = self._submit(run, allowed, batch.dropped_by_run())
         refused = {i for i, _ in answer.rejected}
         for i, msg in enumerate(allowed):  # an accepted layout sets the frame limit of its attempt
             if i not in refused and msg.get("kind") == "layout" and isinstance(msg.get("layers"), list):
@@ -504,7 +527,7 @@ class PeerServer:
         if cached is not None and now - cached[0] < self.findings_refresh_s:
             return cached[1]
         try:
-            findings = self.aggregator.findings(run)
+            findings = self._read_findings(run)
         except KeyError:
             return None
         value = ((len(findings), sum(f.active for f in findings)), findings)
@@ -525,3 +548,40 @@ class PeerServer:
         for s in (self._listener, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 s.close()
+
+    # ---- what a subclass serves -----------------------------------------------------------------
+    def _submit(self, run: str, messages: list[Any], dropped: dict[str, int] | None) -> BatchAnswer:
+        """Take the messages of ``run`` a connection may speak for (and the drops it reports)."""
+        raise NotImplementedError
+
+    def _tick(self) -> None:
+        """Runs every ``tick_interval_s`` on the worker thread."""
+
+    def _read_findings(self, run: str) -> list[Finding]:
+        """The findings of ``run`` (``KeyError`` when it is not known)."""
+        raise KeyError(run)
+
+
+class PeerServer(PeerListener):
+    """Takes the ranks' messages over TCP into ``aggregator`` (see the module doc for the protocol and bounds),
+    and merges overdue steps (ranks that stopped reporting) every ``tick_interval_s``.
+
+    ``port=0`` picks a free port; :attr:`address` is ``host:port`` for the ranks. ``close()`` stops it.
+    Counters: ``connections`` (authenticated), ``refused`` (hellos refused), ``bad_frames`` (frames that closed
+    their connection: not JSON, wrong shape, over the limit), ``timed_out`` (hellos or frames too slow, idle
+    connections), ``evicted`` (unauthenticated connections dropped for newer ones, or over the connection bound).
+    """
+
+    def __init__(self, aggregator: Aggregator, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 tick_interval_s: float = 0.5, **limits: Any):
+        self.aggregator = aggregator
+        super().__init__(host, port, token, tick_interval_s, **limits)
+
+    def _submit(self, run: str, messages: list[Any], dropped: dict[str, int] | None) -> BatchAnswer:
+        return take(self.aggregator, messages, dropped, [run])[0]
+
+    def _tick(self) -> None:
+        self.aggregator.tick()
+
+    def _read_findings(self, run: str) -> list[Finding]:
+        return self.aggregator.findings(run)

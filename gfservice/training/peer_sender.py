@@ -12,7 +12,9 @@ store when it appears) and ships batches. The answers bring the stop verdict and
 ``monitor.should_stop`` and ``monitor.findings`` work on every rank without waiting. If rank 0 goes away, the
 others keep training: their reports drop and count. A sender told ``stale_attempt`` re-registers (its layouts,
 under the next :func:`~gfservice.service.peer_server.derived_attempt`, the same on every rank) rather than go
-silent.
+silent. A job that merges on its nodes (from
+:data:`~gfservice.training.ray_sender.AGENT_MIN_WORLD` ranks, or ``$GFSERVICE_MERGE_AGENT=1``) sends to its node's
+local rank 0 instead, which merges the node and sends to rank 0 (:mod:`gfservice.hosting.node_merger`).
 
 >>> import torch
 >>> from gfservice.service.aggregator import Aggregator
@@ -66,6 +68,7 @@ from gfservice.training.sending import QueuedSender
 from gfservice.wire import Layout, RejectReason, RunEnd, StepReport
 
 if TYPE_CHECKING:
+    from gfservice.hosting.node_merger import NodeHost
     from gfservice.hosting.peer_host import PeerHost
 
 __all__ = ["PeerSender", "connect_peers", "peer_host"]
@@ -75,6 +78,9 @@ log = logging.getLogger(__name__)
 STORE_KEY = "gfservice/peer/{attempt}"
 #: The store key under which rank 0 publishes the attempt's secret (before the address).
 SECRET_KEY = "gfservice/peer/{attempt}/secret"
+#: The store key under which a node's local rank 0 publishes its node merger's ``host:port``, per attempt (its
+#: secret under the same key + ``/secret``).
+NODE_KEY = "gfservice/node/{first}/{attempt}"
 #: Refusals in a row after which a rank stops trying (a server that is not its job's, or a token that differs).
 MAX_REFUSALS = 5
 #: ``(host:port, secret)`` of rank 0's server; ``None`` while not known yet, ``("", "")`` when there is none.
@@ -87,14 +93,19 @@ class PeerSender(QueuedSender):
     ``rendezvous`` is called on the sender thread until it returns ``(host:port, secret)`` (``None``: not known
     yet; an empty address: there is none, give up). ``token``: ``$GFSERVICE_TOKEN``, bound into the key when set.
     ``aggregator``: rank 0's own, read directly for ``findings`` and ``latest``; ``on_layout``: told of every
-    layout this rank sends (rank 0 raises its server's frame limit from its own layout).
+    layout this rank sends (rank 0 raises its server's frame limit from its own layout). ``node``: a node
+    merger's sender speaks for the ``node`` ranks from ``rank`` on (see :mod:`gfservice.hosting.node_merger`);
+    ``on_answer``: told of every answer (the node merger takes its verdicts from them).
     """
 
     def __init__(self, run: str, rank: int, attempt: str, rendezvous: Rendezvous, token: str | None = None,
                  aggregator: Aggregator | None = None, queue_size: int = 256, batch_max: int = 32,
                  linger_s: float = 0.1, poll_s: float = 0.5, timeout_s: float = 10.0,
-                 on_layout: Callable[[Layout], None] | None = None):
+                 on_layout: Callable[[Layout], None] | None = None, node: int = 1,
+                 on_answer: Callable[[BatchAnswer], None] | None = None):
         self._rendezvous = rendezvous
+        self.node = node
+        self._on_answer = on_answer
         self.rank = rank
         self.attempt = attempt
         self.token = token
@@ -164,7 +175,8 @@ class PeerSender(QueuedSender):
         try:
             sock = socket.create_connection((host.strip("[]"), int(port)), timeout=self.timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handshake(sock, peer_key(secret, self.token), self.run, self.rank, self.attempt, self.timeout_s)
+            handshake(sock, peer_key(secret, self.token), self.run, self.rank, self.attempt, self.timeout_s,
+                      node=self.node)
         except HandshakeError as exc:
             if sock is not None:
                 sock.close()
@@ -233,9 +245,19 @@ class PeerSender(QueuedSender):
             if answer.findings is not None:
                 self._findings = answer.findings
             self._note_answer(answer, len(layouts))
+            if self._on_answer is not None:
+                try:
+                    self._on_answer(answer)
+                except Exception:
+                    log.debug("gfservice: on_answer failed", exc_info=True)
             if any(reason is RejectReason.stale_attempt for _, reason in answer.rejected):
                 self._reregister()
         self._handed_over(layouts, batch)
+
+    def pass_on_drops(self, n: int) -> None:
+        """Report ``n`` reports that others dropped (a node merger passes its ranks' drops on) with the next batch."""
+        with self._cond:
+            self._unreported += n
 
     def _reregister(self) -> None:
         """Told ``stale_attempt``: another attempt of the run took over in rank 0's aggregator. Register again
@@ -291,6 +313,22 @@ def _start_host(settings: Settings, token: str | None) -> PeerHost:
         return _HOST
 
 
+_NODE: NodeHost | None = None
+
+
+def _start_node_host(settings: Settings, token: str | None) -> NodeHost:
+    """This process's node merger (local rank 0), started once; its held steps go on at exit."""
+    global _NODE
+    from gfservice.hosting.node_merger import NodeHost
+
+    with _HOST_LOCK:
+        if _NODE is None:
+            wait_s = min(1.0, settings.aggregator.merge_timeout_s / 2)
+            _NODE = NodeHost(token, wait_s=wait_s, tick_interval_s=settings.service.tick_interval_s)
+            atexit.register(_NODE.close)
+        return _NODE
+
+
 def bind_address() -> str:
     """Where rank 0 listens: ``$GFSERVICE_PEER_ADDR`` when set; else loopback when the whole job is on this node
     (``LOCAL_WORLD_SIZE`` covers the world, or Slurm's ``SLURM_NNODES`` is 1); else the address of
@@ -305,9 +343,8 @@ def bind_address() -> str:
     return socket.gethostbyname(os.environ.get("MASTER_ADDR") or socket.gethostname())
 
 
-def _store_reader(store: Any, attempt: str) -> Rendezvous:
-    """A non-blocking read of rank 0's address and secret: ``None`` until rank 0 has published them."""
-    address_key, secret_key = STORE_KEY.format(attempt=attempt), SECRET_KEY.format(attempt=attempt)
+def _store_reader(store: Any, address_key: str, secret_key: str) -> Rendezvous:
+    """A non-blocking read of a server's address and secret: ``None`` until they are published."""
 
     def read() -> tuple[str, str] | None:
         if not store.check([address_key]):
@@ -322,12 +359,21 @@ def _store_reader(store: Any, attempt: str) -> Rendezvous:
 
 def connect_peers(run: str, attempt: str, settings: Settings) -> PeerSender | None:
     """This rank's transport to rank 0's aggregator (starting it on rank 0), or ``None`` when rank 0 cannot
-    host one (then rank 0 falls back to an aggregator of its own and the other ranks drop their reports)."""
+    host one (then rank 0 falls back to an aggregator of its own and the other ranks drop their reports).
+    In a job that merges on its nodes (:func:`~gfservice.hosting.node_merger.merges_on_nodes`), the transport
+    to its node's merger instead (starting it on the node's local rank 0)."""
     from torch.distributed import distributed_c10d as c10d
+
+    from gfservice.hosting.node_merger import merges_on_nodes, node_ranks
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     token = load_token(settings.service.token_file)  # $GFSERVICE_TOKEN, else the token file: as the service
     store = c10d._get_default_store()
+    node = node_ranks(rank, world)
+    on_nodes = merges_on_nodes(world, node)
+    to_rank_0: Rendezvous
+    aggregator: Aggregator | None = None
+    own_layout: Callable[[Layout], None] | None = None
     if rank == 0:
         try:
             host = _start_host(settings, token)
@@ -336,16 +382,33 @@ def connect_peers(run: str, attempt: str, settings: Settings) -> PeerSender | No
             store.set(STORE_KEY.format(attempt=attempt), "")
             return None
         secret = new_job_secret()
-        host.server.admit(run, attempt, world, secret)
+        host.server.admit(run, attempt, world, secret, node_size=len(node) if on_nodes and node else 1)
         store.set(SECRET_KEY.format(attempt=attempt), secret)  # the secret first: the address says "ready"
         store.set(STORE_KEY.format(attempt=attempt), host.server.address)
-        address, server = host.server.address, host.server
+        address, server, aggregator = host.server.address, host.server, host.aggregator
 
         def own_layout(layout: Layout) -> None:
             server.expect_layout(run, attempt, len(layout.layers), len(layout.model_dump_json()))
 
-        return PeerSender(run, rank, attempt, lambda: (address, secret), token, aggregator=host.aggregator,
-                          on_layout=own_layout)
+        def to_rank_0() -> tuple[str, str]:
+            return address, secret
+
+        if not on_nodes:
+            return PeerSender(run, rank, attempt, to_rank_0, token, aggregator=aggregator, on_layout=own_layout)
     with contextlib.suppress(Exception):  # a client of its own: the sender never waits on the training thread's
         store = store.clone()  # type: ignore[attr-defined]  # Store.clone exists (torch 2.2+) but is not typed
-    return PeerSender(run, rank, attempt, _store_reader(store, attempt), token)
+    if rank != 0:
+        to_rank_0 = _store_reader(store, STORE_KEY.format(attempt=attempt), SECRET_KEY.format(attempt=attempt))
+    if not on_nodes or node is None:
+        return PeerSender(run, rank, attempt, to_rank_0, token)
+    node_key = NODE_KEY.format(first=node.start, attempt=attempt)
+    if rank == node.start:  # the node's local rank 0: its merger, and its sender to rank 0 for the node
+        merger = _start_node_host(settings, token)
+        node_secret = new_job_secret()
+        upstream = PeerSender(run, rank, attempt, to_rank_0, token, aggregator=aggregator, on_layout=own_layout,
+                              node=len(node), on_answer=merger.note_answer, queue_size=1024)
+        merger.serve(run, attempt, world, node_secret, node, upstream)
+        store.set(node_key + "/secret", node_secret)
+        store.set(node_key, merger.address)
+    return PeerSender(run, rank, attempt, _store_reader(store, node_key, node_key + "/secret"), token,
+                      aggregator=aggregator)
