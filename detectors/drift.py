@@ -136,14 +136,16 @@ class UniformRise:
     ...         if rise is not None:
     ...             return t, round(rise.factor, 1)
     >>> run([1.05, 1.05, 1.05])       # every layer 5%/step from step 80: a common factor
-    (106, 3.1)
+    (106, 3.0)
     >>> run([1.08, 1.0, 1.02]) is None  # one layer rises, the others barely: the model learning
     True
     """
 
-    def __init__(self, window: int = 10, horizon: int = 50, ratio: float = 3.0, uniform: float = 0.08) -> None:
+    def __init__(self, window: int = 10, horizon: int = 50, ratio: float = 3.0, uniform: float = 0.08,
+                 base_window: int = 20) -> None:
         self.window, self.horizon, self.h, self.uniform = window, horizon, math.log(ratio), uniform
-        self._raw: deque[tuple[float, np.ndarray]] = deque(maxlen=window)
+        self.base_window = max(base_window, window)
+        self._raw: deque[tuple[float, np.ndarray]] = deque(maxlen=self.base_window)
         #: (step index, global level, per-layer levels) of the last ``horizon`` steps.
         self._levels: deque[tuple[int, float, np.ndarray]] = deque(maxlen=horizon + 1)
         self._t = 0
@@ -154,11 +156,9 @@ class UniformRise:
         self._t += 1
         if len(self._raw) < self.window:
             return None
-        level = float(np.median([r[0] for r in self._raw]))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a layer without gradient all window: NaN
-            lay = np.nanmedian(np.stack([r[1] for r in self._raw]), axis=0)
-        self._levels.append((self._t, level, lay))
+        level, lay = self._level(self.window)
+        if len(self._raw) >= self.base_window:  # a baseline candidate: the median of a longer window
+            self._levels.append((self._t, *self._level(self.base_window)))
         past = [e for e in self._levels if e[0] <= self._t - self.window]
         if not past:
             return None
@@ -176,6 +176,13 @@ class UniformRise:
             return None
         return Rise(factor=math.exp(dg), steps=self._t - t0, spread=spread / dg, level=math.exp(level))
 
+    def _level(self, n: int) -> tuple[float, np.ndarray]:
+        """The median of the last ``n`` global log norms, and of each layer's."""
+        raw = list(self._raw)[-n:]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a layer without gradient all window: NaN
+            return float(np.median([r[0] for r in raw])), np.nanmedian(np.stack([r[1] for r in raw]), axis=0)
+
     def steps_since_anchor(self) -> int:
         """Steps spanned by the levels held (for a caller that looks back, e.g. at the learning rate)."""
         return self._t - self._levels[0][0] if self._levels else 0
@@ -188,7 +195,7 @@ class UniformRise:
         return {"raw": list(self._raw), "levels": list(self._levels), "t": self._t}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._raw = deque(state.get("raw", []), maxlen=self.window)
+        self._raw = deque(state.get("raw", []), maxlen=self.base_window)
         self._levels = deque(state.get("levels", []), maxlen=self.horizon + 1)
         self._t = int(state.get("t", 0))
 
