@@ -116,8 +116,9 @@ class UniformRise:
     """A rise of the global log norm that every layer shares: the mark of a common factor on every gradient.
 
     The *level* is the median of the last ``window`` log norms (global, and per layer). The rise is judged against
-    an anchored baseline, the lowest global level of the last ``horizon`` steps (at least ``window`` steps back),
-    not against a reference that follows the ramp. Once the level stands ``ratio`` times above it, the rise is
+    an anchored baseline, the lowest global level of the last ``horizon`` steps (at least ``window`` steps back;
+    there the level is the median of ``base_window`` steps, so that the lowest of many noisy levels is not biased
+    low), not against a reference that follows the ramp. Once the level stands ``ratio`` times above it, the rise is
     *uniform* when the layers rose alike: ``spread = sqrt(sum_i share_i (dl_i - dg)^2 / sum_i share_i)``, with
     ``dg`` the global rise, ``dl_i`` layer i's, ``share_i`` its share of the squared global norm at the anchor
     (layers under 1% left out), stays below ``uniform`` times ``dg``. A loss weight that keeps growing, gradients
@@ -182,10 +183,6 @@ class UniformRise:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a layer without gradient all window: NaN
             return float(np.median([r[0] for r in raw])), np.nanmedian(np.stack([r[1] for r in raw]), axis=0)
-
-    def steps_since_anchor(self) -> int:
-        """Steps spanned by the levels held (for a caller that looks back, e.g. at the learning rate)."""
-        return self._t - self._levels[0][0] if self._levels else 0
 
     def reset(self) -> None:
         """Forget the levels (keep the raw window): the next rise is judged from here on."""

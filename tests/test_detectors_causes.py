@@ -8,7 +8,6 @@ no clipping advice) and the message for a model that no gradient reaches."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from gfservice.testing import make_step, replay
 from gfservice_detectors.dead_units import DeadUnits
