@@ -152,8 +152,13 @@ class UniformRise:
         self._t = 0
 
     def update(self, x: float, layers: np.ndarray) -> Rise | None:
-        """Add one step's global log norm and per-layer log norms; return the rise when it is uniform."""
-        self._raw.append((x, np.asarray(layers, dtype=np.float64)))
+        """Add one step's global log norm and per-layer log norms; return the rise when it is uniform. A change
+        of the set of layers (parameters frozen or unfrozen) starts the test afresh."""
+        layers = np.asarray(layers, dtype=np.float64)
+        if self._raw and self._raw[-1][1].shape != layers.shape:
+            self._raw.clear()
+            self._levels.clear()
+        self._raw.append((x, layers))
         self._t += 1
         if len(self._raw) < self.window:
             return None

@@ -171,3 +171,9 @@ def test_no_gradient_anywhere_names_a_cut_off_loss():
     steps = [make_step(step=i, sum_sq=[0.0, 0.0], count=0) for i in range(10)]
     f, = replay(NoGradient(), steps)
     assert ".detach()" in f.message and "no gradient reaches" in f.message
+
+
+def test_the_set_of_layers_may_change_mid_run():
+    rng = np.random.default_rng(6)
+    steps = [make_step(step=i, sum_sq=list(np.exp(rng.normal(0, 0.2, 2 if i < 60 else 3)))) for i in range(120)]
+    assert not [f for f in replay(Exploding(), steps) if f.key == "trend"]
