@@ -1,4 +1,5 @@
-"""A drift test for slow growth of log norms: CUSUM with an allowance on a smoothed level, and persistence.
+"""Drift tests for slow growth of log norms: CUSUM with an allowance on a smoothed level, and persistence
+(``RampTest``); a rise against an anchored baseline that every layer shares (``UniformRise``).
 
 Each column (the global norm, or one layer) is a series of log norms. Its *level* is the median of the last
 ``window`` finite values (robust to single-step spikes, which the spike test judges). The test is Page's CUSUM
@@ -28,6 +29,7 @@ import itertools
 import math
 import warnings
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -110,70 +112,102 @@ class RampTest:
                 setattr(self, k, np.asarray(state[k]))
 
 
-class SlopeTest:
-    """A regression test for a ramp: over the last ``steps`` values of each column, the least-squares line
-    rises by ``ratio`` (log) or more, its slope stands ``t`` standard errors above 0, and the line fits better
-    than the best single step (two flat levels): a step change (a learning-rate restart, a layer unfrozen) is not
-    a ramp. Vectorised over ``width`` columns; NaN inputs are left out of the fit (a column needs
-    ``steps * 3 / 4`` finite values).
+class UniformRise:
+    """A rise of the global log norm that every layer shares: the mark of a common factor on every gradient.
+
+    The *level* is the median of the last ``window`` log norms (global, and per layer). The rise is judged against
+    an anchored baseline, the lowest global level of the last ``horizon`` steps (at least ``window`` steps back;
+    there the level is the median of ``base_window`` steps, so that the lowest of many noisy levels is not biased
+    low), not against a reference that follows the ramp. Once the level stands ``ratio`` times above it, the rise is
+    *uniform* when the layers rose alike: ``spread = sqrt(sum_i share_i (dl_i - dg)^2 / sum_i share_i)``, with
+    ``dg`` the global rise, ``dl_i`` layer i's, ``share_i`` its share of the squared global norm at the anchor
+    (layers under 1% left out), stays below ``uniform`` times ``dg``. A loss weight that keeps growing, gradients
+    summed without ``zero_grad`` or scaled by a bug multiply every layer alike (spread/dg 0.00-0.04 in the
+    evaluation zoo); learning changes layers unequally (a tanh RNN leaving its plateau, an SGD LSTM: 0.10-0.40).
+    Vectorised over the layers; NaN inputs (a layer without gradient) are skipped.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
-    >>> slope = SlopeTest(width=1)
-    >>> xs = [rng.normal(0.0, 0.3) + (0.049 * (t - 100) if t > 100 else 0.0) for t in range(200)]  # 5%/step from 100
-    >>> next(t for t, x in enumerate(xs) if slope.update(np.array([x]))[0])
-    131
-    >>> step = SlopeTest(width=1)                                   # a 4x step change at 100: not a ramp
-    >>> any(step.update(np.array([rng.normal(0.0, 0.2) + (1.4 if t > 100 else 0.0)]))[0] for t in range(200))
-    False
+    >>> def run(layer_rates):
+    ...     test = UniformRise()
+    ...     for t in range(150):
+    ...         grow = np.log(layer_rates) * max(0, t - 80)
+    ...         x = rng.normal(0.0, 0.2, 3) + grow
+    ...         rise = test.update(float(np.log(np.exp(2 * x).sum()) / 2), x)
+    ...         if rise is not None:
+    ...             return t, round(rise.factor, 1)
+    >>> run([1.05, 1.05, 1.05])       # every layer 5%/step from step 80: a common factor
+    (106, 3.0)
+    >>> run([1.08, 1.0, 1.02]) is None  # one layer rises, the others barely: the model learning
+    True
     """
 
-    def __init__(self, width: int, steps: int = 40, ratio: float = 3.0, t: float = 5.0, edge: int = 4) -> None:
-        self.width, self.steps, self.h, self.t, self.edge = width, steps, math.log(ratio), t, edge
-        self._raw: deque[np.ndarray] = deque(maxlen=steps)
-        #: Per column, after each update: the rise of the fitted line over the window (log) and its t-statistic.
-        self.rise = np.zeros(width)
-        self.tstat = np.zeros(width)
+    def __init__(self, window: int = 10, horizon: int = 50, ratio: float = 3.0, uniform: float = 0.08,
+                 base_window: int = 20) -> None:
+        self.window, self.horizon, self.h, self.uniform = window, horizon, math.log(ratio), uniform
+        self.base_window = max(base_window, window)
+        self._raw: deque[tuple[float, np.ndarray]] = deque(maxlen=self.base_window)
+        #: (step index, global level, per-layer levels) of the last ``horizon`` steps.
+        self._levels: deque[tuple[int, float, np.ndarray]] = deque(maxlen=horizon + 1)
+        self._t = 0
 
-    def update(self, x: np.ndarray) -> np.ndarray:
-        """Add one step's values; return, per column, whether the window is a ramp."""
-        self._raw.append(np.asarray(x, dtype=np.float64))
-        no = np.zeros(self.width, dtype=bool)
-        if len(self._raw) < self.steps:
-            return no
-        y = np.stack(self._raw)                                    # (steps, width)
-        w = np.isfinite(y)
-        m = w.sum(axis=0)
-        y0 = np.where(w, y, 0.0)
-        t = np.arange(self.steps, dtype=np.float64)[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tm = (w * t).sum(axis=0) / m
-            ym = y0.sum(axis=0) / m
-            sxx = (w * (t - tm) ** 2).sum(axis=0)
-            b = (w * (t - tm) * (y0 - ym)).sum(axis=0) / sxx
-            resid = np.where(w, y0 - ym - b * (t - tm), 0.0)
-            sse_line = (resid**2).sum(axis=0)
-            se = np.sqrt(sse_line / np.maximum(m - 2, 1) / sxx)
-            self.tstat = np.where(se > 0, b / se, np.where(b > 0, np.inf, 0.0))
-        self.rise = b * (self.steps - 1)
-        ok = m >= 3 * self.steps // 4
-        return ok & (self.rise >= self.h) & (self.tstat >= self.t) & (sse_line < self._step_sse(y0, w))
+    def update(self, x: float, layers: np.ndarray) -> Rise | None:
+        """Add one step's global log norm and per-layer log norms; return the rise when it is uniform. A change
+        of the set of layers (parameters frozen or unfrozen) starts the test afresh."""
+        layers = np.asarray(layers, dtype=np.float64)
+        if self._raw and self._raw[-1][1].shape != layers.shape:
+            self._raw.clear()
+            self._levels.clear()
+        self._raw.append((x, layers))
+        self._t += 1
+        if len(self._raw) < self.window:
+            return None
+        level, lay = self._level(self.window)
+        if len(self._raw) >= self.base_window:  # a baseline candidate: the median of a longer window
+            self._levels.append((self._t, *self._level(self.base_window)))
+        past = [e for e in self._levels if e[0] <= self._t - self.window]
+        if not past:
+            return None
+        t0, base, base_lay = min(past, key=lambda e: e[1])
+        dg = level - base
+        if dg < self.h:
+            return None
+        share = np.exp(2 * (base_lay - base))
+        dl = lay - base_lay
+        keep = np.isfinite(share) & np.isfinite(dl) & (share > 0.01)
+        if not keep.any():
+            return None
+        spread = math.sqrt(float(np.sum(share[keep] * (dl[keep] - dg) ** 2) / share[keep].sum()))
+        if spread > self.uniform * dg:
+            return None
+        return Rise(factor=math.exp(dg), steps=self._t - t0, spread=spread / dg, level=math.exp(level))
 
-    def _step_sse(self, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """Per column: the residual sum of squares of the best fit by two flat levels (one split point, at least
-        ``edge`` steps from either end)."""
-        cw, cy, cyy = np.cumsum(w, axis=0), np.cumsum(y, axis=0), np.cumsum(y * y, axis=0)
-        best = np.full(self.width, np.inf)
-        for k in range(self.edge, self.steps - self.edge):
-            nl, sl, ql = cw[k - 1], cy[k - 1], cyy[k - 1]
-            nr, sr, qr = cw[-1] - nl, cy[-1] - sl, cyy[-1] - ql
-            with np.errstate(divide="ignore", invalid="ignore"):
-                sse = (ql - sl**2 / nl) + (qr - sr**2 / nr)
-            best = np.fmin(best, sse)
-        return best
+    def _level(self, n: int) -> tuple[float, np.ndarray]:
+        """The median of the last ``n`` global log norms, and of each layer's."""
+        raw = list(self._raw)[-n:]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a layer without gradient all window: NaN
+            return float(np.median([r[0] for r in raw])), np.nanmedian(np.stack([r[1] for r in raw]), axis=0)
+
+    def reset(self) -> None:
+        """Forget the levels (keep the raw window): the next rise is judged from here on."""
+        self._levels.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"raw": list(self._raw)}
+        return {"raw": list(self._raw), "levels": list(self._levels), "t": self._t}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._raw = deque(state.get("raw", []), maxlen=self.steps)
+        self._raw = deque(state.get("raw", []), maxlen=self.base_window)
+        self._levels = deque(state.get("levels", []), maxlen=self.horizon + 1)
+        self._t = int(state.get("t", 0))
+
+
+@dataclass(frozen=True)
+class Rise:
+    """A uniform rise: its ``factor`` over ``steps`` steps, its spread across layers (a fraction of the rise),
+    and the level it reached."""
+
+    factor: float
+    steps: int
+    spread: float
+    level: float

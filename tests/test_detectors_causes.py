@@ -8,7 +8,6 @@ no clipping advice) and the message for a model that no gradient reaches."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from gfservice.testing import make_step, replay
 from gfservice_detectors.dead_units import DeadUnits
@@ -22,9 +21,6 @@ def _norms(norms, losses=None):
             for i, n in enumerate(norms)]
 
 
-@pytest.mark.xfail(reason="known miss: a 5%/step ramp on a noisy norm (log scatter 0.3) is found ~70 steps after "
-                   "its onset, past its budget (3x rise + 30); drift.SlopeTest (exploding.trend_slope_t) finds it at "
-                   "+31 but is off by default: healthy runs rise as much on its statistics", strict=True)
 def test_growth_mid_run_is_found_within_its_budget():
     rng = np.random.default_rng(0)
     norms = np.exp(rng.normal(0, 0.3, 200))
@@ -34,16 +30,36 @@ def test_growth_mid_run_is_found_within_its_budget():
     assert found[0].key == "trend" and "zero_grad" in found[0].message
 
 
-def test_slope_test_when_enabled_finds_growth_mid_run_within_its_budget():
-    rng = np.random.default_rng(0)
-    norms = np.exp(rng.normal(0, 0.3, 200))
+def test_growth_unequal_across_layers_is_learning_not_a_trend():
+    rng = np.random.default_rng(3)
+    base = np.exp(rng.normal(0, 0.2, (200, 2)))
+    base[100:, 0] *= 1.06 ** np.arange(100)          # one of two equal layers ramps, the other barely: 10x+ overall
+    base[100:, 1] *= 1.01 ** np.arange(100)
+    steps = [make_step(step=i, sum_sq=list(r**2)) for i, r in enumerate(base)]
+    assert not [f for f in replay(Exploding(), steps) if f.key == "trend" and not f.layers]
+
+
+def test_a_uniform_rise_under_a_learning_rate_rise_is_explained():
+    rng = np.random.default_rng(4)
+    norms = np.exp(rng.normal(0, 0.2, 200))
     norms[100:] *= 1.05 ** np.arange(100)
-    found = [f for f in replay(Exploding(trend_slope_t=5.0), _norms(norms, [1.0] * 200)) if f.key == "trend"]
-    assert found and 100 < found[0].step <= 123 + 30, found
-    rng = np.random.default_rng(2)
-    norms = np.exp(rng.normal(0, 0.2, 300))
-    norms[150:] *= 4.0                              # a step change is not a ramp for the slope test either
-    assert not [f for f in replay(Exploding(trend_slope_t=5.0), _norms(norms)) if f.key == "trend"]
+    lrs = [0.1] * 100 + [0.1 * 1.05**i for i in range(100)]   # the learning rate rose with it (a warm-up)
+    steps = [make_step(step=i, sum_sq=[n**2 / 2, n**2 / 2], lr=lrs[i]) for i, n in enumerate(norms)]
+    assert not [f for f in replay(Exploding(), steps) if f.key == "trend"]
+
+
+def test_a_spike_after_a_learning_rate_jump_is_critical_and_names_it():
+    rng = np.random.default_rng(5)
+    norms = np.exp(rng.normal(0, 0.1, 40))
+    norms[32] *= 50.0                                # 50x: a warning on its own
+    lrs = [1e-3] * 30 + [1e-1] * 10                  # the learning rate jumped 100x at step 30
+    steps = [make_step(step=i, sum_sq=[n**2 / 2, n**2 / 2], lr=lrs[i]) for i, n in enumerate(norms)]
+    f, = replay(Exploding(), steps)
+    assert (f.step, f.key, f.severity.value) == (32, "spike", "critical")
+    assert "learning rate rose 100.0x" in f.message and "step 30" in f.message and "clip" not in f.message
+    steps = [make_step(step=i, sum_sq=[n**2 / 2, n**2 / 2], lr=1e-3) for i, n in enumerate(norms)]
+    f, = replay(Exploding(), steps)
+    assert f.severity.value == "warning" and not f.message.startswith("clip")
 
 
 def test_one_layer_growing_against_the_rest_is_found_from_the_start():
@@ -67,8 +83,16 @@ def test_growth_at_the_start_of_a_run_is_not_a_trend():
 def test_a_step_change_is_not_a_trend():
     rng = np.random.default_rng(2)
     norms = np.exp(rng.normal(0, 0.2, 300))
-    norms[150:] *= 4.0                              # an SGDR restart or a layer unfrozen: 4x at once
-    assert not [f for f in replay(Exploding(), _norms(norms)) if f.key == "trend"]
+    norms[150:] *= 4.0                              # an SGDR restart: 4x at once, with the learning rate
+    lrs = [0.01] * 150 + [0.1] * 150
+    steps = [make_step(step=i, sum_sq=[n**2 / 2, n**2 / 2], lr=lrs[i]) for i, n in enumerate(norms)]
+    assert not [f for f in replay(Exploding(), steps) if f.key == "trend"]
+    rest = np.exp(rng.normal(0, 0.2, 300))          # a layer unfrozen: the new layer alone
+    steps = [make_step(step=i, sum_sq=[n**2, (0.0 if i < 150 else 15 * m**2)]) for i, (n, m) in
+             enumerate(zip(norms / 4, rest, strict=True))]
+    assert not [f for f in replay(Exploding(), steps) if f.key == "trend" and not f.layers]
+    # the same 4x on every layer with no learning-rate rise: a common factor appeared (a loss weight, a scale)
+    assert [f.key for f in replay(Exploding(), _norms(norms))] == ["trend"]
 
 
 def test_jump_of_a_tiny_norm_near_convergence_is_not_an_explosion():
@@ -147,3 +171,9 @@ def test_no_gradient_anywhere_names_a_cut_off_loss():
     steps = [make_step(step=i, sum_sq=[0.0, 0.0], count=0) for i in range(10)]
     f, = replay(NoGradient(), steps)
     assert ".detach()" in f.message and "no gradient reaches" in f.message
+
+
+def test_the_set_of_layers_may_change_mid_run():
+    rng = np.random.default_rng(6)
+    steps = [make_step(step=i, sum_sq=list(np.exp(rng.normal(0, 0.2, 2 if i < 60 else 3)))) for i in range(120)]
+    assert not [f for f in replay(Exploding(), steps) if f.key == "trend"]

@@ -43,6 +43,7 @@ def _assert_stopped_in_time(first, stopped_at):
     the finding is raised at that very step; the stop verdict follows within one step (the in-process
     aggregator judges off the training thread)."""
     assert first.detector in ("exploding", "nonfinite") and EXPLODE_AT <= first.first_step <= EXPLODE_AT + 2
+    assert first.severity.value == "critical", first
     assert stopped_at is not None and first.first_step <= stopped_at <= first.first_step + 1
 
 
