@@ -44,8 +44,11 @@ OTHER_VARIABLES = {
     "GFSERVICE_NAMESPACE": "Default Ray namespace of the service (`[service] namespace`), `gfservice` unless set.",
     "GFSERVICE_PEER_ADDR": "The address rank 0 listens on when a torchrun/Slurm job's ranks merge without a service "
                            "(default: loopback on one node, else the address of `MASTER_ADDR`).",
-    "GFSERVICE_MERGE_AGENT": "`1`: a Ray job's ranks send through their node's merge agent; `0`: straight to the "
-                             "service; unset: through the agent from 256 ranks (see explanation/scale-out.md).",
+    "GFSERVICE_NODE_SIZE": "torchrun/Slurm node merging: the ranks per node (rank `r` is on node `r // size`), "
+    "overriding `LOCAL_WORLD_SIZE` / `SLURM_NTASKS_PER_NODE`.",
+    "GFSERVICE_MERGE_AGENT": "`1`: ranks send through their node's merger (a Ray merge agent, or local rank 0 under "
+                             "torchrun/Slurm); `0`: straight to the service or rank 0; unset: through the merger "
+                             "from 256 ranks (see explanation/scale-out.md).",
 }
 #: Fields whose ``#:`` comment would otherwise be the one of the field above them.
 FIELD_DOCS = {("ServiceConfig", "snapshot_interval_s"): "Seconds between snapshots of detector state and findings.",
