@@ -279,11 +279,12 @@ def test_two_ddp_ranks_skip_the_same_steps_and_stay_bitwise_equal(tmp_path):
 FSDP_POISONED = (15, 19, 22)
 
 
-def _fsdp_train(rank: int, guarded: bool) -> tuple[list, dict[str, torch.Tensor]]:
+def _fsdp_train(rank: int, guarded: bool, policy: str = "skip") -> tuple[list, dict[str, torch.Tensor]]:
     """A 2-rank fully_shard MLP trained 26 steps: rank 1 gets a batch whose loss is x1000 at step 15, rank 0 a NaN
     batch at step 19 and, at step 22, a gradient corrupted x1e4 in its own shard of the first layer only (its
     local norm jumps, the other rank's does not). Guarded, or unguarded with the poisoned steps skipped by hand
-    (the expectation). Returns the skipped steps and the full parameters and this rank's optimizer state."""
+    (the expectation). Returns the steps acted on (skipped, then clipped) and the full parameters and this rank's
+    optimizer state."""
     from torch.distributed.fsdp import fully_shard
 
     model = mlp(3, width=16, seed=0)
@@ -293,7 +294,7 @@ def _fsdp_train(rank: int, guarded: bool) -> tuple[list, dict[str, torch.Tensor]
     fully_shard(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     mon = gfservice.monitor(model, opt, run=f"guard-fsdp-{guarded}", service=None, deep_every=0,
-                            guard=GuardConfig(warmup=WARMUP)) if guarded else None
+                            guard=GuardConfig(warmup=WARMUP, policy=policy)) if guarded else None
     data = batches(16, seed=rank)  # each rank its own shard of the data
     for i in range(26):
         x, y = next(data)
@@ -316,10 +317,10 @@ def _fsdp_train(rank: int, guarded: bool) -> tuple[list, dict[str, torch.Tensor]
     for j, state in enumerate(opt.state.values()):
         out.update({f"s.{j}.{k}": (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
                     for k, v in state.items()})
-    skipped = list(mon.skipped_steps) if mon is not None else []
+    acted = [list(mon.skipped_steps), list(mon.clipped_steps), mon.errors] if mon is not None else []
     if mon is not None:
         mon.close()
-    return skipped, out
+    return acted, out
 
 
 def _fsdp_worker(rank: int, port: int, out: str) -> None:
@@ -327,14 +328,16 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    skipped, guarded = _fsdp_train(rank, guarded=True)
+    acted, guarded = _fsdp_train(rank, guarded=True)
     _, expected = _fsdp_train(rank, guarded=False)
+    clip, clipped = _fsdp_train(rank, guarded=True, policy="clip")
     same = guarded.keys() == expected.keys() and all(torch.equal(guarded[k], expected[k]) for k in guarded)
     finite = all(bool(torch.isfinite(v).all()) for v in guarded.values())
     full = torch.cat([v.reshape(-1) for k, v in sorted(guarded.items()) if k.startswith("p.")])
     np.save(f"{out}.{rank}.npy", full.numpy())
     with open(f"{out}.{rank}.json", "w") as f:
-        json.dump({"skipped": skipped, "same": same, "finite": finite}, f)
+        json.dump({"acted": acted, "clip": clip, "same": same, "finite": finite,
+                   "clip_finite": all(bool(torch.isfinite(v).all()) for v in clipped.values())}, f)
     dist.barrier()
     os._exit(0)  # no destroy_process_group(): gloo's can deadlock in its destructor
 
@@ -344,8 +347,13 @@ def test_two_fsdp_ranks_agree_on_every_verdict_and_end_as_if_the_poisoned_steps_
     out = str(tmp_path / "fsdp")
     torch.multiprocessing.spawn(_fsdp_worker, args=(free_port(), out), nprocs=2, join=True)
     got = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1)]
-    assert got[0]["skipped"] == got[1]["skipped"]
-    assert [s for s, _ in got[0]["skipped"]] == list(FSDP_POISONED)
+    assert got[0]["acted"] == got[1]["acted"]
+    skipped, clipped, errors = got[0]["acted"]
+    assert [s for s, _ in skipped] == list(FSDP_POISONED) and clipped == [] and errors == 0
+    # policy="clip": the same verdicts; the norm explosions rescaled by the global norm, the NaN step skipped
+    assert got[0]["clip"] == got[1]["clip"] == [[[19, "nonfinite_gradient"]], [[15, "gradient_norm"],
+                                                                               [22, "gradient_norm"]], 0]
+    assert got[0]["clip_finite"]
     assert got[0]["same"] and got[1]["same"]  # bitwise the run whose poisoned steps were skipped by hand
     assert got[0]["finite"] and got[1]["finite"]
     assert np.array_equal(np.load(f"{out}.0.npy"), np.load(f"{out}.1.npy"))

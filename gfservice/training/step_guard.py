@@ -142,20 +142,19 @@ def rescale(params: Sequence[torch.Tensor], limit: float,
     >>> p.grad = torch.tensor([3.0, 4.0]); rescale([p], 1.0, combine=lambda sums: 2 * math.sqrt(sums.sum()))
     0.1
     """
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return 1.0
     with torch.no_grad():
         if combine is None:
-            grads = [p.grad for p in with_grad]
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
                                                                for g in grads])))
         else:
-            grads = [local_part(p.grad) for p in with_grad]
             sums = np.zeros(len(params), np.float64)
             for i, p in enumerate(params):
                 if p.grad is not None:
                     sums[i] = float(torch.linalg.vector_norm(local_part(p.grad), dtype=torch.float64)) ** 2
+            grads = [local_part(g) for g in grads]
             norm = combine(sums)
         if not math.isfinite(norm) or norm <= limit:
             return 1.0
