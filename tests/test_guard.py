@@ -233,11 +233,23 @@ def test_replay_counts_what_a_configuration_would_have_skipped():
 
 
 # ---- DDP: every rank skips the same steps ---------------------------------------------------------------------
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
+def _join(rank: int, port: int) -> None:
+    """Join a 2-rank gloo process group on CPU (one thread)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+
+def _leave() -> None:
+    torch.distributed.barrier()
+    os._exit(0)  # no destroy_process_group(): gloo's can deadlock in its destructor
+
+
+def _two_ranks(worker, out: str) -> None:
+    torch.multiprocessing.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    _join(rank, port)
     model = nn.parallel.DistributedDataParallel(mlp(3, width=16, seed=0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     mon = gfservice.monitor(model, opt, run="guard-ddp", service=None, deep_every=0,
@@ -259,16 +271,15 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     np.save(f"{out}.{rank}.npy", flat.numpy())
     with open(f"{out}.{rank}.txt", "w") as f:
         f.write(repr(mon.skipped_steps))
-    dist.barrier()
+    torch.distributed.barrier()
     mon.close()
-    dist.barrier()
-    os._exit(0)  # no destroy_process_group(): gloo's can deadlock in its destructor
+    _leave()
 
 
 @pytest.mark.slow
 def test_two_ddp_ranks_skip_the_same_steps_and_stay_bitwise_equal(tmp_path):
     out = str(tmp_path / "ddp")
-    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), out), nprocs=2, join=True)
+    _two_ranks(_ddp_worker, out)
     skips = [Path(f"{out}.{r}.txt").read_text() for r in (0, 1)]
     assert skips[0] == skips[1] == "[(15, 'gradient_norm'), (19, 'nonfinite_gradient')]"
     a, b = (np.load(f"{out}.{r}.npy") for r in (0, 1))
@@ -324,10 +335,7 @@ def _fsdp_train(rank: int, guarded: bool, policy: str = "skip") -> tuple[list, d
 
 
 def _fsdp_worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    _join(rank, port)
     acted, guarded = _fsdp_train(rank, guarded=True)
     _, expected = _fsdp_train(rank, guarded=False)
     clip, clipped = _fsdp_train(rank, guarded=True, policy="clip")
@@ -338,14 +346,13 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump({"acted": acted, "clip": clip, "same": same, "finite": finite,
                    "clip_finite": all(bool(torch.isfinite(v).all()) for v in clipped.values())}, f)
-    dist.barrier()
-    os._exit(0)  # no destroy_process_group(): gloo's can deadlock in its destructor
+    _leave()
 
 
 @pytest.mark.slow
 def test_two_fsdp_ranks_agree_on_every_verdict_and_end_as_if_the_poisoned_steps_were_skipped(tmp_path):
     out = str(tmp_path / "fsdp")
-    torch.multiprocessing.spawn(_fsdp_worker, args=(free_port(), out), nprocs=2, join=True)
+    _two_ranks(_fsdp_worker, out)
     got = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1)]
     assert got[0]["acted"] == got[1]["acted"]
     skipped, clipped, errors = got[0]["acted"]
