@@ -5,6 +5,8 @@ every healthy run guarded (false skips, and how far its steps stayed from the gu
 .venv/bin/python benchmarks/guard.py                  # default: about 3 minutes on 2 cores
 .venv/bin/python benchmarks/guard.py --seeds 3        # more seeds
 .venv/bin/python benchmarks/guard.py --healthy-only --seeds 3 --json out.json
+.venv/bin/python benchmarks/guard.py --collective     # the sharded guard's all-reduce, 2 gloo ranks on CPU
+.venv/bin/python benchmarks/guard.py --update-norms   # do Adam update norms warn before gradient norms?
 ```
 
 Poisons (``POISONS``), injected into zoo runs at steps drawn from the seed (after the guard's warm-up):
@@ -82,6 +84,8 @@ class Trained:
     #: (norm, limit) of every judged step (guarded runs).
     judged: list[tuple[float, float | None, float | None]] = field(default_factory=list)
     errors: int = 0
+    #: The monitor's merged steps (``keep_steps``).
+    stats: list[Any] = field(default_factory=list)
 
     def final(self) -> float:
         tail = [v for v in self.losses[-LAST:] if math.isfinite(v)]
@@ -89,14 +93,16 @@ class Trained:
 
 
 def train(sc: zoo.Scenario, seed: int, guard: GuardConfig | None, poison: Poison | None = None,
-          hit: list[int] | None = None, monitor: bool = True) -> Trained:
-    """Train ``sc`` with ``seed`` under a monitor (guard on or off), with ``poison`` at the steps ``hit``."""
+          hit: list[int] | None = None, monitor: bool = True, deep_every: int = 50,
+          keep_steps: bool = False) -> Trained:
+    """Train ``sc`` with ``seed`` under a monitor (guard on or off), with ``poison`` at the steps ``hit``
+    (``keep_steps``: keep the monitor's merged steps)."""
     run = sc.make(seed)
     hit_set = set(hit or [])
     if poison is not None and poison.loss is not None:
         run.fault = zoo.Fault(-1, loss=poison.loss)  # armed by hand below
     mon = gfservice.monitor(run.model, run.optimizer, run=f"guard-{sc.name}-{seed}", service=None,
-                            scaler=run.scaler, guard=guard, sinks=[]) if monitor else None
+                            scaler=run.scaler, guard=guard, sinks=[], deep_every=deep_every) if monitor else None
     judged: list[tuple[float, float | None, float | None]] = []
     if mon is not None and mon.guard is not None:
         _record(mon.guard, judged)
@@ -117,6 +123,8 @@ def train(sc: zoo.Scenario, seed: int, guard: GuardConfig | None, poison: Poison
         losses.append(float(loss))
     seconds = time.perf_counter() - t0
     out = Trained(losses, list(mon.skipped_steps) if mon else [], seconds, judged, mon.errors if mon else 0)
+    if mon is not None and keep_steps:
+        out.stats = mon._merged_steps()
     if mon is not None:
         mon.close()
     return out
@@ -215,6 +223,140 @@ def markdown(poison_rows: list[dict[str, Any]], healthy_rows: list[dict[str, Any
     return "\n".join(out)
 
 
+# ---- update norms: an earlier warning? ---------------------------------------------------------------------------
+#: The signals compared, each a number per step from a monitor's merged step (deep_every=1).
+SIGNALS: dict[str, Callable[[Any], float]] = {
+    "grad_norm": lambda s: float(s.global_norm),
+    "update_norm": lambda s: math.sqrt(float(np.sum(s.grads.update_sq))) if s.grads.update_sq is not None
+    else float("nan"),
+    "update_ratio": lambda s: math.sqrt(float(np.sum(s.grads.update_sq)) / float(np.sum(s.grads.weight_sq)))
+    if s.grads.update_sq is not None and s.grads.weight_sq is not None and np.sum(s.grads.weight_sq) > 0
+    else float("nan"),
+}
+BASELINE = 20  # steps before a poisoned one whose median is the baseline
+JUMP = 3.0  # a signal "jumps" at the first step it stands this many times above its baseline (or turns NaN/Inf)
+LOOK = (0, 6)  # steps from the poisoned one searched for the jump (nothing precedes an injected poison)
+
+
+def _jump(series: dict[int, float], at: int) -> tuple[int | None, float | None]:
+    """(first step offset from ``at`` where ``series`` jumps, its factor over the baseline at ``at``)."""
+    window = range(at + LOOK[0] - BASELINE, at + LOOK[0])
+    base = [series[t] for t in window if math.isfinite(series.get(t, math.nan))]
+    if not base:
+        return None, None
+    median = float(np.median(base))
+    first = None
+    for t in range(at + LOOK[0], at + LOOK[1] + 1):
+        v = series.get(t, math.nan)
+        if not math.isfinite(v) or v > JUMP * median:
+            first = t - at
+            break
+    v = series.get(at, math.nan)
+    return first, (v / median if math.isfinite(v) and median > 0 else float("inf"))
+
+
+def update_norms(seeds: int) -> list[dict[str, Any]]:
+    """Each poisoned zoo run, unguarded, with deep statistics on every step: for the gradient norm, the update norm,
+    the update/weight ratio and the loss of each step, at which step (from the poisoned one) it first jumps
+    ``JUMP`` times above the median of the ``BASELINE`` steps before, and its factor at the poisoned step. The
+    loss of step t is the loss before step t's update: the damage of an update at t shows in the loss at t+1."""
+    rows = []
+    for name in POISONED_MODELS:
+        sc = zoo.BY_NAME[name]
+        for poison in POISONS:
+            for seed in range(seeds):
+                hit = poison.steps(random.Random(f"{name}-{poison.name}-{seed}"), sc.steps)
+                bad = train(sc, seed, None, poison, hit, deep_every=1, keep_steps=True)
+                series = {k: {s.step: f(s) for s in bad.stats} for k, f in SIGNALS.items()}
+                series["loss"] = dict(enumerate(bad.losses))
+                opt = type(sc.make(seed).optimizer).__name__
+                for at in hit:
+                    if _jump(series["grad_norm"], at)[0] is None and not math.isfinite(series["loss"][at - 1]):
+                        continue  # diverged (NaN) at an earlier poison: nothing left to compare
+                    earlier = [at - h for h in hit if 0 < at - h <= BASELINE]
+                    row: dict[str, Any] = {"scenario": name, "optimizer": opt, "poison": poison.name, "seed": seed,
+                                           "step": at, "after_poison": earlier[-1] if earlier else None}
+                    for k, ser in series.items():
+                        row[f"{k}_first"], row[f"{k}_factor"] = _jump(ser, at)
+                    rows.append(row)
+                    print(f"{name:12s} {poison.name:14s} step {at}: {row}", file=sys.stderr)
+    return rows
+
+
+def update_markdown(rows: list[dict[str, Any]]) -> str:
+    def cell(r: dict[str, Any], k: str) -> str:
+        first, factor = r[f"{k}_first"], r[f"{k}_factor"]
+        when = "-" if first is None else f"{first:+d}"
+        size = "NaN" if factor is None or not math.isfinite(factor) else f"{factor:.3g}x"
+        return f"{when} ({size})"
+
+    keys = ("grad_norm", "update_norm", "update_ratio", "loss")
+    out = ["| run | optimizer | poison | step | " + " | ".join(keys) + " |", "|---|---|---|---|" + "---|" * len(keys)]
+    out += [f"| {r['scenario']} | {r['optimizer']} | {r['poison']} | {r['step']}"
+            + ("" if r["after_poison"] is None else f" ({r['after_poison']} after one)") + " | "
+            + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
+    out += ["", f"each cell: the first step, from the poisoned one, where the signal stands {JUMP:g}x above the median "
+            f"of the {BASELINE} steps before (or is NaN/Inf; - : not within {LOOK[1]} steps), and (its factor at the "
+            "poisoned step); a run already NaN from an earlier poison is left out"]
+    return "\n".join(out)
+
+
+# ---- the sharded guard's collective -----------------------------------------------------------------------------
+def _collective_worker(rank: int, port: int, calls: int, layers: int, queue: Any) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from gfservice.training.step_guard import GuardInput, agree
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    sums = np.random.default_rng(rank).random(layers)
+    got = GuardInput(float(np.sqrt(sums.sum())), False, np.sqrt(sums), sums)
+    sharded = [True] * layers
+    one = torch.zeros(1, dtype=torch.float64)
+    calls_of: dict[str, Callable[[], Any]] = {
+        "bare": lambda: dist.all_reduce(one),  # the floor: any all-reduce of one number
+        "agree": lambda: agree(got, sharded, 0.5),
+        "layers": lambda: agree(got, sharded, 0.5, layers=True)}
+    result = {}
+    for key, call in calls_of.items():
+        times = []
+        for _ in range(calls):
+            dist.barrier()  # both ranks enter together: the time is the collective's, not the other rank's lag
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        result[key] = (float(np.median(times)) * 1e6, float(np.percentile(times, 90)) * 1e6)
+    if rank == 0:
+        queue.put(result)
+    dist.barrier()
+    os._exit(0)  # no destroy_process_group(): gloo's can deadlock in its destructor
+
+
+def collective(calls: int = 2000, layers: int = 100) -> str:
+    """Microseconds per step of :func:`~gfservice.training.step_guard.agree` (the one all-reduce of a sharded
+    job's guard) on 2 gloo ranks on CPU: median and 90th percentile over ``calls`` steps, with and without the
+    per-layer sums."""
+    import socket
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_collective_worker, args=(port, calls, layers, queue), nprocs=2,
+                                          start_method="spawn")
+    res = queue.get()
+    return "\n".join([
+        f"guard all-reduce, 2 gloo ranks on CPU, {calls} steps, {layers} layers:",
+        f"  agree(), 4 numbers (global norm, NaN/Inf flags): median {res['agree'][0]:.0f} us, "
+        f"p90 {res['agree'][1]:.0f} us",
+        f"  agree(), with per-layer sums ({layers + 4} numbers): median {res['layers'][0]:.0f} us, "
+        f"p90 {res['layers'][1]:.0f} us",
+        f"  a bare all_reduce of one number: median {res['bare'][0]:.0f} us, p90 {res['bare'][1]:.0f} us"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=1)
@@ -222,8 +364,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poisoned-only", action="store_true")
     p.add_argument("--no-timing", action="store_true", help="skip the guard-on/off step-time runs")
     p.add_argument("--json", default=None)
+    p.add_argument("--collective", action="store_true", help="time the sharded guard's all-reduce only")
+    p.add_argument("--update-norms", action="store_true",
+                   help="only: when do update norms jump on poisoned runs, against gradient norm and loss")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.collective:
+        print(collective())
+        return 0
+    if args.update_norms:
+        rows = update_norms(args.seeds)
+        print(update_markdown(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     t0 = time.perf_counter()
     pr = [] if args.healthy_only else poisoned(args.seeds)
     hr = [] if args.poisoned_only else healthy(args.seeds, not args.no_timing)

@@ -18,7 +18,7 @@ from torch import nn
 
 import gfservice
 from gfservice.training.guard import Guard, GuardConfig, judge, limit, replay
-from tests.models import batches, mlp
+from tests.models import at_end_of_backward, batches, mlp
 from tests.promtools import free_port
 
 WARMUP = 10  # a short warm-up keeps the runs short
@@ -233,11 +233,23 @@ def test_replay_counts_what_a_configuration_would_have_skipped():
 
 
 # ---- DDP: every rank skips the same steps ---------------------------------------------------------------------
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
+def _join(rank: int, port: int) -> None:
+    """Join a 2-rank gloo process group on CPU (one thread)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+
+def _leave() -> None:
+    torch.distributed.barrier()
+    os._exit(0)  # no destroy_process_group(): gloo's can deadlock in its destructor
+
+
+def _two_ranks(worker, out: str) -> None:
+    torch.multiprocessing.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    _join(rank, port)
     model = nn.parallel.DistributedDataParallel(mlp(3, width=16, seed=0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     mon = gfservice.monitor(model, opt, run="guard-ddp", service=None, deep_every=0,
@@ -259,20 +271,99 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     np.save(f"{out}.{rank}.npy", flat.numpy())
     with open(f"{out}.{rank}.txt", "w") as f:
         f.write(repr(mon.skipped_steps))
-    dist.barrier()
+    torch.distributed.barrier()
     mon.close()
-    dist.barrier()
-    os._exit(0)  # no destroy_process_group(): gloo's can deadlock in its destructor
+    _leave()
 
 
 @pytest.mark.slow
 def test_two_ddp_ranks_skip_the_same_steps_and_stay_bitwise_equal(tmp_path):
     out = str(tmp_path / "ddp")
-    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), out), nprocs=2, join=True)
+    _two_ranks(_ddp_worker, out)
     skips = [Path(f"{out}.{r}.txt").read_text() for r in (0, 1)]
     assert skips[0] == skips[1] == "[(15, 'gradient_norm'), (19, 'nonfinite_gradient')]"
     a, b = (np.load(f"{out}.{r}.npy") for r in (0, 1))
     assert np.array_equal(a, b) and np.isfinite(a).all()
+
+
+# ---- FSDP2: every rank judges the same global numbers ----------------------------------------------------------
+FSDP_POISONED = (15, 19, 22)
+
+
+def _fsdp_train(rank: int, guarded: bool, policy: str = "skip") -> tuple[list, dict[str, torch.Tensor]]:
+    """A 2-rank fully_shard MLP trained 26 steps: rank 1 gets a batch whose loss is x1000 at step 15, rank 0 a NaN
+    batch at step 19 and, at step 22, a gradient corrupted x1e4 in its own shard of the first layer only (its
+    local norm jumps, the other rank's does not). Guarded, or unguarded with the poisoned steps skipped by hand
+    (the expectation). Returns the steps acted on (skipped, then clipped) and the full parameters and this rank's
+    optimizer state."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp(3, width=16, seed=0)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mon = gfservice.monitor(model, opt, run=f"guard-fsdp-{guarded}", service=None, deep_every=0,
+                            guard=GuardConfig(warmup=WARMUP, policy=policy)) if guarded else None
+    data = batches(16, seed=rank)  # each rank its own shard of the data
+    for i in range(26):
+        x, y = next(data)
+        if rank == 0 and i == 19:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        if rank == 0 and i == 22:
+            first = next(model.parameters())
+            at_end_of_backward(model, lambda p=first: p.grad.to_local().mul_(1e4))
+        loss = nn.functional.cross_entropy(model(x), y) * (1000.0 if rank == 1 and i == 15 else 1.0)
+        loss.backward()
+        if mon is not None:
+            mon.observe(loss)
+            opt.step()
+            mon.step(loss=loss)
+        elif i not in FSDP_POISONED:
+            opt.step()
+        opt.zero_grad()
+    out = {f"p.{n}": p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    for j, state in enumerate(opt.state.values()):
+        out.update({f"s.{j}.{k}": (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
+                    for k, v in state.items()})
+    acted = [list(mon.skipped_steps), list(mon.clipped_steps), mon.errors] if mon is not None else []
+    if mon is not None:
+        mon.close()
+    return acted, out
+
+
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    _join(rank, port)
+    acted, guarded = _fsdp_train(rank, guarded=True)
+    _, expected = _fsdp_train(rank, guarded=False)
+    clip, clipped = _fsdp_train(rank, guarded=True, policy="clip")
+    same = guarded.keys() == expected.keys() and all(torch.equal(guarded[k], expected[k]) for k in guarded)
+    finite = all(bool(torch.isfinite(v).all()) for v in guarded.values())
+    full = torch.cat([v.reshape(-1) for k, v in sorted(guarded.items()) if k.startswith("p.")])
+    np.save(f"{out}.{rank}.npy", full.numpy())
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump({"acted": acted, "clip": clip, "same": same, "finite": finite,
+                   "clip_finite": all(bool(torch.isfinite(v).all()) for v in clipped.values())}, f)
+    _leave()
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_agree_on_every_verdict_and_end_as_if_the_poisoned_steps_were_skipped(tmp_path):
+    out = str(tmp_path / "fsdp")
+    _two_ranks(_fsdp_worker, out)
+    got = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["acted"] == got[1]["acted"]
+    skipped, clipped, errors = got[0]["acted"]
+    assert [s for s, _ in skipped] == list(FSDP_POISONED) and clipped == [] and errors == 0
+    # policy="clip": the same verdicts; the norm explosions rescaled by the global norm, the NaN step skipped
+    assert got[0]["clip"] == got[1]["clip"] == [[[19, "nonfinite_gradient"]], [[15, "gradient_norm"],
+                                                                               [22, "gradient_norm"]], 0]
+    assert got[0]["clip_finite"]
+    assert got[0]["same"] and got[1]["same"]  # bitwise the run whose poisoned steps were skipped by hand
+    assert got[0]["finite"] and got[1]["finite"]
+    assert np.array_equal(np.load(f"{out}.0.npy"), np.load(f"{out}.1.npy"))
 
 
 def test_copy_of_config_is_frozen():

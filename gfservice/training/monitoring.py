@@ -39,8 +39,8 @@ from gfservice.training.guard import REASONS, Guard, GuardConfig, Verdict, guard
 from gfservice.training.module_kinds import layer_kinds
 from gfservice.training.names import safe_names
 from gfservice.training.optim_info import RunContext
-from gfservice.training.parameters import has_sharded_parameters
-from gfservice.training.step_guard import GuardInput, StepHandle, guard_input, rescale, wrap_step
+from gfservice.training.parameters import has_sharded_parameters, local_part
+from gfservice.training.step_guard import GuardInput, StepHandle, agree, guard_input, rescale, shard_norm, wrap_step
 from gfservice.training.transport import InProcessTransport, Transport
 from gfservice.training.watch import Sink, Watch, make_sinks
 from gfservice.wire import Layout, RunEnd, StepReport
@@ -493,7 +493,7 @@ class Monitor:
     def observe(self, loss: torch.Tensor | float | None) -> None:
         """Give the guard this step's loss before ``optimizer.step()``: a NaN/Inf loss makes the step poisoned.
         (Under DDP the verdict uses the all-reduced gradients only, the same on every rank: a rank's loss is its
-        own.)"""
+        own. Under FSDP and DeepSpeed ZeRO a NaN/Inf loss on any rank poisons the step on every rank.)"""
         self._guard_loss = loss
 
     def _guard_closure(self, closure: Callable[[], Any]) -> Any:
@@ -521,6 +521,11 @@ class Monitor:
             return None  # under DDP the verdict comes from the all-reduced gradients alone: the same on every rank
         return float(loss.detach().reshape(-1)[0]) if isinstance(loss, torch.Tensor) else float(loss)
 
+    def _guard_shards(self) -> bool:
+        """Whether the guard judges shards that must be made global (:func:`agree`): some collected parameter is
+        sharded (FSDP2, DeepSpeed ZeRO) and a process group of several ranks is initialised."""
+        return any(self.collector.sharded) and _process_group()
+
     def _guard_action(self) -> str | None:
         guard, step = self.guard, self.steps
         if guard is None or self.off is not None:
@@ -536,11 +541,15 @@ class Monitor:
                 read = self.collector.exact(read)
             got = guard_input(read, len(self.collector))
         self._guard_done = (step, None)
+        loss = self._loss_for_guard()
+        shards = self._guard_shards()
+        if shards:  # every rank judges the same global numbers: one tiny all-reduce
+            got, loss = agree(got, self.collector.sharded, loss, layers=guard.config.per_layer,
+                              device=local_part(self.collector.params[0]).device)
         if got.nonfinite and self._grad_scale() is not None:
             return None  # an fp16 overflow: the GradScaler skips this step and lowers its scale itself
         lr = self._largest_lr()
-        verdict = guard.verdict(got.norm, nonfinite=got.nonfinite, loss=self._loss_for_guard(),
-                                layer_norms=got.layer_norms, lr=lr)
+        verdict = guard.verdict(got.norm, nonfinite=got.nonfinite, loss=loss, layer_norms=got.layer_norms, lr=lr)
         decision = guard.settle(step, verdict, got.layer_norms, lr)
         if decision.exhausted:
             self._guard_exhausted(step, verdict)
@@ -555,7 +564,9 @@ class Monitor:
                         lr, guard.config.lr_ratio)
             return "skip"
         if guard.config.policy == "clip" and reason == "gradient_norm" and verdict.limit is not None:
-            factor = rescale(list(self.collector.params), verdict.limit)
+            device = local_part(self.collector.params[0]).device
+            combine = (lambda sums: shard_norm(sums, self.collector.sharded, device)) if shards else None
+            factor = rescale(list(self.collector.params), verdict.limit, combine)
             self.clipped_steps.append((step, reason))
             self._guard_done = (step, "clip")
             log.warning("gfservice guard: run %s step %d: gradient norm %.3g above the guard's %.3g: gradients "

@@ -1,5 +1,5 @@
-"""The guard's hands on the training loop: what it reads of a step's gradients, and ``optimizer.step`` made
-skippable.
+"""The guard's hands on the training loop: what it reads of a step's gradients (made the same on every rank of a
+sharded job by :func:`agree`), and ``optimizer.step`` made skippable.
 
 :func:`wrap_step` puts a bound method in front of an optimizer's ``step`` (the way ``GradScaler`` decides
 whether ``optimizer.step()`` runs): ``decide()`` is asked first and the step runs, or does nothing and returns
@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from gfservice.training.collect import GradRead
+from gfservice.training.parameters import local_part
 
-__all__ = ["GuardInput", "StepHandle", "guard_input", "rescale", "wrap_step"]
+__all__ = ["GuardInput", "StepHandle", "agree", "guard_input", "rescale", "shard_norm", "wrap_step"]
 
 
 class GuardInput(NamedTuple):
@@ -42,6 +43,8 @@ class GuardInput(NamedTuple):
     nonfinite: bool
     #: Every layer's norm (0 without a gradient).
     layer_norms: np.ndarray
+    #: Every layer's sum of squares (loss scale divided out; what :func:`agree` adds up across ranks).
+    sums: np.ndarray | None = None
 
 
 def guard_input(read: GradRead, layers: int) -> GuardInput:
@@ -50,8 +53,8 @@ def guard_input(read: GradRead, layers: int) -> GuardInput:
 
     >>> import torch, numpy as np
     >>> r = GradRead(torch.tensor([9.0, 16.0], dtype=torch.float64), [0, 2], np.array([3, 0, 4]), False, False)
-    >>> g = guard_input(r, 3); g.norm, g.nonfinite, g.layer_norms.tolist()
-    (5.0, False, [3.0, 0.0, 4.0])
+    >>> g = guard_input(r, 3); g.norm, g.nonfinite, g.layer_norms.tolist(), g.sums.tolist()
+    (5.0, False, [3.0, 0.0, 4.0], [9.0, 0.0, 16.0])
     """
     n = len(read.have)
     head = read.vector[: 2 * n if read.peak else n].detach()
@@ -65,26 +68,94 @@ def guard_input(read: GradRead, layers: int) -> GuardInput:
     else:
         bad = not bool(np.isfinite(sums).all())
     norms = np.zeros(layers, np.float64)
+    squares = np.zeros(layers, np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         norms[read.have] = np.sqrt(sums) / scale
+        squares[read.have] = sums / (scale * scale)
         total = math.sqrt(float(sums.sum())) / scale if not bad else float("nan")
-    return GuardInput(total, bad, norms)
+    return GuardInput(total, bad, norms, squares)
 
 
-def rescale(params: Sequence[torch.Tensor], limit: float) -> float:
+def agree(got: GuardInput, sharded: Sequence[bool], loss: float | None = None, *, layers: bool = False,
+          device: torch.device | None = None, reduce: Callable[[torch.Tensor], Any] | None = None,
+          world: int | None = None) -> tuple[GuardInput, float | None]:
+    """``got`` (this rank's shard) made global and the same on every rank of a sharded job (FSDP2, DeepSpeed
+    ZeRO), with the loss: ONE all-reduce (SUM) over the default process group of [the sum of squares of the
+    ``sharded`` layers, 1/world of the other layers' (the same on every rank where they are replicated), the
+    NaN/Inf flag, the loss's NaN/Inf flag], and with ``layers`` each layer's sum (the per-layer rule). This is
+    what ``clip_grad_norm_`` does for FSDP. A flag summed is > 0 where any rank's is set (a MAX); a NaN sum stays
+    NaN. Every rank receives the same numbers, so every rank's guard keeps the same history and decides the same.
+    Returns the global input and a loss that is NaN where some rank's loss is NaN/Inf, else None.
+
+    ``device``: where the gradients are (the reduction goes there, except on a gloo-only group); ``reduce`` (in
+    place) and ``world`` stand in for ``torch.distributed.all_reduce`` and the group's size: here two ranks that
+    hold the same shard of a sharded layer and a replicated one.
+
+    >>> g = GuardInput(5.0, False, np.array([3.0, 4.0]), np.array([9.0, 16.0]))
+    >>> def two_ranks(t): t.mul_(2)
+    >>> both, loss = agree(g, [True, False], float("nan"), layers=True, reduce=two_ranks, world=2)
+    >>> round(both.norm ** 2, 6), both.nonfinite, both.layer_norms.tolist(), loss
+    (34.0, False, [4.242640687119285, 4.0], nan)
+    """
+    if reduce is None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        if device is None or device.type == "cpu" or str(dist.get_backend()) == "gloo":
+            device = torch.device("cpu")
+        reduce = dist.all_reduce
+    world = world or 1
+    sums = got.sums if got.sums is not None else got.layer_norms ** 2
+    mask = np.asarray(sharded, bool)
+    share = np.where(mask, sums, sums / world)
+    loss_bad = loss is not None and not math.isfinite(loss)
+    with np.errstate(invalid="ignore", over="ignore"):
+        head = [float(share[mask].sum()), float(share[~mask].sum()), float(got.nonfinite), float(loss_bad)]
+    vector = torch.tensor(head + (share.tolist() if layers else []), dtype=torch.float64, device=device)
+    reduce(vector)
+    host = vector.cpu().numpy() if vector.device.type != "cpu" else vector.numpy()
+    total = float(host[0] + host[1])
+    bad = bool(host[2] > 0) or not math.isfinite(total)
+    with np.errstate(invalid="ignore"):
+        layer_norms = np.sqrt(host[4:]) if layers else got.layer_norms
+    norm = math.sqrt(total) if not bad else float("nan")
+    return GuardInput(norm, bad, layer_norms, host[4:] if layers else None), \
+        (float("nan") if host[3] > 0 else None)
+
+
+def shard_norm(sums: np.ndarray, sharded: Sequence[bool], device: torch.device | None = None) -> float:
+    """The global gradient norm of a sharded job from this rank's per-layer sums of squares (:func:`agree`: a
+    collective every rank must call)."""
+    return agree(GuardInput(0.0, False, np.sqrt(sums), sums), sharded, device=device)[0].norm
+
+
+def rescale(params: Sequence[torch.Tensor], limit: float,
+            combine: Callable[[np.ndarray], float] | None = None) -> float:
     """Scale the gradients of ``params`` in place so that their global norm is at most ``limit``; returns the
     factor (1.0: nothing to do). The norm is read as the gradients are now (after any clipping of the user's).
+    ``combine``: the global norm from this rank's per-parameter sums of squares (a sharded job's
+    :func:`agree`); the gradients' local shards are scaled.
 
     >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
     >>> rescale([p], 1.0), p.grad.tolist()
     (0.2, [0.6000000238418579, 0.800000011920929])
+    >>> p.grad = torch.tensor([3.0, 4.0]); rescale([p], 1.0, combine=lambda sums: 2 * math.sqrt(sums.sum()))
+    0.1
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 1.0
     with torch.no_grad():
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
-                                                           for g in grads])))
+        if combine is None:
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
+                                                               for g in grads])))
+        else:
+            sums = np.zeros(len(params), np.float64)
+            for i, p in enumerate(params):
+                if p.grad is not None:
+                    sums[i] = float(torch.linalg.vector_norm(local_part(p.grad), dtype=torch.float64)) ** 2
+            grads = [local_part(g) for g in grads]
+            norm = combine(sums)
         if not math.isfinite(norm) or norm <= limit:
             return 1.0
         factor = limit / norm
