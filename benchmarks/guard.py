@@ -357,6 +357,41 @@ def collective(calls: int = 2000, layers: int = 100) -> str:
         f"  a bare all_reduce of one number: median {res['bare'][0]:.0f} us, p90 {res['bare'][1]:.0f} us"])
 
 
+def step_time(rounds: int = 3) -> str:
+    """Guard on against guard off, step by step: two copies of each timed run (same seed, same monitor otherwise)
+    stepped alternately, so that both see the same machine; the ratio of their median iteration times (forward,
+    backward, optimizer step, ``monitor.step``)."""
+    lines = ["| run | steps x rounds | median iteration, guard off | guard on | ratio on/off (median) | ratio (mean) |",
+             "|---|---|---|---|---|---|"]
+    ratios = []
+    for name in TIMED:
+        sc = zoo.BY_NAME[name]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(rounds):
+            pair = {}
+            for on in (False, True):
+                run = sc.make(0)
+                mon = gfservice.monitor(run.model, run.optimizer, run=f"time-{name}-{r}-{on}", service=None,
+                                        scaler=run.scaler, guard=GuardConfig() if on else None, sinks=[])
+                pair[on] = (run, mon)
+            for i in range(sc.steps):
+                for on in ((False, True) if (i + r) % 2 else (True, False)):
+                    run, mon = pair[on]
+                    t0 = time.perf_counter()
+                    loss = run.step(i)
+                    mon.step(loss=loss)
+                    run.finish()
+                    times[on].append(time.perf_counter() - t0)
+            for _, mon in pair.values():
+                mon.close()
+        off, on_ = np.median(times[False]), np.median(times[True])
+        ratios.append(on_ / off)
+        lines.append(f"| {name} | {sc.steps} x {rounds} | {off * 1e3:.3f} ms | {on_ * 1e3:.3f} ms | "
+                     f"{on_ / off:.3f} | {np.mean(times[True]) / np.mean(times[False]):.3f} |")
+    lines.append(f"\nmedian of the ratios: {np.median(ratios):.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=1)
@@ -365,12 +400,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-timing", action="store_true", help="skip the guard-on/off step-time runs")
     p.add_argument("--json", default=None)
     p.add_argument("--collective", action="store_true", help="time the sharded guard's all-reduce only")
+    p.add_argument("--step-time", action="store_true",
+                   help="only: guard-on against guard-off iteration time, the two runs stepped alternately")
     p.add_argument("--update-norms", action="store_true",
                    help="only: when do update norms jump on poisoned runs, against gradient norm and loss")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.collective:
         print(collective())
+        return 0
+    if args.step_time:
+        print(step_time())
         return 0
     if args.update_norms:
         rows = update_norms(args.seeds)
