@@ -53,8 +53,8 @@ def _forgeries(rank: int, store) -> dict:
     from gfservice.service.peer_protocol import HandshakeError, encode_frame, handshake, read_frame
     from gfservice.training.peer_sender import SECRET_KEY, STORE_KEY
 
-    address = bytes(store.get(STORE_KEY.format(attempt="exact"))).decode()
-    secret = bytes(store.get(SECRET_KEY.format(attempt="exact"))).decode()
+    address = bytes(store.get(STORE_KEY.format(run="nm-exact", attempt="exact"))).decode()
+    secret = bytes(store.get(SECRET_KEY.format(run="nm-exact", attempt="exact"))).decode()
     host, _, port = address.rpartition(":")
     key = peer_key(secret, os.environ.get("GFSERVICE_TOKEN"))
     out: dict = {}

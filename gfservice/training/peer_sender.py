@@ -74,13 +74,15 @@ if TYPE_CHECKING:
 __all__ = ["PeerSender", "connect_peers", "peer_host"]
 
 log = logging.getLogger(__name__)
-#: The store key under which rank 0 publishes ``host:port`` ("" when it hosts nothing), per attempt.
-STORE_KEY = "gfservice/peer/{attempt}"
+#: The store key under which rank 0 publishes ``host:port`` ("" when it hosts nothing), per run and attempt (a job
+#: may monitor several runs one after another under one attempt: a rank must not find the previous run's address
+#: before rank 0 has admitted the next run).
+STORE_KEY = "gfservice/peer/{run}/{attempt}"
 #: The store key under which rank 0 publishes the attempt's secret (before the address).
-SECRET_KEY = "gfservice/peer/{attempt}/secret"
+SECRET_KEY = "gfservice/peer/{run}/{attempt}/secret"
 #: The store key under which a node's local rank 0 publishes its node merger's ``host:port``, per attempt (its
 #: secret under the same key + ``/secret``).
-NODE_KEY = "gfservice/node/{first}/{attempt}"
+NODE_KEY = "gfservice/node/{first}/{run}/{attempt}"
 #: Refusals in a row after which a rank stops trying (a server that is not its job's, or a token that differs).
 MAX_REFUSALS = 5
 #: ``(host:port, secret)`` of rank 0's server; ``None`` while not known yet, ``("", "")`` when there is none.
@@ -379,12 +381,13 @@ def connect_peers(run: str, attempt: str, settings: Settings) -> PeerSender | No
             host = _start_host(settings, token)
         except Exception as exc:
             log.warning("gfservice: rank 0 cannot host the job's aggregator (%s); each rank keeps its own", exc)
-            store.set(STORE_KEY.format(attempt=attempt), "")
+            store.set(STORE_KEY.format(run=run, attempt=attempt), "")
             return None
         secret = new_job_secret()
         host.server.admit(run, attempt, world, secret, node_size=len(node) if on_nodes and node else 1)
-        store.set(SECRET_KEY.format(attempt=attempt), secret)  # the secret first: the address says "ready"
-        store.set(STORE_KEY.format(attempt=attempt), host.server.address)
+        # the secret first: the address says "ready"
+        store.set(SECRET_KEY.format(run=run, attempt=attempt), secret)
+        store.set(STORE_KEY.format(run=run, attempt=attempt), host.server.address)
         address, server, aggregator = host.server.address, host.server, host.aggregator
 
         def own_layout(layout: Layout) -> None:
@@ -398,10 +401,11 @@ def connect_peers(run: str, attempt: str, settings: Settings) -> PeerSender | No
     with contextlib.suppress(Exception):  # a client of its own: the sender never waits on the training thread's
         store = store.clone()  # type: ignore[attr-defined]  # Store.clone exists (torch 2.2+) but is not typed
     if rank != 0:
-        to_rank_0 = _store_reader(store, STORE_KEY.format(attempt=attempt), SECRET_KEY.format(attempt=attempt))
+        to_rank_0 = _store_reader(store, STORE_KEY.format(run=run, attempt=attempt),
+                                  SECRET_KEY.format(run=run, attempt=attempt))
     if not on_nodes or node is None:
         return PeerSender(run, rank, attempt, to_rank_0, token)
-    node_key = NODE_KEY.format(first=node.start, attempt=attempt)
+    node_key = NODE_KEY.format(first=node.start, run=run, attempt=attempt)
     if rank == node.start:  # the node's local rank 0: its merger, and its sender to rank 0 for the node
         merger = _start_node_host(settings, token)
         node_secret = new_job_secret()
