@@ -17,9 +17,9 @@ A step is spiky when ``z = (log loss - level) / noise`` is above ``z_threshold``
 ``min_ratio`` times the level, and its jump is at least ``excursion_ratio`` times the second largest of the
 recent excursions (a run with heavy-tailed losses has had sizeable jumps all along, a spike is new; the second
 largest, so that one earlier spike does not hide the next). That comparison vouches for a jump only once it
-has ``min_excursions`` excursions behind it (default: a full ``excursion_window``); before that, a step is
-spiky only if it also lifts the loss by ``early_min_rise`` times the run's starting level or more (a blow-up,
-not a tail the run has not shown yet).
+has ``min_excursions`` excursions behind it (default: a full ``excursion_window``). A *blow-up*, a step that
+lifts the loss by ``blowup_rise`` times the run's starting level or more (back above where the run started),
+is spiky without it, before the window is full and in a run whose heavy tail makes the excursion test blind.
 ``consecutive`` spiky steps in a row raise a warning (default 1: at the step itself). When the gradients of
 the spiky step or of the next one are non-finite, the spike is the start of a divergence: a critical finding
 (key ``diverged``). Nothing is judged before ``min_history`` finite losses have been seen; NaN/Inf losses are
@@ -107,10 +107,10 @@ class LossSpike(Detector):
         #: ``min_history`` losses): a converged loss near 0 wobbles by large factors on the log scale, by nothing
         #: that matters (full-batch regression at 1e-6 of its starting loss doubles on rounding noise).
         min_rise: float = Field(0.01, ge=0)
-        #: Excursions seen before the excursion test alone may vouch that a jump is new...
+        #: Excursions seen before the excursion test may vouch that a jump is new...
         min_excursions: int = Field(128, ge=0)
-        #: ...before that, the loss must rise by at least this many times the run's starting level.
-        early_min_rise: float = Field(1.0, ge=0)
+        #: ...while a rise of the loss by this many times the run's starting level is a spike without it.
+        blowup_rise: float = Field(1.0, ge=0)
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -136,9 +136,12 @@ class LossSpike(Detector):
             z, jump, usual = self._score(x)
             ratio = math.exp(jump)
             rise = loss - loss / ratio if ratio > 0 else 0.0  # the loss minus its recent level
-            spiky = (z > cfg.z_threshold and ratio >= cfg.min_ratio
-                     and jump >= cfg.excursion_ratio * max(usual, 0.0)
-                     and (self._start is None or rise >= self._needed_rise() * self._start))
+            start = self._start
+            vouched = (len(self._excursions) >= min(cfg.min_excursions, cfg.excursion_window)
+                       and jump >= cfg.excursion_ratio * max(usual, 0.0)
+                       and (start is None or rise >= cfg.min_rise * start))
+            blowup = start is not None and rise >= cfg.blowup_rise * start
+            spiky = z > cfg.z_threshold and ratio >= cfg.min_ratio and (vouched or blowup)
             self._streak = self._streak + 1 if spiky else 0
             if len(self._history) >= cfg.min_history and not spiky:
                 self._excursions.append(jump)
@@ -166,14 +169,6 @@ class LossSpike(Detector):
                 "that batch",
                 value=step.step - spike, threshold=1, key="diverged"))
         return out
-
-    def _needed_rise(self) -> float:
-        """The rise (a multiple of the starting level) a spiky step needs: ``min_rise``, or ``early_min_rise``
-        until ``min_excursions`` excursions have been seen."""
-        cfg = self.config
-        if len(self._excursions) < min(cfg.min_excursions, cfg.excursion_window):
-            return max(cfg.min_rise, cfg.early_min_rise)
-        return cfg.min_rise
 
     def _score(self, x: float) -> tuple[float, float, float]:
         """Robust z-score of ``x`` against the history, its jump above the level (log) and the second largest

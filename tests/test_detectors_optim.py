@@ -509,3 +509,14 @@ def test_a_converged_loss_wobbling_near_zero_is_not_a_spike():
     losses[200] = 0.5  # a real spike: 5% of the starting loss
     steps[200] = make_step(step=200, sum_sq=[1.0], loss=0.5)
     assert [f.step for f in replay(LossSpike(), steps)] == [200]
+
+
+def test_loss_spike_in_a_heavy_tailed_run_needs_a_blow_up():
+    """Heavy-tailed losses (outliers 10-30x the level, now and then) blind the excursion test; a loss that jumps
+    back above the run's starting level is still a spike."""
+    rng = np.random.default_rng(7)
+    losses = np.concatenate([np.geomspace(1.0, 1e-3, 40), 1e-3 * np.exp(rng.normal(0, 0.2, 260))])
+    losses[40::23] *= rng.uniform(10, 30, len(losses[40::23]))
+    assert replay(LossSpike(), loss_steps(losses)) == []
+    losses[250] = 0.9                                # 0.9 over a level of 1e-3: the run's whole starting loss
+    assert [f.step for f in replay(LossSpike(), loss_steps(losses))] == [250]
