@@ -44,7 +44,14 @@ reference is ``critical``, a smaller one a ``warning``:
   learning rate rose ``trend_lr_ratio`` (1.5) times (a warm-up, an SGDR restart) is explained, and so is one that
   stays below the run's early scale (see below). For one layer (``drift.RampTest``, from the start): its norm
   grows against the rest of the model and on its own, and it carries ``trend_layer_share`` of the gradient (a
-  parameter left out of the optimizer whose ``.grad`` is never cleared). One finding per rise.
+  parameter left out of the optimizer whose ``.grad`` is never cleared). One layer compounding, whatever its share
+  (``drift.SteadyLayerRise``, with baselines taken once the run has settled): its own norm and its share of the
+  norm both stand ``trend_ratio`` times above their lowest levels of the last ``trend_horizon`` steps and rose
+  steadily over the last ``trend_steady_span`` (30) steps (least-squares slope t at least ``trend_steady_t_own``
+  (5) and ``trend_steady_t_share`` (15)), with no learning-rate rise: the zoo's ``layer_ramp`` (a hook that
+  multiplies one layer's gradient by 1.05 a step) reads own t 6.1-7.7 and share t 37-46 at its 3x crossing;
+  healthy layers that rise alone (a transformer's final LayerNorm early on, BatchNorm weights under weight decay)
+  are not steady in both at once (0 healthy zoo runs at t 3.5 and 10). One finding per rise.
 
 A spike within ``lr_recent`` (5) steps of a learning rate ``lr_jump`` (10) times its median before is the optimizer
 diverging (a schedule or code that set the learning rate wrong), not one bad batch: it is ``critical`` whatever its
