@@ -1057,6 +1057,12 @@ SCENARIOS += [
     Scenario("converged_heavy_tail", H, converging_heavy_tail, R + 40,
              "regression that has all but converged, label noise Student-t (2 dof): heavy-tailed minibatch losses "
              "and gradient norms near convergence, no fault"),
+    # a real spike in a heavy-tailed run is still one: after a full window of the run's own outliers
+    Scenario("heavy_tail_noise", P, converging_heavy_tail, R + 40,
+             "converged_heavy_tail; one batch with noisy targets (scale 1) at step 3k: the loss jumps back above "
+             "its starting level, beyond the run's own heavy-tailed outliers (at most 0.75x the starting level); "
+             "that batch's gradient norm passes the run's early scale too (an exploding warning is fair)",
+             fault=lambda r: Fault(R, batch=label_noise(1.0)), onset=R, expected="loss_spike"),
     Scenario("converged_lr_jump", P, converging, R + 40,
              "regression that has all but converged; LR x100 at step 3k: SGD diverges",
              fault=lambda r: Fault(R, start=scale_lr(100.0)), onset=R, expected="exploding"),

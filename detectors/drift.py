@@ -211,3 +211,106 @@ class Rise:
     steps: int
     spread: float
     level: float
+
+
+class SteadyLayerRise:
+    """One layer whose gradient compounds against the rest of the model: a steady, sustained rise of both its
+    own log norm and its share of the norm (its log norm minus the rest's), as a per-parameter multiplier or a
+    gradient term that keeps growing makes, not the model learning.
+
+    Per layer (vectorised over ``width`` columns), two series: ``own`` (log norm) and ``rel`` (log norm minus the
+    log norm of the rest). Each must stand ``ratio`` times above its anchored baseline (level: median of the last
+    ``window`` values; baseline: the lowest median-of-``base_window`` level of the last ``horizon`` steps, as in
+    ``UniformRise``), and each must have risen *steadily* over the last ``span`` steps: the t-statistic of an
+    ordinary least-squares slope at least ``t_own`` for ``own`` and ``t_rel`` for ``rel``. A compounding factor
+    is a straight line on the log scale, and the share cancels the batch-to-batch noise that every layer shares,
+    so ``rel``'s slope is sharp (t 36-45 at the 3x crossing in the evaluation zoo's ``layer_ramp``, own 6.1-7.7);
+    layers that rise alone while a healthy model organises wander and revert (a transformer's final LayerNorm:
+    rel t 26 but own 3.5; BatchNorm weights under weight decay: own 10.7 but rel 6-8). A step without gradient
+    (NaN) in the span leaves that layer unjudged; a change of the set of layers starts afresh.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> def first(rate):
+    ...     test = SteadyLayerRise(width=3)
+    ...     for t in range(160):
+    ...         common = rng.normal(0.0, 0.3)                       # batch noise every layer shares
+    ...         own = common + rng.normal(0.0, 0.05, 3) + np.array([np.log(rate) * max(0, t - 80), 0.0, 0.0])
+    ...         rest = np.log([np.sqrt(np.exp(2 * own).sum() - np.exp(2 * o)) for o in own])
+    ...         hit = test.update(own, own - rest)
+    ...         if hit.any():
+    ...             return t, np.flatnonzero(hit).tolist()
+    >>> first(1.05)              # layer 0 compounds 5%/step from step 80
+    (108, [0])
+    >>> first(1.0) is None       # nothing grows
+    True
+    """
+
+    def __init__(self, width: int, window: int = 10, horizon: int = 50, ratio: float = 3.0, span: int = 30,
+                 t_own: float = 5.0, t_rel: float = 15.0, base_window: int = 20) -> None:
+        self.width, self.window, self.horizon, self.h = width, window, horizon, math.log(ratio)
+        self.span, self.t_own, self.t_rel = span, t_own, t_rel
+        self.base_window = max(base_window, window)
+        #: The last rows of (own, rel), and the baseline candidates (median-of-base_window levels) of each.
+        self._raw: deque[np.ndarray] = deque(maxlen=max(self.base_window, span))
+        self._levels: deque[np.ndarray] = deque(maxlen=horizon + 1)
+        #: Per layer: the factor of its own rise over the baseline (1 where not judged), for the message.
+        self.factor = np.ones(width)
+
+    def update(self, own: np.ndarray, rel: np.ndarray) -> np.ndarray:
+        """Add one step's per-layer log norms and shares (log norm minus the rest's); return the mask of the
+        layers that rise steadily now."""
+        row = np.stack([np.asarray(own, dtype=np.float64), np.asarray(rel, dtype=np.float64)])
+        if row.shape[1] != self.width:
+            self.width, self.factor = row.shape[1], np.ones(row.shape[1])
+            self._raw.clear()
+            self._levels.clear()
+        self._raw.append(row)
+        hit = np.zeros(self.width, dtype=bool)
+        if len(self._raw) >= self.base_window:
+            self._levels.append(self._level(self.base_window))
+        if len(self._levels) < self.horizon + 1 or len(self._raw) < self.span:
+            return hit
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a layer without gradient all along: NaN
+            rise = self._level(self.window) - np.nanmin(np.stack(list(self._levels)), axis=0)
+        y = np.stack(list(self._raw)[-self.span:])  # (span, 2, width)
+        t = _slope_t(y)
+        ok = np.isfinite(rise) & np.isfinite(t)
+        hit = ok.all(axis=0) & (np.nan_to_num(rise) >= self.h).all(axis=0) & (np.nan_to_num(t[0]) >= self.t_own) \
+            & (np.nan_to_num(t[1]) >= self.t_rel)
+        self.factor = np.where(np.isfinite(rise[0]), np.exp(np.nan_to_num(rise[0])), 1.0)
+        return hit
+
+    def reset(self) -> None:
+        """Forget the baselines (keep the raw window): rises are judged from here on."""
+        self._levels.clear()
+
+    def _level(self, n: int) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(np.stack(list(self._raw)[-n:]), axis=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"raw": list(self._raw), "levels": list(self._levels), "width": self.width}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.width = int(state.get("width", self.width))
+        self.factor = np.ones(self.width)
+        self._raw = deque(state.get("raw", []), maxlen=max(self.base_window, self.span))
+        self._levels = deque(state.get("levels", []), maxlen=self.horizon + 1)
+
+
+def _slope_t(y: np.ndarray) -> np.ndarray:
+    """t-statistic of the least-squares slope of each column of ``y`` against time (axis 0); NaN where a column
+    holds a NaN."""
+    n = y.shape[0]
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    x = x.reshape((n,) + (1,) * (y.ndim - 1))
+    sxx = float((x ** 2).sum())
+    dev = y - y.mean(axis=0)
+    b = (x * dev).sum(axis=0) / sxx
+    resid = dev - b * x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        se = np.sqrt((resid ** 2).sum(axis=0) / max(n - 2, 1) / sxx)
+        return np.where(se > 0, b / se, np.where(b > 0, np.inf, 0.0))

@@ -44,7 +44,14 @@ reference is ``critical``, a smaller one a ``warning``:
   learning rate rose ``trend_lr_ratio`` (1.5) times (a warm-up, an SGDR restart) is explained, and so is one that
   stays below the run's early scale (see below). For one layer (``drift.RampTest``, from the start): its norm
   grows against the rest of the model and on its own, and it carries ``trend_layer_share`` of the gradient (a
-  parameter left out of the optimizer whose ``.grad`` is never cleared). One finding per rise.
+  parameter left out of the optimizer whose ``.grad`` is never cleared). One layer compounding, whatever its share
+  (``drift.SteadyLayerRise``, with baselines taken once the run has settled): its own norm and its share of the
+  norm both stand ``trend_ratio`` times above their lowest levels of the last ``trend_horizon`` steps and rose
+  steadily over the last ``trend_steady_span`` (30) steps (least-squares slope t at least ``trend_steady_t_own``
+  (5) and ``trend_steady_t_share`` (15)), with no learning-rate rise: the zoo's ``layer_ramp`` (a hook that
+  multiplies one layer's gradient by 1.05 a step) reads own t 6.1-7.7 and share t 37-46 at its 3x crossing;
+  healthy layers that rise alone (a transformer's final LayerNorm early on, BatchNorm weights under weight decay)
+  are not steady in both at once (0 healthy zoo runs at t 3.5 and 10). One finding per rise.
 
 A spike within ``lr_recent`` (5) steps of a learning rate ``lr_jump`` (10) times its median before is the optimizer
 diverging (a schedule or code that set the learning rate wrong), not one bad batch: it is ``critical`` whatever its
@@ -83,7 +90,7 @@ from pydantic import Field
 
 from gfservice.api import Detector, DetectorConfig, Finding, Severity, StepStats, describe_layers
 
-from .drift import RampTest, UniformRise
+from .drift import RampTest, SteadyLayerRise, UniformRise
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this estimates its standard deviation
 FP16_MAX = 65504.0
@@ -138,6 +145,13 @@ class Exploding(Detector):
         trend_layer_share: float = Field(0.5, gt=0, le=1)
         trend_span: int = Field(7, ge=1)
         trend_parts: int = Field(3, ge=2)
+        #: ``trend``, one layer compounding (see ``drift.SteadyLayerRise``), whatever its share: its own norm and
+        #: its share of the norm both stand ``trend_ratio`` times above their anchored baselines and rose steadily
+        #: over the last ``trend_steady_span`` steps (least-squares slope t-statistic at least
+        #: ``trend_steady_t_own`` and ``trend_steady_t_share``), unexplained by a learning-rate rise.
+        trend_steady_span: int = Field(30, ge=3)
+        trend_steady_t_own: float = Field(5.0, gt=0)
+        trend_steady_t_share: float = Field(15.0, gt=0)
         #: A spike within ``lr_recent`` steps of a learning rate ``lr_jump`` times its median over the
         #: ``window`` steps before is the optimizer diverging, not one bad batch: critical, and said so.
         lr_jump: float = Field(10.0, gt=1)
@@ -154,6 +168,7 @@ class Exploding(Detector):
         self._lrs: deque[float] = deque(maxlen=self._lr_span())
         self._ramp_layers: RampTest | None = None
         self._ramp_own: RampTest | None = None
+        self._steady: SteadyLayerRise | None = None
         self._high, self._since_high, self._settled = -math.inf, 0, False
         self._trend_open = False
 
@@ -289,6 +304,8 @@ class Exploding(Detector):
         n = len(sq)
         if self._ramp_layers is None or self._ramp_layers.width != n or self._ramp_own is None:
             self._ramp_layers, self._ramp_own = self._ramp(n), self._ramp(n)
+        if self._steady is None:
+            self._steady = self._steady_test(n)
         x = math.log(norm)
         if not self._settled:  # no new high (by trend_half) for trend_settle steps: the run's warm-up is over
             if x > self._high + math.log(cfg.trend_half) or math.isinf(self._high):
@@ -298,6 +315,8 @@ class Exploding(Detector):
             self._settled = self._since_high >= cfg.trend_settle
             if self._settled:
                 self._uniform.reset()
+                if self._steady is not None:
+                    self._steady.reset()
         with np.errstate(divide="ignore"):
             own = np.where(sq > 0, 0.5 * np.log(sq), np.nan)
         rise = self._uniform.update(x, own) if self._settled else None
@@ -308,13 +327,27 @@ class Exploding(Detector):
         rel[~np.isfinite(rel)] = np.nan
         # the layer grows against the rest *and* on its own (not a rest that fell away, as when layers freeze)
         lay = self._ramp_layers.update(rel) & self._ramp_own.update(own) & (sq >= cfg.trend_layer_share * total)
-        if rise is None and not lay.any():
+        steady = self._steady.update(own, rel)
+        if steady.any() and self._lr_explains(cfg.trend_steady_span):
+            steady[:] = False  # a warm-up or restart raises layers too, and so does early training
+        if rise is None and not lay.any() and not steady.any():
             self._trend_open = False
             return None
         if self._trend_open:
             return None  # one finding per rise
         self._trend_open = True
-        if lay.any():
+        if steady.any() and not lay.any():
+            idx = np.flatnonzero(steady)
+            names = [g.layers[i] for i in idx]
+            worst = int(idx[np.argmax(self._steady.factor[idx])])
+            grown = math.log(float(self._steady.factor[worst]))
+            what = (f"the gradient of {describe_layers(names)} has risen {_times(grown)} above its lowest level of "
+                    f"the last {cfg.trend_horizon} steps, steadily over the last {cfg.trend_steady_span} steps and "
+                    f"against the rest of the model (now {sq[worst] / total:.0%} of the gradient norm), at step "
+                    f"{step.step}, with no learning-rate rise: a factor that compounds on this layer alone")
+            advice = ("check for a term or hook that scales this layer's gradient, a loss term on it that keeps "
+                      "growing, and that its gradient is cleared every step")
+        elif lay.any():
             idx = np.flatnonzero(lay)
             names = [g.layers[i] for i in idx]
             worst = int(idx[np.argmax(self._ramp_layers.cusum[idx])])
@@ -349,6 +382,11 @@ class Exploding(Detector):
     def _lr_span(self) -> int:
         cfg = self.config
         return max(cfg.window, cfg.trend_horizon) + cfg.trend_window + cfg.lr_recent
+
+    def _steady_test(self, width: int) -> SteadyLayerRise:
+        cfg = self.config
+        return SteadyLayerRise(width, cfg.trend_window, cfg.trend_horizon, cfg.trend_ratio, cfg.trend_steady_span,
+                               cfg.trend_steady_t_own, cfg.trend_steady_t_share)
 
     def _ramp(self, width: int) -> RampTest:
         cfg = self.config
@@ -396,6 +434,7 @@ class Exploding(Detector):
             "lrs": list(self._lrs),
             "ramp_layers": None if self._ramp_layers is None else self._ramp_layers.state_dict(),
             "ramp_own": None if self._ramp_own is None else self._ramp_own.state_dict(),
+            "steady": None if self._steady is None else self._steady.state_dict(),
             "settle": (self._high, self._since_high, self._settled),
             "trend_open": self._trend_open,
         }
@@ -413,6 +452,11 @@ class Exploding(Detector):
             self._ramp_layers, self._ramp_own = self._ramp(len(layers["cusum"])), self._ramp(len(own["cusum"]))
             self._ramp_layers.load_state_dict(layers)
             self._ramp_own.load_state_dict(own)
+        steady = state.get("steady")
+        self._steady = None
+        if steady:
+            self._steady = self._steady_test(int(steady.get("width", 0)))
+            self._steady.load_state_dict(steady)
         self._high, self._since_high, self._settled = state.get("settle", (-math.inf, 0, False))
         self._trend_open = bool(state.get("trend_open", False))
 

@@ -177,3 +177,19 @@ def test_the_set_of_layers_may_change_mid_run():
     rng = np.random.default_rng(6)
     steps = [make_step(step=i, sum_sq=list(np.exp(rng.normal(0, 0.2, 2 if i < 60 else 3)))) for i in range(120)]
     assert not [f for f in replay(Exploding(), steps) if f.key == "trend"]
+
+
+def test_one_small_layer_compounding_against_the_rest_is_found():
+    """A per-parameter factor that compounds (5%/step) on a layer that carries a tenth of the gradient: the
+    share-of-norm rule (``RampTest``) never judges it, the steady-rise rule (``SteadyLayerRise``) does."""
+    rng = np.random.default_rng(6)
+    common = rng.normal(0, 0.3, 200)                 # batch noise every layer shares
+    norms = np.exp(common[:, None] + rng.normal(0, 0.05, (200, 3))) * np.array([0.35, 0.7, 0.6])
+    norms[100:, 0] *= 1.05 ** np.arange(100)         # 3x at step ~123
+    steps = [make_step(step=i, sum_sq=list(r**2), layers=["a", "b", "c"]) for i, r in enumerate(norms)]
+    found = [f for f in replay(Exploding(), steps) if f.key == "trend"]
+    assert found and 100 < found[0].step <= 123 + 30 and found[0].layers == ["a"], found
+    assert "compounds on this layer alone" in found[0].message
+    norms[100:, 0] /= 1.05 ** np.arange(100)
+    steps = [make_step(step=i, sum_sq=list(r**2), layers=["a", "b", "c"]) for i, r in enumerate(norms)]
+    assert not replay(Exploding(), steps)

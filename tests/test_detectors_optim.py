@@ -370,20 +370,31 @@ def test_loss_spike_is_silent_on_a_noisy_falling_loss(seed):
 
 def test_loss_spike_fires_at_the_spike_of_a_still_falling_loss():
     losses = noisy_falling(seed=1, noise=0.05)
-    losses[120] *= 3
+    losses[160] *= 3
     found = replay(LossSpike(), loss_steps(losses))
-    assert [(f.step, f.key, f.severity.value) for f in found] == [(120, "spike", "warning")]
-    assert "x its recent level" in found[0].message and "at step 120" in found[0].message
+    assert [(f.step, f.key, f.severity.value) for f in found] == [(160, "spike", "warning")]
+    assert "x its recent level" in found[0].message and "at step 160" in found[0].message
+
+
+def test_loss_spike_needs_a_full_excursion_window_or_a_blow_up():
+    """Before ``min_excursions`` excursions a jump is reported only if it lifts the loss by the run's starting
+    level: a heavy-tailed run's first outliers after convergence are not "new" spikes, a blow-up is."""
+    losses = noisy_falling(seed=1, noise=0.05)
+    losses[100] *= 3  # 0.57 over a level of 0.29, the start is ~1.8: too early to vouch for
+    assert replay(LossSpike(), loss_steps(losses)) == []
+    assert [f.step for f in replay(LossSpike(min_excursions=0), loss_steps(losses))] == [100]
+    losses[100] *= 10  # now 8.3 over the level: more than the starting loss
+    assert [f.step for f in replay(LossSpike(), loss_steps(losses))] == [100]
 
 
 def test_loss_spike_consecutive_and_divergence():
     losses = noisy_falling(seed=2, noise=0.05)
-    losses[100] *= 3
-    losses[150:152] *= 4
-    assert [f.step for f in replay(LossSpike(consecutive=2), loss_steps(losses))] == [151]
-    steps = loss_steps(losses, nonfinite_at=101)
+    losses[160] *= 3
+    losses[180:182] *= 4
+    assert [f.step for f in replay(LossSpike(consecutive=2), loss_steps(losses))] == [181]
+    steps = loss_steps(losses, nonfinite_at=161)
     found = [(f.step, f.key, f.severity.value) for f in replay(LossSpike(), steps)]
-    assert (101, "diverged", "critical") in found and (100, "spike", "warning") in found
+    assert (161, "diverged", "critical") in found and (160, "spike", "warning") in found
     # non-finite gradients without a spike before them are nonfinite's business
     assert all(f.key != "diverged" for f in replay(LossSpike(), loss_steps(noisy_falling(), nonfinite_at=50)))
 
@@ -491,10 +502,21 @@ def test_a_converged_loss_wobbling_near_zero_is_not_a_spike():
     step to the next: large factors on the log scale, nothing that matters (a false page in the alerting
     end-to-end test before ``min_rise``)."""
     rng = np.random.default_rng(0)
-    losses = np.concatenate([np.geomspace(10.0, 1e-5, 60), 1e-5 * np.exp(rng.normal(0, 0.05, 60))])
-    losses[100] = 4e-5  # 4x its level, but 4e-6 of the starting loss
+    losses = np.concatenate([np.geomspace(10.0, 1e-5, 60), 1e-5 * np.exp(rng.normal(0, 0.05, 160))])
+    losses[200] = 4e-5  # 4x its level, but 4e-6 of the starting loss
     steps = [make_step(step=i, sum_sq=[1.0], loss=float(v)) for i, v in enumerate(losses)]
     assert replay(LossSpike(), steps) == []
-    losses[100] = 0.5  # a real spike: 5% of the starting loss
-    steps[100] = make_step(step=100, sum_sq=[1.0], loss=0.5)
-    assert [f.step for f in replay(LossSpike(), steps)] == [100]
+    losses[200] = 0.5  # a real spike: 5% of the starting loss
+    steps[200] = make_step(step=200, sum_sq=[1.0], loss=0.5)
+    assert [f.step for f in replay(LossSpike(), steps)] == [200]
+
+
+def test_loss_spike_in_a_heavy_tailed_run_needs_a_blow_up():
+    """Heavy-tailed losses (outliers 10-30x the level, now and then) blind the excursion test; a loss that jumps
+    back above the run's starting level is still a spike."""
+    rng = np.random.default_rng(7)
+    losses = np.concatenate([np.geomspace(1.0, 1e-3, 40), 1e-3 * np.exp(rng.normal(0, 0.2, 260))])
+    losses[40::23] *= rng.uniform(10, 30, len(losses[40::23]))
+    assert replay(LossSpike(), loss_steps(losses)) == []
+    losses[250] = 0.9                                # 0.9 over a level of 1e-3: the run's whole starting loss
+    assert [f.step for f in replay(LossSpike(), loss_steps(losses))] == [250]
