@@ -49,7 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gfservice.wire import GuardReason as Reason
 
-__all__ = ["REASONS", "Decision", "Guard", "GuardConfig", "Verdict", "guard_config", "judge", "limit", "replay"]
+__all__ = ["REASONS", "Decision", "Guard", "GuardConfig", "Verdict", "guard_config", "judge", "limit", "lr_jump",
+           "replay"]
 
 #: Why a step is poisoned: the ``reason`` label of ``gradflow_steps_skipped_total``.
 REASONS: tuple[str, ...] = get_args(Reason)
@@ -100,6 +101,11 @@ class GuardConfig(BaseModel):
     max_consecutive: int = Field(5, ge=1)
     #: Ask the run to stop (``monitor.should_stop``) once ``max_consecutive`` is reached.
     stop_run: bool = False
+    #: With a fused optimizer that takes a device-side ``found_inf`` (``torch.optim.AdamW(fused=True)``), no
+    #: GradScaler, policy ``skip``, no per-layer rule and no sharded parameters: judge on the gradients' device
+    #: and let the optimizer skip the poisoned step itself (no host sync before the step; the guard's bookkeeping
+    #: follows from the host copy one step late on CUDA). False: always the host verdict.
+    device_verdict: bool = True
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> GuardConfig:
@@ -182,6 +188,21 @@ def _log(norm: float) -> float:
     return math.log(norm) if norm > 0 else float("-inf")
 
 
+def lr_jump(config: GuardConfig, lr: float | None, lr_max: float | None, accepted: int) -> bool:
+    """Whether learning rate ``lr`` jumps more than ``lr_ratio`` times above ``lr_max`` (the largest of the
+    ``accepted`` steps so far; judged after warm-up).
+
+    >>> lr_jump(GuardConfig(warmup=3), 0.5, 0.01, 3), lr_jump(GuardConfig(warmup=3), 0.5, 0.01, 2)
+    (True, False)
+    """
+    return (config.lr_ratio is not None and lr is not None and lr_max is not None and lr_max > 0
+            and accepted >= config.warmup and lr > config.lr_ratio * lr_max)
+
+
+def _floored(bound: float | None, floor: float | None) -> float | None:
+    return bound if bound is None or floor is None else max(bound, floor)
+
+
 def judge(config: GuardConfig, norm: float, history: Sequence[float] | np.ndarray, *, nonfinite: bool = False,
           loss: float | None = None, floor: float | None = None, layer_norms: np.ndarray | None = None,
           layer_history: np.ndarray | None = None, lr: float | None = None,
@@ -208,12 +229,9 @@ def judge(config: GuardConfig, norm: float, history: Sequence[float] | np.ndarra
         return Verdict(True, "nonfinite_gradient", norm)
     if loss is not None and not math.isfinite(loss):
         return Verdict(True, "nonfinite_loss", norm)
-    if (config.lr_ratio is not None and lr is not None and lr_max is not None and lr_max > 0
-            and len(history) >= config.warmup and lr > config.lr_ratio * lr_max):
+    if lr_jump(config, lr, lr_max, len(history)):
         return Verdict(True, "learning_rate", norm)
-    bound = limit(history, config)
-    if bound is not None and floor is not None:
-        bound = max(bound, floor)
+    bound = _floored(limit(history, config), floor)
     at = None if bound is None else math.exp(bound)
     if bound is not None and _log(norm) > bound:
         return Verdict(True, "gradient_norm", norm, at)
@@ -249,9 +267,27 @@ class Guard:
         """The verdict on a step with global gradient norm ``norm`` (and learning rate ``lr``, where known)
         against this run's history (pure)."""
         layers = np.stack(list(self._layers)) if self.config.per_layer and self._layers else None
-        floor = float(np.median(self._early)) if self._early else None
-        return judge(self.config, norm, self._history, nonfinite=nonfinite, loss=loss, floor=floor,
+        return judge(self.config, norm, self._history, nonfinite=nonfinite, loss=loss, floor=self._floor(),
                      layer_norms=layer_norms, layer_history=layers, lr=lr, lr_max=self._lr_max)
+
+    def _floor(self) -> float | None:
+        return float(np.median(self._early)) if self._early else None
+
+    def limit_norm(self) -> float | None:
+        """The global norm above which the rule judges a step poisoned now (None before warm-up: then only
+        NaN/Inf counts); what a verdict on the gradients' device compares against.
+
+        >>> g = Guard(GuardConfig(warmup=2)); g.limit_norm() is None
+        True
+        >>> _ = [g.settle(i, g.verdict(1.0)) for i in range(2)]; round(g.limit_norm(), 6)
+        100.0
+        """
+        bound = _floored(limit(self._history, self.config), self._floor())
+        return None if bound is None else math.exp(bound)
+
+    def lr_jump(self, lr: float | None) -> bool:
+        """Whether ``lr`` is a learning-rate jump against the accepted steps (:func:`lr_jump`)."""
+        return lr_jump(self.config, lr, self._lr_max, len(self._history))
 
     def settle(self, step: int, verdict: Verdict, layer_norms: np.ndarray | None = None,
                lr: float | None = None) -> Decision:

@@ -40,7 +40,16 @@ from gfservice.training.module_kinds import layer_kinds
 from gfservice.training.names import safe_names
 from gfservice.training.optim_info import RunContext
 from gfservice.training.parameters import has_sharded_parameters, local_part
-from gfservice.training.step_guard import GuardInput, StepHandle, agree, guard_input, rescale, shard_norm, wrap_step
+from gfservice.training.step_guard import (
+    OnDevice,
+    StepHandle,
+    agree,
+    guard_input,
+    judge_on_device,
+    rescale,
+    shard_norm,
+    wrap_step,
+)
 from gfservice.training.transport import InProcessTransport, Transport
 from gfservice.training.watch import Sink, Watch, make_sinks
 from gfservice.wire import Layout, RunEnd, StepReport
@@ -346,8 +355,11 @@ class Monitor:
         self.skipped_steps: list[tuple[int, str]] = []
         #: With ``GuardConfig(policy="clip")``: the steps whose gradients the guard rescaled, with the reason.
         self.clipped_steps: list[tuple[int, str]] = []
-        self._guard_read: tuple[int, GuardInput] | None = None  # this step's gradients at the end of backward
-        self._guard_done: tuple[int, str | None] | None = None  # the step decided, and what was done
+        self._guard_read: tuple[int, GradRead] | None = None  # this step's gradients at the end of backward
+        # the step decided, and what was done (a tensor: the found_inf of a verdict on the device)
+        self._guard_done: tuple[int, str | torch.Tensor | None] | None = None
+        self._guard_on_device = False  # every guarded optimizer takes a device-side found_inf (fused)
+        self._guard_pending: deque[OnDevice] = deque()  # verdicts on the device not yet settled on the host
         self._guard_loss: Any = None  # monitor.observe(loss) of this step
         self._guard_findings: list[Finding] = []
         self._guard_stop: str | None = None
@@ -462,7 +474,7 @@ class Monitor:
             if wanted:
                 self._early = read
             if self.guard is not None:  # the guard judges these gradients before optimizer.step()
-                self._guard_read = (step, guard_input(read, len(self.collector)))
+                self._guard_read = (step, read)
             if self.tap is not None:
                 self.tap.narrow(read.have)
         except Exception:
@@ -488,6 +500,8 @@ class Monitor:
         for opt in self.optimizers:
             target = torch_optimizer(opt) or opt
             seen.setdefault(id(target), target)
+        self._guard_on_device = bool(seen) and all(getattr(t, "_step_supports_amp_scaling", False)
+                                                   for t in seen.values())
         return [wrap_step(t, self._guard_decide, self._guard_closure) for t in seen.values()]
 
     def observe(self, loss: torch.Tensor | float | None) -> None:
@@ -503,9 +517,10 @@ class Monitor:
             self._guard_loss = out
         return out
 
-    def _guard_decide(self) -> str | None:
-        """``"skip"`` when the guard keeps this step off the weights (else None); called by ``optimizer.step()``.
-        Never raises: a guard error lets the step run (counted in ``errors``)."""
+    def _guard_decide(self) -> str | torch.Tensor | None:
+        """``"skip"`` when the guard keeps this step off the weights (else None; a tensor: the ``found_inf`` a
+        fused optimizer skips by itself); called by ``optimizer.step()``. Never raises: a guard error lets the
+        step run (counted in ``errors``)."""
         t0 = time.perf_counter()
         try:
             return self._guard_action()
@@ -515,18 +530,22 @@ class Monitor:
         finally:
             self.overhead_s += time.perf_counter() - t0
 
-    def _loss_for_guard(self) -> float | None:
+    def _guard_loss_seen(self) -> torch.Tensor | float | None:
         loss = self._guard_loss
         if loss is None or (self.world_size > 1 and not self.reports_layers) or self._ddp is not None:
             return None  # under DDP the verdict comes from the all-reduced gradients alone: the same on every rank
-        return float(loss.detach().reshape(-1)[0]) if isinstance(loss, torch.Tensor) else float(loss)
+        return loss
+
+    def _loss_for_guard(self) -> float | None:
+        loss = self._guard_loss_seen()
+        return float(loss.detach().reshape(-1)[0]) if isinstance(loss, torch.Tensor) else loss
 
     def _guard_shards(self) -> bool:
         """Whether the guard judges shards that must be made global (:func:`agree`): some collected parameter is
         sharded (FSDP2, DeepSpeed ZeRO) and a process group of several ranks is initialised."""
         return any(self.collector.sharded) and _process_group()
 
-    def _guard_action(self) -> str | None:
+    def _guard_action(self) -> str | torch.Tensor | None:
         guard, step = self.guard, self.steps
         if guard is None or self.off is not None:
             return None
@@ -534,13 +553,23 @@ class Monitor:
             return self._guard_done[1]
         seen = self._guard_read
         if seen is not None and seen[0] == step:
-            got = seen[1]
+            read = seen[1]
         else:  # no end of backward seen: read the gradients as they are now
             read = self.collector.read(scale=self._grad_scale())
             if self._synchronous:
                 read = self.collector.exact(read)
-            got = guard_input(read, len(self.collector))
         self._guard_done = (step, None)
+        lr = self._largest_lr()
+        if self._device_verdict_fits(lr):
+            judged = judge_on_device(step, read, guard.limit_norm(), self._guard_loss_seen(), lr)
+            self._guard_pending.append(judged)
+            self._guard_done = (step, judged.poisoned)
+            try:
+                self._settle_on_host()  # on CPU the verdict is on the host already
+            except Exception:  # the books, not the verdict: the optimizer still skips a poisoned step
+                self._error("guard")
+            return judged.poisoned
+        got = guard_input(read, len(self.collector))
         loss = self._loss_for_guard()
         shards = self._guard_shards()
         if shards:  # every rank judges the same global numbers: one tiny all-reduce
@@ -548,7 +577,6 @@ class Monitor:
                               device=local_part(self.collector.params[0]).device)
         if got.nonfinite and self._grad_scale() is not None:
             return None  # an fp16 overflow: the GradScaler skips this step and lowers its scale itself
-        lr = self._largest_lr()
         verdict = guard.verdict(got.norm, nonfinite=got.nonfinite, loss=loss, layer_norms=got.layer_norms, lr=lr)
         decision = guard.settle(step, verdict, got.layer_norms, lr)
         if decision.exhausted:
@@ -572,12 +600,46 @@ class Monitor:
             log.warning("gfservice guard: run %s step %d: gradient norm %.3g above the guard's %.3g: gradients "
                         "rescaled by %.3g", self.run, step, verdict.norm, verdict.limit, factor)
             return "clip"
-        self.skipped_steps.append((step, reason))
         self._guard_done = (step, "skip")
+        self._guard_skipped(step, verdict)
+        return "skip"
+
+    def _guard_skipped(self, step: int, verdict: Verdict) -> None:
+        reason = verdict.reason or "gradient_norm"
+        self.skipped_steps.append((step, reason))
         log.warning("gfservice guard: run %s step %d skipped (%s): gradient norm %.3g%s; parameters and optimizer "
                     "state untouched", self.run, step, reason, verdict.norm,
                     "" if verdict.limit is None else f" against the guard's limit {verdict.limit:.3g}")
-        return "skip"
+
+    def _device_verdict_fits(self, lr: float | None) -> bool:
+        """Whether this step is judged on the gradients' device (:func:`judge_on_device`): fused optimizers, no
+        active GradScaler (it sets ``found_inf`` itself), policy ``skip``, no per-layer rule, nothing sharded, no
+        learning-rate jump (judged on the host, with no sync), and the guard's patience not at its end (a verdict
+        that lets a poisoned step through is taken on the host)."""
+        guard = self.guard
+        if guard is None or not self._guard_on_device:
+            return False
+        cfg = guard.config
+        if (not cfg.device_verdict or cfg.policy != "skip" or cfg.per_layer or self._grad_scale() is not None
+                or any(self.collector.sharded) or guard.lr_jump(lr)):
+            return False
+        self._settle_on_host()
+        if guard.consecutive + len(self._guard_pending) >= cfg.max_consecutive:
+            self._settle_on_host(wait=True)  # only after poisoned steps in a row: how many must be known
+        return guard.consecutive < cfg.max_consecutive
+
+    def _settle_on_host(self, wait: bool = False) -> None:
+        """Enter the verdicts taken on the device into the guard's books, oldest first, once their summaries are
+        on the host (``wait``: all of them): its history, consecutive count, ``skipped_steps`` and log line."""
+        guard, pending = self.guard, self._guard_pending
+        while guard is not None and pending and (wait or pending[0].ready()):
+            judged = pending.popleft()
+            got, poisoned, loss_bad = judged.resolve(len(self.collector))
+            reason: Any = ("nonfinite_gradient" if got.nonfinite else "nonfinite_loss" if loss_bad
+                           else "gradient_norm") if poisoned else None
+            verdict = Verdict(poisoned, reason, got.norm, judged.limit)
+            if guard.settle(judged.step, verdict, got.layer_norms, judged.lr).act:
+                self._guard_skipped(judged.step, verdict)
 
     def _largest_lr(self) -> float | None:
         """The largest learning rate of the optimizers' parameter groups as set now (None: not readable without a
@@ -624,6 +686,11 @@ class Monitor:
         self._guard_loss = None
         if self.off is not None:
             return
+        if self._guard_pending:
+            try:
+                self._settle_on_host()  # the device verdicts whose summaries have landed
+            except Exception:
+                self._error("guard")
         early, self._early = self._early, None
         if self._backwards:
             self._expected_backwards, self._backwards = self._backwards, 0
@@ -790,6 +857,7 @@ class Monitor:
         t0 = time.monotonic()
         try:
             if self.off is None:
+                self._settle_on_host(wait=True)  # the guard's last verdicts taken on the device
                 self._finish_in_flight()
                 self.transport.send(RunEnd(run=self.run, rank=self.rank, attempt=self.attempt))
         except Exception:

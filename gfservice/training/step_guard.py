@@ -32,7 +32,8 @@ import torch
 from gfservice.training.collect import GradRead
 from gfservice.training.parameters import local_part
 
-__all__ = ["GuardInput", "StepHandle", "agree", "guard_input", "rescale", "shard_norm", "wrap_step"]
+__all__ = ["GuardInput", "OnDevice", "StepHandle", "agree", "guard_input", "judge_on_device", "rescale",
+           "shard_norm", "wrap_step"]
 
 
 class GuardInput(NamedTuple):
@@ -67,13 +68,100 @@ def guard_input(read: GradRead, layers: int) -> GuardInput:
         bad = not bool(np.isfinite(host[n: 2 * n]).all())
     else:
         bad = not bool(np.isfinite(sums).all())
+    return _from_sums(sums, read.have, layers, bad, scale)
+
+
+def _from_sums(sums: np.ndarray, have: Sequence[int], layers: int, bad: bool, scale: float = 1.0) -> GuardInput:
+    """The guard's input from the sums of squares of the layers ``have`` (``bad``: some value is NaN/Inf)."""
     norms = np.zeros(layers, np.float64)
     squares = np.zeros(layers, np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
-        norms[read.have] = np.sqrt(sums) / scale
-        squares[read.have] = sums / (scale * scale)
+        norms[have] = np.sqrt(sums) / scale
+        squares[have] = sums / (scale * scale)
         total = math.sqrt(float(sums.sum())) / scale if not bad else float("nan")
     return GuardInput(total, bad, norms, squares)
+
+
+class OnDevice(NamedTuple):
+    """A step judged on its gradients' device (:func:`judge_on_device`), its summary on the way to the host."""
+
+    step: int
+    #: 1.0 where the step is poisoned, else 0.0: a 0-dim float32 tensor on the gradients' device, what a fused
+    #: optimizer's ``found_inf`` takes.
+    poisoned: torch.Tensor
+    #: [sum of squares, NaN/Inf in the gradients, NaN/Inf loss, poisoned, each read layer's sum of squares]
+    #: (float64, on the host once :meth:`ready`).
+    summary: torch.Tensor
+    #: The layers of the summary's sums.
+    have: list[int]
+    #: The norm the step was judged against (None: before warm-up, only NaN/Inf counted).
+    limit: float | None
+    #: The learning rate of the step (what the guard's history keeps).
+    lr: float | None
+    #: A CUDA event recorded after the copy to the host (None: the summary is on the host already).
+    event: Any = None
+
+    def ready(self) -> bool:
+        """Whether the summary has landed on the host (never waits)."""
+        return self.event is None or bool(self.event.query())
+
+    def resolve(self, layers: int) -> tuple[GuardInput, bool, bool]:
+        """The guard's input, whether the step was poisoned and whether its loss was NaN/Inf (waits for the copy
+        where it has not landed)."""
+        if self.event is not None:
+            self.event.synchronize()
+        host = self.summary.numpy()
+        bad, loss_bad, poisoned = bool(host[1]), bool(host[2]), bool(host[3])
+        return _from_sums(host[4:], self.have, layers, bad or not math.isfinite(host[0])), poisoned, loss_bad
+
+
+def judge_on_device(step: int, read: GradRead, limit: float | None, loss: torch.Tensor | float | None = None,
+                    lr: float | None = None) -> OnDevice:
+    """The guard's verdict on ``read`` computed where the gradients are, with no host sync: poisoned when some
+    gradient value (or the loss) is NaN/Inf or the global sum of squares (loss scale divided out) exceeds
+    ``limit**2``. The summary starts its copy to the host (CUDA: pinned memory, asynchronous).
+
+    >>> r = GradRead(torch.tensor([9.0, 16.0], dtype=torch.float64), [0, 2], np.array([3, 0, 4]), False, False)
+    >>> d = judge_on_device(7, r, limit=4.0); d.poisoned, d.ready()
+    (tensor(1.), True)
+    >>> got, poisoned, loss_bad = d.resolve(3); got.norm, got.layer_norms.tolist(), poisoned, loss_bad
+    (5.0, [3.0, 0.0, 4.0], True, False)
+    >>> bool(judge_on_device(7, r, limit=None, loss=torch.tensor(float("nan"))).poisoned)
+    True
+    """
+    n = len(read.have)
+    vector = read.vector.detach()
+    device = vector.device
+    sums = vector[:n].to(torch.float64)
+    if read.scale is not None:
+        scale = torch.as_tensor(read.scale, dtype=torch.float64, device=device)
+        sums = sums / (scale * scale)
+    total = sums.sum()
+    if read.nonfinite is not None:  # exact counts read on the host already (CPU)
+        bad = torch.tensor(bool(read.nonfinite.any()), device=device)
+    elif read.peak:
+        bad = ~torch.isfinite(vector[n: 2 * n]).all()
+    else:
+        bad = ~torch.isfinite(sums).all()
+    bad = bad | ~torch.isfinite(total)
+    if isinstance(loss, torch.Tensor):
+        loss_bad = ~torch.isfinite(loss.detach().reshape(-1)[0]).to(device)
+    else:
+        loss_bad = torch.tensor(loss is not None and not math.isfinite(loss), device=device)
+    poisoned = bad | loss_bad
+    if limit is not None:
+        poisoned = poisoned | (total > limit * limit)
+    summary = torch.cat([torch.stack([total, bad.double(), loss_bad.double(), poisoned.double()]), sums])
+    event = None
+    if device.type == "cuda":
+        host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+        host.copy_(summary, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        summary = host
+    elif device.type != "cpu":
+        summary = summary.cpu()  # another accelerator: a plain copy (it waits)
+    return OnDevice(step, poisoned.to(torch.float32), summary, list(read.have), limit, lr, event)
 
 
 def agree(got: GuardInput, sharded: Sequence[bool], loss: float | None = None, *, layers: bool = False,
@@ -181,9 +269,28 @@ class StepHandle:
                 del opt.step
 
 
-def wrap_step(optimizer: Any, decide: Callable[[], str | None],
+def _step_with_found_inf(opt: Any, poisoned: torch.Tensor, step: Callable[..., Any], *args: Any,
+                         **kwargs: Any) -> Any:
+    """Run the optimizer's real ``step`` with ``found_inf`` set to ``poisoned`` (a fused optimizer leaves its
+    parameters and state as they were where it is 1), then put back what was there: nothing, or the
+    ``found_inf`` of a GradScaler the monitor was not given (then both count: the larger)."""
+    had = "found_inf" in opt.__dict__
+    theirs = opt.__dict__.get("found_inf")
+    mine = torch.maximum(theirs, poisoned.to(theirs.device)) if isinstance(theirs, torch.Tensor) else poisoned
+    opt.found_inf = mine
+    try:
+        return step(*args, **kwargs)
+    finally:
+        if had:
+            opt.found_inf = theirs
+        elif opt.__dict__.get("found_inf") is mine:
+            del opt.found_inf
+
+
+def wrap_step(optimizer: Any, decide: Callable[[], str | torch.Tensor | None],
               before: Callable[[Callable[[], Any]], Any] | None = None) -> StepHandle:
-    """Ask ``decide()`` before each ``optimizer.step()``: ``"skip"`` makes it a no-op (returns None).
+    """Ask ``decide()`` before each ``optimizer.step()``: ``"skip"`` makes it a no-op (returns None); a tensor
+    runs the step with it as the optimizer's ``found_inf`` (a fused optimizer's skip, decided on the device).
 
     A step given a closure (Lightning runs the training step and backward inside ``optimizer.step(closure)``)
     runs the closure first, then decides, then steps with a closure that hands back that first result (and runs
@@ -210,7 +317,10 @@ def wrap_step(optimizer: Any, decide: Callable[[], str | None],
                 kwargs["closure"] = replay
             else:
                 args = (replay, *args[1:])
-        if decide() == "skip":
+        decision = decide()
+        if isinstance(decision, torch.Tensor):  # a device-side verdict: the fused optimizer skips it itself
+            return _step_with_found_inf(opt, decision, previous, *args, **kwargs)
+        if decision == "skip":
             opt._opt_called = True  # what a learning-rate scheduler checks: a skipped step is a step taken
             return first if closure is not None else None
         return previous(*args, **kwargs)
