@@ -18,6 +18,7 @@ from torch import nn
 
 import gfservice
 from gfservice.training.guard import Guard, GuardConfig, judge, limit, replay
+from gfservice.training.step_guard import guard_input, judge_on_device, wrap_step
 from tests.models import at_end_of_backward, batches, mlp
 from tests.promtools import free_port
 
@@ -37,11 +38,12 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def _run(steps: int, guard=None, poison=None, observe: bool = False, scheduler: str | None = None,
-         seed: int = 0, check=None):
-    """Train a small MLP on digits with Adam; ``poison(step, x, y)`` may replace a batch; ``check(step, before,
-    after, monitor)`` sees the state around each optimizer step."""
+         seed: int = 0, check=None, fused: bool = False):
+    """Train a small MLP on digits with Adam (``fused``: ``AdamW(fused=True)``); ``poison(step, x, y)`` may
+    replace a batch; ``check(step, before, after, monitor)`` sees the state around each optimizer step."""
     model = mlp(3, width=32, seed=seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True) if fused
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
     sched = torch.optim.lr_scheduler.StepLR(opt, 5) if scheduler == "before" else None
     mon = gfservice.monitor(model, opt, run="guard-test", service=None, guard=guard, deep_every=0)
     if scheduler == "after":
@@ -117,14 +119,77 @@ def test_a_healthy_run_guarded_ends_bitwise_equal_to_an_unguarded_one(one_thread
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
-def test_after_max_consecutive_skips_it_lets_steps_through_raises_critical_and_stops(one_thread):
+@pytest.mark.parametrize("fused", [False, True])
+def test_after_max_consecutive_skips_it_lets_steps_through_raises_critical_and_stops(one_thread, fused):
     cfg = GuardConfig(warmup=WARMUP, max_consecutive=3, stop_run=True)
-    _, _, mon, _ = _run(20, guard=cfg, poison=lambda i, x, y: (x * 1000, y) if i >= 12 else (x, y))
+    _, _, mon, _ = _run(20, guard=cfg, poison=lambda i, x, y: (x * 1000, y) if i >= 12 else (x, y), fused=fused)
     assert [s for s, _ in mon.skipped_steps] == [12, 13, 14]
     (found,) = [f for f in mon.findings if f.detector == "guard"]
     assert found.severity.value == "critical" and found.step == 15
     assert mon.should_stop and "guard" in (mon.stop_reason or "")
     assert mon.guard is not None and [s for s, _ in mon.guard.let_through][:1] == [15]
+
+
+# ---- fused optimizers: the verdict on the device, found_inf -------------------------------------------------
+def _nan_at_3_and_1000x_at_30(i, x, y):
+    x, y = _nan_at(3)(i, x, y)
+    return (x * 1000, y) if i == 30 else (x, y)
+
+
+def test_fused_adamw_skips_on_the_device_with_parameters_and_state_bitwise_untouched(one_thread, monkeypatch):
+    from gfservice.training import monitoring
+
+    on_device, host = [], []
+    monkeypatch.setattr(monitoring, "judge_on_device",
+                        lambda *a, **k: on_device.append(a[0]) or judge_on_device(*a, **k))
+    monkeypatch.setattr(monitoring, "guard_input", lambda *a, **k: host.append(1) or guard_input(*a, **k))
+    seen, skips_seen = {}, {}
+
+    def check(i, before, after, mon):
+        seen[i] = _equal(before, after)
+        skips_seen[i] = list(mon.skipped_steps)
+
+    _, opt, mon, _ = _run(36, guard=GuardConfig(warmup=WARMUP), poison=_nan_at_3_and_1000x_at_30, check=check,
+                          fused=True)
+    assert on_device == list(range(36)) and not host  # every step judged on the device, none copied first
+    assert mon.skipped_steps == [(3, "nonfinite_gradient"), (30, "gradient_norm")]
+    assert seen[3] and seen[30] and not any(seen[i] for i in seen if i not in (3, 30))
+    assert skips_seen[4] == [(3, "nonfinite_gradient")]  # known by the next step (on CPU at once)
+    assert all(int(s["step"]) == 34 for s in opt.state.values())  # exp_avg, exp_avg_sq, step: in _state
+    assert "found_inf" not in opt.__dict__
+    assert [r["step"] for r in mon.history() if r["guard_skip"]] == [3, 30]
+    assert mon.guard is not None and mon.guard.consecutive == 0 and mon.errors == 0
+
+
+def test_fused_host_path_skips_the_same_steps_and_ends_bitwise_equal(one_thread):
+    a, _, dev, _ = _run(36, guard=GuardConfig(warmup=WARMUP), poison=_nan_at_3_and_1000x_at_30, fused=True)
+    b, _, hst, _ = _run(36, guard=GuardConfig(warmup=WARMUP, device_verdict=False), poison=_nan_at_3_and_1000x_at_30,
+                        fused=True)
+    assert dev.skipped_steps == hst.skipped_steps == [(3, "nonfinite_gradient"), (30, "gradient_norm")]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_a_healthy_fused_run_guarded_on_the_device_ends_bitwise_equal_to_an_unguarded_one(one_thread):
+    a, opt, mon, _ = _run(60, guard=GuardConfig(warmup=WARMUP), fused=True)
+    b, _, _, _ = _run(60, guard=None, fused=True)
+    assert mon.skipped_steps == [] and mon.errors == 0 and "found_inf" not in opt.__dict__
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_a_found_inf_set_by_someone_else_counts_too_and_is_put_back():
+    model = nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0, fused=True)
+    theirs = torch.tensor(1.0)  # a GradScaler the monitor was not given: an overflow
+    opt.found_inf = theirs
+    handle = wrap_step(opt, lambda: torch.tensor(0.0))
+    model(torch.ones(1, 2)).sum().backward()
+    before = model.weight.detach().clone()
+    opt.step()
+    assert torch.equal(model.weight, before) and opt.found_inf is theirs
+    del opt.found_inf
+    opt.step()
+    assert not torch.equal(model.weight, before) and "found_inf" not in opt.__dict__
+    handle.remove()
 
 
 def test_clip_rescales_the_gradients_to_the_guard_threshold(one_thread):
