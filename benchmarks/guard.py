@@ -7,6 +7,7 @@ every healthy run guarded (false skips, and how far its steps stayed from the gu
 .venv/bin/python benchmarks/guard.py --healthy-only --seeds 3 --json out.json
 .venv/bin/python benchmarks/guard.py --collective     # the sharded guard's all-reduce, 2 gloo ranks on CPU
 .venv/bin/python benchmarks/guard.py --update-norms   # do Adam update norms warn before gradient norms?
+.venv/bin/python benchmarks/guard.py --step-time --fused   # fused AdamW: the host verdict against the device one
 ```
 
 Poisons (``POISONS``), injected into zoo runs at steps drawn from the seed (after the guard's warm-up):
@@ -392,6 +393,54 @@ def step_time(rounds: int = 3) -> str:
     return "\n".join(lines)
 
 
+#: Runs timed with fused AdamW: guard off, guard with the host verdict, guard with the verdict on the device.
+FUSED_TIMED = ("mlp", "cnn_bn", "resmlp", "transformer")
+FUSED_ARMS: dict[str, GuardConfig | None] = {
+    "off": None, "host": GuardConfig(device_verdict=False), "device": GuardConfig()}
+
+
+def fused_step_time(rounds: int = 2) -> str:
+    """The two guard paths of a fused optimizer (``AdamW(fused=True)`` in place of each run's own): guard off, the
+    host verdict (``device_verdict=False``: the statistics copied to the host before the step) and the verdict on
+    the device (``found_inf``), three copies of each run stepped in rotation; the median iteration time of each."""
+    lines = ["| run | steps x rounds | median iteration, guard off | host verdict | device verdict | host/off | "
+             "device/off |", "|---|---|---|---|---|---|---|"]
+    ratios: dict[str, list[float]] = {"host": [], "device": []}
+    for name in FUSED_TIMED:
+        sc = zoo.BY_NAME[name]
+        times: dict[str, list[float]] = {arm: [] for arm in FUSED_ARMS}
+        for r in range(rounds):
+            runs = {}
+            for arm, cfg in FUSED_ARMS.items():
+                run = sc.make(0)
+                run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=1e-3, fused=True)
+                run.scheduler = None
+                mon = gfservice.monitor(run.model, run.optimizer, run=f"fused-{name}-{r}-{arm}", service=None,
+                                        guard=cfg, sinks=[])
+                runs[arm] = (run, mon)
+            order = list(FUSED_ARMS)
+            for i in range(sc.steps):
+                k = (i + r) % len(order)
+                for arm in order[k:] + order[:k]:
+                    run, mon = runs[arm]
+                    t0 = time.perf_counter()
+                    loss = run.step(i)
+                    mon.step(loss=loss)
+                    run.finish()
+                    times[arm].append(time.perf_counter() - t0)
+            for _, mon in runs.values():
+                mon.close()
+        med = {arm: float(np.median(t)) for arm, t in times.items()}
+        for arm in ratios:
+            ratios[arm].append(med[arm] / med["off"])
+        lines.append(f"| {name} | {sc.steps} x {rounds} | {med['off'] * 1e3:.3f} ms | {med['host'] * 1e3:.3f} ms | "
+                     f"{med['device'] * 1e3:.3f} ms | {med['host'] / med['off']:.3f} | "
+                     f"{med['device'] / med['off']:.3f} |")
+    lines.append(f"\nmedian of the ratios: host/off {np.median(ratios['host']):.3f}, "
+                 f"device/off {np.median(ratios['device']):.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=1)
@@ -402,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collective", action="store_true", help="time the sharded guard's all-reduce only")
     p.add_argument("--step-time", action="store_true",
                    help="only: guard-on against guard-off iteration time, the two runs stepped alternately")
+    p.add_argument("--fused", action="store_true",
+                   help="with --step-time: fused AdamW, guard off against the host and the device verdict")
     p.add_argument("--update-norms", action="store_true",
                    help="only: when do update norms jump on poisoned runs, against gradient norm and loss")
     args = p.parse_args(argv)
@@ -410,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         print(collective())
         return 0
     if args.step_time:
-        print(step_time())
+        print(fused_step_time() if args.fused else step_time())
         return 0
     if args.update_norms:
         rows = update_norms(args.seeds)
