@@ -358,6 +358,24 @@ def collective(calls: int = 2000, layers: int = 100) -> str:
         f"  a bare all_reduce of one number: median {res['bare'][0]:.0f} us, p90 {res['bare'][1]:.0f} us"])
 
 
+def _step_in_rotation(runs: dict[Any, tuple[zoo.Run, Any]], steps: int, shift: int,
+                      times: dict[Any, list[float]]) -> None:
+    """Step every (run, monitor) of ``runs`` ``steps`` times, one step of each in turn, the order rotated each step
+    (so that none always goes first), noting each iteration's time under its key; then close the monitors."""
+    order = list(runs)
+    for i in range(steps):
+        k = (i + shift) % len(order)
+        for key in order[k:] + order[:k]:
+            run, mon = runs[key]
+            t0 = time.perf_counter()
+            loss = run.step(i)
+            mon.step(loss=loss)
+            run.finish()
+            times[key].append(time.perf_counter() - t0)
+    for _, mon in runs.values():
+        mon.close()
+
+
 def step_time(rounds: int = 3) -> str:
     """Guard on against guard off, step by step: two copies of each timed run (same seed, same monitor otherwise)
     stepped alternately, so that both see the same machine; the ratio of their median iteration times (forward,
@@ -375,16 +393,7 @@ def step_time(rounds: int = 3) -> str:
                 mon = gfservice.monitor(run.model, run.optimizer, run=f"time-{name}-{r}-{on}", service=None,
                                         scaler=run.scaler, guard=GuardConfig() if on else None, sinks=[])
                 pair[on] = (run, mon)
-            for i in range(sc.steps):
-                for on in ((False, True) if (i + r) % 2 else (True, False)):
-                    run, mon = pair[on]
-                    t0 = time.perf_counter()
-                    loss = run.step(i)
-                    mon.step(loss=loss)
-                    run.finish()
-                    times[on].append(time.perf_counter() - t0)
-            for _, mon in pair.values():
-                mon.close()
+            _step_in_rotation(pair, sc.steps, r, times)
         off, on_ = np.median(times[False]), np.median(times[True])
         ratios.append(on_ / off)
         lines.append(f"| {name} | {sc.steps} x {rounds} | {off * 1e3:.3f} ms | {on_ * 1e3:.3f} ms | "
@@ -418,18 +427,7 @@ def fused_step_time(rounds: int = 2) -> str:
                 mon = gfservice.monitor(run.model, run.optimizer, run=f"fused-{name}-{r}-{arm}", service=None,
                                         guard=cfg, sinks=[])
                 runs[arm] = (run, mon)
-            order = list(FUSED_ARMS)
-            for i in range(sc.steps):
-                k = (i + r) % len(order)
-                for arm in order[k:] + order[:k]:
-                    run, mon = runs[arm]
-                    t0 = time.perf_counter()
-                    loss = run.step(i)
-                    mon.step(loss=loss)
-                    run.finish()
-                    times[arm].append(time.perf_counter() - t0)
-            for _, mon in runs.values():
-                mon.close()
+            _step_in_rotation(runs, sc.steps, r, times)
         med = {arm: float(np.median(t)) for arm, t in times.items()}
         for arm in ratios:
             ratios[arm].append(med[arm] / med["off"])

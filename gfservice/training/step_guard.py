@@ -115,6 +115,12 @@ class OnDevice(NamedTuple):
         return _from_sums(host[4:], self.have, layers, bad or not math.isfinite(host[0])), poisoned, loss_bad
 
 
+def _flag(value: bool, device: torch.device) -> torch.Tensor:
+    """A 0-dim bool tensor on ``device`` made by a fill there (``torch.tensor(..., device=)`` would copy from the
+    host, and on CUDA wait for the stream)."""
+    return torch.full((), value, dtype=torch.bool, device=device)
+
+
 def judge_on_device(step: int, read: GradRead, limit: float | None, loss: torch.Tensor | float | None = None,
                     lr: float | None = None) -> OnDevice:
     """The guard's verdict on ``read`` computed where the gradients are, with no host sync: poisoned when some
@@ -133,12 +139,14 @@ def judge_on_device(step: int, read: GradRead, limit: float | None, loss: torch.
     vector = read.vector.detach()
     device = vector.device
     sums = vector[:n].to(torch.float64)
-    if read.scale is not None:
-        scale = torch.as_tensor(read.scale, dtype=torch.float64, device=device)
+    if isinstance(read.scale, torch.Tensor):
+        scale = read.scale.to(device, torch.float64)
         sums = sums / (scale * scale)
+    elif read.scale is not None:
+        sums = sums / (float(read.scale) ** 2)
     total = sums.sum()
     if read.nonfinite is not None:  # exact counts read on the host already (CPU)
-        bad = torch.tensor(bool(read.nonfinite.any()), device=device)
+        bad = _flag(bool(read.nonfinite.any()), device)
     elif read.peak:
         bad = ~torch.isfinite(vector[n: 2 * n]).all()
     else:
@@ -147,7 +155,7 @@ def judge_on_device(step: int, read: GradRead, limit: float | None, loss: torch.
     if isinstance(loss, torch.Tensor):
         loss_bad = ~torch.isfinite(loss.detach().reshape(-1)[0]).to(device)
     else:
-        loss_bad = torch.tensor(loss is not None and not math.isfinite(loss), device=device)
+        loss_bad = _flag(loss is not None and not math.isfinite(loss), device)
     poisoned = bad | loss_bad
     if limit is not None:
         poisoned = poisoned | (total > limit * limit)
