@@ -405,7 +405,7 @@ def step_time(rounds: int = 3) -> str:
 #: Runs timed with fused AdamW: guard off, guard with the host verdict, guard with the verdict on the device.
 FUSED_TIMED = ("mlp", "cnn_bn", "resmlp", "transformer")
 FUSED_ARMS: dict[str, GuardConfig | None] = {
-    "off": None, "host": GuardConfig(device_verdict=False), "device": GuardConfig()}
+    "off": None, "host": GuardConfig(device_verdict=False), "device": GuardConfig(device_verdict=True)}
 
 
 def fused_step_time(rounds: int = 2) -> str:

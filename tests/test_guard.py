@@ -149,8 +149,8 @@ def test_fused_adamw_skips_on_the_device_with_parameters_and_state_bitwise_untou
         seen[i] = _equal(before, after)
         skips_seen[i] = list(mon.skipped_steps)
 
-    _, opt, mon, _ = _run(36, guard=GuardConfig(warmup=WARMUP), poison=_nan_at_3_and_1000x_at_30, check=check,
-                          fused=True)
+    _, opt, mon, _ = _run(36, guard=GuardConfig(warmup=WARMUP, device_verdict=True), poison=_nan_at_3_and_1000x_at_30,
+                          check=check, fused=True)
     assert on_device == list(range(36)) and not host  # every step judged on the device, none copied first
     assert mon.skipped_steps == [(3, "nonfinite_gradient"), (30, "gradient_norm")]
     assert seen[3] and seen[30] and not any(seen[i] for i in seen if i not in (3, 30))
@@ -162,7 +162,8 @@ def test_fused_adamw_skips_on_the_device_with_parameters_and_state_bitwise_untou
 
 
 def test_fused_host_path_skips_the_same_steps_and_ends_bitwise_equal(one_thread):
-    a, _, dev, _ = _run(36, guard=GuardConfig(warmup=WARMUP), poison=_nan_at_3_and_1000x_at_30, fused=True)
+    a, _, dev, _ = _run(36, guard=GuardConfig(warmup=WARMUP, device_verdict=True), poison=_nan_at_3_and_1000x_at_30,
+                        fused=True)
     b, _, hst, _ = _run(36, guard=GuardConfig(warmup=WARMUP, device_verdict=False), poison=_nan_at_3_and_1000x_at_30,
                         fused=True)
     assert dev.skipped_steps == hst.skipped_steps == [(3, "nonfinite_gradient"), (30, "gradient_norm")]
@@ -170,7 +171,7 @@ def test_fused_host_path_skips_the_same_steps_and_ends_bitwise_equal(one_thread)
 
 
 def test_a_healthy_fused_run_guarded_on_the_device_ends_bitwise_equal_to_an_unguarded_one(one_thread):
-    a, opt, mon, _ = _run(60, guard=GuardConfig(warmup=WARMUP), fused=True)
+    a, opt, mon, _ = _run(60, guard=GuardConfig(warmup=WARMUP, device_verdict=True), fused=True)
     b, _, _, _ = _run(60, guard=None, fused=True)
     assert mon.skipped_steps == [] and mon.errors == 0 and "found_inf" not in opt.__dict__
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

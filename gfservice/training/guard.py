@@ -104,8 +104,9 @@ class GuardConfig(BaseModel):
     #: With a fused optimizer that takes a device-side ``found_inf`` (``torch.optim.AdamW(fused=True)``), no
     #: GradScaler, policy ``skip``, no per-layer rule and no sharded parameters: judge on the gradients' device
     #: and let the optimizer skip the poisoned step itself (no host sync before the step; the guard's bookkeeping
-    #: follows from the host copy one step late on CUDA). False: always the host verdict.
-    device_verdict: bool = True
+    #: follows from the host copy one step late on CUDA). Off by default: on CPU it costs more than the host
+    #: verdict (no sync to save) and its CUDA gain has not been measured on a GPU yet.
+    device_verdict: bool = False
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> GuardConfig:
