@@ -38,7 +38,7 @@ from gfservice.training.ddp_hook import LocalNormHook, is_ddp
 from gfservice.training.guard import REASONS, Guard, GuardConfig, Verdict, guard_config
 from gfservice.training.module_kinds import layer_kinds
 from gfservice.training.names import safe_names
-from gfservice.training.optim_info import RunContext
+from gfservice.training.optim_info import RunContext, largest_lr
 from gfservice.training.parameters import has_sharded_parameters, local_part
 from gfservice.training.step_guard import (
     OnDevice,
@@ -559,7 +559,7 @@ class Monitor:
             if self._synchronous:
                 read = self.collector.exact(read)
         self._guard_done = (step, None)
-        lr = self._largest_lr()
+        lr = largest_lr(self.optimizers)
         if self._device_verdict_fits(lr):
             judged = judge_on_device(step, read, guard.limit_norm(), self._guard_loss_seen(), lr)
             self._guard_pending.append(judged)
@@ -640,19 +640,6 @@ class Monitor:
             verdict = Verdict(poisoned, reason, got.norm, judged.limit)
             if guard.settle(judged.step, verdict, got.layer_norms, judged.lr).act:
                 self._guard_skipped(judged.step, verdict)
-
-    def _largest_lr(self) -> float | None:
-        """The largest learning rate of the optimizers' parameter groups as set now (None: not readable without a
-        host sync, e.g. a learning rate held in a device tensor)."""
-        found = None
-        for opt in self.optimizers:
-            for group in getattr(opt, "param_groups", None) or ():
-                v = group.get("lr")
-                if isinstance(v, torch.Tensor) and v.device.type != "cpu":
-                    return None
-                if v is not None:
-                    found = float(v) if found is None else max(found, float(v))
-        return found
 
     def _guard_exhausted(self, step: int, verdict: Verdict) -> None:
         """``max_consecutive`` poisoned steps in a row: the guard lets this one through and raises a critical

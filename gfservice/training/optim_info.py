@@ -59,6 +59,27 @@ def param_groups(optimizer: Any) -> list[dict[str, Any]] | None:
     return None
 
 
+def largest_lr(optimizers: Sequence[Any]) -> float | None:
+    """The largest learning rate of the parameter groups of ``optimizers`` as set now; None when none is readable,
+    or when one is held in a device tensor (reading it would cost a host sync).
+
+    >>> a = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    >>> b = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.ones(1))], "lr": 0.3}], lr=0.2)
+    >>> largest_lr([a, b]), largest_lr([])
+    (0.3, None)
+    """
+    found = None
+    for opt in optimizers:
+        for group in param_groups(opt) or ():
+            v = group.get("lr")
+            if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+                return None
+            f = _number(v)
+            if f is not None:
+                found = f if found is None else max(found, f)
+    return found
+
+
 class OptimizerReader:
     """Reads the learning rate and weight decay of each parameter group of ``optimizer`` (or of the torch
     optimizer a wrapper holds) and the group of each of ``params``."""
