@@ -60,9 +60,10 @@ class Target:
     deep_steps: int = 0
     critical: bool = False
     before_nonfinite: bool = False
-    #: Count ``steps`` from the first step at or after the onset where the gradient norm (of the scenario's
-    #: layers, else the global norm) stands ``rise`` times above its reference (the median of the 10 steps
-    #: before the onset; the first step's norm when the onset is 0), not from the onset.
+    #: Count ``steps`` from the first step at or after the onset where the level of the gradient norm (the
+    #: median of the 5 steps centred on it; the norm of the scenario's layers, else the global norm, before
+    #: clipping in a clipped run) stands ``rise`` times above its reference (the median of the 10 steps before
+    #: the onset; the first step's norm when the onset is 0), not from the onset (see :func:`rise_step`).
     rise: float | None = None
 
     def deadline(self, onset: int, deep_every: int) -> int:
@@ -179,15 +180,24 @@ def _values(g: torch.Tensor) -> torch.Tensor:
     return g.coalesce().values() if g.is_sparse else g
 
 
-def rise_step(norms: Sequence[float], onset: int, rise: float) -> int | None:
-    """The first step at or after ``onset`` whose norm is ``rise`` times its reference (see ``Target.rise``).
+def rise_step(norms: Sequence[float], onset: int, rise: float, half: int = 2) -> int | None:
+    """The first step at or after ``onset`` whose norm *level* is ``rise`` times its reference (see
+    ``Target.rise``): the level is the median of the ``2 * half + 1`` steps centred on the step, so that one noisy
+    step touching ``rise`` does not start the clock before the norm has risen (a healthy run's norm touches 3x its
+    median now and then).
 
-    >>> rise_step([1.0] * 10 + [1.0, 2.0, 3.5, 9.0], 10, 3.0)
+    >>> rise_step([1.0] * 10 + [1.0, 2.0, 3.5, 9.0, 9.0, 9.0], 10, 3.0)
     12
+    >>> rise_step([1.0] * 10 + [1.0, 3.5, 1.0, 1.0, 1.0, 3.5, 4.0, 4.0, 4.0], 10, 3.0)   # one noisy step is not
+    15
     """
     before = [n for n in norms[max(0, onset - 10):onset] if math.isfinite(n)]
     ref = float(np.median(before)) if before else norms[onset]
-    return next((i for i in range(onset, len(norms)) if not norms[i] < rise * ref), None)
+    for i in range(onset, len(norms)):
+        window = [n for n in norms[max(0, i - half): i + half + 1] if not math.isnan(n)]
+        if window and not float(np.median(window)) < rise * ref:
+            return i
+    return None
 
 
 def train(sc: zoo.Scenario, seed: int, deep_every: int, config: str | None) -> Result:
@@ -206,7 +216,10 @@ def train(sc: zoo.Scenario, seed: int, deep_every: int, config: str | None) -> R
         if first_bad is None and (not torch.isfinite(loss)
                                   or not all(bool(torch.isfinite(g).all()) for g in grads.values())):
             first_bad = i
-        norms.append(math.sqrt(sum(float(g.double().square().sum()) for n, g in grads.items() if n in watched)))
+        if run.clip and sc.layers is None:  # the rise the fault causes, not what clipping leaves of it
+            norms.append(run.preclip_norm if run.preclip_norm is not None else math.nan)
+        else:
+            norms.append(math.sqrt(sum(float(g.double().square().sum()) for n, g in grads.items() if n in watched)))
         mon.step(loss=loss)
         run.finish()
         losses.append(float(loss))

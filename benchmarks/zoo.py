@@ -71,6 +71,8 @@ class Run:
     zero_grad: bool = True
     #: Called at the start of every step with the step index (gradual unfreezing and other planned changes).
     on_step: Callable[[Run, int], None] | None = None
+    #: The global gradient norm ``clip_grad_norm_`` measured before clipping at the last step (clipped runs).
+    preclip_norm: float | None = None
 
     def hit(self, i: int) -> bool:
         """Whether the fault acts at step ``i``."""
@@ -101,7 +103,7 @@ class Run:
         if self.clip:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.preclip_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.clip))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -1119,6 +1121,10 @@ SCENARIOS += [
              "tanh RNN, SGD 0.1, clip 1.0; from step 2k the gradients grow 5% a step before clipping",
              fault=lambda r: growth(1.05, 2 * K), onset=2 * K, expected="exploding", target="trend",
              forbid=("nonfinite",)),
+    Scenario("clip_slow_growth_transformer", P, lambda s: clipped(transformer(s)), K + 120,
+             "pre-LN transformer, AdamW, warm-up and cosine decay, clip 1.0; from step k every gradient grows 3% a "
+             "step before clipping (a loss weight that keeps growing, under the Transformers defaults)",
+             fault=lambda r: growth(1.03, K), onset=K, expected="exploding", target="trend", forbid=("nonfinite",)),
     Scenario("slow_growth", P, lambda s: digits_mlp(s, "adam"), K + 120,
              "MLP, Adam; from step k the gradients grow 3% a step (3x after 37 steps)",
              fault=lambda r: growth(1.03, K), onset=K, expected="exploding", target="trend", forbid=("nonfinite",)),
