@@ -173,7 +173,7 @@ def _step_left_out(run: zoo.Run, i: int) -> torch.Tensor:
     guard's skip leaves it out."""
     opt = run.optimizer
     own = opt.__dict__.get("step")
-    opt.step = lambda *a, **k: None  # type: ignore[method-assign]
+    opt.step = lambda *a, **k: None  # type: ignore[method-assign, assignment]
     try:
         return run.step(i)
     finally:
