@@ -1,8 +1,9 @@
-"""Guard mode on the evaluation zoo: poisoned runs trained clean, poisoned unguarded and poisoned guarded, and
+"""Guard mode on the evaluation zoo: poisoned runs trained clean, poisoned unguarded, poisoned guarded and clean
+without the guarded run's skipped batches, judged on held-out data against the clean run's noise band; and
 every healthy run guarded (false skips, and how far its steps stayed from the guard's limit).
 
 ```bash
-.venv/bin/python benchmarks/guard.py                  # default: about 3 minutes on 2 cores
+.venv/bin/python benchmarks/guard.py                  # default: about 5 minutes on 2 cores
 .venv/bin/python benchmarks/guard.py --seeds 3        # more seeds
 .venv/bin/python benchmarks/guard.py --poisoned-only --steps 900   # the poisoned runs 3x longer
 .venv/bin/python benchmarks/guard.py --healthy-only --seeds 3 --json out.json
