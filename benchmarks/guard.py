@@ -1,9 +1,11 @@
-"""Guard mode on the evaluation zoo: poisoned runs trained clean, poisoned unguarded and poisoned guarded, and
+"""Guard mode on the evaluation zoo: poisoned runs trained clean, poisoned unguarded, poisoned guarded and clean
+without the guarded run's skipped batches, judged on held-out data against the clean run's noise band; and
 every healthy run guarded (false skips, and how far its steps stayed from the guard's limit).
 
 ```bash
-.venv/bin/python benchmarks/guard.py                  # default: about 3 minutes on 2 cores
+.venv/bin/python benchmarks/guard.py                  # default: about 5 minutes on 2 cores
 .venv/bin/python benchmarks/guard.py --seeds 3        # more seeds
+.venv/bin/python benchmarks/guard.py --poisoned-only --steps 900   # the poisoned runs 3x longer
 .venv/bin/python benchmarks/guard.py --healthy-only --seeds 3 --json out.json
 .venv/bin/python benchmarks/guard.py --collective     # the sharded guard's all-reduce, 2 gloo ranks on CPU
 .venv/bin/python benchmarks/guard.py --update-norms   # do Adam update norms warn before gradient norms?
@@ -18,8 +20,14 @@ Poisons (``POISONS``), injected into zoo runs at steps drawn from the seed (afte
 - ``lr_spike``: the learning rate x100 for one step (a scheduler bug). Its damage is done by that step's
   normal-looking gradient; the guard sees only the explosion of the steps after it.
 
-Per poisoned run: the final loss (mean of the last 20 steps' losses) of clean, unguarded and guarded, the guarded
-one against the clean one, the steps skipped, poisoned steps skipped and other skips. Per healthy run: skips
+Per poisoned run: the final loss, the loss on a fixed held-out evaluation set at the end (``DATA``: 360 digits no
+run trains on; 1,024 token sequences from a seed no run trains on), of four trainings of the same model, seed and
+data order: clean, poisoned unguarded, poisoned guarded, and clean *without the guarded run's skipped batches*
+(their optimizer steps left out by hand, the scheduler stepping on: what a skip does). The guard works where the
+guarded run equals that fourth one; the distance between the fourth one and the clean run is what leaving those
+batches out costs by itself. Against it, the run-to-run noise band of the clean run: its final loss over
+``RESEEDS`` other data orders, and over ``LEAVE_OUTS`` runs with two random batches left out. Then the steps
+skipped, poisoned steps skipped and other skips. Per healthy run: skips
 (false skips), the smallest headroom (the guard's limit over the step's norm: below 1 a step is skipped) and the
 largest jump over the history's median. The step-time ratio guard-on / guard-off (the same monitor otherwise)
 is measured on the healthy runs, run in alternation in one process.
@@ -28,13 +36,15 @@ is measured on the healthy runs, run in alternation in one process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -50,7 +60,7 @@ else:  # run as a script: benchmarks/ is on sys.path
 
 #: The poisoned runs: zoo scenarios (healthy ones, so that the poison is the only fault).
 POISONED_MODELS = ("mlp", "resmlp", "transformer", "lstm_clip", "cnn_bn")
-LAST = 20  # the final loss: mean of the last LAST steps
+LAST = 20  # poisons hit no step among the last LAST + 5
 #: Healthy runs timed guard-on against guard-off (each trained twice more each way, alternating).
 TIMED = ("mlp", "cnn_bn", "resmlp", "transformer", "lstm_clip", "grad_accum")
 
@@ -77,6 +87,63 @@ POISONS = [
 ]
 
 
+# ---- the poisoned runs' data: a training stream and a fixed held-out evaluation set ---------------------------
+Batch = tuple[torch.Tensor, torch.Tensor]
+HELD_OUT = 360  # digits samples (of 1,797) no run trains on
+EVAL_SEED = 10**6  # the token tasks' held-out sequences come from a seed no run trains on
+EVAL_BATCHES = 32  # of 32 sequences: 1,024
+
+
+@dataclass(frozen=True)
+class Data:
+    """A poisoned run's training batches (from a data-order seed) and its held-out evaluation set, the zoo
+    builder's own batches (size, shape, task) but for the held-out samples."""
+
+    train: Callable[[int], Iterator[Batch]]
+    held_out: Callable[[], Batch]
+
+
+@cache
+def _digits_split() -> tuple[Batch, Batch]:
+    """(train, held out): a fixed split of the digits."""
+    x, y = zoo.digits()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return (x[perm[HELD_OUT:]], y[perm[HELD_OUT:]]), (x[perm[:HELD_OUT]], y[perm[:HELD_OUT]])
+
+
+def _digits(image: bool = False) -> Data:
+    """``zoo.digits_batches`` (64 a batch) on the training split."""
+    def shaped(b: Batch) -> Batch:
+        return (b[0].view(-1, 1, 8, 8) if image else b[0]), b[1]
+
+    return Data(lambda seed: zoo.sample(*shaped(_digits_split()[0]), 64, seed), lambda: shaped(_digits_split()[1]))
+
+
+def _tokens(task: Any, length: int, vocab: int) -> Data:
+    """``zoo.token_batches``; held out: ``EVAL_BATCHES`` batches drawn from ``EVAL_SEED``."""
+    @cache
+    def held_out() -> Batch:
+        it = zoo.token_batches(EVAL_SEED, task, length, vocab)
+        xs, ys = zip(*(next(it) for _ in range(EVAL_BATCHES)), strict=True)
+        return torch.cat(xs), torch.cat(ys)
+
+    return Data(lambda seed: zoo.token_batches(seed, task, length, vocab), held_out)
+
+
+DATA = {"mlp": _digits(), "resmlp": _digits(), "cnn_bn": _digits(image=True),
+        "lstm_clip": _tokens("majority", 16, 4), "transformer": _tokens("reverse", 10, 16)}
+
+
+def evaluate(run: zoo.Run, held_out: Batch) -> float:
+    """The run's loss on ``held_out`` (eval mode: BatchNorm's running statistics), NaN where not finite."""
+    was = run.model.training
+    run.model.eval()
+    with torch.no_grad():
+        loss = float(run.loss_fn(run.model, *held_out))
+    run.model.train(was)
+    return loss if math.isfinite(loss) else float("nan")
+
+
 @dataclass
 class Trained:
     losses: list[float]
@@ -87,18 +154,47 @@ class Trained:
     errors: int = 0
     #: The monitor's merged steps (``keep_steps``).
     stats: list[Any] = field(default_factory=list)
+    #: The loss on the held-out set at the end (runs given ``data``).
+    held_out: float = float("nan")
+    #: The model's final parameters and buffers (runs given ``data``).
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def final(self) -> float:
-        tail = [v for v in self.losses[-LAST:] if math.isfinite(v)]
-        return float(np.mean(tail)) if len(tail) == LAST else float("nan")
+        """The final loss: on the held-out set at the end."""
+        return self.held_out
+
+    def same_weights(self, other: Trained) -> bool:
+        """Whether the two runs ended with bitwise-equal parameters and buffers."""
+        return self.state.keys() == other.state.keys() and all(
+            torch.equal(v, other.state[k]) for k, v in self.state.items())
+
+
+def _step_left_out(run: zoo.Run, i: int) -> torch.Tensor:
+    """Step ``i`` with its optimizer step left out by hand (the forward, backward and scheduler run on), as a
+    guard's skip leaves it out."""
+    opt = run.optimizer
+    own = opt.__dict__.get("step")
+    opt.step = lambda *a, **k: None  # type: ignore[method-assign, assignment]
+    try:
+        return run.step(i)
+    finally:
+        if own is None:
+            del opt.step
+        else:
+            opt.step = own  # type: ignore[method-assign]
 
 
 def train(sc: zoo.Scenario, seed: int, guard: GuardConfig | None, poison: Poison | None = None,
           hit: list[int] | None = None, monitor: bool = True, deep_every: int = 50,
-          keep_steps: bool = False) -> Trained:
+          keep_steps: bool = False, data: Data | None = None, data_seed: int | None = None,
+          leave_out: Collection[int] = ()) -> Trained:
     """Train ``sc`` with ``seed`` under a monitor (guard on or off), with ``poison`` at the steps ``hit``
-    (``keep_steps``: keep the monitor's merged steps)."""
+    (``keep_steps``: keep the monitor's merged steps). With ``data``: train on its batches (data order
+    ``data_seed``, default ``seed``) and end with the held-out loss; the optimizer steps of ``leave_out`` are
+    left out by hand."""
     run = sc.make(seed)
+    if data is not None:
+        run.batches = data.train(seed if data_seed is None else data_seed)
     hit_set = set(hit or [])
     if poison is not None and poison.loss is not None:
         run.fault = zoo.Fault(-1, loss=poison.loss)  # armed by hand below
@@ -113,11 +209,13 @@ def train(sc: zoo.Scenario, seed: int, guard: GuardConfig | None, poison: Poison
         if poison is not None and run.fault is not None:
             run.fault.at = i if i in hit_set else -1
         spike = poison is not None and poison.lr_factor is not None and i in hit_set
+        lrs = [g["lr"] for g in run.optimizer.param_groups]
         if spike:
             zoo.scale_lr(poison.lr_factor)(run)  # type: ignore[union-attr, arg-type]
-        loss = run.step(i)
-        if spike:
-            zoo.scale_lr(1.0 / poison.lr_factor)(run)  # type: ignore[union-attr, operator]
+        loss = _step_left_out(run, i) if i in leave_out else run.step(i)
+        if spike:  # the learning rates as they were, exactly (x100 / 100 need not round-trip)
+            for g, lr in zip(run.optimizer.param_groups, lrs, strict=True):
+                g["lr"] = lr
         if mon is not None:
             mon.step(loss=loss)
         run.finish()
@@ -126,6 +224,9 @@ def train(sc: zoo.Scenario, seed: int, guard: GuardConfig | None, poison: Poison
     out = Trained(losses, list(mon.skipped_steps) if mon else [], seconds, judged, mon.errors if mon else 0)
     if mon is not None and keep_steps:
         out.stats = mon._merged_steps()
+    if data is not None:
+        out.held_out = evaluate(run, data.held_out())
+        out.state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if mon is not None:
         mon.close()
     return out
@@ -169,45 +270,104 @@ def healthy(seeds: int, timing: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def poisoned(seeds: int) -> list[dict[str, Any]]:
-    rows = []
+#: The noise band: the clean run's final loss over this many other data orders (same initialisation), and over
+#: this many runs with two random batches left out (same data order).
+RESEEDS, LEAVE_OUTS = 3, 3
+
+
+def _rel(a: float, b: float) -> float | None:
+    """``a`` against ``b`` (a / b - 1), None where either is not finite."""
+    return round(a / b - 1, 4) if math.isfinite(a) and math.isfinite(b) and b > 0 else None
+
+
+def noise_band(sc: zoo.Scenario, data: Data, seed: int, clean: float) -> dict[str, Any]:
+    """How far the clean run's final loss moves by itself: over ``RESEEDS`` other data orders, and over
+    ``LEAVE_OUTS`` runs with two random batches (steps drawn as the poisons' are) left out."""
+    reseeded = [_rel(train(sc, seed, None, data=data, data_seed=1000 * (k + 1) + seed).final(), clean)
+                for k in range(RESEEDS)]
+    left = [_rel(train(sc, seed, None, data=data,
+                       leave_out=_spread(2)(random.Random(f"{sc.name}-leave-{seed}-{k}"), sc.steps)).final(), clean)
+            for k in range(LEAVE_OUTS)]
+    return {"scenario": sc.name, "seed": seed, "clean": round(clean, 4), "reseeded": reseeded, "left_out": left,
+            "band": max(abs(v) for v in reseeded + left if v is not None)}
+
+
+def lengthened(sc: zoo.Scenario, steps: int | None) -> zoo.Scenario:
+    """``sc`` trained for ``steps`` (None: its own length); the transformer's warm-up and cosine schedule
+    stretched to it."""
+    if steps is None:
+        return sc
+    build = (lambda seed: zoo.transformer(seed, steps=steps)) if sc.build is zoo.transformer else sc.build
+    return dataclasses.replace(sc, steps=steps, build=build)
+
+
+def poisoned(seeds: int, steps: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every poisoned run (trained for ``steps``, default its own length) trained four ways (clean, unguarded,
+    guarded, clean without the guarded run's skipped batches), and the clean runs' noise bands: (poison rows,
+    band rows)."""
+    rows, bands = [], []
     for name in POISONED_MODELS:
-        sc = zoo.BY_NAME[name]
-        clean = {seed: train(sc, seed, None) for seed in range(seeds)}
-        for poison in POISONS:
-            for seed in range(seeds):
+        sc, data = lengthened(zoo.BY_NAME[name], steps), DATA[name]
+        for seed in range(seeds):
+            clean = train(sc, seed, None, data=data)
+            c = clean.final()
+            bands.append(noise_band(sc, data, seed, c))
+            print(f"{name:12s} noise band seed {seed}: {bands[-1]}", file=sys.stderr)
+            for poison in POISONS:
                 hit = poison.steps(random.Random(f"{name}-{poison.name}-{seed}"), sc.steps)
-                bad = train(sc, seed, None, poison, hit)
-                guarded = train(sc, seed, GuardConfig(), poison, hit)
+                bad = train(sc, seed, None, poison, hit, data=data)
+                guarded = train(sc, seed, GuardConfig(), poison, hit, data=data)
                 skipped = [s for s, _ in guarded.skipped]
-                c, u, g = clean[seed].final(), bad.final(), guarded.final()
+                without = train(sc, seed, None, data=data, leave_out=skipped)
+                u, g, w = bad.final(), guarded.final(), without.final()
+                vs = _rel(g, c)
                 rows.append({
                     "scenario": name, "poison": poison.name, "seed": seed, "hit": hit,
                     "clean": round(c, 4), "unguarded": round(u, 4) if math.isfinite(u) else "diverged",
                     "guarded": round(g, 4) if math.isfinite(g) else "diverged",
-                    "guarded_vs_clean": round(g / c - 1, 4) if math.isfinite(g) and c > 0 else None,
-                    "unguarded_vs_clean": round(u / c - 1, 4) if math.isfinite(u) and c > 0 else None,
+                    "without_skipped": round(w, 4),
+                    "guarded_vs_clean": vs, "unguarded_vs_clean": _rel(u, c),
+                    "without_vs_clean": _rel(w, c), "guarded_vs_without": _rel(g, w),
+                    "guarded_equals_without": guarded.same_weights(without),
+                    "band": bands[-1]["band"], "within_band": vs is not None and abs(vs) <= bands[-1]["band"],
                     "skipped": len(skipped), "poison_skipped": sum(s in hit for s in skipped),
                     "other_skips": sum(s not in hit for s in skipped),
                 })
                 print(f"{name:12s} {poison.name:14s} seed {seed}: {rows[-1]}", file=sys.stderr)
-    return rows
+    return rows, bands
 
 
 def _no_norms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "norms"} for r in rows]
 
 
-def markdown(poison_rows: list[dict[str, Any]], healthy_rows: list[dict[str, Any]]) -> str:
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:+.1f}%"
+
+
+def markdown(poison_rows: list[dict[str, Any]], healthy_rows: list[dict[str, Any]],
+             bands: list[dict[str, Any]] | None = None) -> str:
     out = []
     if poison_rows:
-        out += ["| run | poison | seed | poisoned steps | clean | unguarded | guarded | guarded vs clean | "
-                "skipped (poisoned / other) |", "|---|---|---|---|---|---|---|---|---|"]
+        out += ["| run | poison | seed | poisoned steps | clean | unguarded | guarded | clean without the skipped "
+                "| guarded = without (bitwise) | without vs clean | guarded vs clean | noise band | "
+                "skipped (poisoned / other) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in poison_rows:
-            vs = "-" if r["guarded_vs_clean"] is None else f"{100 * r['guarded_vs_clean']:+.1f}%"
             out.append(f"| {r['scenario']} | {r['poison']} | {r['seed']} | {','.join(map(str, r['hit']))} | "
-                       f"{r['clean']} | {r['unguarded']} | {r['guarded']} | {vs} | "
-                       f"{r['poison_skipped']} / {r['other_skips']} |")
+                       f"{r['clean']} | {r['unguarded']} | {r['guarded']} | {r['without_skipped']} | "
+                       f"{'yes' if r['guarded_equals_without'] else _pct(r['guarded_vs_without'])} | "
+                       f"{_pct(r['without_vs_clean'])} | {_pct(r['guarded_vs_clean'])} | "
+                       f"+-{100 * r['band']:.1f}% | {r['poison_skipped']} / {r['other_skips']} |")
+        within2 = sum(r["guarded_vs_clean"] is not None and abs(r["guarded_vs_clean"]) <= 0.02 for r in poison_rows)
+        out += ["", f"guarded within 2% of clean: {within2} of {len(poison_rows)}; within the noise band: "
+                f"{sum(r['within_band'] for r in poison_rows)} of {len(poison_rows)}; guarded bitwise equal to clean "
+                f"without the skipped batches: {sum(r['guarded_equals_without'] for r in poison_rows)} of "
+                f"{len(poison_rows)}", ""]
+    if bands:
+        out += ["| run | seed | clean final loss | other data orders | two random batches left out | band |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {b['scenario']} | {b['seed']} | {b['clean']} | {', '.join(map(_pct, b['reseeded']))} | "
+                f"{', '.join(map(_pct, b['left_out']))} | +-{100 * b['band']:.1f}% |" for b in bands]
         out.append("")
     if healthy_rows:
         out += ["| healthy run | seed | steps | false skips | smallest headroom | largest jump | time ratio on/off |"
@@ -444,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--healthy-only", action="store_true")
     p.add_argument("--poisoned-only", action="store_true")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train the poisoned runs this many steps (default: each zoo run's own, 200 to 300)")
     p.add_argument("--no-timing", action="store_true", help="skip the guard-on/off step-time runs")
     p.add_argument("--json", default=None)
     p.add_argument("--collective", action="store_true", help="time the sharded guard's all-reduce only")
@@ -469,13 +631,14 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(rows, f, indent=1)
         return 0
     t0 = time.perf_counter()
-    pr = [] if args.healthy_only else poisoned(args.seeds)
+    pr, bands = ([], []) if args.healthy_only else poisoned(args.seeds, args.steps)
     hr = [] if args.poisoned_only else healthy(args.seeds, not args.no_timing)
-    print(markdown(pr, hr))
+    print(markdown(pr, hr, bands))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; GuardConfig defaults: {GuardConfig().model_dump()}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"poisoned": pr, "healthy": hr, "config": GuardConfig().model_dump()}, f, indent=1)
+            json.dump({"poisoned": pr, "noise_bands": bands, "healthy": hr, "config": GuardConfig().model_dump()},
+                      f, indent=1)
     return 0
 
 

@@ -7,6 +7,7 @@ what it saw to a JSON file the test reads. The other tests drive the peer server
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import struct
@@ -48,12 +49,14 @@ def worker(out_dir: str) -> None:
     rank = dist.get_rank()
     out: dict = {"rank": rank}
 
-    # 1. DDP; rank 1's batch holds a NaN at NAN_STEP. The monitor stops the run on it (stop_run).
+    # 1. DDP; rank 1's batch holds a NaN at NAN_STEP. The monitor stops the run on it (stop_run); its guard skips
+    #    that step's update on both ranks (the all-reduced gradients are NaN on both).
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(
         torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = gfservice.monitor(model, opt, run="tr-nan", deep_every=0, detectors={"nonfinite": {"stop_run": True}})
+    mon = gfservice.monitor(model, opt, run="tr-nan", deep_every=0, detectors={"nonfinite": {"stop_run": True}},
+                            guard=True)
     out["transport"], out["world"] = type(mon.transport).__name__, mon.world_size
     stop_seen = None
     for step in range(30):
@@ -70,7 +73,9 @@ def worker(out_dir: str) -> None:
         time.sleep(0.02)
     _wait_for(lambda: mon.should_stop and any(f["detector"] == "nonfinite" for f in _findings(mon)))
     out["nan"] = {"stop_seen": stop_seen, "stop_reason": mon.stop_reason, "findings": _findings(mon),
-                  "dropped": mon.transport.dropped, "step_ms": mon.overhead_s / mon.steps * 1000}
+                  "dropped": mon.transport.dropped, "step_ms": mon.overhead_s / mon.steps * 1000,
+                  "skipped": mon.skipped_steps, "params": [p.detach().double().flatten().tolist()
+                                                           for p in model.parameters()]}
     mon.close()
 
     # 2. No DDP: rank 1 stalls for STALL_S seconds while rank 0 trains on.
@@ -120,8 +125,9 @@ def _torchrun() -> str:
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_merge_on_rank_0(tmp_path):
-    """Under torchrun without Ray: rank 1's NaN is a critical finding naming rank 1 on every rank, rank 0's
-    /metrics shows the run, and a stalled rank 1 is found."""
+    """Under torchrun without Ray: rank 1's NaN is a critical finding naming rank 1 on every rank, the guard skips
+    that step on both ranks (which end with equal, finite parameters), rank 0's /metrics shows the run, and a
+    stalled rank 1 is found."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GFSERVICE_"))}
     env.update(OMP_NUM_THREADS="1", XDG_STATE_HOME=str(tmp_path / "state"), GFSERVICE_TOKEN="t0ken",
                GFSERVICE_AGGREGATOR__MERGE_TIMEOUT_S="1.0", GFSERVICE_SERVICE__TICK_INTERVAL_S="0.1",
@@ -146,12 +152,16 @@ def test_torchrun_two_ranks_merge_on_rank_0(tmp_path):
         assert r["nan"]["stop_reason"].startswith("nonfinite:")
         assert not [f for f in r["nan"]["findings"] if f["detector"] == "stalled_rank"]  # no false alarm
         assert r["nan"]["dropped"] == 0
+        assert r["nan"]["skipped"] == [[NAN_STEP, "nonfinite_gradient"]], r["nan"]["skipped"]
         stalled = [f for f in r["stall"]["findings"] if f["detector"] == "stalled_rank"]
         assert stalled and stalled[0]["ranks"] == [1] and stalled[0]["severity"] == "critical", r["stall"]
         assert STALL_AT <= stalled[0]["first_step"] < 40
+    assert r0["nan"]["params"] == r1["nan"]["params"], "both ranks skipped the same step: replicas equal"
+    assert all(math.isfinite(v) for p in r0["nan"]["params"] for v in p)
     metrics = "\n".join(r0["metrics"])
     assert 'gradflow_last_step{run="tr-nan"} 29.0' in metrics, metrics
     assert 'gradflow_findings_total{detector="nonfinite",run="tr-nan",severity="critical"}' in metrics, metrics
+    assert 'gradflow_steps_skipped_total{reason="nonfinite_gradient",run="tr-nan"} 1.0' in metrics, metrics
     assert any(ln.startswith("gradflow_finding{") and 'ranks="1"' in ln and "nonfinite" in ln
                for ln in r0["metrics"]), metrics
     assert r0["sd"][0]["targets"] == [r0["metrics_url"].split("/")[2]]
