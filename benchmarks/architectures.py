@@ -5,6 +5,7 @@
 .venv/bin/python benchmarks/architectures.py --quick           # a handful: under a minute
 .venv/bin/python benchmarks/architectures.py --only llama,vit,vit:nan_batch --json out.json
 .venv/bin/python benchmarks/architectures.py --list
+.venv/bin/python benchmarks/architectures.py --guard           # the same with guard=True: every skip counted
 ```
 
 Each architecture is built offline from its `transformers` config class (tiny, random init, no download) and
@@ -22,12 +23,14 @@ critical at the very step; ``exploding``: within 10 steps and before the first n
 before the onset. Faults:
 
 - ``lr_jump``: the learning rate of every group jumps 1000x at the onset, clipping left on (the monitor reads the
-  gradients after ``clip_grad_norm_``, so such an explosion may be capped at the clipping norm: a known gap);
+  gradients at the end of backward, before ``clip_grad_norm_``: clipping does not hide the explosion);
 - ``nan_batch``: one batch carries a NaN input value;
 - ``huge_batch``: one corrupted batch with inputs 1e4x their scale (pixels not normalised, say).
 
 The output is a Markdown table (architecture, family, parameters, steps, alarms with their first step, verdict)
-and a summary line; ``--json PATH`` writes the raw results too.
+and a summary line; ``--json PATH`` writes the raw results too. With ``--guard`` every monitor is
+``gfservice.monitor(..., guard=True)`` (guard mode at its defaults): the steps it skipped are listed per run, and
+a healthy run must skip none (a skip is a false skip; the learning-rate fault's own steps are the guard's to skip).
 """
 
 from __future__ import annotations
@@ -398,6 +401,8 @@ class Result:
     loss_last: float | str = 0.0
     wall_s: float = 0.0
     monitor_errors: int = 0
+    #: With ``--guard``: the steps guard mode skipped, with their reasons.
+    skipped: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _num(x: float) -> float | str:
@@ -430,7 +435,8 @@ def _corrupt(fault: Fault, model: Model, batch: Batch) -> Batch:
     return {**batch, key: x}
 
 
-def train(arch: Arch, fault: Fault | None = None, seed: int = 0, steps: int | None = None) -> Result:
+def train(arch: Arch, fault: Fault | None = None, seed: int = 0, steps: int | None = None,
+          guard: bool = False) -> Result:
     """Train ``arch`` (with ``fault`` injected) under a monitor with every detector at its defaults; score it."""
     t0 = time.perf_counter()
     steps = steps or arch.steps
@@ -447,7 +453,7 @@ def train(arch: Arch, fault: Fault | None = None, seed: int = 0, steps: int | No
     name = arch.name + (f":{fault.name}" if fault else "")
     res = Result(name, arch.name, arch.family, fault.name if fault else None,
                  sum(p.numel() for p in model.parameters()), steps, recipe.clip)
-    mon = gfservice.monitor(model, opt, run=name, service=None)
+    mon = gfservice.monitor(model, opt, run=name, service=None, guard=guard or None)
     losses: list[float] = []
     norms: list[float] = []
     for i in range(steps):
@@ -473,11 +479,13 @@ def train(arch: Arch, fault: Fault | None = None, seed: int = 0, steps: int | No
             norms.append(float(nn.utils.get_total_norm(grads)))
         opt.step()
         mon.step(loss=loss)
+        mon.transport.flush()  # every step judged, however loaded the machine (see benchmarks/detection.py)
         opt.zero_grad(set_to_none=True)
         sched.step()
         losses.append(float(loss.detach()))
     findings = sorted((f for f in mon.findings if f.severity.value != "info"), key=_first)
     res.monitor_errors = mon.errors
+    res.skipped = list(mon.skipped_steps)
     mon.close()
     for f in findings:
         res.alarms.setdefault(f.detector, _first(f))
@@ -564,6 +572,7 @@ def summary(results: Sequence[Result], wall_s: float) -> dict[str, Any]:
         "detected": sum(r.fired is not None and r.deadline is not None and r.fired <= r.deadline for r in faulty),
         "passed": sum(r.verdict == "PASS" for r in results),
         "monitor_errors": sum(r.monitor_errors for r in results),
+        "guard_false_skips": sum(len(r.skipped) for r in healthy),
         "wall_s": round(wall_s, 1),
     }
 
@@ -602,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="steps per run (default: the architecture's)")
     ap.add_argument("--json", help="write the results and the summary to this file")
     ap.add_argument("--list", action="store_true", help="list the architectures and faults and exit")
+    ap.add_argument("--guard", action="store_true", help="guard mode on (guard=True): count the steps it skips")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.list:
@@ -618,9 +628,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: list[Result] = []
     for i, (arch, fault) in enumerate(runs):
-        r = train(arch, fault, steps=args.steps)
+        r = train(arch, fault, steps=args.steps, guard=args.guard)
         results.append(r)
-        print(f"[{i + 1}/{len(runs)}] {r.run}: {r.verdict} {r.why} ({r.wall_s:.1f} s)", file=sys.stderr, flush=True)
+        skips = f" skipped {r.skipped}" if args.guard else ""
+        print(f"[{i + 1}/{len(runs)}] {r.run}: {r.verdict} {r.why}{skips} ({r.wall_s:.1f} s)", file=sys.stderr,
+              flush=True)
     s = summary(results, time.perf_counter() - t0)
     print(table(results))
     print()
@@ -629,6 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if alarms:
         print("Alarms on runs that did not pass:\n" + "\n".join(alarms) + "\n")
     print(summary_line(s))
+    if args.guard:
+        print(f"guard: {s['guard_false_skips']} steps skipped on {s['healthy_runs']} healthy runs "
+              f"({s['healthy_steps']} steps); on the faulty runs: "
+              + "; ".join(f"{r.run} {[st for st, _ in r.skipped]}" for r in results if r.fault is not None))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"summary": s, "args": vars(args), "results": [asdict(r) for r in results]}, fh, indent=1)

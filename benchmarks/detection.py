@@ -221,6 +221,10 @@ def train(sc: zoo.Scenario, seed: int, deep_every: int, config: str | None) -> R
         else:
             norms.append(math.sqrt(sum(float(g.double().square().sum()) for n, g in grads.items() if n in watched)))
         mon.step(loss=loss)
+        # the zoo judges the detectors on every step: its tiny models step faster than detection runs on a loaded
+        # machine, where the in-process transport would drop reports (by design, counted) and so change what the
+        # detectors see from one run to the next. Waiting here changes no finding's step, only the wall time.
+        mon.transport.flush()
         run.finish()
         losses.append(float(loss))
     findings = list(mon.findings)
