@@ -171,6 +171,7 @@ class Exploding(Detector):
         self._steady: SteadyLayerRise | None = None
         self._high, self._since_high, self._settled = -math.inf, 0, False
         self._trend_open = False
+        self._trend_quiet = 0  # steps since a trend test last held (a rise ends after trend_window quiet steps)
 
     def _severity(self, orders: float) -> Severity:
         return Severity.critical if orders >= self.config.critical_orders else Severity.warning
@@ -331,8 +332,11 @@ class Exploding(Detector):
         if steady.any() and self._lr_explains(cfg.trend_steady_span):
             steady[:] = False  # a warm-up or restart raises layers too, and so does early training
         if rise is None and not lay.any() and not steady.any():
-            self._trend_open = False
+            self._trend_quiet += 1
+            if self._trend_quiet >= cfg.trend_window:  # a level near the line flickers: the rise ends once it
+                self._trend_open = False              # has been quiet for a whole level window
             return None
+        self._trend_quiet = 0
         if self._trend_open:
             return None  # one finding per rise
         self._trend_open = True
@@ -437,6 +441,7 @@ class Exploding(Detector):
             "steady": None if self._steady is None else self._steady.state_dict(),
             "settle": (self._high, self._since_high, self._settled),
             "trend_open": self._trend_open,
+            "trend_quiet": self._trend_quiet,
         }
 
     def load_state_dict(self, state: Any) -> None:
@@ -459,6 +464,7 @@ class Exploding(Detector):
             self._steady.load_state_dict(steady)
         self._high, self._since_high, self._settled = state.get("settle", (-math.inf, 0, False))
         self._trend_open = bool(state.get("trend_open", False))
+        self._trend_quiet = int(state.get("trend_quiet", 0))
 
 
 def _learning_rate(step: StepStats) -> float:

@@ -30,6 +30,16 @@ def test_growth_mid_run_is_found_within_its_budget():
     assert found[0].key == "trend" and "zero_grad" in found[0].message
 
 
+def test_a_slow_noisy_ramp_is_one_finding_not_one_per_flicker_of_its_level():
+    rng = np.random.default_rng(3)
+    norms = np.exp(rng.normal(0, 0.4, 220))
+    norms[100:] *= 1.03 ** np.arange(120)          # 3%/step under heavy batch noise: the level crosses 3x, dips, ...
+    # (before the rise waited for a quiet level window to end, this ramp gave three findings: 135, 142, 147)
+    found = [f for f in replay(Exploding(), _norms(norms, [1.0] * 220)) if f.key == "trend"]
+    assert found and found[0].step <= 100 + 37 + 30, found
+    assert len(found) == 1, [f.step for f in found]
+
+
 def test_growth_unequal_across_layers_is_learning_not_a_trend():
     rng = np.random.default_rng(3)
     base = np.exp(rng.normal(0, 0.2, (200, 2)))
