@@ -152,7 +152,8 @@ class GradCollector:
         self._complex = {i for i, p in enumerate(self.params) if p.is_complex()}
         # the fast path of _gradients: plain real tensors, none empty (a gradient has its parameter's shape), all
         # live
-        self._dense_plain = not self._any_dtensor and all(self.numel) and not self._complex
+        self._dense_plain = (not self._any_dtensor and all(self.numel) and not self._complex
+                             and not any(self.sharded))  # a ZeRO partition's gradient is smaller than its parameter
         self._plain = self._dense_plain and all(self.live)
         self._all = list(range(len(self.params)))
         self._counts = np.asarray(self.numel, np.int64)

@@ -40,4 +40,5 @@ def layer_kinds(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) ->
         if kind:
             for p in module.parameters(recurse=False):
                 kind_of[id(p)] = kind
-    return [kind_of.get(id(p), "") for p in params]
+    # a stand-in for a parameter (DeepSpeed's ZeRO partitions) names the parameter it stands for
+    return [kind_of.get(id(getattr(p, "gfservice_wraps", p)), "") for p in params]
