@@ -92,6 +92,18 @@ class Pending:
     def ready(self) -> bool:
         return self._event is None or self._event.query()
 
+    @property
+    def exact(self) -> bool:
+        """Whether the gradient part is final already (:attr:`Packing.exact`): nothing needs ``.grad`` again."""
+        return self._packing.exact
+
+    def some_layer_without_gradient(self) -> bool:
+        """Whether some layer had no gradient or an all-zero one: a frozen layer, or one unfrozen since (a look at
+        the host vector, without unpacking it; call once the copy has landed)."""
+        packing = self._packing
+        n = len(packing.have)
+        return n < len(packing.counts) or not packing.counts.all() or not self._host[:n].numpy().all()
+
     def resolve(self) -> Collected:
         if self._result is None:
             if self._event is not None and not self._event.query():  # a landed copy needs no wait (no sync)
