@@ -746,7 +746,7 @@ class Monitor:
         gradient) and the wait that keeps the verdicts at most one step late; unpacking, the report and the send
         run on the shipper's thread."""
         pending = collected.pending
-        if exact and not pending.exact or not self._synchronous:
+        if (exact and not pending.exact) or not self._synchronous:
             got = pending.resolve()
             if exact and not got.exact:
                 self.collector.make_exact(got.grads)

@@ -113,8 +113,8 @@ def sums_cpu(grads: Sequence[torch.Tensor], plan: SumPlan | None = None) -> torc
             out[i] = dot(v, v)
     if plan.rest:
         norms = torch._foreach_norm([grads[i] for i in plan.rest], 2, dtype=plan.rest_acc)
-        for i, v in zip(plan.rest, norms, strict=True):
-            out[i] = v.item() ** 2
+        for i, norm in zip(plan.rest, norms, strict=True):
+            out[i] = norm.item() ** 2
     for i in plan.large:
         flat = grads[i].reshape(-1)
         out[i] = sum(float(torch.dot(c, c)) for c in flat.split(SUM_CHUNK))  # float64 between chunks
