@@ -38,6 +38,8 @@ from gfservice.training.parameters import is_dtensor, is_sharded, local_part, se
 
 log = logging.getLogger(__name__)
 
+_NONE = type(None)
+
 
 @dataclass
 class Collected:
@@ -76,6 +78,8 @@ class Packing(NamedTuple):
     exact: bool = False
     #: Whether the extra ``grad_scale`` is the loss scale the gradients carried when read (divided out).
     scaled: bool = False
+    #: Whether some layer had no gradient or an all-zero one, when known at the read (None: not looked at).
+    missing: bool | None = None
 
 
 class Pending:
@@ -91,6 +95,20 @@ class Pending:
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
+
+    @property
+    def exact(self) -> bool:
+        """Whether the gradient part is final already (:attr:`Packing.exact`): nothing needs ``.grad`` again."""
+        return self._packing.exact
+
+    def some_layer_without_gradient(self) -> bool:
+        """Whether some layer had no gradient or an all-zero one: a frozen layer, or one unfrozen since (a look at
+        the host vector, without unpacking it; call once the copy has landed)."""
+        packing = self._packing
+        if packing.missing is not None:
+            return packing.missing
+        n = len(packing.have)
+        return n < len(packing.counts) or not packing.counts.all() or not self._host[:n].numpy().all()
 
     def resolve(self) -> Collected:
         if self._result is None:
@@ -119,6 +137,8 @@ class GradRead:
     nonfinite: np.ndarray | None = None
     exact: bool = False
     scale: torch.Tensor | float | None = None
+    #: Whether some layer had no gradient or an all-zero one (set by :meth:`GradCollector.exact`).
+    missing: bool | None = None
 
 
 class GradCollector:
@@ -257,6 +277,7 @@ class GradCollector:
             return read
         s = 1.0 if read.scale is None else float(read.scale)
         sums = read.vector[:n].numpy()
+        read.missing = n < len(self.params) or not sums.min() > 0  # with the data at hand (NaN: True, harmless)
         if sums.max() < (PEAK_BOUND * s) ** 2:  # NaN/Inf fail the comparison
             read.exact = True
             return read
@@ -304,7 +325,7 @@ class GradCollector:
         names = list(extras)
         return Pending(host, event, self.unpack,
                        Packing(read.have, read.counts, read.peak, read.deep, with_weights, names, list(on_device),
-                               host_extras, read.nonfinite, read.exact, read.scale is not None))
+                               host_extras, read.nonfinite, read.exact, read.scale is not None, read.missing))
 
     def _values(self, i: int) -> torch.Tensor:
         """Layer ``i``'s gradient as this process holds it: a shard's local part, a sparse one's values."""
@@ -323,7 +344,7 @@ class GradCollector:
             return [], [], np.zeros(len(self.params), np.int64), None
         # no detach needed: nothing below records autograd history (no_grad)
         grads: list[Any] = [p.grad for p in self.params]
-        if self._plain and not any(g is None for g in grads):
+        if self._plain and _NONE not in map(type, grads):  # no gradient is None (a C-level scan)
             return grads, self._all, self._counts.copy(), self._plan
         kept, have = [], []
         counts = np.zeros(len(self.params), np.int64)

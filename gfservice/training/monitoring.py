@@ -40,6 +40,7 @@ from gfservice.training.module_kinds import layer_kinds
 from gfservice.training.names import safe_names
 from gfservice.training.optim_info import RunContext, largest_lr
 from gfservice.training.parameters import has_sharded_parameters, local_part
+from gfservice.training.shipper import Shipper
 from gfservice.training.step_guard import (
     OnDevice,
     StepHandle,
@@ -50,7 +51,7 @@ from gfservice.training.step_guard import (
     shard_norm,
     wrap_step,
 )
-from gfservice.training.transport import InProcessTransport, Transport
+from gfservice.training.transport import HANDOFF_WAIT_S, InProcessTransport, Transport
 from gfservice.training.watch import Sink, Watch, make_sinks
 from gfservice.wire import Layout, RunEnd, StepReport
 
@@ -364,6 +365,11 @@ class Monitor:
         self._guard_findings: list[Finding] = []
         self._guard_stop: str | None = None
         self._guard_handles: list[StepHandle] = []
+        #: Builds and sends the step reports off the training thread (see :meth:`_ship`).
+        self._shipper = Shipper(self._error, name=f"gfservice-ship-{self.run}")
+        feeders = getattr(transport, "feeders", None)
+        if isinstance(feeders, list):  # the in-process transport's flush hands over what the shipper holds first
+            feeders.append(lambda: self._shipper.wait(CLOSE_TIMEOUT_S))
         try:  # a model, a name or a service the monitor cannot take leaves the job training, unmonitored
             self.collector = GradCollector(model.named_parameters(), options.include, options.exclude,
                                            held=held_parameters(self.optimizers))
@@ -417,8 +423,8 @@ class Monitor:
                      for what, names in (("frozen", after - before), ("unfrozen", before - after)) if names))
         if self.tap is not None:
             self.tap.widen()
-        self.layout = self._make_layout()
-        self.transport.send(self.layout)
+        self.layout = layout = self._make_layout()
+        self._shipper.put(lambda: self.transport.send(layout), droppable=False)  # after the reports before it
 
     def _start_watch(self, sinks: Sequence[str | Sink]) -> Watch:
         """Rank 0 logs findings as they open and clear, and feeds the sinks, off the training thread."""
@@ -732,14 +738,40 @@ class Monitor:
             if not wait and len(self._in_flight) <= MAX_IN_FLIGHT and not oldest.pending.ready():
                 return
             self._in_flight.popleft()
-            self._ship(oldest, oldest.pending.resolve(), exact)
+            self._ship(oldest, exact)
 
-    def _ship(self, collected: _InFlight, got: Collected, exact: bool) -> None:
-        if exact and not got.exact:
-            self.collector.make_exact(got.grads)
-        if self.reports_layers and (not got.grads.count.all() or not got.grads.sum_sq.all()
-                                    or self.is_deep(collected.step)):
+    def _ship(self, collected: _InFlight, exact: bool) -> None:
+        """Ship a collected step whose copy has landed. On the training thread only what needs the gradients
+        (``exact``: exact NaN/Inf counts when the read was not exact; ``requires_grad`` when a layer had no
+        gradient) and the wait that keeps the verdicts at most one step late; unpacking, the report and the send
+        run on the shipper's thread."""
+        pending = collected.pending
+        if (exact and not pending.exact) or not self._synchronous:
+            got = pending.resolve()
+            if exact and not got.exact:
+                self.collector.make_exact(got.grads)
+            missing = not got.grads.count.all() or not got.grads.sum_sq.all()
+        else:
+            missing = pending.some_layer_without_gradient()
+        if self.reports_layers and (missing or self.is_deep(collected.step)):
             self._follow_requires_grad()  # a layer without gradient: frozen or unfrozen since?
+        self._hand_over()
+        self._shipper.put(lambda: self._send_report(collected))
+
+    def _hand_over(self) -> None:
+        """With an in-process aggregator: wait (bounded, as its ``send`` would) until the previous step is judged,
+        so that ``should_stop`` is at most one step late. The usual step finds it judged long ago."""
+        hand_off = getattr(self.transport, "hand_off", None)
+        if hand_off is None:
+            return
+        shipper = self._shipper
+        if shipper.pending and (shipper.pending > 1 or not shipper.wait(HANDOFF_WAIT_S)):
+            return  # the shipper is behind: no wait (the transport counts late sends itself)
+        hand_off()
+
+    def _send_report(self, collected: _InFlight) -> None:
+        """Unpack a collected step, build its report and send it (on the shipper's thread)."""
+        got = collected.pending.resolve()
         if not self._warned_no_gradient and self.reports_layers:
             self._warn_if_no_gradient(collected.step, got.grads)
         self.transport.send(self._report(collected, got))
@@ -846,7 +878,8 @@ class Monitor:
             if self.off is None:
                 self._settle_on_host(wait=True)  # the guard's last verdicts taken on the device
                 self._finish_in_flight()
-                self.transport.send(RunEnd(run=self.run, rank=self.rank, attempt=self.attempt))
+                end = RunEnd(run=self.run, rank=self.rank, attempt=self.attempt)
+                self._shipper.put(lambda: self.transport.send(end), droppable=False)
         except Exception:
             self._error("close")
         for h in self._hooks:
@@ -860,7 +893,10 @@ class Monitor:
             self.tap = None
         watch, self._watch = self._watch, None
 
+        shipper = self._shipper
+
         def shut() -> None:
+            shipper.close(timeout_s)
             self._ask("close", self.transport.close, None)
             if watch is not None:
                 self._ask("close", watch.close, None)

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from gfservice.api import Finding, StepStats
@@ -131,6 +132,10 @@ class InProcessTransport:
         self._queue: deque[Layout | StepReport | RunEnd] = deque()
         self._busy = False
         self._closed = False
+        self._waited = False  # hand_off() has waited for the next send already
+        #: Called first by :meth:`flush`: whatever holds messages on their way to ``send`` (a monitor's shipper)
+        #: hands them over.
+        self.feeders: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
         self._last_send = time.perf_counter()
         self._yield_s = 0.0
@@ -148,7 +153,10 @@ class InProcessTransport:
             self._submit(message)
             return
         with self._cond:
-            self._hand_off_wait()
+            if self._waited:
+                self._waited = False
+            else:
+                self._hand_off_wait()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="gfservice-inprocess", daemon=True)
                 self._thread.start()
@@ -160,6 +168,19 @@ class InProcessTransport:
             if len(self._queue) > self.queue_size:
                 self._drop_oldest_report()
             self._cond.notify_all()
+
+    def hand_off(self) -> None:
+        """The wait of the next :meth:`send`, now, on the caller's thread (a monitor whose reports are sent by
+        another thread): at most ``handoff_wait`` for every message sent so far to be judged (late ones counted in
+        ``late``); that send then does not wait again."""
+        if not self.background or self._closed:
+            return
+        if not self._behind and self._idle():  # the usual step: judged long ago, no lock taken
+            self._waited = True
+            return
+        with self._cond:
+            self._hand_off_wait()
+            self._waited = True
 
     def _idle(self) -> bool:
         return not (self._queue or self._busy) or self._thread is None or not self._thread.is_alive()
@@ -253,7 +274,9 @@ class InProcessTransport:
             log.warning("gfservice: aggregator rejected a message: %s", ack.reason)
 
     def flush(self) -> None:
-        """Wait until every message sent so far has been merged and judged."""
+        """Wait until every message sent so far (and held by the ``feeders``) has been merged and judged."""
+        for feed in list(self.feeders):
+            feed()
         with self._cond:
             self._wait_idle()
 
@@ -277,6 +300,8 @@ class InProcessTransport:
         return merged_steps(self.aggregator, run)
 
     def close(self) -> None:
+        for feed in list(self.feeders):
+            feed()
         with self._cond:
             self._wait_idle()
             self._closed = True
