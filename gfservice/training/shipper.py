@@ -39,6 +39,7 @@ class Shipper:
         self._name = name
         self.limit = max(1, limit)
         self._queue: deque[tuple[Callable[[], None], bool]] = deque()
+        self._lock = threading.Lock()  # the queue's changes (a drop scans it while the worker pops)
         self._handed = 0
         self._done = 0
         #: Jobs dropped because the queue was full.
@@ -61,15 +62,16 @@ class Shipper:
         self._poll_s = min(POLL_MAX_S, max(POLL_MIN_S, 0.25 * (now - self._last_put)))
         self._last_put = now
         queue = self._queue
-        if len(queue) >= self.limit:
-            for i, (_, drop) in enumerate(queue):
-                if drop:
-                    del queue[i]
-                    self._done += 1
-                    self.dropped += 1
-                    break
-        queue.append((job, droppable))
-        self._handed += 1
+        with self._lock:
+            if len(queue) >= self.limit:
+                for i, (_, drop) in enumerate(queue):
+                    if drop:
+                        del queue[i]
+                        self._done += 1
+                        self.dropped += 1
+                        break
+            queue.append((job, droppable))
+            self._handed += 1
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
             self._thread.start()
@@ -80,13 +82,15 @@ class Shipper:
         queue = self._queue
         while True:
             if queue:
-                job, _ = queue.popleft()
+                with self._lock:
+                    job, _ = queue.popleft()
                 try:
                     job()
                 except Exception:
                     self._on_error("shipping a step")
                 finally:
-                    self._done += 1
+                    with self._lock:
+                        self._done += 1
                 continue
             if self._closed:
                 return
