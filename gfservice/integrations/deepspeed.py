@@ -25,15 +25,12 @@ The run name is ``run=``, else gfservice's default (the same on every rank).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from gfservice.integrations.common import TrainingWatch, WatchedLoop
-
-log = logging.getLogger(__name__)
 
 __all__ = ["DeepSpeedMonitor", "ZeroPartition", "local_grad", "monitor"]
 
@@ -145,6 +142,10 @@ class DeepSpeedMonitor(WatchedLoop):
         ``engine.step()``); True when the run must stop (after ``engine.step()``, on every rank alike)."""
         if not self.engine.is_gradient_accumulation_boundary():
             return self.should_stop
+        mon = self.monitor
+        if mon is not None and mon.guard is not None:  # ZeRO frees the partitions before its optimizer steps
+            mon.observe(loss)
+            mon.guard_ahead()
         return self._record(loss, self.engine.device)
 
 
@@ -158,12 +159,6 @@ def monitor(engine: Any, run: str | None = None, *, stop: bool = True, sync_ever
     model: Any = _Partitions(engine.module)
     if any(p.gfservice_sharded for p in model.parameters()):
         options["detectors"] = {"dead_units": {"enabled": False}, **(options.get("detectors") or {})}
-        if options.get("guard") not in (None, False):
-            # ZeRO moves the gradient partitions into its fp32 groups (and frees them) before its optimizer
-            # step, where the guard would judge them: not supported yet
-            log.warning("gfservice: guard= is not supported under DeepSpeed ZeRO yet (its gradient partitions are "
-                        "gone by the time its optimizer steps); the run is monitored without the guard")
-            options["guard"] = None
     watch = TrainingWatch(stop=stop, sync_every=sync_every, **options)
     watch.start(model, engine.optimizer, run=run, step=engine.global_steps if step is None else step)
     return DeepSpeedMonitor(engine, watch)

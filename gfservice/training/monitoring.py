@@ -359,6 +359,8 @@ class Monitor:
         self._guard_read: tuple[int, GradRead] | None = None  # this step's gradients at the end of backward
         # the step decided, and what was done (a tensor: the found_inf of a verdict on the device)
         self._guard_done: tuple[int, str | torch.Tensor | None] | None = None
+        #: A verdict taken ahead (:meth:`guard_ahead`): (the step whose optimizer step it is for, the decision).
+        self._guard_early: tuple[int, str | torch.Tensor | None] | None = None
         self._guard_on_device = False  # every guarded optimizer takes a device-side found_inf (fused)
         self._guard_pending: deque[OnDevice] = deque()  # verdicts on the device not yet settled on the host
         self._guard_loss: Any = None  # monitor.observe(loss) of this step
@@ -529,10 +531,27 @@ class Monitor:
         step run (counted in ``errors``)."""
         t0 = time.perf_counter()
         try:
+            early = self._guard_early
+            if early is not None and early[0] == self.steps:
+                return early[1]
             return self._guard_action()
         except Exception:
             self._error("guard")
             return None
+        finally:
+            self.overhead_s += time.perf_counter() - t0
+
+    def guard_ahead(self) -> None:
+        """Take the guard's verdict now, on the gradients as they are, for the optimizer step that comes right after
+        the next ``monitor.step()`` (labelled with this step). For loops whose gradients are gone by the time the
+        optimizer steps: DeepSpeed ZeRO moves its gradient partitions into its fp32 groups and frees them first
+        (the DeepSpeed helper calls this). Every rank must call it (a sharded verdict is agreed with one
+        all-reduce). Never raises."""
+        t0 = time.perf_counter()
+        try:
+            self._guard_early = (self.steps + 1, self._guard_action())  # monitor.step() comes first
+        except Exception:
+            self._error("guard")
         finally:
             self.overhead_s += time.perf_counter() - t0
 
