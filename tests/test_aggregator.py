@@ -364,3 +364,30 @@ def test_stop_run_sets_the_verdict():
     restored = Aggregator()
     restored.load_state_dict(agg.state_dict())
     assert restored.should_stop("r") == reason
+
+
+def test_reading_a_live_jobs_history_does_not_merge_steps_whose_ranks_are_on_their_way():
+    """monitor.history() on rank 0 of a torchrun job reads its in-process aggregator while the other ranks'
+    reports (and its own, over its socket) are still travelling: those steps stay pending, not merged without
+    their ranks (which made `stalled_rank` page on a healthy job with fast steps)."""
+    from gfservice.training.transport import merged_steps
+
+    agg = Aggregator()
+    for rank in (0, 1):
+        agg.submit({"kind": "layout", "run": "live", "rank": rank, "world_size": 2, "layers": ["w"], "numel": [4],
+                    "sharded": [False]})
+
+    def report(rank: int, step: int) -> None:
+        agg.submit({"kind": "step", "run": "live", "rank": rank, "step": step,
+                    "stats": {"count": [4], "sum_sq": [1.0], "max_abs": [0.5], "nonfinite": [0]}})
+
+    for step in range(4):
+        report(1, step)
+    for step in range(2):
+        report(0, step)
+    assert [s.step for s in merged_steps(agg, "live")] == [0, 1]
+    for step in (2, 3):
+        report(0, step)
+    steps = merged_steps(agg, "live")
+    assert [s.step for s in steps] == [0, 1, 2, 3] and all(not s.missing_ranks for s in steps)
+    agg.flush("live")  # the aggregator's own flush still merges what waits, missing ranks or not

@@ -114,6 +114,8 @@ def test_deepspeed_zero_partitions_merge_exactly_and_ranks_stop_together(tmp_pat
         assert a["errors"] == b["errors"] == 0 and 4 in a["deep"]  # weight and update norms from the fp32 partitions
         first = min(step for detector, step in a["findings"] if detector in ("exploding", "nonfinite"))
         assert 8 <= first <= 10 and first <= a["stopped_at"] < 29
+        # no rank reads as stalled: rank 0's history waits for its own reports (they travel over its socket)
+        assert "stalled_rank" not in {detector for detector, _ in a["findings"]}
     a, b = r0["guard"], r1["guard"]
     assert a["skipped"] == b["skipped"] == [5, 25] and a["errors"] == b["errors"] == 0
     assert a["finite"] and b["finite"] and a["sum"] == b["sum"]

@@ -149,8 +149,11 @@ class Aggregator:
         with self._table.lock:
             self._table.rejected[reason.value] = self._table.rejected.get(reason.value, 0) + int(n)
 
-    def flush(self, run: str | None = None) -> list[Finding]:
-        """Merge every waiting step now (all runs, or one), missing ranks or not."""
+    def flush(self, run: str | None = None, force: bool = True) -> list[Finding]:
+        """Merge every waiting step now (all runs, or one), missing ranks or not; with ``force=False`` only the
+        steps that are ready (every rank in, or overtaken, overdue, crowded: see
+        :func:`~gfservice.service.merging.merge_ready`), so that a reader of a live job's history does not merge
+        a step whose other ranks' reports are still on their way."""
         table = self._table
         with table.lock:
             runs = [table.runs[run]] if run else list(table.runs.values())
@@ -158,7 +161,7 @@ class Aggregator:
         for r in runs:
             with r.judging:
                 with r.lock:
-                    steps = merge_ready(table, r, force=True)
+                    steps = merge_ready(table, r, force=force)
                     publish(r)
                 new.extend(judging.judge_steps(table, r, steps))
         return new

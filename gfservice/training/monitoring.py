@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds ``monitor.close()`` waits at most for the service to take the last reports.
 CLOSE_TIMEOUT_S = 5.0
+#: The longest ``history()`` waits for this rank's own reports to reach the aggregator they feed, seconds.
+HISTORY_FLUSH_S = 5.0
 
 #: Collected steps whose device-to-host copy may still be in flight before ``monitor.step()`` waits for the
 #: oldest (a CPU that runs this many steps ahead of its GPU).
@@ -963,7 +966,19 @@ class Monitor:
         return rows
 
     def _merged_steps(self) -> list[StepStats]:
-        return self._ask("history", lambda: self.transport.history(self.run), [])
+        """The merged steps the transport can read, after this rank's own reports so far were delivered (at
+        most :data:`HISTORY_FLUSH_S`): on rank 0 of a torchrun job they travel to its aggregator like every
+        rank's."""
+        def read() -> list[StepStats]:
+            if self.off is None:
+                self._finish_in_flight()
+                self._shipper.wait(HISTORY_FLUSH_S)
+                flush = getattr(self.transport, "flush", None)
+                if flush is not None and getattr(self.transport, "aggregator", None) is not None:
+                    with contextlib.suppress(TypeError):
+                        flush(HISTORY_FLUSH_S)
+            return self.transport.history(self.run)
+        return self._ask("history", read, [])
 
     def plot(self) -> Any:
         """A matplotlib figure of the gradient flow so far (per-layer RMS over steps, findings marked)."""

@@ -50,15 +50,16 @@ class Transport(Protocol):
 
 
 def merged_steps(aggregator: Aggregator | None, run: str) -> list[StepStats]:
-    """Every merged step of ``run`` that ``aggregator`` keeps, once its detectors have judged what is pending;
-    [] without an aggregator.
+    """Every merged step of ``run`` that ``aggregator`` keeps, once its detectors have judged the steps that are
+    ready; [] without an aggregator. A step still waiting for a rank stays out: reading the history of a live
+    job must not merge it without the ranks whose reports are on their way (they would read as stalled).
 
     >>> merged_steps(None, "r")
     []
     """
     if aggregator is None:
         return []
-    aggregator.flush(run)
+    aggregator.flush(run, force=False)
     try:
         return aggregator.history(run)
     except KeyError:
