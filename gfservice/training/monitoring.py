@@ -970,8 +970,7 @@ class Monitor:
         most :data:`HISTORY_FLUSH_S`): on rank 0 of a torchrun job they travel to its aggregator like every
         rank's."""
         def read() -> list[StepStats]:
-            if self.off is None:
-                self._finish_in_flight()
+            if self.off is None:  # (steps still in flight on the GPU are left to monitor.step(): any thread reads)
                 self._shipper.wait(HISTORY_FLUSH_S)
                 flush = getattr(self.transport, "flush", None)
                 if flush is not None and getattr(self.transport, "aggregator", None) is not None:
