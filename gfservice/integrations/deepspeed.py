@@ -88,12 +88,16 @@ class ZeroPartition:
 
     def __init__(self, param: torch.nn.Parameter):
         self.param = param
-        self.gfservice_wraps = param  # the parameter this stands for (module_kinds matches by identity)
         self.shape = torch.Size(getattr(param, "ds_shape", param.shape))
         # partitioned: ZeRO-3 parameters, and those linked to an fp32 partition (ZeRO-1/2, the bf16 optimizer)
         self.gfservice_sharded = hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
         self.device = param.device
         self.dtype = param.dtype
+
+    @property
+    def gfservice_wraps(self) -> torch.nn.Parameter:
+        """The parameter this stands for (:func:`~gfservice.training.module_kinds.layer_kinds` matches by it)."""
+        return self.param
 
     def numel(self) -> int:
         return int(getattr(self.param, "ds_numel", self.param.numel()))

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -60,8 +59,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds ``monitor.close()`` waits at most for the service to take the last reports.
 CLOSE_TIMEOUT_S = 5.0
-#: The longest ``history()`` waits for this rank's own reports to reach the aggregator they feed, seconds.
-HISTORY_FLUSH_S = 5.0
 
 #: Collected steps whose device-to-host copy may still be in flight before ``monitor.step()`` waits for the
 #: oldest (a CPU that runs this many steps ahead of its GPU).
@@ -966,16 +963,10 @@ class Monitor:
         return rows
 
     def _merged_steps(self) -> list[StepStats]:
-        """The merged steps the transport can read, after this rank's own reports so far were delivered (at
-        most :data:`HISTORY_FLUSH_S`): on rank 0 of a torchrun job they travel to its aggregator like every
-        rank's."""
+        """The merged steps the transport can read, once the reports the shipper holds were handed to it (at most
+        :data:`CLOSE_TIMEOUT_S`; steps still in flight on the GPU are left to ``monitor.step()``)."""
         def read() -> list[StepStats]:
-            if self.off is None:  # (steps still in flight on the GPU are left to monitor.step(): any thread reads)
-                self._shipper.wait(HISTORY_FLUSH_S)
-                flush = getattr(self.transport, "flush", None)
-                if flush is not None and getattr(self.transport, "aggregator", None) is not None:
-                    with contextlib.suppress(TypeError):
-                        flush(HISTORY_FLUSH_S)
+            self._shipper.wait(CLOSE_TIMEOUT_S)
             return self.transport.history(self.run)
         return self._ask("history", read, [])
 

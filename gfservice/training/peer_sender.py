@@ -73,6 +73,9 @@ if TYPE_CHECKING:
 
 __all__ = ["PeerSender", "connect_peers", "peer_host"]
 
+#: The longest ``history()`` on rank 0 waits for its own queued reports to reach its aggregator, seconds.
+HISTORY_FLUSH_S = 5.0
+
 log = logging.getLogger(__name__)
 #: The store key under which rank 0 publishes ``host:port`` ("" when it hosts nothing), per run and attempt (a job
 #: may monitor several runs one after another under one attempt: a rank must not find the previous run's address
@@ -284,6 +287,14 @@ class PeerSender(QueuedSender):
             except KeyError:
                 return []
         return list(self._findings) if run == self.run else []
+
+    def history(self, run: str) -> list[StepStats]:
+        """On rank 0, its aggregator's merged steps once this rank's own queued reports reached it (at most
+        :data:`HISTORY_FLUSH_S`: they travel over the socket like every rank's); [] elsewhere."""
+        if self.aggregator is None:
+            return []
+        self.flush(HISTORY_FLUSH_S)
+        return super().history(run)
 
     def latest(self, run: str) -> StepStats | None:
         if self.aggregator is None:
